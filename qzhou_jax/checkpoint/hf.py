@@ -1,0 +1,169 @@
+"""HuggingFace safetensors <-> qzhou-jax parameters, one tensor at a time.
+
+Names and layouts come from `model.qwen2.param_specs`: HF stores a Linear weight as
+[out, in]; here it is [in..., out...] with heads split out, and layers are stacked.
+
+Loading streams: each HF tensor is memory-mapped, converted, and written into its slot of
+a pre-allocated sharded device array, so the host holds one tensor at a time and no
+device holds more than its shard. Saving gathers one layer's tensor at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from qzhou_jax import sharding
+from qzhou_jax.checkpoint.safetensors_io import TensorStore
+from qzhou_jax.config import ModelConfig
+from qzhou_jax.model.qwen2 import ParamSpec, param_specs
+
+log = logging.getLogger(__name__)
+
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def from_hf_layout(spec: ParamSpec, t: np.ndarray) -> np.ndarray:
+    """One HF tensor (one layer) -> this project's layout for that layer."""
+    shape = spec.shape[1:] if spec.stacked else spec.shape
+    if not spec.fan_in:
+        return t.reshape(shape)
+    return np.ascontiguousarray(t.T).reshape(shape)
+
+
+def to_hf_layout(spec: ParamSpec, x: np.ndarray) -> np.ndarray:
+    """One layer of a parameter -> the HF tensor ([out, in] for Linear weights)."""
+    if spec.fan_in is None:
+        return np.ascontiguousarray(x)
+    if spec.fan_in == 0:
+        return np.ascontiguousarray(x).reshape(-1)
+    n_in = math.prod(x.shape[:spec.fan_in])
+    return np.ascontiguousarray(x.reshape(n_in, -1).T)
+
+
+def hf_shape(spec: ParamSpec) -> tuple[int, ...]:
+    shape = spec.shape[1:] if spec.stacked else spec.shape
+    if spec.fan_in is None:
+        return tuple(shape)
+    if spec.fan_in == 0:
+        return (math.prod(shape),)
+    return (math.prod(shape[spec.fan_in:]), math.prod(shape[:spec.fan_in]))
+
+
+def hf_names(spec: ParamSpec, cfg: ModelConfig, prefix: str = "") -> list[str]:
+    if spec.stacked:
+        return [prefix + spec.hf.format(i=i) for i in range(cfg.num_hidden_layers)]
+    return [prefix + spec.hf]
+
+
+def detect_prefix(names: list[str]) -> str:
+    """'model.' for Qwen2ForCausalLM checkpoints, '' for bare Qwen2Model/QZhouModel ones."""
+    names = set(names)
+    if "model.embed_tokens.weight" in names:
+        return "model."
+    if "embed_tokens.weight" in names:
+        return ""
+    raise ValueError("no embed_tokens.weight (with or without 'model.' prefix) in the checkpoint")
+
+
+def check_tensors(store: TensorStore, cfg: ModelConfig, where: str) -> str:
+    """Missing/unexpected/mis-shaped tensors -> ValueError naming them. Returns the prefix."""
+    prefix = detect_prefix(store.names())
+    expected: dict[str, tuple[int, ...]] = {}
+    for spec in param_specs(cfg).values():
+        for name in hf_names(spec, cfg, prefix):
+            expected[name] = hf_shape(spec)
+    present = set(store.names())
+    missing = [n for n in expected if n not in present]
+    if missing:
+        raise ValueError(f"{where}: missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = []
+    for n in sorted(present - set(expected)):
+        if n == "lm_head.weight":
+            log.info("%s: ignoring lm_head.weight (an embedding model has no LM head)", where)
+        elif not n.endswith(IGNORED_SUFFIXES):
+            extra.append(n)
+    if extra:
+        raise ValueError(f"{where}: unexpected tensor {extra[0]!r}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    for name, shape in expected.items():
+        got = tuple(store.shape(name))
+        if got != shape:
+            raise ValueError(f"{where}: tensor {name!r} has shape {got}, config.json implies {shape}")
+    return prefix
+
+
+def _target_sharding(spec: ParamSpec, mesh: Mesh | None, rules) -> jax.sharding.Sharding:
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return sharding.named_sharding(spec.axes, mesh, rules, spec.shape)
+
+
+def _place(host: np.ndarray, target: jax.sharding.Sharding) -> jax.Array:
+    """Host array -> global array in `target`; each process only reads its own shards."""
+    return jax.make_array_from_callback(host.shape, target, lambda idx: host[idx])
+
+
+def _stack_into(spec: ParamSpec, layers: Iterator[np.ndarray], dtype, target) -> jax.Array:
+    """Fill a [L, ...] sharded array one layer at a time (donated in-place updates)."""
+    if isinstance(target, NamedSharding):
+        layer_target = NamedSharding(target.mesh, PartitionSpec(*tuple(target.spec)[1:]))
+    else:
+        layer_target = target
+    buf = jax.jit(lambda: jnp.zeros(spec.shape, dtype), out_shardings=target)()
+    set_layer = jax.jit(lambda a, x, i: a.at[i].set(x), donate_argnums=0, out_shardings=target)
+    for i, layer in enumerate(layers):
+        buf = set_layer(buf, _place(layer, layer_target), i)
+    return buf
+
+
+def load_params(store: TensorStore, cfg: ModelConfig, mesh: Mesh | None = None,
+                rules: Mapping[str, Any] | None = None, where: str = "") -> dict[str, Any]:
+    """Stream a checked HF checkpoint into a nested params dict (as `Qwen2Encoder.params()`)."""
+    prefix = check_tensors(store, cfg, where or store.folder)
+    dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+    params: dict[str, Any] = {}
+    for path, spec in param_specs(cfg).items():
+        target = _target_sharding(spec, mesh, rules)
+        names = hf_names(spec, cfg, prefix)
+        convert = lambda n: from_hf_layout(spec, np.asarray(store.get(n)).astype(dtype, copy=False))  # noqa: E731
+        if spec.stacked:
+            value = _stack_into(spec, (convert(n) for n in names), dtype, target)
+        else:
+            value = _place(convert(names[0]), target)
+        node = params
+        *groups, leaf = path.split("/")
+        for g in groups:
+            node = node.setdefault(g, {})
+        node[leaf] = value
+    return params
+
+
+def load_hf_params(path: str | os.PathLike, mesh: Mesh | None = None, rules: Mapping[str, Any] | None = None,
+                   **config_overrides: Any) -> tuple[ModelConfig, dict[str, Any]]:
+    """Config and parameters from a HF checkpoint folder (config.json + safetensors)."""
+    cfg = ModelConfig.from_hf(path, **config_overrides)
+    return cfg, load_params(TensorStore(path), cfg, mesh, rules)
+
+
+def iter_hf_tensors(params: Mapping[str, Any], cfg: ModelConfig, dtype: str | None = None,
+                    prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, host array) pairs, gathering one layer of one parameter at a time."""
+    out_dtype = np.dtype(jnp.dtype(dtype)) if dtype else None
+    for path, spec in param_specs(cfg).items():
+        node = params
+        for part in path.split("/"):
+            node = node[part]
+        names = hf_names(spec, cfg, prefix)
+        for i, name in enumerate(names):
+            piece = node[i] if spec.stacked else node
+            host = np.asarray(jax.device_get(piece))
+            if out_dtype is not None:
+                host = host.astype(out_dtype)
+            yield name, to_hf_layout(spec, host)

@@ -1,0 +1,160 @@
+"""Minimal safetensors reading and writing on numpy, bfloat16 included.
+
+The format is an 8-byte little-endian header length, a JSON header mapping tensor names to
+{dtype, shape, data_offsets}, then the raw bytes. Reading memory-maps the file, so a
+tensor is only paged in when it is used; corrupt or truncated files are reported with the
+file and tensor name. (`safetensors`' own numpy backend cannot read bfloat16.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from typing import Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+CODES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsError(ValueError):
+    pass
+
+
+class SafeFile:
+    """Read-only view of one .safetensors file: `names()`, `shape(name)`, `get(name)`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise SafetensorsError(f"{self.path}: truncated safetensors file (no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(_MAX_HEADER, size - 8):
+                raise SafetensorsError(f"{self.path}: corrupt safetensors header (length {n}, file {size} bytes)")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise SafetensorsError(f"{self.path}: corrupt safetensors header ({e})") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._start = 8 + n
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            try:
+                dtype = DTYPES[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise SafetensorsError(f"{self.path}: tensor {name!r}: bad header entry {info!r}") from None
+            if end - begin != math.prod(shape) * dtype.itemsize:
+                raise SafetensorsError(f"{self.path}: tensor {name!r}: byte range does not match shape {shape}")
+            if self._start + end > size:
+                raise SafetensorsError(
+                    f"{self.path}: truncated file: tensor {name!r} needs bytes up to {self._start + end}, "
+                    f"file has {size}"
+                )
+            self._entries[name] = (dtype, shape, begin, end)
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size > self._start else None
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][1]
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._entries[name][0]
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor as a read-only memory-mapped numpy array."""
+        if name not in self._entries:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        dtype, shape, begin, end = self._entries[name]
+        if end == begin:
+            return np.zeros(shape, dtype)
+        return self._map[self._start + begin:self._start + end].view(dtype).reshape(shape)
+
+
+def write(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterator[tuple[str, np.ndarray]],
+          metadata: Mapping[str, str] | None = None) -> None:
+    """Write tensors (a mapping, or (name, array) pairs; arrays are only read once, in
+    order). The file is written under a temporary name and renamed when complete."""
+    items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, arr in items:
+        dtype = np.dtype(arr.dtype)
+        if dtype not in CODES:
+            raise SafetensorsError(f"{path}: tensor {name!r}: dtype {dtype} has no safetensors code")
+        nbytes = math.prod(arr.shape) * dtype.itemsize
+        header[name] = {"dtype": CODES[dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for _, arr in items:
+                f.write(np.ascontiguousarray(arr).tobytes())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class TensorStore:
+    """All tensors of a HF checkpoint folder: single-file or sharded with an index."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = os.fspath(folder)
+        index = os.path.join(self.folder, "model.safetensors.index.json")
+        single = os.path.join(self.folder, "model.safetensors")
+        self._where: dict[str, str] = {}
+        if os.path.exists(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise SafetensorsError(f"{index}: not a valid safetensors index ({e})") from None
+            self._where = {k: os.path.join(self.folder, v) for k, v in weight_map.items()}
+        elif os.path.exists(single):
+            self._where = {k: single for k in SafeFile(single).names()}
+        else:
+            raise FileNotFoundError(f"{self.folder}: no model.safetensors or model.safetensors.index.json")
+        self._files: dict[str, SafeFile] = {}
+
+    def _file(self, name: str) -> SafeFile:
+        path = self._where[name]
+        if path not in self._files:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path}: listed in the index for tensor {name!r} but missing")
+            self._files[path] = SafeFile(path)
+        f = self._files[path]
+        if name not in f._entries:
+            raise SafetensorsError(f"{path}: tensor {name!r} is listed in the index but not in the file")
+        return f
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._file(name).shape(name)
+
+    def get(self, name: str) -> np.ndarray:
+        return self._file(name).get(name)

@@ -1,0 +1,259 @@
+"""Typed configuration.
+
+`ModelConfig` holds every Qwen2 architecture field plus the embedding-model choices
+(attention direction, pooling, normalization) and the execution policy (dtypes, remat,
+layer scan, attention kernel). It reads and writes HuggingFace `config.json` files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Literal
+
+ATTENTION_KINDS = ("bidirectional", "causal")
+POOLINGS = ("mean", "last")
+REMAT_POLICIES = ("none", "full", "dots", "attn")
+ATTENTION_IMPLS = ("xla", "cudnn")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A Qwen2/Qwen2.5 decoder used as a text encoder.
+
+    Architecture fields keep HuggingFace's names. `head_dim` defaults to
+    hidden_size // num_attention_heads (Qwen2's rule).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int | None = None
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    # Embedding-model choices.
+    attention: Literal["bidirectional", "causal"] = "bidirectional"
+    pooling: Literal["mean", "last"] = "mean"
+    normalize: bool = True
+    embedding_dim: int | None = None  # Matryoshka truncation (None: hidden_size)
+    # Execution policy.
+    param_dtype: str = "float32"
+    compute_dtype: str = "bfloat16"
+    remat: Literal["none", "full", "dots", "attn"] = "none"
+    scan_layers: bool = True
+    attention_impl: Literal["xla", "cudnn"] = "xla"
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.num_attention_heads <= 0 or self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"num_attention_heads: hidden_size {self.hidden_size} is not divisible by "
+                    f"num_attention_heads {self.num_attention_heads} (set head_dim explicitly)"
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads: num_attention_heads {self.num_attention_heads} is not a "
+                f"multiple of num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim: rotary embeddings need an even head_dim, got {self.head_dim}")
+        choices = {"attention": ATTENTION_KINDS, "pooling": POOLINGS, "remat": REMAT_POLICIES,
+                   "attention_impl": ATTENTION_IMPLS, "param_dtype": DTYPES, "compute_dtype": DTYPES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        if self.embedding_dim is not None and not 0 < self.embedding_dim <= self.hidden_size:
+            raise ValueError(
+                f"embedding_dim: must be in 1..hidden_size ({self.hidden_size}), got {self.embedding_dim}"
+            )
+        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
+            raise ValueError("rms_norm_eps and rope_theta must be positive")
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s): {sorted(unknown)}")
+        if ("num_attention_heads" in changes or "hidden_size" in changes) and "head_dim" not in changes:
+            changes["head_dim"] = None  # re-derive hidden_size // num_attention_heads
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------- derived quantities
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @property
+    def output_dim(self) -> int:
+        return self.embedding_dim or self.hidden_size
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Parameter count of the encoder (no LM head), from the shapes alone."""
+        e = self.hidden_size
+        per_layer = (
+            e * self.q_size + self.q_size          # q_proj + bias
+            + 2 * (e * self.kv_size + self.kv_size)  # k_proj, v_proj + biases
+            + self.q_size * e                      # o_proj
+            + 3 * e * self.intermediate_size       # gate, up, down
+            + 2 * e                                # two RMSNorms
+        )
+        total = self.num_hidden_layers * per_layer + e
+        if include_embedding:
+            total += self.vocab_size * e
+        return total
+
+    def flops_per_token(self, seq_len: int, training: bool = False) -> float:
+        """Model FLOPs per token: 2 (6 when training) x non-embedding params + attention."""
+        dense = self.num_params(include_embedding=False)
+        attn = 4 * self.num_hidden_layers * seq_len * self.q_size  # QK^T and PV, full (bidirectional)
+        factor = 3 if training else 1
+        return factor * (2 * dense + attn)
+
+    # --------------------------------------------------------------- HF bridge
+    @classmethod
+    def from_hf(cls, source: str | os.PathLike | dict, **overrides: Any) -> "ModelConfig":
+        """Build from a HuggingFace Qwen2 `config.json` (a path, a folder or a dict).
+
+        `is_causal: false` selects bidirectional attention, `true` causal; when the field is
+        absent (plain Qwen2.5 LM checkpoints) the embedding default, bidirectional, applies.
+        `rope_theta` is read top-level or from transformers-5 `rope_parameters`.
+        """
+        where = "config"
+        if isinstance(source, dict):
+            raw = source
+        else:
+            path = os.fspath(source)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            where = path
+            try:
+                with open(path, encoding="utf-8") as f:
+                    raw = json.load(f)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{path}: no config.json found") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        model_type = raw.get("model_type")
+        if model_type != "qwen2":
+            raise ValueError(f"{where}: model_type must be 'qwen2', got {model_type!r}")
+
+        def need(name: str):
+            if name not in raw or raw[name] is None:
+                raise ValueError(f"{where}: missing field {name!r}")
+            return raw[name]
+
+        rope_theta = raw.get("rope_theta")
+        rope_params = raw.get("rope_parameters") or {}
+        if rope_theta is None:
+            rope_theta = rope_params.get("rope_theta")
+        if rope_theta is None:
+            raise ValueError(f"{where}: missing field 'rope_theta' (top level or in rope_parameters)")
+        scaling = raw.get("rope_scaling") or {}
+        rope_type = scaling.get("rope_type", scaling.get("type")) or rope_params.get("rope_type", "default")
+        if rope_type not in (None, "default"):
+            raise ValueError(f"{where}: rope_scaling type {rope_type!r} is not supported (only default RoPE)")
+        if raw.get("use_sliding_window"):
+            raise ValueError(f"{where}: use_sliding_window=true is not supported")
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"{where}: hidden_act must be 'silu', got {act!r}")
+
+        fields = dict(
+            vocab_size=need("vocab_size"),
+            hidden_size=need("hidden_size"),
+            intermediate_size=need("intermediate_size"),
+            num_hidden_layers=need("num_hidden_layers"),
+            num_attention_heads=need("num_attention_heads"),
+            num_key_value_heads=raw.get("num_key_value_heads") or need("num_attention_heads"),
+            head_dim=raw.get("head_dim"),
+            max_position_embeddings=raw.get("max_position_embeddings", 32768),
+            rms_norm_eps=float(need("rms_norm_eps")),
+            rope_theta=float(rope_theta),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            initializer_range=float(raw.get("initializer_range", 0.02)),
+        )
+        if raw.get("is_causal") is not None:
+            fields["attention"] = "causal" if raw["is_causal"] else "bidirectional"
+        qz = raw.get("qzhou_jax") or {}
+        for key in ("pooling", "normalize", "embedding_dim"):
+            if key in qz:
+                fields[key] = qz[key]
+        fields.update(overrides)
+        try:
+            return cls(**fields)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    def to_hf(self, torch_dtype: str = "float32") -> dict:
+        """A HuggingFace `config.json` dict loadable by transformers' Qwen2Model."""
+        return {
+            "architectures": ["Qwen2Model"],
+            "model_type": "qwen2",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
+            "hidden_act": "silu",
+            "attention_dropout": 0.0,
+            "use_sliding_window": False,
+            "is_causal": self.attention == "causal",
+            "dtype": torch_dtype,
+            "qzhou_jax": {"pooling": self.pooling, "normalize": self.normalize,
+                          "embedding_dim": self.embedding_dim},
+        }
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+_QWEN25_SMALL = dict(vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                     rope_theta=1_000_000.0, tie_word_embeddings=True)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Small enough to train on a laptop CPU; vocabulary matches the shipped demo tokenizer.
+    "tiny": dict(vocab_size=2048, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                 rms_norm_eps=1e-6, rope_theta=10_000.0, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(_QWEN25_SMALL, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2),
+    "qwen2.5-1.5b": dict(_QWEN25_SMALL, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2),
+    "qwen2.5-3b": dict(_QWEN25_SMALL, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=2),
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                       rms_norm_eps=1e-6, rope_theta=1_000_000.0, tie_word_embeddings=False),
+}

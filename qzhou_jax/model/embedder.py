@@ -1,0 +1,61 @@
+"""Embedding head: pooling over the attention mask, optional Matryoshka truncation, L2 norm."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qzhou_jax.config import ModelConfig
+from qzhou_jax.model import qwen2
+
+
+def pool(hidden: jax.Array, attention_mask: jax.Array, kind: str) -> jax.Array:
+    """[B,S,E] -> [B,E] in float32.
+
+    mean: average over every non-pad token (instruction tokens included);
+    last: the last non-pad token, found from the mask, so either padding side works.
+    Pad positions are selected out with `where`, never multiplied, so garbage there
+    (e.g. NaN rows from a fused kernel) cannot leak in.
+    """
+    valid = attention_mask.astype(bool)
+    h = hidden.astype(jnp.float32)
+    if kind == "mean":
+        total = jnp.sum(jnp.where(valid[..., None], h, 0.0), axis=1)
+        count = jnp.maximum(jnp.sum(valid, axis=1, keepdims=True), 1).astype(jnp.float32)
+        return total / count
+    if kind == "last":
+        idx = jnp.argmax(jnp.where(valid, jnp.arange(valid.shape[1]), -1), axis=1)
+        return jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
+    raise ValueError(f"pooling: expected 'mean' or 'last', got {kind!r}")
+
+
+def finish(pooled: jax.Array, cfg: ModelConfig, dim: int | None = None) -> jax.Array:
+    """Matryoshka truncation (to `dim` or cfg.embedding_dim) then L2 normalization."""
+    dim = dim or cfg.embedding_dim
+    if dim is not None:
+        pooled = pooled[..., :dim]
+    if cfg.normalize:
+        norm = jnp.linalg.norm(pooled, axis=-1, keepdims=True)
+        pooled = pooled / jnp.maximum(norm, 1e-12)
+    return pooled
+
+
+def embed(params: Mapping[str, Any], cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array,
+          dim: int | None = None) -> jax.Array:
+    """Pure function: encoder params + token batch -> float32 embeddings [B, dim]."""
+    hidden = qwen2.forward(params, cfg, input_ids, attention_mask)
+    return finish(pool(hidden, attention_mask, cfg.pooling), cfg, dim)
+
+
+class EmbeddingModel(nnx.Module):
+    """Qwen2 encoder + pooling + normalization: the trained object."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.encoder = qwen2.Qwen2Encoder(cfg, rngs=rngs)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, dim: int | None = None) -> jax.Array:
+        return embed(self.encoder.params(), self.cfg, input_ids, attention_mask, dim)

@@ -1,0 +1,224 @@
+"""Meshes and logical-axis sharding rules.
+
+Every parameter declares logical axis names (see `model/qwen2.py`); a small mapping from
+logical names to mesh axes turns them into `PartitionSpec`s. The same rules shard
+activations through `constrain`, which is a no-op outside `use_mesh`.
+
+Mesh axes: `data` (pure data parallelism, parameters replicated), `fsdp` (data parallelism
+with parameters and optimizer state sharded), `tensor` (heads and MLP columns split).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import logging
+import math
+from typing import Any, Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (or tuple of mesh axes, or None for replicated).
+DEFAULT_RULES: dict[str, Any] = {
+    # parameters
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "layers": None,
+    "norm": None,
+    # activations
+    "batch": ("data", "fsdp"),
+    "seq": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; one of them may be -1 for "all remaining devices"."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        if sum(s == -1 for s in sizes) > 1:
+            raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        for name, s in zip(MESH_AXES, sizes):
+            if s == 0 or s < -1:
+                raise ValueError(f"mesh.{name}: expected a positive size or -1, got {s}")
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(
+                    f"mesh: fixed axes {dict(zip(MESH_AXES, sizes))} (product {known}) do not divide "
+                    f"the {num_devices} devices"
+                )
+            sizes = [num_devices // known if s == -1 else s for s in sizes]
+        if math.prod(sizes) != num_devices:
+            raise ValueError(
+                f"mesh: axis sizes {dict(zip(MESH_AXES, sizes))} multiply to {math.prod(sizes)}, "
+                f"but there are {num_devices} devices"
+            )
+        return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(config: MeshConfig | Mapping[str, int] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A `Mesh` with axes (data, fsdp, tensor) over `devices` (default: all devices)."""
+    if config is None:
+        config = MeshConfig()
+    elif isinstance(config, Mapping):
+        config = MeshConfig(**config)
+    devices = list(jax.devices() if devices is None else devices)
+    shape = config.shape(len(devices))
+    try:
+        from jax.experimental import mesh_utils
+
+        arr = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+    except Exception:  # CPU or unusual topologies: plain row-major order
+        arr = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(arr, MESH_AXES)
+
+
+def _mesh_axes_for(logical: str | None, rules: Mapping[str, Any]) -> tuple[str, ...]:
+    if logical is None:
+        return ()
+    if logical not in rules:
+        raise KeyError(f"no sharding rule for logical axis {logical!r}")
+    target = rules[logical]
+    if target is None:
+        return ()
+    return (target,) if isinstance(target, str) else tuple(target)
+
+
+def logical_to_spec(axes: Sequence[str | None], mesh: Mesh, rules: Mapping[str, Any] | None = None,
+                    shape: Sequence[int] | None = None) -> PartitionSpec:
+    """PartitionSpec for an array with logical `axes` on `mesh`.
+
+    Mesh axes of size 1 are dropped. With `shape`, a dimension that a mesh axis does not
+    divide is left unsplit over that axis (e.g. 2 KV heads over tensor=4 are replicated).
+    """
+    rules = DEFAULT_RULES if rules is None else rules
+    used: set[str] = set()
+    spec: list[Any] = []
+    for i, logical in enumerate(axes):
+        chosen = []
+        size = 1
+        for mesh_axis in _mesh_axes_for(logical, rules):
+            n = mesh.shape.get(mesh_axis, 1)
+            if n == 1 or mesh_axis in used:
+                continue
+            if shape is not None and shape[i] % (size * n):
+                continue
+            chosen.append(mesh_axis)
+            size *= n
+        used.update(chosen)
+        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    while spec and spec[-1] is None:
+        spec.pop()
+    return PartitionSpec(*spec)
+
+
+def named_sharding(axes: Sequence[str | None], mesh: Mesh, rules: Mapping[str, Any] | None = None,
+                   shape: Sequence[int] | None = None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, mesh, rules, shape))
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Mapping[str, Any] | None = None) -> Any:
+    """NamedShardings for an `nnx.State` (concrete or abstract), from each Variable's `axes`."""
+    from flax import nnx
+
+    def one(v):
+        if isinstance(v, nnx.Variable):
+            axes = v.get_metadata().get("axes")
+            shape = v.shape
+            if axes is None:
+                axes = (None,) * len(shape)
+            return v.replace(named_sharding(axes, mesh, rules, shape))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: Mapping[str, Any] | None = None) -> NamedSharding:
+    """Sharding for a batch-major array: first dimension over the data-parallel axes."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), mesh, rules))
+
+
+def data_parallel_size(mesh: Mesh, rules: Mapping[str, Any] | None = None) -> int:
+    rules = DEFAULT_RULES if rules is None else rules
+    return math.prod(mesh.shape.get(a, 1) for a in _mesh_axes_for("batch", rules))
+
+
+# ---------------------------------------------------------------- activations
+_CONTEXT: contextvars.ContextVar[tuple[Mesh, Mapping[str, Any]] | None] = contextvars.ContextVar(
+    "qzhou_jax_mesh", default=None
+)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Mapping[str, Any] | None = None) -> Iterator[Mesh]:
+    """Within this block, `constrain` pins activations to `mesh` under `rules`."""
+    token = _CONTEXT.set((mesh, DEFAULT_RULES if rules is None else rules))
+    try:
+        yield mesh
+    finally:
+        _CONTEXT.reset(token)
+
+
+def current_mesh() -> Mesh | None:
+    ctx = _CONTEXT.get()
+    return None if ctx is None else ctx[0]
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical axes; identity when no mesh is in use."""
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    return jax.lax.with_sharding_constraint(x, named_sharding(axes, mesh, rules, x.shape))
+
+
+def describe(state: Any) -> list[tuple[str, tuple[int, ...], str]]:
+    """(path, shape, sharding spec) rows for logging what is sharded how."""
+    rows = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        spec = getattr(getattr(leaf, "sharding", None), "spec", None)
+        rows.append((jax.tree_util.keystr(path), tuple(getattr(leaf, "shape", ())), str(spec)))
+    return rows
+
+
+def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+    """`jax.distributed.initialize()` when several processes are configured.
+
+    With no arguments, JAX auto-detects TPU pods, SLURM and Open MPI environments; on a
+    single process nothing happens.
+    """
+    if num_processes is not None and num_processes <= 1:
+        return
+    if coordinator is None and num_processes is None:
+        import os
+
+        if not any(k in os.environ for k in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                                             "JAX_COORDINATOR_ADDRESS")):
+            return
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+    log.info("jax.distributed initialized: process %d of %d", jax.process_index(), jax.process_count())
