@@ -1,0 +1,218 @@
+"""Contrastive losses of QZhou-Embedding (SPEC section 3), as pure JAX functions.
+
+All inputs are L2-normalised embeddings, so s(x, y) = <x, y> is the cosine similarity.
+The functions work on the *global* batch: under ``jax.jit`` with sharded inputs, XLA
+inserts whatever communication the matrix products need; nothing here is per-device.
+Every function returns ``(loss, metrics)``, metrics being a dict of float32 scalars.
+
+Retrieval (InfoNCE with in-batch, hard and query-query negatives, tau = 0.02)::
+
+    L_ret = -1/n sum_i log( e^{s(q_i,d_i+)/tau} / ( e^{s(q_i,d_i+)/tau}
+                            + sum_{d in D_i} e^{s(q_i,d)/tau} + sum_{j!=i} e^{s(q_i,q_j)/tau} ) )
+
+    D_i = other queries' positives d_j+ (j != i)        if in_batch_negatives
+        + all hard negatives of the batch               if hard_negatives and in_batch_negatives
+        + only q_i's own hard negatives                 if hard_negatives and not in_batch_negatives
+    the q-q sum is present only if query_negatives.
+
+    With false_negative_margin = m, every candidate c != d_i+ with s(q_i,c) > s(q_i,d_i+) + m
+    is dropped from the denominator (a likely false negative).
+
+STS / NLI (CoSENT, tau_c = temperature, default 0.05 i.e. scale 20)::
+
+    L_cos = log( 1 + sum_{(i,j): y_i > y_j} exp( (cos_j - cos_i) / tau_c ) ),  cos_i = s(a_i, b_i)
+
+Classification / clustering (InfoNCE with a same-class mask)::
+
+    as L_ret with anchors t_i, positives t_i+ and negatives; the denominator holds t_i+,
+    the other anchors' positives, every negative of the batch and the other anchors, and
+    every candidate other than t_i+ whose class equals class(t_i) gets weight 0.
+
+Implementation: a masked log-softmax over a candidate matrix [n, 1 + m] (the positive, then
+the negatives), written as log(1 + sum_valid exp((s_neg - s_pos)/tau)) so that small losses
+keep float32 precision. Masked logits are replaced by a large negative finite value before
+exp(), so they contribute exactly 0 and gradients stay finite.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -1e30  # "minus infinity" for masked logits; finite so gradients never see inf - inf
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}: {msg}")
+
+
+def _check_temperature(temperature) -> None:
+    if isinstance(temperature, (int, float)):
+        _check(temperature > 0, "temperature", f"must be > 0, got {temperature}")
+
+
+def _sim(x: jax.Array, y: jax.Array) -> jax.Array:
+    """[n, d] x [m, d] -> [n, m] cosine similarities (inputs already normalised)."""
+    return jnp.matmul(x, y.T, precision=_HI)
+
+
+def _log1p_sum_exp(x, valid, axis=None):
+    """log(1 + sum_{valid} exp(x)) along ``axis``, stable and precise for small results too.
+
+    With m = max(0, max x): m + log1p(expm1(-m) + sum exp(x - m)). The identity holds for any
+    m, so m is a constant for differentiation. Masked entries are replaced *before* exp() so
+    neither the value nor the gradient can overflow.
+    """
+    best = jnp.max(jnp.where(valid, x, _NEG), axis=axis, keepdims=True, initial=_NEG)
+    m = jax.lax.stop_gradient(jnp.maximum(best, 0.0))
+    total = jnp.sum(jnp.exp(jnp.where(valid, x - m, _NEG)), axis=axis, keepdims=True)
+    out = m + jnp.log1p(jnp.expm1(-m) + total)
+    return jnp.squeeze(out, axis=axis) if axis is not None else out.reshape(())
+
+
+def _masked_infonce(pos_sim, neg_sim, neg_valid, temperature, margin=None):
+    """InfoNCE with one positive per row and masked negative candidates.
+
+    pos_sim [n]; neg_sim [n, m]; neg_valid [n, m] bool. Per row, -log softmax of the positive
+    is log(1 + sum_valid exp((s_neg - s_pos) / tau)).
+    """
+    if margin is not None:
+        too_close = jax.lax.stop_gradient(neg_sim) > jax.lax.stop_gradient(pos_sim)[:, None] + margin
+        neg_valid = neg_valid & ~too_close
+    diff = (neg_sim - pos_sim[:, None]) / temperature
+    loss = jnp.mean(_log1p_sum_exp(diff, neg_valid, axis=1))
+
+    best_neg = jnp.max(jnp.where(neg_valid, neg_sim, _NEG), axis=1, initial=_NEG)
+    count = jnp.sum(neg_valid.astype(jnp.float32))
+    metrics = {
+        "accuracy": jnp.mean((pos_sim > best_neg).astype(jnp.float32)),
+        "pos_sim": jnp.mean(pos_sim),
+        "neg_sim": jnp.sum(jnp.where(neg_valid, neg_sim, 0.0)) / jnp.maximum(count, 1.0),
+    }
+    return loss, metrics
+
+
+def _as_negatives(neg, n: int, d: int, name: str = "neg") -> jax.Array:
+    if neg is None:
+        return jnp.zeros((n, 0, d), jnp.float32)
+    neg = jnp.asarray(neg, jnp.float32)
+    _check(neg.ndim == 3 and neg.shape[0] == n and neg.shape[2] == d, name,
+           f"expected shape [{n}, k, {d}], got {tuple(neg.shape)}")
+    return neg
+
+
+def _check_pair(x, y, xname: str, yname: str) -> tuple[jax.Array, jax.Array]:
+    x = jnp.asarray(x, jnp.float32)
+    y = jnp.asarray(y, jnp.float32)
+    _check(x.ndim == 2, xname, f"expected shape [n, d], got {tuple(x.shape)}")
+    _check(y.shape == x.shape, yname, f"expected shape {tuple(x.shape)} (as {xname}), got {tuple(y.shape)}")
+    return x, y
+
+
+def infonce_retrieval(q, pos, neg=None, *, temperature=0.02, in_batch_negatives=True,
+                      hard_negatives=True, query_negatives=True,
+                      false_negative_margin=None) -> tuple[jax.Array, dict]:
+    """Retrieval InfoNCE (L_ret).
+
+    q, pos: [n, d] queries and their positives; neg: [n, k, d] hard negatives (k may be 0)
+    or None. Returns (mean loss, {"accuracy", "pos_sim", "neg_sim"}).
+    """
+    _check_temperature(temperature)
+    q, pos = _check_pair(q, pos, "q", "pos")
+    n, d = q.shape
+    neg = _as_negatives(neg, n, d)
+    k = neg.shape[1]
+    row = jnp.arange(n)[:, None]
+
+    pos_sim = jnp.sum(q * pos, axis=-1)
+    sims, valid = [], []
+    if in_batch_negatives:
+        sims.append(_sim(q, pos))  # the diagonal is the positive itself, already in column 0
+        valid.append(row != jnp.arange(n)[None, :])
+    if hard_negatives and k > 0:
+        if in_batch_negatives:
+            sims.append(_sim(q, neg.reshape(n * k, d)))  # column c belongs to query c // k
+        else:
+            sims.append(jnp.einsum("nd,nkd->nk", q, neg, precision=_HI))
+        valid.append(jnp.ones(sims[-1].shape, bool))
+    if query_negatives:
+        sims.append(_sim(q, q))
+        valid.append(row != jnp.arange(n)[None, :])
+    if not sims:
+        sims, valid = [jnp.zeros((n, 0), jnp.float32)], [jnp.zeros((n, 0), bool)]
+    return _masked_infonce(pos_sim, jnp.concatenate(sims, axis=1), jnp.concatenate(valid, axis=1),
+                           temperature, false_negative_margin)
+
+
+def cosent(a, b, scores, *, temperature=0.05, valid=None) -> tuple[jax.Array, dict]:
+    """CoSENT (L_cos) on pairs (a_i, b_i) with gold scores y_i; ``valid`` [n] masks padded rows.
+
+    Returns (loss, {"pos_sim", "pair_accuracy"}).
+    """
+    _check_temperature(temperature)
+    a, b = _check_pair(a, b, "a", "b")
+    n = a.shape[0]
+    scores = jnp.asarray(scores, jnp.float32)
+    _check(scores.shape == (n,), "scores", f"expected shape ({n},), got {tuple(scores.shape)}")
+    if valid is None:
+        valid = jnp.ones((n,), bool)
+    else:
+        valid = jnp.asarray(valid)
+        _check(valid.shape == (n,), "valid", f"expected shape ({n},), got {tuple(valid.shape)}")
+        valid = valid.astype(bool)
+
+    cos = jnp.sum(a * b, axis=-1)
+    # ordered[i, j]: y_i > y_j, both rows real -> term exp((cos_j - cos_i) / tau)
+    ordered = (scores[:, None] > scores[None, :]) & valid[:, None] & valid[None, :]
+    diff = (cos[None, :] - cos[:, None]) / temperature
+    loss = _log1p_sum_exp(diff, ordered)  # = logsumexp over [0, masked diff]
+
+    n_pairs = jnp.sum(ordered.astype(jnp.float32))
+    right = jnp.sum((ordered & (cos[:, None] > cos[None, :])).astype(jnp.float32))
+    n_valid = jnp.sum(valid.astype(jnp.float32))
+    metrics = {
+        "pos_sim": jnp.sum(jnp.where(valid, cos, 0.0)) / jnp.maximum(n_valid, 1.0),
+        "pair_accuracy": right / jnp.maximum(n_pairs, 1.0),
+    }
+    return loss, metrics
+
+
+def infonce_classification(anchor, pos, neg, anchor_labels, pos_labels, neg_labels, *,
+                           temperature=0.02) -> tuple[jax.Array, dict]:
+    """Class-masked InfoNCE for classification / clustering data.
+
+    anchor, pos: [n, d]; neg: [n, k, d] (or None); integer labels [n], [n], [n, k] (or None).
+    pos_labels[i] is expected to equal anchor_labels[i]. Returns the same metrics as
+    ``infonce_retrieval``.
+    """
+    _check_temperature(temperature)
+    anchor, pos = _check_pair(anchor, pos, "anchor", "pos")
+    n, d = anchor.shape
+    neg = _as_negatives(neg, n, d)
+    k = neg.shape[1]
+    anchor_labels = jnp.asarray(anchor_labels)
+    pos_labels = jnp.asarray(pos_labels)
+    _check(anchor_labels.shape == (n,), "anchor_labels", f"expected shape ({n},), got {tuple(anchor_labels.shape)}")
+    _check(pos_labels.shape == (n,), "pos_labels", f"expected shape ({n},), got {tuple(pos_labels.shape)}")
+    if neg_labels is None:
+        _check(k == 0, "neg_labels", f"required when neg has k={k} negatives per anchor")
+        neg_labels = jnp.zeros((n, 0), anchor_labels.dtype)
+    neg_labels = jnp.asarray(neg_labels)
+    _check(neg_labels.shape == (n, k), "neg_labels", f"expected shape ({n}, {k}), got {tuple(neg_labels.shape)}")
+
+    row = jnp.arange(n)[:, None]
+    other_row = row != jnp.arange(n)[None, :]
+    lab = anchor_labels[:, None]
+    pos_sim = jnp.sum(anchor * pos, axis=-1)
+    sims = jnp.concatenate([
+        _sim(anchor, pos),                    # other anchors' positives (diagonal = own positive)
+        _sim(anchor, neg.reshape(n * k, d)),  # every negative of the batch
+        _sim(anchor, anchor),                 # other anchors
+    ], axis=1)
+    valid = jnp.concatenate([
+        other_row & (pos_labels[None, :] != lab),
+        neg_labels.reshape(1, n * k) != lab,
+        other_row & (anchor_labels[None, :] != lab),
+    ], axis=1)
+    return _masked_infonce(pos_sim, sims, valid, temperature)

@@ -1,0 +1,291 @@
+"""Tests for qzhou_jax.losses: float64 numpy references of SPEC section 3, sentence-transformers
+parity, finite gradients under masking, sharded == unsharded, and argument checks."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from qzhou_jax.losses import cosent, infonce_classification, infonce_retrieval
+
+RTOL = 1e-6
+
+
+def _unit(rng, *shape):
+    x = rng.standard_normal(shape)
+    x = x / np.linalg.norm(x, axis=-1, keepdims=True)
+    return x.astype(np.float32)  # the float64 references use exactly these (rounded) values
+
+
+def _close(actual, expected, rtol=RTOL):
+    np.testing.assert_allclose(float(actual), float(expected), rtol=rtol, atol=1e-12)
+
+
+# ---------------------------------------------------------------- float64 references (loops)
+
+def _ref_infonce(anchors, positives, candidates_of, tau):
+    """candidates_of(i) -> list of [d] vectors in the denominator besides the positive."""
+    anchors, positives = anchors.astype(np.float64), positives.astype(np.float64)
+    losses, hits, pos_sims, neg_sims = [], [], [], []
+    for i in range(len(anchors)):
+        s_pos = anchors[i] @ positives[i]
+        s_neg = np.array([anchors[i] @ c.astype(np.float64) for c in candidates_of(i, s_pos)])
+        denom = np.exp(s_pos / tau) + np.sum(np.exp(s_neg / tau))
+        losses.append(-(s_pos / tau - np.log(denom)))
+        hits.append(len(s_neg) == 0 or s_pos > s_neg.max())
+        pos_sims.append(s_pos)
+        neg_sims.extend(s_neg)
+    neg_sim = np.mean(neg_sims) if neg_sims else 0.0
+    return np.mean(losses), {"accuracy": np.mean(hits), "pos_sim": np.mean(pos_sims), "neg_sim": neg_sim}
+
+
+def ref_retrieval(q, pos, neg, tau, in_batch, hard, qneg, margin):
+    n, k = q.shape[0], (0 if neg is None else neg.shape[1])
+
+    def candidates_of(i, s_pos):
+        c = []
+        if in_batch:
+            c += [pos[j] for j in range(n) if j != i]
+        if hard:
+            c += [neg[j, l] for j in (range(n) if in_batch else [i]) for l in range(k)]
+        if qneg:
+            c += [q[j] for j in range(n) if j != i]
+        if margin is not None:
+            c = [v for v in c if q[i].astype(np.float64) @ v.astype(np.float64) <= s_pos + margin]
+        return c
+
+    return _ref_infonce(q, pos, candidates_of, tau)
+
+
+def ref_classification(anc, pos, neg, la, lp, ln, tau):
+    n, k = neg.shape[:2]
+
+    def candidates_of(i, s_pos):
+        c = [pos[j] for j in range(n) if j != i and lp[j] != la[i]]
+        c += [neg[j, l] for j in range(n) for l in range(k) if ln[j, l] != la[i]]
+        c += [anc[j] for j in range(n) if j != i and la[j] != la[i]]
+        return c
+
+    return _ref_infonce(anc, pos, candidates_of, tau)
+
+
+def ref_cosent(a, b, y, tau, valid=None):
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    n = len(y)
+    valid = np.ones(n, bool) if valid is None else valid
+    cos = np.sum(a * b, axis=-1)
+    total, pairs, right = 0.0, 0, 0
+    for i in range(n):
+        for j in range(n):
+            if valid[i] and valid[j] and y[i] > y[j]:
+                total += np.exp((cos[j] - cos[i]) / tau)
+                pairs += 1
+                right += cos[i] > cos[j]
+    return np.log1p(total), {"pos_sim": cos[valid].mean(), "pair_accuracy": right / max(pairs, 1)}
+
+
+def _check_metrics(metrics, ref_metrics):
+    assert set(metrics) == set(ref_metrics)
+    for key, value in ref_metrics.items():
+        assert metrics[key].dtype == jnp.float32 and metrics[key].shape == ()
+        np.testing.assert_allclose(float(metrics[key]), value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+# ---------------------------------------------------------------- 1. against the references
+
+@pytest.mark.parametrize("in_batch,hard,qneg", list(itertools.product([True, False], repeat=3)))
+@pytest.mark.parametrize("margin", [None, 0.05])
+def test_retrieval_matches_reference(in_batch, hard, qneg, margin):
+    rng = np.random.default_rng(0)
+    n, k, d = 6, 3, 16
+    q = _unit(rng, n, d)
+    pos = _unit(rng, n, d)
+    neg = _unit(rng, n, k, d)
+    neg[::2, 0] = q[::2]  # some negatives harder than the positive (masked by the margin)
+    kw = dict(in_batch_negatives=in_batch, hard_negatives=hard, query_negatives=qneg,
+              false_negative_margin=margin)
+    loss, metrics = infonce_retrieval(q, pos, neg, **kw)
+    ref_loss, ref_metrics = ref_retrieval(q, pos, neg, 0.02, in_batch, hard, qneg, margin)
+    assert loss.dtype == jnp.float32 and loss.shape == ()
+    _close(loss, ref_loss)
+    _check_metrics(metrics, ref_metrics)
+
+
+@pytest.mark.parametrize("neg_kind", ["none", "empty"])
+def test_retrieval_without_hard_negatives(neg_kind):
+    rng = np.random.default_rng(1)
+    q, pos = _unit(rng, 5, 8), _unit(rng, 5, 8)
+    neg = None if neg_kind == "none" else np.zeros((5, 0, 8), np.float32)
+    loss, metrics = infonce_retrieval(q, pos, neg, temperature=0.1)
+    ref_loss, ref_metrics = ref_retrieval(q, pos, None, 0.1, True, True, True, None)
+    _close(loss, ref_loss)
+    _check_metrics(metrics, ref_metrics)
+
+
+def test_retrieval_margin_masks_candidates():
+    """A duplicate of the positive among the negatives is dropped with a margin, kept without."""
+    rng = np.random.default_rng(2)
+    q, pos = _unit(rng, 4, 8), _unit(rng, 4, 8)
+    neg = np.stack([pos + 1e-3, _unit(rng, 4, 8)], axis=1)
+    neg /= np.linalg.norm(neg, axis=-1, keepdims=True)
+    kept, _ = infonce_retrieval(q, pos, neg, in_batch_negatives=False, query_negatives=False)
+    dropped, _ = infonce_retrieval(q, pos, neg, in_batch_negatives=False, query_negatives=False,
+                                   false_negative_margin=0.0)
+    assert float(kept) > float(dropped)
+
+
+@pytest.mark.parametrize("use_valid", [False, True])
+@pytest.mark.parametrize("tau", [0.05, 0.02])
+def test_cosent_matches_reference(use_valid, tau):
+    rng = np.random.default_rng(3)
+    n, d = 12, 16
+    a, b = _unit(rng, n, d), _unit(rng, n, d)
+    y = rng.integers(0, 4, n).astype(np.float32)  # many ties
+    valid = (np.arange(n) < 9) if use_valid else None
+    if use_valid:  # padded rows hold garbage that would change the loss if it leaked in
+        y[9:] = 100.0
+    loss, metrics = cosent(a, b, y, temperature=tau, valid=valid)
+    ref_loss, ref_metrics = ref_cosent(a, b, y, tau, valid)
+    _close(loss, ref_loss)
+    _check_metrics(metrics, ref_metrics)
+
+
+@pytest.mark.parametrize("tau", [0.02, 0.1])
+def test_classification_matches_reference(tau):
+    rng = np.random.default_rng(4)
+    n, k, d = 8, 3, 16
+    anc, pos, neg = _unit(rng, n, d), _unit(rng, n, d), _unit(rng, n, k, d)
+    la = np.array([0, 0, 1, 1, 1, 2, 3, 3])
+    ln = rng.integers(0, 5, (n, k))
+    ln[0, 0] = la[0]  # negatives sharing the anchor's class
+    ln[3, 1] = la[3]
+    loss, metrics = infonce_classification(anc, pos, neg, la, la, ln, temperature=tau)
+    ref_loss, ref_metrics = ref_classification(anc, pos, neg, la, la, ln, tau)
+    _close(loss, ref_loss)
+    _check_metrics(metrics, ref_metrics)
+    # the class mask matters: with all-distinct labels the loss is different
+    unmasked, _ = infonce_classification(anc, pos, neg, np.arange(n), np.arange(n), ln + 100, temperature=tau)
+    assert abs(float(unmasked) - float(loss)) > 1e-3
+
+
+# ---------------------------------------------------------------- 2. sentence-transformers parity
+
+def _torch64(*arrays):
+    import torch
+    return [torch.tensor(np.asarray(x), dtype=torch.float64) for x in arrays]
+
+
+@pytest.mark.parametrize("k,qneg", [(0, False), (2, False), (2, True)])
+def test_retrieval_matches_sentence_transformers(k, qneg):
+    import torch
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    rng = np.random.default_rng(5)
+    n, d, tau = 8, 16, 0.02
+    q, pos, neg = _unit(rng, n, d), _unit(rng, n, d), _unit(rng, n, k, d)
+    directions = ("query_to_doc", "query_to_query") if qneg else ("query_to_doc",)
+    st = MultipleNegativesRankingLoss(torch.nn.Module(), scale=1.0 / tau, directions=directions)
+    cols = _torch64(q, pos, *[neg[:, j] for j in range(k)])
+    expected = st.compute_loss_from_embeddings(cols, None).item()
+    loss, _ = infonce_retrieval(q, pos, neg if k else None, temperature=tau, query_negatives=qneg)
+    _close(loss, expected)
+
+
+def test_cosent_matches_sentence_transformers():
+    import torch
+    from sentence_transformers.sentence_transformer.losses import CoSENTLoss
+
+    rng = np.random.default_rng(6)
+    n, d, tau = 16, 16, 0.05
+    a, b = _unit(rng, n, d), _unit(rng, n, d)
+    y = rng.integers(0, 5, n).astype(np.float32)
+    st = CoSENTLoss(torch.nn.Module(), scale=1.0 / tau)
+    expected = st.compute_loss_from_embeddings(_torch64(a, b), *_torch64(y)).item()
+    loss, _ = cosent(a, b, y, temperature=tau)
+    _close(loss, expected)
+
+
+# ---------------------------------------------------------------- 3. gradients and sharding
+
+def _finite_grads(fn, *args, eager=False):
+    grad = jax.grad(fn, argnums=tuple(range(len(args))))
+    for f in ([grad] if eager else []) + [jax.jit(grad)]:
+        for g in f(*args):
+            assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_gradients_finite_with_masks():
+    rng = np.random.default_rng(7)
+    n, k, d = 8, 2, 8
+    q, pos, neg = _unit(rng, n, d), _unit(rng, n, d), _unit(rng, n, k, d)
+    neg[:, 0] = pos  # duplicates of the positive, removed by the margin
+    for i, kw in enumerate([dict(false_negative_margin=-2.0),  # removes every negative
+                            dict(false_negative_margin=0.0),
+                            dict(in_batch_negatives=False, hard_negatives=False, query_negatives=False),
+                            dict(temperature=1e-3)]):
+        _finite_grads(lambda q, p, n_: infonce_retrieval(q, p, n_, **kw)[0], q, pos, neg, eager=i == 0)
+    loss, metrics = infonce_retrieval(q, pos, neg, false_negative_margin=-2.0)
+    assert float(loss) == 0.0 and float(metrics["accuracy"]) == 1.0 and float(metrics["neg_sim"]) == 0.0
+
+    same = np.zeros(n, np.int32)  # one class: every candidate is masked
+    _finite_grads(lambda a, p, n_: infonce_classification(a, p, n_, same, same, np.zeros((n, k)))[0],
+                  q, pos, neg)
+    y = np.zeros(n, np.float32)  # all ties: no ordered pair
+    _finite_grads(lambda a, b: cosent(a, b, y, valid=np.arange(n) < 5)[0], q, pos)
+    assert float(cosent(q, pos, y)[0]) == 0.0
+
+
+def test_sharded_equals_unsharded():
+    devices = np.array(jax.devices())
+    assert devices.size == 8
+    mesh = Mesh(devices, ("data",))
+    rows = NamedSharding(mesh, P("data"))
+    rng = np.random.default_rng(8)
+    n, k, d = 16, 2, 16
+    q, pos, neg = _unit(rng, n, d), _unit(rng, n, d), _unit(rng, n, k, d)
+    y = rng.integers(0, 4, n).astype(np.float32)
+    la, ln = rng.integers(0, 4, n), rng.integers(0, 4, (n, k))
+    valid = np.arange(n) < 13
+    cases = [
+        (lambda q, p, n_: infonce_retrieval(q, p, n_, false_negative_margin=0.1), (q, pos, neg)),
+        (lambda q, p, n_: infonce_retrieval(q, p, n_, in_batch_negatives=False), (q, pos, neg)),
+        (lambda a, b, y, v: cosent(a, b, y, valid=v), (q, pos, y, valid)),
+        (lambda a, p, n_, la, ln: infonce_classification(a, p, n_, la, la, ln), (q, pos, neg, la, ln)),
+    ]
+    for fn, args in cases:
+        plain, plain_metrics = fn(*args)
+        sharded_args = [jax.device_put(x, rows) for x in args]
+        loss, metrics = jax.jit(fn)(*sharded_args)
+        _close(loss, plain)
+        for key in plain_metrics:  # metrics are means of cosines near 0: absolute tolerance
+            np.testing.assert_allclose(float(metrics[key]), float(plain_metrics[key]), rtol=1e-6, atol=1e-7)
+        grads = jax.jit(jax.grad(lambda *a: fn(*a)[0], argnums=(0, 1)))(*sharded_args)
+        assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+
+
+# ---------------------------------------------------------------- 4. argument checks
+
+def test_shape_errors_name_the_argument():
+    rng = np.random.default_rng(9)
+    q, pos, neg = _unit(rng, 4, 8), _unit(rng, 4, 8), _unit(rng, 4, 2, 8)
+    with pytest.raises(ValueError, match=r"^pos:"):
+        infonce_retrieval(q, pos[:3], neg)
+    with pytest.raises(ValueError, match=r"^neg:"):
+        infonce_retrieval(q, pos, neg[:3])
+    with pytest.raises(ValueError, match=r"^neg:"):
+        infonce_retrieval(q, pos, neg[..., :4])
+    with pytest.raises(ValueError, match=r"^temperature:"):
+        infonce_retrieval(q, pos, neg, temperature=0.0)
+    with pytest.raises(ValueError, match=r"^b:"):
+        cosent(q, pos[:, :4], np.zeros(4))
+    with pytest.raises(ValueError, match=r"^scores:"):
+        cosent(q, pos, np.zeros(5))
+    with pytest.raises(ValueError, match=r"^valid:"):
+        cosent(q, pos, np.zeros(4), valid=np.ones(3, bool))
+    labels = np.arange(4)
+    with pytest.raises(ValueError, match=r"^anchor_labels:"):
+        infonce_classification(q, pos, neg, labels[:3], labels, np.zeros((4, 2)))
+    with pytest.raises(ValueError, match=r"^neg_labels:"):
+        infonce_classification(q, pos, neg, labels, labels, np.zeros((4, 3)))
