@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import transformers
 
-from qzhou_jax.checkpoint.hf import load_params
+from qzhou_jax.checkpoint.hf import DictStore, load_params
 from qzhou_jax.config import ModelConfig
 
 
@@ -42,27 +42,11 @@ def save_hf(model: transformers.PreTrainedModel, path, dtype=torch.float32, **kw
     model.to(torch.float32)
 
 
-class _DictStore:
-    """TensorStore-like view over a torch state dict."""
-
-    def __init__(self, model):
-        self.sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-        self.folder = "<state dict>"
-
-    def names(self):
-        return list(self.sd)
-
-    def shape(self, name):
-        return self.sd[name].shape
-
-    def get(self, name):
-        return self.sd[name]
-
-
 def params_from_torch(model, mesh=None, **overrides):
     """(ModelConfig, params) for a HF model held in memory."""
     cfg = ModelConfig.from_hf(model.config.to_dict(), **overrides)
-    return cfg, load_params(_DictStore(model), cfg, mesh)
+    tensors = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    return cfg, load_params(DictStore(tensors), cfg, mesh)
 
 
 def hf_hidden(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:

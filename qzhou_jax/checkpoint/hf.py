@@ -99,6 +99,22 @@ def check_tensors(store: TensorStore, cfg: ModelConfig, where: str) -> str:
     return prefix
 
 
+class DictStore:
+    """A TensorStore over in-memory arrays (e.g. a torch state dict turned into numpy)."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], folder: str = "<in memory>"):
+        self.tensors, self.folder = tensors, folder
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def get(self, name: str) -> np.ndarray:
+        return np.asarray(self.tensors[name])
+
+
 def _target_sharding(spec: ParamSpec, mesh: Mesh | None, rules) -> jax.sharding.Sharding:
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -1,0 +1,106 @@
+"""Shared pieces of the benchmarks: device peak, timing, torch/HF side, results formatting."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+
+# JAX must not grab most of the GPU up front: the PyTorch reference shares the device.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    return f"{d.platform}:{getattr(d, 'device_kind', '?')} x{jax.device_count()} ({platform.node()})"
+
+
+def time_fn(fn, *args, steps: int = 10, warmup: int = 2) -> float:
+    """Median seconds per call of a function returning jax arrays."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def matmul_peak_tflops(dtype=None) -> float:
+    """Measured dense matmul peak of device 0 (bf16 on accelerators, f32 on CPU)."""
+    on_cpu = jax.devices()[0].platform == "cpu"
+    n = 1024 if on_cpu else 8192
+    dtype = dtype or (jnp.float32 if on_cpu else jnp.bfloat16)
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    dt = time_fn(f, a, a, steps=5 if on_cpu else 20)
+    return 2 * n**3 / dt / 1e12
+
+
+def torch_device():
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_time(fn, steps: int = 10, warmup: int = 2) -> float:
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def torch_peak_gib() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def jax_peak_gib() -> float:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use", float("nan")) / 2**30
+
+
+def hf_random_model(cfg, dtype: str, attn: str = "sdpa", seed: int = 0):
+    """transformers.Qwen2Model with random weights and our config's shapes, on the torch device."""
+    import torch
+    import transformers
+
+    hf_cfg = transformers.Qwen2Config(**{k: v for k, v in cfg.to_hf().items()
+                                         if k not in ("architectures", "model_type", "qzhou_jax", "dtype")})
+    hf_cfg.is_causal = cfg.attention == "causal"
+    torch.manual_seed(seed)
+    tdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    with torch.device(torch_device()):
+        model = transformers.Qwen2Model._from_config(hf_cfg, attn_implementation=attn, dtype=tdtype)
+    return model.eval()
+
+
+def torch_state_to_numpy(model) -> dict:
+    import torch
+
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        out[k] = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+    return out
+
+
+def row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"

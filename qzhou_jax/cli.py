@@ -1,0 +1,88 @@
+"""The `qzhou-jax` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def _write_npy(path: str, array: np.ndarray) -> None:
+    """Write under a temporary name, then rename: no half-written output file."""
+    tmp = f"{path}.tmp{os.getpid()}.npy"
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from qzhou_jax.checkpoint import load_pretrained
+    from qzhou_jax.data.jsonl import read_texts
+    from qzhou_jax.eval.encoder import Encoder
+    from qzhou_jax.tokenizer import Tokenizer
+
+    texts = read_texts(args.input, args.field)  # validate input before loading the model
+    overrides = {"compute_dtype": args.dtype} if args.dtype else {}
+    model = load_pretrained(args.model, **overrides)
+    tokenizer = Tokenizer(model.tokenizer_path, max_length=args.max_length)
+    encoder = Encoder(model.params, model.config, tokenizer, batch_size=args.batch_size)
+    t0 = time.perf_counter()
+    emb = encoder.encode(texts, instruction=args.instruction, progress=not args.quiet)
+    dt = time.perf_counter() - t0
+    _write_npy(args.output, emb.astype(np.float16 if args.output_dtype == "float16" else np.float32))
+    print(f"wrote {args.output}: {emb.shape[0]} x {emb.shape[1]} in {dt:.1f}s "
+          f"({encoder.stats['tokens'] / dt:,.0f} tokens/s, {encoder.padding_fraction:.1%} padding)",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from qzhou_jax.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qzhou-jax", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("encode", help="embed the texts of a JSONL file with a saved model")
+    e.add_argument("--model", required=True, help="model folder (HF safetensors + config.json + tokenizer)")
+    e.add_argument("--input", required=True, help="JSONL file: objects with a text field, or JSON strings")
+    e.add_argument("--output", required=True, help=".npy file to write (float32, input order)")
+    e.add_argument("--field", default="text", help="field holding the text (default: text)")
+    e.add_argument("--instruction", default=None, help="prepend QZhou's 'Instruct: ...\\nQuery: ' prompt")
+    e.add_argument("--max-length", type=int, default=1024)
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype")
+    e.add_argument("--output-dtype", choices=["float32", "float16"], default="float32")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_encode)
+
+    d = sub.add_parser("demo", help="tiny model on the bundled sample data, on CPU")
+    d.add_argument("--out", default="runs/demo", help="output folder")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"qzhou-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Tokenizer bucketing, the Encoder, and `qzhou-jax encode` on a local HF checkpoint."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from hf_utils import save_hf, tiny_hf_model
+from qzhou_jax import cli, sharding
+from qzhou_jax.checkpoint import load_pretrained
+from qzhou_jax.eval.encoder import Encoder
+from qzhou_jax.model import embed
+from qzhou_jax.tokenizer import DEMO_TOKENIZER, Tokenizer, default_buckets, format_prompt
+
+TEXTS = ["a short one", "The Quiet Tides are a 4-piece band featuring a cellist and two singers.",
+         "南屿银狼队的主场能容纳多少人？", "x", "What spice is used in the lemony lentil broth? " * 3]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf") / "model"
+    save_hf(tiny_hf_model(vocab=2048, hidden=32, layers=2), path)
+    for f in os.listdir(DEMO_TOKENIZER):
+        shutil.copy(f"{DEMO_TOKENIZER}/{f}", path / f)
+    return path
+
+
+def test_buckets_and_truncation():
+    assert default_buckets(512) == (16, 32, 64, 128, 256, 512)
+    assert default_buckets(100) == (16, 32, 64, 100)
+    tok = Tokenizer(DEMO_TOKENIZER, max_length=20)
+    seqs = tok.encode(["word " * 100, "hi"])
+    assert len(seqs[0]) == 20 and 0 < len(seqs[1]) < 20
+    ids, mask = tok.pad(seqs, rows=4)
+    assert ids.shape == (4, 20) and mask[2:].sum() == 0 and mask[1].sum() == len(seqs[1])
+    assert tok.bucket(3) == 16 and tok.bucket(17) == 20
+    assert format_prompt("q", "Find it") == "Instruct: Find it\nQuery: q"
+    assert format_prompt("q", None) == "q"
+
+
+def test_encoder_order_bucketing_and_sharding(model_dir):
+    cfg, params, tok_path = load_pretrained(model_dir, compute_dtype="float32")
+    tok = Tokenizer(tok_path, max_length=64)
+    ref = []
+    for t in TEXTS:  # one at a time, no batching, no sorting
+        ids, mask = tok([t], instruction="Find it")
+        ref.append(np.asarray(embed(params, cfg, ids, mask))[0])
+    ref = np.stack(ref)
+    got = Encoder(params, cfg, tok, batch_size=2).encode(TEXTS, instruction="Find it")
+    np.testing.assert_allclose(got, ref, atol=2e-6)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+    cfg_s, params_s, _ = load_pretrained(model_dir, mesh=mesh, compute_dtype="float32")
+    enc = Encoder(params_s, cfg_s, tok, batch_size=3)
+    assert enc.batch_size == 8  # rounded up to the data-parallel size
+    np.testing.assert_allclose(enc.encode(TEXTS, instruction="Find it"), ref, atol=2e-6)
+    assert 0.0 <= enc.padding_fraction < 1.0
+
+
+def _write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_encode_cli_writes_float32_in_input_order(model_dir, tmp_path):
+    inp = _write(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in TEXTS])
+    out = tmp_path / "emb.npy"
+    rc = cli.main(["encode", "--model", str(model_dir), "--input", str(inp), "--output", str(out),
+                   "--dtype", "float32", "--batch-size", "2", "--quiet", "--instruction", "Find it"])
+    assert rc == 0
+    emb = np.load(out)
+    assert emb.dtype == np.float32 and emb.shape == (len(TEXTS), 32)
+    cfg, params, tok_path = load_pretrained(model_dir, compute_dtype="float32")
+    ids, mask = Tokenizer(tok_path, max_length=1024)(TEXTS, instruction="Find it")
+    np.testing.assert_allclose(emb, np.asarray(embed(params, cfg, ids, mask)), atol=2e-6)
+    assert list(tmp_path.iterdir()) == [inp, out] or sorted(tmp_path.iterdir()) == sorted([inp, out])
+
+
+@pytest.mark.parametrize("lines,message", [
+    ([], "no records"),
+    (['{"text": "ok"}', "{not json"], ":2: not valid JSON"),
+    (['{"text": "ok"}', '{"body": "x"}'], ":2: missing field 'text'"),
+    (['{"text": 3}'], ":1: field 'text' must be a string"),
+])
+def test_encode_bad_input_names_file_and_line_and_writes_nothing(model_dir, tmp_path, capsys, lines, message):
+    inp = _write(tmp_path / "bad.jsonl", lines)
+    out = tmp_path / "emb.npy"
+    rc = cli.main(["encode", "--model", str(model_dir), "--input", str(inp), "--output", str(out), "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert str(inp) in err and message in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+def test_encode_missing_model_folder(tmp_path, capsys):
+    inp = _write(tmp_path / "in.jsonl", ['"plain string"'])
+    rc = cli.main(["encode", "--model", str(tmp_path / "nope"), "--input", str(inp),
+                   "--output", str(tmp_path / "o.npy")])
+    assert rc == 2 and "nope" in capsys.readouterr().err
