@@ -1,0 +1,75 @@
+"""ModelConfig: HF config.json reading/writing and validation errors that name the field."""
+
+import json
+
+import pytest
+
+from hf_utils import tiny_hf_config
+from qzhou_jax.config import ModelConfig
+
+
+def _hf_dict(**changes):
+    d = tiny_hf_config().to_dict()
+    d.update(changes)
+    return d
+
+
+def test_from_hf_reads_qwen25_style_config(tmp_path):
+    raw = {"architectures": ["QZhouModel"], "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584,
+           "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+           "num_key_value_heads": 4, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+           "tie_word_embeddings": False, "max_position_embeddings": 32768, "hidden_act": "silu"}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    cfg = ModelConfig.from_hf(tmp_path)
+    assert cfg == ModelConfig.preset("qwen2.5-7b")
+    assert cfg.attention == "bidirectional" and cfg.head_dim == 128
+
+
+def test_rope_parameters_and_is_causal():
+    d = _hf_dict(is_causal=True)
+    d.pop("rope_theta", None)
+    d["rope_parameters"] = {"rope_type": "default", "rope_theta": 12345.0}
+    cfg = ModelConfig.from_hf(d)
+    assert cfg.rope_theta == 12345.0 and cfg.attention == "causal"
+    assert ModelConfig.from_hf(_hf_dict(is_causal=False)).attention == "bidirectional"
+
+
+def test_to_hf_round_trip():
+    cfg = ModelConfig.preset("qwen2.5-1.5b", pooling="last", embedding_dim=256)
+    hf = cfg.to_hf()
+    assert hf["architectures"] == ["Qwen2Model"] and hf["is_causal"] is False
+    assert ModelConfig.from_hf(hf).replace() == cfg
+
+
+@pytest.mark.parametrize("changes,field", [
+    ({"model_type": "llama"}, "model_type"),
+    ({"hidden_size": None}, "hidden_size"),
+    ({"num_attention_heads": 3, "head_dim": None}, "num_attention_heads"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+])
+def test_bad_config_names_the_field(tmp_path, changes, field):
+    d = _hf_dict(**changes)
+    d = {k: v for k, v in d.items() if v is not None or k not in ("hidden_size", "head_dim")}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=field) as err:
+        ModelConfig.from_hf(path)
+    assert str(path) in str(err.value)
+
+
+def test_invalid_values_and_presets():
+    with pytest.raises(ValueError, match="pooling"):
+        ModelConfig.preset("tiny", pooling="max")
+    with pytest.raises(ValueError, match="embedding_dim"):
+        ModelConfig.preset("tiny", embedding_dim=65)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        ModelConfig.preset("qwen9")
+    with pytest.raises(ValueError, match="unknown ModelConfig field"):
+        ModelConfig.preset("tiny").replace(hidden=3)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        import tempfile, os  # noqa: E401
+        d = tempfile.mkdtemp()
+        open(os.path.join(d, "config.json"), "w").write("{oops")
+        ModelConfig.from_hf(d)
