@@ -93,12 +93,14 @@ def hf_random_model(cfg, dtype: str, attn: str = "sdpa", seed: int = 0):
 
 
 def torch_state_to_numpy(model) -> dict:
+    """Host numpy copies of a torch model's weights; bf16 stays bf16 (no float32 blow-up)."""
+    import ml_dtypes
     import torch
 
     out = {}
     for k, v in model.state_dict().items():
         v = v.detach().cpu()
-        out[k] = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+        out[k] = v.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if v.dtype == torch.bfloat16 else v.numpy()
     return out
 
 
