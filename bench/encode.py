@@ -28,15 +28,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--dtype", default=None, help="compute dtype (default bf16 on GPU, f32 on CPU)")
-    ap.add_argument("--attention-impl", default="xla", choices=["xla", "cudnn"])
+    ap.add_argument("--attention-impl", default="xla", help="xla, cudnn, or both: xla,cudnn")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--no-torch", action="store_true")
     args = ap.parse_args()
 
     on_cpu = jax.devices()[0].platform == "cpu"
     dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
-    cfg = ModelConfig.preset(args.preset, compute_dtype=dtype, param_dtype=dtype,
-                             attention_impl=args.attention_impl)
+    impls = args.attention_impl.split(",")
+    cfg = ModelConfig.preset(args.preset, compute_dtype=dtype, param_dtype=dtype)
     tokens = args.batch * args.seq
     flops = cfg.flops_per_token(args.seq) * tokens
     peak = common.matmul_peak_tflops()
@@ -74,18 +74,21 @@ def main() -> None:
 
     params = load_params(DictStore(weights), cfg)
     del weights
-    fn = jax.jit(lambda p, i, m: embed(p, cfg, i, m))
     ids_d, mask_d = jnp.asarray(ids), jnp.asarray(mask)
-    dt = common.time_fn(fn, params, ids_d, mask_d, steps=args.steps)
-    results.append((f"qzhou-jax ({args.attention_impl})", dt, common.jax_peak_gib()))
+    for impl in impls:
+        c = cfg.replace(attention_impl=impl)
+        fn = jax.jit(lambda p, i, m: embed(p, c, i, m))
+        dt = common.time_fn(fn, params, ids_d, mask_d, steps=args.steps)
+        results.append((f"qzhou-jax ({impl})", dt, common.jax_peak_gib()))
 
     print(common.row(["implementation", "tokens/s", "MFU", "peak GiB", "ms/batch"]))
     print(common.row(["---"] * 5))
     for name, dt, mem in results:
         print(common.row([name, f"{tokens / dt:,.0f}", f"{flops / dt / 1e12 / peak:.3f}", f"{mem:.1f}",
                           f"{dt * 1e3:.1f}"]))
-    if len(results) == 2:
-        print(f"speed ratio qzhou-jax / PyTorch: {results[0][1] / results[1][1]:.2f}")
+    if not args.no_torch:
+        for name, dt, _ in results[1:]:
+            print(f"speed ratio {name} / PyTorch: {results[0][1] / dt:.2f}")
 
 
 if __name__ == "__main__":
