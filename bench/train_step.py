@@ -1,0 +1,185 @@
+"""Train-step throughput, MFU and peak memory: qzhou-jax vs HF transformers (eager, torch.compile).
+
+    python bench/train_step.py --preset tiny --queries 4 --hard-negatives 1 --seq 32           # CPU smoke run
+    python bench/train_step.py --preset qwen2.5-0.5b --queries 32 --hard-negatives 3 --seq 256  # DESIGN.md 4 anchors
+    python bench/train_step.py --preset qwen2.5-1.5b --queries 16 --hard-negatives 3 --seq 256 --attention-impl cudnn
+    python bench/train_step.py --preset qwen2.5-1.5b --queries 256 --hard-negatives 4 --seq 512 \\
+        --chunk-size 16 --no-torch                                                               # GradCache, paper batch
+
+Workload: `queries` queries, each with 1 positive and `hard-negatives` hard negatives, all
+`seq` tokens; half the rows have their last quarter padded. One step = embed queries and
+passages, InfoNCE with in-batch + hard (+ query-query for qzhou-jax) negatives, backward,
+clip, AdamW. Tokens = queries x (1 + 1 + k) x seq.
+MFU = tokens x (6 x non-embedding params + full-attention FLOPs) / time / measured bf16 matmul
+peak (model FLOPs only: remat and GradCache's extra forward are not counted).
+The PyTorch reference keeps float32 master weights under bfloat16 autocast with fused AdamW
+(DESIGN.md section 4); it runs first, then frees the GPU for JAX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import common  # noqa: F401  (sets env, sys.path)
+import jax
+import numpy as np
+
+from qzhou_jax.config import ModelConfig
+from qzhou_jax.train import LossConfig, TrainConfig, Trainer
+
+
+def workload(cfg: ModelConfig, queries: int, group: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+
+    def side(rows):
+        ids = rng.integers(1, min(cfg.vocab_size, 150000), size=(rows, seq)).astype(np.int32)
+        mask = np.ones((rows, seq), np.int32)
+        mask[rows // 2:, seq - seq // 4:] = 0  # half the rows: last quarter is padding
+        return ids, mask
+
+    q_ids, q_mask = side(queries)
+    p_ids, p_mask = side(queries * group)
+    return dict(q_ids=q_ids, q_mask=q_mask, p_ids=p_ids, p_mask=p_mask)
+
+
+def torch_step_fn(model, batch, group: int, temperature: float, compile_model: bool, lr: float):
+    """One HF/PyTorch train step as a closure (fp32 master weights, bf16 autocast, fused AdamW)."""
+    import torch
+    import torch.nn.functional as F
+
+    dev = common.torch_device()
+    cuda = dev == "cuda"
+    t = {k: torch.tensor(v, dtype=torch.long, device=dev) for k, v in batch.items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, **({"fused": True} if cuda else {}))
+    fwd = torch.compile(model) if compile_model else model
+
+    def embed(ids, mask):
+        h = fwd(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask[..., None].to(h.dtype)
+        return F.normalize(((h * m).sum(1) / m.sum(1)).float(), dim=-1)
+
+    def step():
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
+            q = embed(t["q_ids"], t["q_mask"])
+            p = embed(t["p_ids"], t["p_mask"])
+        n = q.shape[0]
+        scores = (q @ p.T) / temperature  # positives at column i * group, all other passages negatives
+        loss = F.cross_entropy(scores, torch.arange(n, device=dev) * group)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def run_torch(cfg, batch, group, args, compile_model: bool):
+    import torch
+
+    model = common.hf_random_model(cfg, "float32")
+    model.train()
+    if args.torch_checkpointing:
+        model.gradient_checkpointing_enable()
+    if common.torch_device() == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step = torch_step_fn(model, batch, group, 0.02, compile_model, args.lr)
+    try:
+        t0 = time.perf_counter()
+        step()
+        compile_s = time.perf_counter() - t0
+        dt = common.torch_time(step, steps=args.steps, warmup=1)
+        out = (dt, common.torch_peak_gib(), compile_s, "")
+    except torch.OutOfMemoryError:
+        out = (float("nan"), common.torch_peak_gib(), float("nan"), "out of memory")
+    del step, model
+    gc.collect()
+    if common.torch_device() == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def run_jax(cfg, batch, args):
+    from qzhou_jax.model import create_model
+
+    params = create_model(cfg, seed=0).encoder.params()
+    tcfg = TrainConfig(lr=args.lr, warmup_steps=10, total_steps=1000, chunk_size=args.chunk_size)
+    trainer = Trainer(cfg, tcfg, params, loss_cfg=LossConfig(), donate_params=True)
+    del params
+    gc.collect()
+    sharded = trainer.prepare(batch, "retrieval")
+    step = trainer.step_fn("retrieval")
+    state = trainer.state
+    trainer.state = None
+    t0 = time.perf_counter()
+    state, metrics = step(state, sharded)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    for _ in range(1):
+        state, metrics = step(state, sharded)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, sharded)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+    loss = float(metrics["loss"])
+    assert np.isfinite(loss), f"non-finite loss {loss}"
+    return float(np.median(times)), common.jax_peak_gib(), compile_s, f"loss {loss:.3f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--queries", type=int, default=4)
+    ap.add_argument("--hard-negatives", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--chunk-size", type=int, default=0, help="GradCache chunk (queries); 0: off")
+    ap.add_argument("--remat", default="full", choices=["none", "full", "dots", "attn"])
+    ap.add_argument("--no-scan", action="store_true", help="unroll the layers instead of lax.scan")
+    ap.add_argument("--attention-impl", default="xla", choices=["xla", "cudnn"])
+    ap.add_argument("--dtype", default=None, help="compute dtype (default bf16 on GPU, f32 on CPU)")
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--no-eager", action="store_true", help="skip PyTorch eager")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    ap.add_argument("--torch-checkpointing", action="store_true", help="HF gradient checkpointing")
+    args = ap.parse_args()
+
+    on_cpu = jax.devices()[0].platform == "cpu"
+    dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
+    cfg = ModelConfig.preset(args.preset, compute_dtype=dtype, param_dtype="float32", remat=args.remat,
+                             scan_layers=not args.no_scan, attention_impl=args.attention_impl)
+    group = 1 + args.hard_negatives
+    tokens = args.queries * (1 + group) * args.seq
+    flops = cfg.flops_per_token(args.seq, training=True) * tokens
+    peak = common.matmul_peak_tflops()
+    print(f"device {common.device_name()}; measured matmul peak {peak:.3g} TFLOP/s "
+          f"({'f32' if on_cpu else 'bf16'})")
+    print(f"train step {args.preset}: {args.queries} queries x (1 + 1 + {args.hard_negatives}) x {args.seq} tokens "
+          f"= {tokens:,} tokens, {cfg.num_params(False) / 1e9:.3f}B non-embedding params, compute {dtype}, "
+          f"remat {args.remat}, GradCache chunk {args.chunk_size or 'off'}")
+    batch = workload(cfg, args.queries, group, args.seq)
+    results = []
+    if not args.no_torch:
+        extra = " + grad ckpt" if args.torch_checkpointing else ""
+        if not args.no_eager:
+            results.append((f"HF PyTorch eager{extra}",) + run_torch(cfg, batch, group, args, False))
+        if not args.no_compile:
+            results.append((f"HF PyTorch torch.compile{extra}",) + run_torch(cfg, batch, group, args, True))
+    chunk = f", GradCache {args.chunk_size}" if args.chunk_size else ""
+    results.append((f"qzhou-jax ({args.attention_impl}, remat {args.remat}{chunk})",) + run_jax(cfg, batch, args))
+
+    print(common.row(["implementation", "tokens/s", "MFU", "peak GiB", "s/step", "first step s", "note"]))
+    print(common.row(["---"] * 7))
+    for name, dt, mem, first, note in results:
+        print(common.row([name, f"{tokens / dt:,.0f}", f"{flops / dt / 1e12 / peak:.3f}", f"{mem:.1f}",
+                          f"{dt:.3f}", f"{first:.1f}", note]))
+
+
+if __name__ == "__main__":
+    main()

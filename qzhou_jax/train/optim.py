@@ -1,0 +1,126 @@
+"""Optimizer and learning-rate schedule: AdamW with global-norm clipping, warm-up then decay.
+
+The paper (SPEC section 5): AdamW with weight decay 0.01, learning rate 3e-5 (stage 1) or
+2e-5 (stage 2), 300 warm-up steps; the schedule after warm-up is open (cosine by default).
+Weight decay skips RMSNorm weights and biases (every parameter whose path names `norm` or
+`bias`). Optimizer state is float32 whatever the parameters' dtype (master weights are
+float32 too, see `train.step.init_train_state`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimizer, schedule and step settings.
+
+    lr is the peak learning rate, reached at the end of `warmup_steps` (linear from lr/warmup);
+    after it, `schedule` decays to `final_lr_ratio * lr` at `total_steps` ("constant": no decay).
+    `clip_norm` <= 0 turns clipping off. `chunk_size` > 0 turns GradCache on: the batch is
+    embedded `chunk_size` queries at a time (0: the whole batch at once).
+    """
+
+    lr: float = 3e-5
+    warmup_steps: int = 300
+    total_steps: int = 32_000
+    schedule: str = "cosine"
+    final_lr_ratio: float = 0.0
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    chunk_size: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"train.lr: expected a positive number, got {self.lr!r}")
+        for name in ("warmup_steps", "total_steps", "chunk_size", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"train.{name}: expected a non-negative integer, got {v!r}")
+        if self.total_steps < 1:
+            raise ValueError(f"train.total_steps: expected >= 1, got {self.total_steps}")
+        if self.warmup_steps > self.total_steps:
+            raise ValueError(f"train.warmup_steps ({self.warmup_steps}) exceeds train.total_steps "
+                             f"({self.total_steps})")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0.0 <= self.final_lr_ratio <= 1.0:
+            raise ValueError(f"train.final_lr_ratio: expected a value in [0, 1], got {self.final_lr_ratio}")
+        if self.weight_decay < 0:
+            raise ValueError(f"train.weight_decay: expected >= 0, got {self.weight_decay}")
+        if not (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0):
+            raise ValueError(f"train.b1/b2: expected values in [0, 1), got {self.b1}, {self.b2}")
+        if self.eps <= 0:
+            raise ValueError(f"train.eps: expected > 0, got {self.eps}")
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> Callable[[jax.Array], jax.Array]:
+    """step (0-based count of applied updates) -> learning rate, float32.
+
+    Warm-up: lr * (step + 1) / warmup_steps for step < warmup_steps (the first update
+    already moves). Then cosine / linear from lr to final_lr_ratio * lr over the remaining
+    steps, held at the final value after total_steps; or constant.
+    """
+    peak = float(cfg.lr)
+    final = peak * float(cfg.final_lr_ratio)
+    warmup = int(cfg.warmup_steps)
+    decay_steps = max(1, cfg.total_steps - warmup)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        if warmup > 0:
+            warm = peak * jnp.minimum(1.0, (step + 1.0) / warmup)
+        else:
+            warm = jnp.asarray(peak, jnp.float32)
+        if cfg.schedule == "constant":
+            return warm
+        progress = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
+        if cfg.schedule == "cosine":
+            decayed = final + (peak - final) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        else:
+            decayed = peak + (final - peak) * progress
+        return jnp.where(step < warmup, warm, decayed)
+
+    return schedule
+
+
+def decays(path: str) -> bool:
+    """Whether weight decay applies to the parameter at `path` ("layers/q_bias" ...)."""
+    name = path.lower()
+    return "norm" not in name and "bias" not in name
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """A pytree of bools like `params`: False for norms and biases."""
+    def one(path, _):
+        return decays("/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path))
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """clip_by_global_norm(clip_norm) then AdamW(schedule, weight decay masked off norms/biases)."""
+    adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay, mask=weight_decay_mask, mu_dtype=jnp.float32)
+    if cfg.clip_norm and cfg.clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
+    return adamw

@@ -1,0 +1,486 @@
+"""The train step: one task-homogeneous batch -> embeddings -> loss -> gradients -> AdamW update.
+
+Batch format (a dict of arrays; one task per batch, `task` is a static Python string)
+-----------------------------------------------------------------------------------
+Every task has two sides, "queries" `q_*` and "passages" `p_*`, each padded to its own
+bucket length::
+
+    q_ids, q_mask   [n, Lq]        int   queries / anchors / first texts
+    p_ids, p_mask   [n * g, Lp]    int   g passages per query, grouped by query:
+                                         row i*g + 0 is query i's positive,
+                                         rows i*g + 1 .. i*g + g-1 its hard negatives
+
+    retrieval       g = 1 + k (k >= 0 hard negatives per query)
+    sts             g = 1 (p row i is the second text of pair i), plus
+                    scores  [n] float   gold similarity (only the order matters, CoSENT)
+                    valid   [n] bool    optional: False rows are padding, left out of the loss
+    classification  g = 1 + k, plus
+                    q_labels [n] int      class of each anchor
+                    p_labels [n * g] int  class of each passage row (row i*g is the positive)
+
+Masks are 1 for tokens, 0 for padding (either side). n must divide over the data-parallel
+devices (mesh axes `data` x `fsdp`), and GradCache's `chunk_size` must divide n.
+
+What the step does
+------------------
+`loss_and_grads` embeds both sides (float32, L2-normalized), computes the task's loss on the
+*global* embedding matrices (every query sees every passage of the batch, on every mesh:
+XLA inserts the collectives), and differentiates. With `chunk_size > 0` it does so with
+GradCache: (1) embed the batch in chunks of `chunk_size` queries (and their `chunk_size * g`
+passages) keeping no activations, (2) loss and d loss / d embeddings on the full matrices,
+(3) re-run each chunk under `jax.vjp` with its slice of the embedding gradient and
+accumulate parameter gradients (a `lax.scan` over chunks, so compile size does not grow).
+Activation memory is then that of one chunk, whatever the batch; the gradient equals the
+full-batch gradient.
+
+`train_step` adds global-norm clipping and AdamW (`optim.make_optimizer`), and a guard:
+when the loss or the gradient norm is not finite, parameters, optimizer state and step are
+returned unchanged and `metrics["finite"]` is 0; `check_finite` (called by `Trainer.step`)
+then raises FloatingPointError.
+
+Master weights and optimizer state are float32; the model computes in `cfg.compute_dtype`
+(bfloat16 by default). Parameters and optimizer state are sharded per the logical-axis
+rules (`sharding.py`), the batch over the data-parallel axes; the state is donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from qzhou_jax import losses, sharding
+from qzhou_jax.config import ModelConfig
+from qzhou_jax.model.embedder import embed
+from qzhou_jax.model.qwen2 import param_specs
+from qzhou_jax.train.optim import TrainConfig, learning_rate_schedule, make_optimizer
+
+TASKS = ("retrieval", "sts", "classification")
+_SIDES = ("q_ids", "q_mask", "p_ids", "p_mask")
+_REQUIRED = {
+    "retrieval": _SIDES,
+    "sts": _SIDES + ("scores",),
+    "classification": _SIDES + ("q_labels", "p_labels"),
+}
+_OPTIONAL = {"retrieval": (), "sts": ("valid",), "classification": ()}
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Loss settings (SPEC section 3).
+
+    temperature: InfoNCE tau for retrieval and classification (0.02 in the paper).
+    cosent_temperature: CoSENT tau_c (open in the paper; 0.05 is CoSENT's usual scale 20).
+    The three switches select the retrieval denominator's parts; false_negative_margin
+    drops candidates scoring above the positive + margin (None: off).
+    """
+
+    temperature: float = 0.02
+    cosent_temperature: float = 0.05
+    in_batch_negatives: bool = True
+    hard_negatives: bool = True
+    query_negatives: bool = True
+    false_negative_margin: float | None = None
+
+    def __post_init__(self):
+        for name in ("temperature", "cosent_temperature"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+                raise ValueError(f"loss.{name}: expected a positive number, got {v!r}")
+
+
+class TrainState(NamedTuple):
+    """Everything the step updates: float32 params, optimizer state, number of applied updates."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+
+
+# ------------------------------------------------------------------ the loss
+def _group(batch: Mapping[str, Any]) -> int:
+    n, rows = batch["q_ids"].shape[0], batch["p_ids"].shape[0]
+    return rows // n
+
+
+def task_loss(q_emb: jax.Array, p_emb: jax.Array, batch: Mapping[str, Any], task: str,
+              loss_cfg: LossConfig = LossConfig()) -> tuple[jax.Array, dict]:
+    """The task's loss on the global embedding matrices q_emb [n, d], p_emb [n*g, d]."""
+    n, d = q_emb.shape
+    g = p_emb.shape[0] // n
+    if task == "retrieval":
+        grouped = p_emb.reshape(n, g, d)
+        return losses.infonce_retrieval(
+            q_emb, grouped[:, 0], grouped[:, 1:], temperature=loss_cfg.temperature,
+            in_batch_negatives=loss_cfg.in_batch_negatives, hard_negatives=loss_cfg.hard_negatives,
+            query_negatives=loss_cfg.query_negatives, false_negative_margin=loss_cfg.false_negative_margin)
+    if task == "sts":
+        return losses.cosent(q_emb, p_emb, batch["scores"], temperature=loss_cfg.cosent_temperature,
+                             valid=batch.get("valid"))
+    if task == "classification":
+        grouped = p_emb.reshape(n, g, d)
+        labels = batch["p_labels"].reshape(n, g)
+        return losses.infonce_classification(q_emb, grouped[:, 0], grouped[:, 1:], batch["q_labels"],
+                                             labels[:, 0], labels[:, 1:], temperature=loss_cfg.temperature)
+    raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
+
+
+def embed_batch(params: Mapping[str, Any], cfg: ModelConfig, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+    """(query embeddings [n, d], passage embeddings [n*g, d]), float32, normalized."""
+    return (embed(params, cfg, batch["q_ids"], batch["q_mask"]),
+            embed(params, cfg, batch["p_ids"], batch["p_mask"]))
+
+
+def _constrain_params(tree: Any, cfg: ModelConfig) -> Any:
+    """Pin a params-shaped tree (gradients, accumulators) to the parameters' sharding."""
+    if sharding.current_mesh() is None:
+        return tree
+    specs = param_specs(cfg)
+    flat = {"/".join(str(k.key) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    pinned = {p: sharding.constrain(x, specs[p].axes) if p in specs else x for p, x in flat.items()}
+    return _unflatten(pinned, like=tree)
+
+
+def _unflatten(flat: Mapping[str, Any], like: Any) -> Any:
+    paths = ["/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(like)]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), [flat[p] for p in paths])
+
+
+def _full_batch(params, batch, cfg, task, loss_cfg):
+    def loss_fn(p):
+        q, d = embed_batch(p, cfg, batch)
+        return task_loss(q, d, batch, task, loss_cfg)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, metrics, grads
+
+
+def _to_chunks(x: jax.Array, chunk: int, group: int) -> jax.Array:
+    """[n*group, ...] -> [n/chunk, chunk*group, ...]; chunk c holds queries c, c + n/chunk, ...
+
+    Taking every (n/chunk)-th query keeps each chunk spread over the data-parallel devices
+    (no data moves when `chunk` is a multiple of the data-parallel size), and a query's
+    `group` passages stay in its chunk.
+    """
+    rest = x.shape[1:]
+    n_chunks = x.shape[0] // (chunk * group)
+    x = x.reshape((chunk, n_chunks, group) + rest)
+    x = jnp.swapaxes(x, 0, 1).reshape((n_chunks, chunk * group) + rest)
+    return sharding.constrain(x, (None, "batch") + (None,) * len(rest))
+
+
+def _from_chunks(y: jax.Array, chunk: int, group: int) -> jax.Array:
+    """Inverse of `_to_chunks`."""
+    n_chunks, rest = y.shape[0], y.shape[2:]
+    y = y.reshape((n_chunks, chunk, group) + rest)
+    y = jnp.swapaxes(y, 0, 1).reshape((chunk * n_chunks * group,) + rest)
+    return sharding.constrain(y, ("batch",) + (None,) * len(rest))
+
+
+def _grad_cache(params, batch, cfg, task, loss_cfg, chunk_size):
+    g = _group(batch)
+    tokens = tuple(_to_chunks(batch[k], chunk_size, 1 if k.startswith("q") else g) for k in _SIDES)
+
+    # 1. Embeddings of every chunk, no activations kept.
+    frozen = jax.lax.stop_gradient(params)
+    q_c, p_c = jax.lax.map(lambda t: embed_batch(frozen, cfg, dict(zip(_SIDES, t))), tokens)
+    q_emb, p_emb = _from_chunks(q_c, chunk_size, 1), _from_chunks(p_c, chunk_size, g)
+
+    # 2. Loss and its gradient with respect to the full embedding matrices.
+    (loss, metrics), (dq, dp) = jax.value_and_grad(
+        lambda q, p: task_loss(q, p, batch, task, loss_cfg), argnums=(0, 1), has_aux=True)(q_emb, p_emb)
+
+    # 3. Re-run each chunk, pull its embedding gradient back to the parameters, accumulate.
+    def body(acc, xs):
+        t, dq_c, dp_c = xs
+        _, pullback = jax.vjp(lambda p: embed_batch(p, cfg, dict(zip(_SIDES, t))), params)
+        (grads,) = pullback((dq_c, dp_c))
+        return _constrain_params(jax.tree.map(jnp.add, acc, grads), cfg), None
+
+    zeros = _constrain_params(jax.tree.map(jnp.zeros_like, params), cfg)
+    grads, _ = jax.lax.scan(body, zeros, (tokens, _to_chunks(dq, chunk_size, 1), _to_chunks(dp, chunk_size, g)))
+    return loss, metrics, grads
+
+
+def loss_and_grads(params: Mapping[str, Any], batch: Mapping[str, Any], cfg: ModelConfig, task: str,
+                   loss_cfg: LossConfig = LossConfig(), chunk_size: int = 0) -> tuple[jax.Array, dict, Any]:
+    """(loss, metrics, d loss / d params) for one batch; GradCache when chunk_size > 0.
+
+    Pure and traceable: call it under `jax.jit` (inside `sharding.use_mesh` for sharded runs).
+    """
+    if task not in TASKS:
+        raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
+    n = batch["q_ids"].shape[0]
+    if chunk_size and chunk_size < n:
+        if n % chunk_size:
+            raise ValueError(f"chunk_size {chunk_size} does not divide the batch of {n} queries")
+        loss, metrics, grads = _grad_cache(params, batch, cfg, task, loss_cfg, chunk_size)
+    else:
+        loss, metrics, grads = _full_batch(params, batch, cfg, task, loss_cfg)
+    return loss, metrics, _constrain_params(grads, cfg)
+
+
+# ------------------------------------------------------------------ the step
+def global_norm(tree: Any) -> jax.Array:
+    """sqrt(sum of squares) over every leaf, in float32."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def train_step(state: TrainState, batch: Mapping[str, Any], *, cfg: ModelConfig, task: str,
+               tx: optax.GradientTransformation, schedule: Callable | None = None,
+               loss_cfg: LossConfig = LossConfig(), chunk_size: int = 0) -> tuple[TrainState, dict]:
+    """One optimizer step. Non-finite loss or gradients leave the state unchanged (finite = 0)."""
+    loss, metrics, grads = loss_and_grads(state.params, batch, cfg, task, loss_cfg, chunk_size)
+    grad_norm = global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = _constrain_params(optax.apply_updates(state.params, updates), cfg)
+
+    def keep(new, old):
+        return jnp.where(finite, new, old)
+
+    new_state = TrainState(params=jax.tree.map(keep, params, state.params),
+                           opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+                           step=state.step + finite.astype(state.step.dtype))
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    metrics.update(loss=loss.astype(jnp.float32), grad_norm=grad_norm.astype(jnp.float32),
+                   finite=finite.astype(jnp.float32), step=state.step.astype(jnp.float32))
+    if schedule is not None:
+        metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+    return new_state, metrics
+
+
+# ----------------------------------------------------------------- shardings
+def single_device_mesh(device: jax.Device | None = None) -> Mesh:
+    """A (1, 1, 1) mesh on one device (the default device)."""
+    return sharding.make_mesh(sharding.MeshConfig(1, 1, 1), [device or jax.devices()[0]])
+
+
+def _nest(flat: Mapping[str, Any]) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        *groups, name = path.split("/")
+        node = out
+        for g in groups:
+            node = node.setdefault(g, {})
+        node[name] = value
+    return out
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Mapping[str, Any] | None = None) -> dict:
+    """NamedSharding per parameter, nested like `model.encoder.params()`, from `param_specs`."""
+    return _nest({p: sharding.named_sharding(s.axes, mesh, rules, s.shape) for p, s in param_specs(cfg).items()})
+
+
+def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> dict:
+    return _nest({p: jax.ShapeDtypeStruct(s.shape, dtype) for p, s in param_specs(cfg).items()})
+
+
+def train_state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                          rules: Mapping[str, Any] | None = None) -> TrainState:
+    """Shardings of the whole state: optimizer moments sharded exactly like their parameters."""
+    p_sh = param_shardings(cfg, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_opt = jax.eval_shape(tx.init, abstract_params(cfg))
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_sh,
+                                   transform_non_params=lambda _: replicated)
+    return TrainState(params=p_sh, opt_state=opt_sh, step=replicated)
+
+
+def init_train_state(params: Mapping[str, Any], cfg: ModelConfig, tx: optax.GradientTransformation,
+                     mesh: Mesh | None = None, rules: Mapping[str, Any] | None = None,
+                     donate: bool = False) -> TrainState:
+    """Float32 master copy of `params` and a fresh optimizer state, each in its sharding.
+
+    `params` is the pure dict of `model.encoder.params()` (any placement). With `donate`,
+    its buffers are reused for the master copy where possible (the caller's arrays, and the
+    model holding them, become unusable): no second copy of the weights is ever held.
+    """
+    mesh = mesh or single_device_mesh()
+    shardings = train_state_shardings(cfg, tx, mesh, rules)
+    expected = jax.tree.structure(shardings.params)
+    if jax.tree.structure(params) != expected:
+        raise ValueError(f"params: expected the structure of model.encoder.params() ({expected}), "
+                         f"got {jax.tree.structure(params)}")
+    params = jax.device_put(params, shardings.params)
+
+    def init(p):
+        p = jax.tree.map(lambda x: x.astype(jnp.float32), p)
+        return TrainState(p, tx.init(p), jnp.zeros((), jnp.int32))
+
+    return jax.jit(init, out_shardings=shardings, donate_argnums=(0,) if donate else ())(params)
+
+
+def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, task: str, *, mesh: Mesh,
+                    rules: Mapping[str, Any] | None = None, loss_cfg: LossConfig = LossConfig(),
+                    chunk_size: int = 0, schedule: Callable | None = None) -> Callable:
+    """`step(state, batch) -> (state, metrics)`: jitted over `mesh`, the state donated.
+
+    The batch must be sharded already (`shard_batch`) and checked (`check_batch`).
+    """
+    if task not in TASKS:
+        raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
+    state_sh = train_state_shardings(cfg, tx, mesh, rules)
+    fn = functools.partial(train_step, cfg=cfg, task=task, tx=tx, schedule=schedule, loss_cfg=loss_cfg,
+                           chunk_size=chunk_size)
+    jitted = jax.jit(fn, out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
+
+    def step(state: TrainState, batch: Mapping[str, Any]):
+        with sharding.use_mesh(mesh, rules):  # activation constraints apply while tracing
+            return jitted(state, batch)
+
+    step.jitted = jitted  # type: ignore[attr-defined]
+    return step
+
+
+# ------------------------------------------------------------- host checks
+def _describe_dp(mesh: Mesh, rules: Mapping[str, Any] | None) -> str:
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+    axes = rules.get("batch")
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return " x ".join(f"{a}={mesh.shape.get(a, 1)}" for a in axes) or "none"
+
+
+def check_batch(batch: Mapping[str, Any], task: str, mesh: Mesh | None = None,
+                rules: Mapping[str, Any] | None = None, chunk_size: int = 0) -> dict[str, int]:
+    """Validate a (global) batch's keys and shapes before any device work; returns n, g, Lq, Lp.
+
+    Raises ValueError with the numbers when the batch does not divide over the
+    data-parallel devices or by `chunk_size`.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
+    missing = [k for k in _REQUIRED[task] if k not in batch]
+    if missing:
+        raise ValueError(f"{task} batch: missing {missing} (has {sorted(batch)})")
+    shape = {k: tuple(np.shape(batch[k])) for k in _REQUIRED[task] + _OPTIONAL[task] if k in batch}
+    for side in ("q", "p"):
+        ids, mask = shape[f"{side}_ids"], shape[f"{side}_mask"]
+        if len(ids) != 2 or ids[0] == 0 or ids[1] == 0:
+            raise ValueError(f"{task} batch: {side}_ids must be a non-empty [rows, length] array, got shape {ids}")
+        if mask != ids:
+            raise ValueError(f"{task} batch: {side}_mask shape {mask} differs from {side}_ids shape {ids}")
+    n, rows = shape["q_ids"][0], shape["p_ids"][0]
+    if rows % n:
+        raise ValueError(f"{task} batch: {rows} passage rows are not a whole number per query ({n} queries); "
+                         f"p_ids holds n * (1 + k) rows grouped by query")
+    g = rows // n
+    if task == "sts" and g != 1:
+        raise ValueError(f"sts batch: expected one second text per pair ({n} rows), got {rows} p_ids rows")
+    per_row = {"scores": n, "valid": n, "q_labels": n, "p_labels": rows}
+    for key, want in per_row.items():
+        if key in shape and shape[key] != (want,):
+            raise ValueError(f"{task} batch: {key} must have shape ({want},), got {shape[key]}")
+    if mesh is not None:
+        dp = sharding.data_parallel_size(mesh, rules)
+        if n % dp:
+            raise ValueError(f"batch of {n} queries does not divide over the {dp} data-parallel devices "
+                             f"({_describe_dp(mesh, rules)})")
+    if chunk_size:
+        if chunk_size < 0:
+            raise ValueError(f"chunk_size: expected >= 0, got {chunk_size}")
+        if n % chunk_size:
+            raise ValueError(f"chunk_size {chunk_size} does not divide the batch of {n} queries "
+                             f"(GradCache embeds whole chunks of queries with their {g} passages each)")
+    return {"n": n, "group": g, "q_len": shape["q_ids"][1], "p_len": shape["p_ids"][1]}
+
+
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh, rules: Mapping[str, Any] | None = None,
+                task: str | None = None) -> dict[str, jax.Array]:
+    """Global arrays, first dimension over the data-parallel axes; ints as int32, floats float32.
+
+    With several processes, each passes its host-local rows
+    (`jax.make_array_from_process_local_data`). With `task`, keys it does not use are dropped.
+    """
+    keys = [k for k in batch if task is None or k in _REQUIRED[task] + _OPTIONAL[task]]
+    out = {}
+    for k in keys:
+        v = batch[k]
+        if isinstance(v, jax.Array):
+            target = sharding.batch_sharding(mesh, v.ndim, rules)
+            out[k] = v if v.sharding.is_equivalent_to(target, v.ndim) else jax.device_put(v, target)
+            continue
+        v = np.asarray(v)
+        if np.issubdtype(v.dtype, np.integer):
+            v = v.astype(np.int32)
+        elif np.issubdtype(v.dtype, np.floating):
+            v = v.astype(np.float32)
+        target = sharding.batch_sharding(mesh, v.ndim, rules)
+        if jax.process_count() > 1:
+            out[k] = jax.make_array_from_process_local_data(target, v)
+        else:
+            out[k] = jax.device_put(v, target)
+    return out
+
+
+def check_finite(metrics: Mapping[str, Any], step: int | None = None) -> None:
+    """Raise FloatingPointError when the step's loss or gradient norm was not finite."""
+    if float(metrics["finite"]) > 0:
+        return
+    where = f" at step {step}" if step is not None else ""
+    raise FloatingPointError(
+        f"non-finite loss{where} (loss={float(metrics['loss'])}, grad_norm={float(metrics['grad_norm'])}); "
+        f"parameters not updated")
+
+
+# ------------------------------------------------------------------ trainer
+class Trainer:
+    """The sharded train state and one compiled step per task (and batch shape).
+
+        trainer = Trainer(model_cfg, TrainConfig(lr=3e-5), model.encoder.params(), mesh=mesh)
+        metrics = trainer.step(batch, "retrieval")   # checks, shards, steps, raises on NaN
+
+    `donate_params=True` hands the given parameter buffers over to the train state (no
+    second copy of the weights in device memory; the model they came from is unusable after).
+    """
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, params: Mapping[str, Any], *,
+                 loss_cfg: LossConfig = LossConfig(), mesh: Mesh | None = None,
+                 rules: Mapping[str, Any] | None = None, donate_params: bool = False):
+        self.model_cfg, self.train_cfg, self.loss_cfg = model_cfg, train_cfg, loss_cfg
+        self.mesh = mesh or single_device_mesh()
+        self.rules = rules
+        self.tx = make_optimizer(train_cfg)
+        self.schedule = learning_rate_schedule(train_cfg)
+        self.state = init_train_state(params, model_cfg, self.tx, self.mesh, rules, donate=donate_params)
+        self._steps: dict[str, Callable] = {}
+
+    @property
+    def params(self) -> Any:
+        return self.state.params
+
+    def step_fn(self, task: str) -> Callable:
+        """The compiled `(state, batch) -> (state, metrics)` for `task` (state donated)."""
+        if task not in self._steps:
+            self._steps[task] = make_train_step(
+                self.model_cfg, self.tx, task, mesh=self.mesh, rules=self.rules, loss_cfg=self.loss_cfg,
+                chunk_size=self.train_cfg.chunk_size, schedule=self.schedule)
+        return self._steps[task]
+
+    def prepare(self, batch: Mapping[str, Any], task: str) -> dict[str, jax.Array]:
+        """Check (global shapes, with the numbers in any error) and shard a batch."""
+        procs = jax.process_count() if not all(isinstance(v, jax.Array) for v in batch.values()) else 1
+        shapes = {}
+        for k, v in batch.items():  # host-local rows -> global shape
+            s = tuple(np.shape(v))
+            shapes[k] = jax.ShapeDtypeStruct((s[0] * procs,) + s[1:] if s else s, np.int32)
+        check_batch(shapes, task, self.mesh, self.rules, self.train_cfg.chunk_size)
+        return shard_batch(batch, self.mesh, self.rules, task)
+
+    def step(self, batch: Mapping[str, Any], task: str = "retrieval") -> dict[str, float]:
+        """One optimizer step; returns the metrics as floats. Raises on a non-finite loss."""
+        sharded = self.prepare(batch, task)
+        step = int(self.state.step)
+        self.state, metrics = self.step_fn(task)(self.state, sharded)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        check_finite(metrics, step)
+        return metrics
+

@@ -1,0 +1,293 @@
+"""Train step, GradCache, optimizer and their checks (CPU, 8 simulated devices)."""
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qzhou_jax import sharding
+from qzhou_jax.config import ModelConfig
+from qzhou_jax.model import create_model, embed
+from qzhou_jax.train import (LossConfig, TrainConfig, Trainer, check_batch, learning_rate_schedule,
+                             loss_and_grads, make_optimizer, param_shardings, shard_batch, single_device_mesh,
+                             weight_decay_mask)
+
+CFG = ModelConfig.preset("tiny", compute_dtype="float32", vocab_size=256)  # 4 q heads, 2 kv heads
+MESHES = {
+    "data2_fsdp4": {"data": 2, "fsdp": 4, "tensor": 1},
+    "fsdp8": {"data": 1, "fsdp": 8, "tensor": 1},
+    "fsdp4_tensor2": {"data": 1, "fsdp": 4, "tensor": 2},
+}
+
+
+def _params(cfg=CFG, seed=0):
+    """Random weights with non-trivial norms and biases, as numpy (placed by each test)."""
+    params = jax.tree.map(np.array, create_model(cfg, seed).encoder.params())
+    rng = np.random.default_rng(seed)
+
+    def perturb(path, x):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            return (1.0 + 0.1 * rng.standard_normal(x.shape)).astype(np.float32)
+        if "bias" in name:
+            return (0.05 * rng.standard_normal(x.shape)).astype(np.float32)
+        return x
+
+    return jax.tree_util.tree_map_with_path(perturb, params)
+
+
+def _tokens(rng, rows, length, vocab=CFG.vocab_size):
+    ids = rng.integers(1, vocab, size=(rows, length)).astype(np.int32)
+    lengths = rng.integers(2, length + 1, size=rows)
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+    left = rng.random(rows) < 0.25  # some rows left-padded: pooling must not care
+    mask[left] = mask[left][:, ::-1]
+    return np.where(mask, ids, 0).astype(np.int32), mask
+
+
+def _batch(task="retrieval", n=8, k=2, lq=12, lp=16, seed=0):
+    rng = np.random.default_rng(seed)
+    g = 1 if task == "sts" else 1 + k
+    q_ids, q_mask = _tokens(rng, n, lq)
+    p_ids, p_mask = _tokens(rng, n * g, lp)
+    batch = dict(q_ids=q_ids, q_mask=q_mask, p_ids=p_ids, p_mask=p_mask)
+    if task == "sts":
+        batch["scores"] = rng.integers(0, 6, size=n).astype(np.float32)
+    if task == "classification":
+        batch["q_labels"] = rng.integers(0, 3, size=n).astype(np.int32)
+        labels = rng.integers(0, 3, size=(n, g)).astype(np.int32)
+        labels[:, 0] = batch["q_labels"]
+        batch["p_labels"] = labels.reshape(-1)
+    return batch
+
+
+def _grads_on(mesh, params, batch, task="retrieval", chunk_size=0, cfg=CFG, loss_cfg=LossConfig()):
+    placed = jax.device_put(params, param_shardings(cfg, mesh))
+    sharded = shard_batch(batch, mesh)
+    fn = jax.jit(lambda p, b: loss_and_grads(p, b, cfg, task, loss_cfg, chunk_size)[::2])
+    with sharding.use_mesh(mesh):
+        loss, grads = fn(placed, sharded)
+    return float(loss), jax.tree.map(np.asarray, grads)
+
+
+def _rel_l2(a, b):
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _assert_grads_close(got, ref, tol=1e-5):
+    errs = {jax.tree_util.keystr(p): _rel_l2(g, r) for (p, g), r in
+            zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(ref))}
+    bad = {k: f"{v:.1e}" for k, v in errs.items() if v > tol}
+    assert not bad, bad
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Loss and gradients of the retrieval batch on one device, full batch."""
+    params, batch = _params(), _batch()
+    return params, batch, _grads_on(single_device_mesh(), params, batch)
+
+
+# ----------------------------------------------------------- global negatives
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_loss_and_grads_do_not_depend_on_the_mesh(mesh_name, reference):
+    params, batch, (ref_loss, ref_grads) = reference
+    assert ref_loss > 0.1
+    loss, grads = _grads_on(sharding.make_mesh(MESHES[mesh_name]), params, batch)
+    assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss), (loss, ref_loss)
+    _assert_grads_close(grads, ref_grads)
+
+
+def test_sharded_trainer_step_matches_single_device_and_shards_optimizer_state():
+    params, batch = _params(), _batch(seed=1)
+    # Adam's first step is lr * g / (|g| + eps): with a tiny eps it turns rounding noise in
+    # near-zero gradient entries into full-size updates. A larger eps keeps the comparison
+    # about the mesh (the gradients themselves are compared at 1e-5 above).
+    tcfg = TrainConfig(lr=1e-3, warmup_steps=1, total_steps=10, eps=1e-3)
+    mesh = sharding.make_mesh(MESHES["fsdp4_tensor2"])
+    single = Trainer(CFG, tcfg, params)
+    sharded = Trainer(CFG, tcfg, params, mesh=mesh)
+
+    p_sh = param_shardings(CFG, mesh)
+    adam = sharded.state.opt_state[1][0]  # chain(clip, adamw): adamw = (scale_by_adam, decay, lr)
+    for moments in (adam.mu, adam.nu):
+        specs = jax.tree.map(lambda x: x.sharding.spec, moments)
+        assert specs == jax.tree.map(lambda s: s.spec, p_sh)
+    assert sharded.state.params["layers"]["gate_kernel"].sharding.spec == p_sh["layers"]["gate_kernel"].spec
+    gate = sharded.state.params["layers"]["gate_kernel"]
+    assert np.prod(gate.addressable_shards[0].data.shape) * 8 == np.prod(gate.shape)
+
+    m1, m2 = single.step(batch), sharded.step(batch)
+    assert abs(m1["loss"] - m2["loss"]) <= 1e-6 * abs(m1["loss"])
+    assert abs(m1["grad_norm"] - m2["grad_norm"]) <= 1e-5 * m1["grad_norm"]
+    assert m2["step"] == 0 and int(sharded.state.step) == 1
+    _assert_grads_close(jax.tree.map(np.asarray, sharded.params), jax.tree.map(np.asarray, single.params))
+    # moments keep their sharding after a (donating) step
+    mu = sharded.state.opt_state[1][0].mu
+    assert mu["layers"]["q_kernel"].sharding.spec == p_sh["layers"]["q_kernel"].spec
+
+
+# ------------------------------------------------------------------ GradCache
+@pytest.mark.parametrize("chunk_size", [1, 2, 4])
+def test_gradcache_equals_full_batch(chunk_size, reference):
+    params, batch, (ref_loss, ref_grads) = reference
+    loss, grads = _grads_on(single_device_mesh(), params, batch, chunk_size=chunk_size)
+    assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
+    _assert_grads_close(grads, ref_grads)
+
+
+@pytest.mark.parametrize("task", ["sts", "classification"])
+def test_gradcache_equals_full_batch_other_tasks(task):
+    params, batch = _params(seed=2), _batch(task, seed=2)
+    mesh = single_device_mesh()
+    ref_loss, ref_grads = _grads_on(mesh, params, batch, task)
+    loss, grads = _grads_on(mesh, params, batch, task, chunk_size=2)
+    assert ref_loss > 0.01
+    assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
+    _assert_grads_close(grads, ref_grads)
+
+
+def test_gradcache_on_a_sharded_mesh(reference):
+    params, batch, (ref_loss, ref_grads) = reference
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    loss, grads = _grads_on(mesh, params, batch, chunk_size=4)
+    assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
+    _assert_grads_close(grads, ref_grads)
+
+
+# ------------------------------------------------------------------ bad input
+def test_batch_that_does_not_divide_over_data_parallel_devices():
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    batch = _batch(n=6)
+    with pytest.raises(ValueError, match=r"batch of 6 queries does not divide over the 4 data-parallel "
+                                         r"devices \(data=2 x fsdp=2\)"):
+        check_batch(batch, "retrieval", mesh)
+    trainer = Trainer(CFG, TrainConfig(), _params(), mesh=mesh)
+    with pytest.raises(ValueError, match="batch of 6 queries"):
+        trainer.step(batch)
+
+
+def test_chunk_size_that_does_not_divide_the_batch():
+    with pytest.raises(ValueError, match="chunk_size 3 does not divide the batch of 8 queries"):
+        check_batch(_batch(), "retrieval", chunk_size=3)
+    trainer = Trainer(CFG, TrainConfig(chunk_size=3), _params())
+    with pytest.raises(ValueError, match="chunk_size 3 does not divide the batch of 8 queries"):
+        trainer.step(_batch())
+
+
+def test_malformed_batches():
+    batch = _batch()
+    with pytest.raises(ValueError, match="missing"):
+        check_batch({k: v for k, v in batch.items() if k != "p_mask"}, "retrieval")
+    with pytest.raises(ValueError, match="not a whole number per query"):
+        check_batch(dict(batch, p_ids=batch["p_ids"][:-1], p_mask=batch["p_mask"][:-1]), "retrieval")
+    with pytest.raises(ValueError, match="sts batch: expected one second text"):
+        check_batch(dict(batch, scores=np.zeros(8, np.float32)), "sts")
+    with pytest.raises(ValueError, match="task"):
+        check_batch(batch, "ranking")
+
+
+def test_nan_loss_stops_before_the_parameters_change():
+    params, batch = _params(), _batch()
+    params["embed_tokens"][batch["q_ids"][0, 0]] = np.nan  # a token of the batch embeds to NaN
+    trainer = Trainer(CFG, TrainConfig(lr=1e-3, warmup_steps=0, total_steps=10), params)
+    before = jax.tree.map(np.array, trainer.state)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 0.*parameters not updated"):
+        trainer.step(batch)
+    after = jax.tree.map(np.array, trainer.state)
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(a, b)
+    assert int(trainer.state.step) == 0
+
+
+# ---------------------------------------------------------- optimizer, dtype
+def test_schedules_and_weight_decay_mask():
+    cos = learning_rate_schedule(TrainConfig(lr=1.0, warmup_steps=4, total_steps=14, schedule="cosine"))
+    lin = learning_rate_schedule(TrainConfig(lr=1.0, warmup_steps=4, total_steps=14, schedule="linear",
+                                             final_lr_ratio=0.1))
+    const = learning_rate_schedule(TrainConfig(lr=1.0, warmup_steps=4, total_steps=14, schedule="constant"))
+    np.testing.assert_allclose([float(cos(s)) for s in (0, 3, 4, 9, 14, 20)], [0.25, 1, 1, 0.5, 0, 0], atol=1e-6)
+    np.testing.assert_allclose([float(lin(s)) for s in (1, 4, 9, 14)], [0.5, 1, 0.55, 0.1], atol=1e-6)
+    np.testing.assert_allclose([float(const(s)) for s in (0, 4, 100)], [0.25, 1, 1], atol=1e-6)
+    mask = weight_decay_mask(_params())
+    assert mask["embed_tokens"] and mask["layers"]["q_kernel"] and mask["layers"]["down_kernel"]
+    assert not mask["final_norm"] and not mask["layers"]["input_norm"] and not mask["layers"]["q_bias"]
+    with pytest.raises(ValueError, match="train.schedule"):
+        TrainConfig(schedule="step")
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TrainConfig(warmup_steps=10, total_steps=5)
+
+
+def test_weight_decay_skips_norms_and_biases():
+    params = jax.tree.map(jnp.asarray, _params())
+    tx = make_optimizer(TrainConfig(lr=1e-2, warmup_steps=0, total_steps=10, weight_decay=0.5))
+    updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), jax.jit(tx.init)(params), params)
+    assert not np.any(np.asarray(updates["final_norm"])) and not np.any(np.asarray(updates["layers"]["q_bias"]))
+    np.testing.assert_allclose(updates["layers"]["up_kernel"], -0.5 * 1e-2 * params["layers"]["up_kernel"],
+                               rtol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_master_weights_and_optimizer_state():
+    cfg = CFG.replace(compute_dtype="bfloat16", param_dtype="bfloat16")
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _params())
+    trainer = Trainer(cfg, TrainConfig(lr=1e-3, warmup_steps=0, total_steps=10), params)
+    metrics = trainer.step(_batch())
+    adam = trainer.state.opt_state[1][0]
+    assert np.isfinite(metrics["loss"]) and metrics["lr"] == pytest.approx(1e-3)
+    for tree in (trainer.params, adam.mu, adam.nu):
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(tree))
+
+
+# ------------------------------------------------------------ SNLI training
+def _read_triplets(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _rank1(embed_fn, tok, rows):
+    q = embed_fn(*tok([r["anchor"] for r in rows], length=32))
+    cands = embed_fn(*tok([r["positive"] for r in rows] + [r["negative"] for r in rows], length=32))
+    best = np.argmax(np.asarray(q) @ np.asarray(cands).T, axis=1)
+    return float(np.mean(best == np.arange(len(rows))))
+
+
+def test_tiny_model_learns_snli_triplets(shared_data):
+    from qzhou_jax.tokenizer import DEMO_TOKENIZER, Tokenizer
+
+    path = shared_data / "training" / "snli" / "triplets.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    tok = Tokenizer(DEMO_TOKENIZER, max_length=32)
+    rows = _read_triplets(path)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(rows))
+    heldout, train = [rows[i] for i in order[:200]], [rows[i] for i in order[200:]]
+
+    cfg = ModelConfig.preset("tiny", compute_dtype="float32")
+    assert len(tok) <= cfg.vocab_size
+    params = create_model(cfg, seed=0).encoder.params()
+    steps, n = 200, 32
+    tcfg = TrainConfig(lr=1e-3, warmup_steps=10, total_steps=steps, schedule="cosine", final_lr_ratio=0.1)
+    trainer = Trainer(cfg, tcfg, params, loss_cfg=LossConfig(temperature=0.05))
+    encode = jax.jit(lambda p, i, m: embed(p, cfg, i, m))
+    before = _rank1(lambda i, m: encode(trainer.params, i, m), tok, heldout)
+
+    q_ids_all, q_mask_all = tok([r["anchor"] for r in train], length=32)
+    p_texts = [t for r in train for t in (r["positive"], r["negative"])]
+    p_ids_all, p_mask_all = tok(p_texts, length=32)
+    losses = []
+    t0 = time.time()
+    for step in range(steps):
+        idx = rng.choice(len(train), size=n, replace=False)
+        p_idx = np.stack([2 * idx, 2 * idx + 1], axis=1).reshape(-1)
+        batch = dict(q_ids=q_ids_all[idx], q_mask=q_mask_all[idx], p_ids=p_ids_all[p_idx], p_mask=p_mask_all[p_idx])
+        losses.append(trainer.step(batch)["loss"])
+    elapsed = time.time() - t0
+    after = _rank1(lambda i, m: encode(trainer.params, i, m), tok, heldout)
+    first, last = np.mean(losses[:5]), np.mean(losses[-20:])
+    print(f"SNLI: loss {first:.3f} -> {last:.3f}, held-out rank-1 {before:.3f} -> {after:.3f}, {elapsed:.1f}s")
+    assert last <= 0.5 * first, (first, last)
+    assert after > before, (before, after)
