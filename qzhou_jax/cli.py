@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_encode)
 
+    from qzhou_jax.checkpoint.convert import add_convert_parser
+
+    add_convert_parser(sub)
+
     d = sub.add_parser("demo", help="tiny model on the bundled sample data, on CPU")
     d.add_argument("--out", default="runs/demo", help="output folder")
     d.set_defaults(func=cmd_demo)

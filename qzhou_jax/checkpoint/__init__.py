@@ -1,4 +1,12 @@
-"""Checkpoints: HuggingFace safetensors folders and Orbax."""
+"""Checkpoints: HuggingFace safetensors folders and Orbax.
+
+- `load_pretrained(path, mesh)`: config, params and tokenizer of a HF folder or of an
+  Orbax folder written by `convert hf-to-orbax` / `save_orbax_params` (told apart by the
+  `QZHOU_CHECKPOINT` marker), every parameter placed in its sharding on `mesh`.
+- `load_hf_params` / `save_hf`: HF safetensors (+ sentence-transformers files) <-> params.
+- `save_orbax_params` / `load_orbax_params`: Orbax params folders (and training checkpoints).
+- `qzhou_jax.checkpoint.convert`: the `convert` CLI and `hf_to_orbax` / `orbax_to_hf`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,10 @@ from typing import Any, Mapping, NamedTuple
 
 from jax.sharding import Mesh
 
+from qzhou_jax.checkpoint.export import save_hf
 from qzhou_jax.checkpoint.hf import iter_hf_tensors, load_hf_params
+from qzhou_jax.checkpoint.orbax_io import (is_orbax_checkpoint, load_orbax, load_orbax_params,
+                                           open_params_checkpoint, save_orbax_params)
 from qzhou_jax.config import ModelConfig
 
 
@@ -19,12 +30,25 @@ class Pretrained(NamedTuple):
 
 def load_pretrained(path: str | os.PathLike, mesh: Mesh | None = None, rules: Mapping[str, Any] | None = None,
                     **config_overrides: Any) -> Pretrained:
-    """Config, parameters and tokenizer folder of a saved model (a HF checkpoint folder)."""
+    """Config, parameters and tokenizer folder of a saved model.
+
+    `path` is a HF checkpoint folder (config.json + safetensors + tokenizer files) or an
+    Orbax folder written by this package (params/ + qzhou_config.json + tokenizer/).
+    """
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: model folder not found")
+    if is_orbax_checkpoint(path):
+        cfg, params, tokenizer_dir = load_orbax(path, mesh, rules, **config_overrides)
+        return Pretrained(cfg, params, tokenizer_dir or os.path.join(path, "tokenizer"))
+    if os.path.isdir(os.path.join(path, "params")) and os.path.isfile(os.path.join(path, "qzhou_config.json")):
+        raise ValueError(f"{path}: incomplete Orbax checkpoint (QZHOU_CHECKPOINT marker missing: the conversion "
+                         "that wrote it did not finish)")
     cfg, params = load_hf_params(path, mesh, rules, **config_overrides)
     return Pretrained(cfg, params, path)
 
 
-__all__ = ["Pretrained", "load_pretrained", "load_hf_params", "iter_hf_tensors"]
+__all__ = [
+    "Pretrained", "load_pretrained", "load_hf_params", "iter_hf_tensors", "save_hf", "save_orbax_params",
+    "load_orbax_params", "open_params_checkpoint", "is_orbax_checkpoint",
+]

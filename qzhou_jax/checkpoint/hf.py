@@ -3,13 +3,14 @@
 Names and layouts come from `model.qwen2.param_specs`: HF stores a Linear weight as
 [out, in]; here it is [in..., out...] with heads split out, and layers are stacked.
 
-Loading streams: each HF tensor is memory-mapped, converted, and written into its slot of
+Loading streams: each HF tensor is read, converted, and written into its slot of
 a pre-allocated sharded device array, so the host holds one tensor at a time and no
 device holds more than its shard. Saving gathers one layer's tensor at a time.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -111,6 +112,9 @@ class DictStore:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.tensors[name].shape)
 
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(self.tensors[name].dtype)
+
     def get(self, name: str) -> np.ndarray:
         return np.asarray(self.tensors[name])
 
@@ -133,18 +137,21 @@ def _stack_into(spec: ParamSpec, layers: Iterator[np.ndarray], dtype, target) ->
     else:
         layer_target = target
     buf = jax.jit(lambda: jnp.zeros(spec.shape, dtype), out_shardings=target)()
-    set_layer = jax.jit(lambda a, x, i: a.at[i].set(x), donate_argnums=0, out_shardings=target)
+    # dynamic_update_slice updates the donated buffer in place; `a.at[i].set(x)` lowers to a
+    # scatter that XLA:CPU runs in float32 over the whole stack (3x the memory for bf16).
+    set_layer = jax.jit(lambda a, x, i: jax.lax.dynamic_update_index_in_dim(a, x, i, 0),
+                        donate_argnums=0, out_shardings=target)
     for i, layer in enumerate(layers):
-        buf = set_layer(buf, _place(layer, layer_target), i)
+        buf = set_layer(buf, _place(layer, layer_target), np.int32(i))
     return buf
 
 
-def load_params(store: TensorStore, cfg: ModelConfig, mesh: Mesh | None = None,
-                rules: Mapping[str, Any] | None = None, where: str = "") -> dict[str, Any]:
-    """Stream a checked HF checkpoint into a nested params dict (as `Qwen2Encoder.params()`)."""
+def iter_params(store: TensorStore, cfg: ModelConfig, mesh: Mesh | None = None,
+                rules: Mapping[str, Any] | None = None, where: str = "") -> Iterator[tuple[str, jax.Array]]:
+    """("layers/q_kernel", sharded array) per parameter of a checked HF checkpoint, one
+    parameter at a time (stacked ones are filled one layer at a time)."""
     prefix = check_tensors(store, cfg, where or store.folder)
     dtype = np.dtype(jnp.dtype(cfg.param_dtype))
-    params: dict[str, Any] = {}
     for path, spec in param_specs(cfg).items():
         target = _target_sharding(spec, mesh, rules)
         names = hf_names(spec, cfg, prefix)
@@ -153,12 +160,28 @@ def load_params(store: TensorStore, cfg: ModelConfig, mesh: Mesh | None = None,
             value = _stack_into(spec, (convert(n) for n in names), dtype, target)
         else:
             value = _place(convert(names[0]), target)
+        yield path, value
+        del value
+
+
+def load_params(store: TensorStore, cfg: ModelConfig, mesh: Mesh | None = None,
+                rules: Mapping[str, Any] | None = None, where: str = "") -> dict[str, Any]:
+    """Stream a checked HF checkpoint into a nested params dict (as `Qwen2Encoder.params()`)."""
+    params: dict[str, Any] = {}
+    for path, value in iter_params(store, cfg, mesh, rules, where):
         node = params
         *groups, leaf = path.split("/")
         for g in groups:
             node = node.setdefault(g, {})
         node[leaf] = value
     return params
+
+
+def source_dtype(store: TensorStore) -> str:
+    """The checkpoint's floating dtype as a ModelConfig dtype name (from embed_tokens)."""
+    name = detect_prefix(store.names()) + "embed_tokens.weight"
+    dtype = np.dtype(store.dtype(name)) if hasattr(store, "dtype") else np.asarray(store.get(name)).dtype
+    return {np.dtype(jnp.bfloat16): "bfloat16", np.dtype(np.float16): "float16"}.get(dtype, "float32")
 
 
 def load_hf_params(path: str | os.PathLike, mesh: Mesh | None = None, rules: Mapping[str, Any] | None = None,
@@ -168,9 +191,39 @@ def load_hf_params(path: str | os.PathLike, mesh: Mesh | None = None, rules: Map
     return cfg, load_params(TensorStore(path), cfg, mesh, rules)
 
 
+def _to_host(x: Any) -> np.ndarray:
+    """A (possibly sharded, possibly multi-host) array -> one numpy array on this host."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_taker(sharding: jax.sharding.Sharding | None):
+    """Jitted `a[i]` with a traced index: one compile per shape, the layer keeps the
+    array's sharding minus the layer axis (no replication onto every device)."""
+    out = None
+    if isinstance(sharding, NamedSharding):
+        out = NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+    return jax.jit(lambda a, i: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), out_shardings=out)
+
+
+def _layer(stacked: Any, i: int) -> Any:
+    if not isinstance(stacked, jax.Array):
+        return np.asarray(stacked)[i]
+    sh = stacked.sharding if isinstance(stacked.sharding, NamedSharding) else None
+    return _layer_taker(sh)(stacked, np.int32(i))
+
+
 def iter_hf_tensors(params: Mapping[str, Any], cfg: ModelConfig, dtype: str | None = None,
                     prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, host array) pairs, gathering one layer of one parameter at a time."""
+    """(HF name, host array) pairs, gathering one layer of one parameter at a time.
+
+    `params` may be any nested mapping (e.g. a lazy one that restores a parameter when it
+    is looked up): each parameter is looked up once and dropped before the next.
+    """
     out_dtype = np.dtype(jnp.dtype(dtype)) if dtype else None
     for path, spec in param_specs(cfg).items():
         node = params
@@ -178,8 +231,9 @@ def iter_hf_tensors(params: Mapping[str, Any], cfg: ModelConfig, dtype: str | No
             node = node[part]
         names = hf_names(spec, cfg, prefix)
         for i, name in enumerate(names):
-            piece = node[i] if spec.stacked else node
-            host = np.asarray(jax.device_get(piece))
+            host = _to_host(_layer(node, i) if spec.stacked else node)
             if out_dtype is not None:
-                host = host.astype(out_dtype)
+                host = host.astype(out_dtype, copy=False)
             yield name, to_hf_layout(spec, host)
+            del host
+        del node

@@ -1,9 +1,13 @@
 """Minimal safetensors reading and writing on numpy, bfloat16 included.
 
 The format is an 8-byte little-endian header length, a JSON header mapping tensor names to
-{dtype, shape, data_offsets}, then the raw bytes. Reading memory-maps the file, so a
-tensor is only paged in when it is used; corrupt or truncated files are reported with the
-file and tensor name. (`safetensors`' own numpy backend cannot read bfloat16.)
+{dtype, shape, data_offsets}, then the raw bytes. Reading parses the header only; each
+tensor is read into its own buffer when asked for (or memory-mapped with `mmap=True`:
+pages of a long-lived mapping stay in the process's resident set once touched, so
+streaming a large checkpoint through one mapping makes the RSS grow to the file size).
+Writing streams: with a `layout` given up front, tensors are pulled from an iterator one
+at a time. Corrupt or truncated files are reported with the file and tensor name.
+(`safetensors`' own numpy backend cannot read bfloat16.)
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import json
 import math
 import os
 import struct
-from typing import Iterator, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -65,7 +69,7 @@ class SafeFile:
                     f"file has {size}"
                 )
             self._entries[name] = (dtype, shape, begin, end)
-        self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size > self._start else None
+        self._map: np.memmap | None = None
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -76,30 +80,66 @@ class SafeFile:
     def dtype(self, name: str) -> np.dtype:
         return self._entries[name][0]
 
-    def get(self, name: str) -> np.ndarray:
-        """The tensor as a read-only memory-mapped numpy array."""
+    def get(self, name: str, mmap: bool = False) -> np.ndarray:
+        """The tensor, read into a fresh array (freed when dropped), or with `mmap=True` a
+        read-only view of a memory mapping of the file kept open by this object."""
         if name not in self._entries:
             raise KeyError(f"{self.path}: no tensor {name!r}")
         dtype, shape, begin, end = self._entries[name]
         if end == begin:
             return np.zeros(shape, dtype)
-        return self._map[self._start + begin:self._start + end].view(dtype).reshape(shape)
+        if mmap:
+            if self._map is None:
+                self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            return self._map[self._start + begin:self._start + end].view(dtype).reshape(shape)
+        out = np.empty(shape, dtype)
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self._start + begin)
+            done = 0
+            while done < len(buf):
+                n = f.readinto(buf[done:])
+                if not n:
+                    raise SafetensorsError(f"{self.path}: truncated file while reading tensor {name!r}")
+                done += n
+        return out
 
 
-def write(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterator[tuple[str, np.ndarray]],
-          metadata: Mapping[str, str] | None = None) -> None:
-    """Write tensors (a mapping, or (name, array) pairs; arrays are only read once, in
-    order). The file is written under a temporary name and renamed when complete."""
-    items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
+def _as_bytes(arr: np.ndarray) -> memoryview:
+    """Raw bytes of an array without copying when it is already C-contiguous."""
+    arr = np.ascontiguousarray(arr)
+    return memoryview(arr.reshape(-1).view(np.uint8))
+
+
+def write(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+          metadata: Mapping[str, str] | None = None,
+          layout: Sequence[tuple[str, np.dtype, Sequence[int]]] | None = None) -> None:
+    """Write tensors: a mapping, or (name, array) pairs.
+
+    Without `layout`, the pairs are collected first (the header needs every shape before
+    the data). With `layout` — (name, dtype, shape) for every tensor, in file order — the
+    header is written first and the pairs are pulled one at a time, so only one tensor
+    needs to be in memory; each must match its layout entry. The file is written under a
+    temporary name and renamed when complete.
+    """
+    if layout is None:
+        items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
+        layout = [(name, arr.dtype, arr.shape) for name, arr in items]
+        tensors = items
+    elif isinstance(tensors, Mapping):
+        tensors = tensors.items()
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
-    for name, arr in items:
-        dtype = np.dtype(arr.dtype)
+    for name, dtype, shape in layout:
+        dtype = np.dtype(dtype)
         if dtype not in CODES:
             raise SafetensorsError(f"{path}: tensor {name!r}: dtype {dtype} has no safetensors code")
-        nbytes = math.prod(arr.shape) * dtype.itemsize
-        header[name] = {"dtype": CODES[dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": CODES[dtype], "shape": [int(d) for d in shape],
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
+    if len(header) - ("__metadata__" in header) != len(layout):
+        raise SafetensorsError(f"{path}: duplicate tensor names")
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
@@ -107,8 +147,21 @@ def write(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterator[
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
-            for _, arr in items:
-                f.write(np.ascontiguousarray(arr).tobytes())
+            pairs = iter(tensors)
+            for name, dtype, shape in layout:
+                got = next(pairs, None)
+                if got is None:
+                    raise SafetensorsError(f"{path}: tensor {name!r} announced but not given")
+                got_name, arr = got
+                if (got_name != name or np.dtype(arr.dtype) != np.dtype(dtype)
+                        or tuple(arr.shape) != tuple(shape)):
+                    raise SafetensorsError(
+                        f"{path}: expected tensor {name!r} {np.dtype(dtype)} {tuple(shape)}, got "
+                        f"{got_name!r} {arr.dtype} {tuple(arr.shape)}")
+                f.write(_as_bytes(arr))
+                del arr, got
+            if next(pairs, None) is not None:
+                raise SafetensorsError(f"{path}: more tensors given than announced in the layout")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -155,6 +208,9 @@ class TensorStore:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._file(name).shape(name)
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._file(name).dtype(name)
 
     def get(self, name: str) -> np.ndarray:
         return self._file(name).get(name)

@@ -1,0 +1,223 @@
+"""`qzhou-jax convert`: HuggingFace safetensors <-> Orbax, streaming one tensor at a time.
+
+    qzhou-jax convert hf-to-orbax --hf DIR --out DIR [--mesh fsdp=-1] [--dtype bfloat16]
+    qzhou-jax convert orbax-to-hf --orbax DIR --out DIR [--dtype bfloat16] [--max-shard-size 5GB]
+
+hf-to-orbax reads single-file or sharded safetensors, with or without the `model.`
+prefix (Qwen2ForCausalLM vs bare Qwen2Model/QZhouModel); an `lm_head.weight` is ignored
+(an embedding model has no LM head). Each tensor is read, converted to this project's
+layout and placed into its sharding on the mesh, then saved, before the next one is read.
+Without --dtype the checkpoint keeps the source dtype, so HF -> Orbax -> HF is bit-exact.
+
+orbax-to-hf accepts a folder written by hf-to-orbax or a training checkpoint (an Orbax
+CheckpointManager folder: its latest step's `params` item; see `orbax_io`), restores one
+parameter at a time onto the mesh and gathers one layer at a time into safetensors shards.
+
+Both write into `<out>.tmp-...` and rename it to `<out>` when everything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import time
+from typing import Any, Mapping
+
+from jax.sharding import Mesh
+
+from qzhou_jax.checkpoint import export, orbax_io
+from qzhou_jax.config import DTYPES, ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+def single_process(what: str) -> None:
+    """The converters write files from this process alone."""
+    import jax
+
+    if jax.process_count() > 1:
+        raise ValueError(f"{what}: run checkpoint conversion in a single process (found {jax.process_count()})")
+
+
+def _hf_ignored(names: list[str]) -> list[str]:
+    from qzhou_jax.checkpoint.hf import IGNORED_SUFFIXES
+
+    return [n for n in names if n in ("lm_head.weight", "model.lm_head.weight") or n.endswith(IGNORED_SUFFIXES)]
+
+
+def hf_to_orbax(hf_dir: str | os.PathLike, out: str | os.PathLike, mesh: Mesh | None = None,
+                rules: Mapping[str, Any] | None = None, dtype: str | None = None, overwrite: bool = False,
+                tokenizer_dir: str | os.PathLike | None = None) -> dict:
+    """Convert a HF checkpoint folder into an Orbax params folder; returns a summary dict.
+
+    Every input check (config, tensor names, shapes, file headers) runs before anything
+    is written. tokenizer_dir defaults to the HF folder itself.
+    """
+    from qzhou_jax.checkpoint.hf import check_tensors, iter_params, source_dtype
+    from qzhou_jax.checkpoint.safetensors_io import TensorStore
+
+    single_process("hf-to-orbax")
+    export.frugal_host_allocator()
+    hf_dir = os.path.abspath(os.fspath(hf_dir))
+    if not os.path.isdir(hf_dir):
+        raise FileNotFoundError(f"{hf_dir}: HF checkpoint folder not found")
+    export._check_output(os.path.abspath(os.fspath(out)), overwrite)
+    store = TensorStore(hf_dir)
+    src_dtype = source_dtype(store)
+    cfg = ModelConfig.from_hf(hf_dir, param_dtype=dtype or src_dtype)
+    check_tensors(store, cfg, hf_dir)
+    ignored = _hf_ignored(store.names())
+    for name in ignored:
+        log.warning("%s: ignoring tensor %r (an embedding model has no LM head)", hf_dir, name)
+    out = os.path.abspath(os.fspath(out))
+    with export.atomic_output_dir(out, overwrite) as tmp:
+        info = orbax_io.write_orbax_folder(
+            tmp, cfg, iter_params(store, cfg, mesh, rules, hf_dir),
+            tokenizer_dir=hf_dir if tokenizer_dir is None else tokenizer_dir,
+            source=hf_dir, source_dtype=src_dtype)
+    return {"out": out, "config": cfg, "ignored": ignored, "source_dtype": src_dtype,
+            "tensors": len(store.names()) - len(ignored), **{k: info[k] for k in ("params", "tokenizer")}}
+
+
+def orbax_to_hf(src: str | os.PathLike, out: str | os.PathLike, mesh: Mesh | None = None,
+                rules: Mapping[str, Any] | None = None, dtype: str | None = None, overwrite: bool = False,
+                tokenizer_dir: str | os.PathLike | None = None,
+                config: ModelConfig | str | os.PathLike | None = None,
+                max_shard_bytes: int = export.DEFAULT_MAX_SHARD_BYTES, max_seq_length: int | None = None,
+                query_instruction: str | None = None) -> dict:
+    """Convert an Orbax params folder or training checkpoint into a HF folder; returns a summary.
+
+    dtype: tensor dtype in the HF files (default: the stored dtype).
+    """
+    single_process("orbax-to-hf")
+    export.frugal_host_allocator()
+    ckpt = orbax_io.open_params_checkpoint(src, config=config, tokenizer_dir=tokenizer_dir)
+    out = os.path.abspath(os.fspath(out))
+    export._check_output(out, overwrite)
+    dtype = dtype or ckpt.stored_dtype()
+    with export.atomic_output_dir(out, overwrite) as tmp:
+        files = export.write_hf_folder(tmp, ckpt.lazy(mesh, rules), ckpt.config, dtype, ckpt.tokenizer_dir,
+                                       max_shard_bytes, max_seq_length, query_instruction)
+    return {"out": out, "config": ckpt.config, "files": files, "dtype": dtype, "params": ckpt.pytree_dir,
+            "tokenizer": ckpt.tokenizer_dir}
+
+
+# ---------------------------------------------------------------------- CLI
+def parse_mesh(text: str | None):
+    """'data=1,fsdp=-1,tensor=1' -> MeshConfig (missing axes keep their defaults)."""
+    from qzhou_jax.sharding import MESH_AXES, MeshConfig
+
+    if not text:
+        return MeshConfig()
+    sizes = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in MESH_AXES:
+            raise ValueError(f"--mesh: expected axis=size pairs over {MESH_AXES}, got {part!r}")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ValueError(f"--mesh: size of {name!r} must be an integer, got {value!r}") from None
+    return MeshConfig(**sizes)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000 (decimal units as HF; KiB/MiB/GiB binary)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"size: expected a number with an optional unit (e.g. 5GB, 500MB), got {text!r}")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise ValueError(f"size: must be positive, got {text!r}")
+    return value
+
+
+def _mesh(args: argparse.Namespace) -> Mesh:
+    from qzhou_jax.sharding import make_mesh
+
+    return make_mesh(parse_mesh(args.mesh))
+
+
+def cmd_hf_to_orbax(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    summary = hf_to_orbax(args.hf, args.out, mesh=_mesh(args), dtype=args.dtype, overwrite=args.overwrite,
+                          tokenizer_dir=args.tokenizer)
+    cfg = summary["config"]
+    print(f"wrote {summary['out']}: {summary['tensors']} tensors, {cfg.num_params():,} parameters, "
+          f"{cfg.param_dtype} (source {summary['source_dtype']}), tokenizer "
+          f"{'copied' if summary['tokenizer'] else 'missing'}, in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+def cmd_orbax_to_hf(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    summary = orbax_to_hf(args.orbax, args.out, mesh=_mesh(args), dtype=args.dtype, overwrite=args.overwrite,
+                          tokenizer_dir=args.tokenizer, config=args.config,
+                          max_shard_bytes=parse_size(args.max_shard_size), max_seq_length=args.max_seq_length,
+                          query_instruction=args.query_instruction)
+    print(f"wrote {summary['out']}: {len(summary['files'])} safetensors file(s), {summary['dtype']}, "
+          f"{summary['config'].num_params():,} parameters, in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `convert hf-to-orbax` and `convert orbax-to-hf` to a CLI's subparsers."""
+    c = subparsers.add_parser("convert", help="convert checkpoints: HF safetensors <-> Orbax",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = c.add_subparsers(dest="direction", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+        p.add_argument("--mesh", default=None, help="device mesh, e.g. data=1,fsdp=-1,tensor=1 (default: all "
+                                                    "devices on fsdp)")
+        p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one of the input)")
+
+    h = sub.add_parser("hf-to-orbax", help="HF safetensors folder -> Orbax params checkpoint")
+    h.add_argument("--hf", required=True, help="HF folder: config.json + model.safetensors[.index.json]")
+    h.add_argument("--dtype", choices=DTYPES, default=None, help="stored dtype (default: the HF checkpoint's)")
+    common(h)
+    h.set_defaults(func=cmd_hf_to_orbax)
+
+    o = sub.add_parser("orbax-to-hf", help="Orbax params or training checkpoint -> HF + sentence-transformers folder")
+    o.add_argument("--orbax", required=True, help="folder written by hf-to-orbax, or a training checkpoint folder")
+    o.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the safetensors (default: as stored)")
+    o.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    o.add_argument("--max-seq-length", type=int, default=None,
+                   help=f"sentence-transformers max_seq_length (default {export.DEFAULT_MAX_SEQ_LENGTH}, "
+                        "capped at max_position_embeddings)")
+    o.add_argument("--query-instruction", default=None,
+                   help=f"instruction of the 'query' prompt (default: {export.DEFAULT_QUERY_INSTRUCTION!r})")
+    o.add_argument("--config", default=None,
+                   help="model config (qzhou_config.json or HF config.json) for training checkpoints without one")
+    common(o)
+    o.set_defaults(func=cmd_orbax_to_hf)
+    return c
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point (`python -m qzhou_jax.checkpoint.convert hf-to-orbax ...`)."""
+    p = argparse.ArgumentParser(prog="qzhou-jax")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_convert_parser(sub)
+    args = p.parse_args(["convert", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"qzhou-jax convert: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

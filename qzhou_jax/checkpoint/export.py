@@ -1,0 +1,295 @@
+"""Writing HuggingFace / sentence-transformers model folders, one tensor at a time.
+
+The folder `save_hf` writes loads with `transformers.AutoModel.from_pretrained(path)` (a
+plain `Qwen2Model`, `is_causal: false` for bidirectional encoders, no remote code) and with
+`sentence_transformers.SentenceTransformer(path)`:
+
+    config.json                          model_type qwen2, architectures [Qwen2Model]
+    model.safetensors                    or model-0000i-of-0000n.safetensors + index
+    tokenizer.json, tokenizer_config.json, ...   copied from the tokenizer folder
+    modules.json                         Transformer -> Pooling -> Normalize
+    sentence_bert_config.json            max_seq_length
+    1_Pooling/config.json                mean (or last-token) pooling, prompt included
+    config_sentence_transformers.json    prompts: "query" in QZhou's template, "document" empty
+
+Tensor names carry no `model.` prefix (a bare `Qwen2Model`). Tensors are gathered and
+written one at a time (`hf.iter_hf_tensors` -> `safetensors_io.write` with the layout
+announced up front), so the host never holds more than about one tensor. Everything is
+written into a temporary sibling folder that is renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import itertools
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from typing import Any, Iterator, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from qzhou_jax.checkpoint import safetensors_io
+from qzhou_jax.checkpoint.hf import hf_names, hf_shape, iter_hf_tensors
+from qzhou_jax.config import ModelConfig
+from qzhou_jax.model.qwen2 import param_specs
+from qzhou_jax.tokenizer import PROMPT_TEMPLATE
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+)
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+DEFAULT_MAX_SEQ_LENGTH = 1024  # the official QZhou evaluation's truncation
+DEFAULT_QUERY_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Markers of a folder this package may replace with overwrite=True.
+_MODEL_FOLDER_FILES = ("config.json", "QZHOU_CHECKPOINT", "qzhou_config.json", SINGLE_FILE, INDEX_FILE)
+
+
+class OutputExistsError(FileExistsError, ValueError):
+    """The output folder exists and overwriting was not asked for."""
+
+
+# ----------------------------------------------------------------- host memory
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def release_host_memory() -> None:
+    """Hand memory that was freed back to the OS (glibc `malloc_trim`; no-op elsewhere).
+
+    Between two streamed tensors, glibc keeps the pages of freed buffers (e.g. the host
+    copies Orbax makes while writing) in its arenas, so without this the resident set
+    creeps up by a large fraction of a tensor per tensor.
+    """
+    lib = _libc()
+    if lib is not None:
+        lib.malloc_trim(0)
+
+
+def frugal_host_allocator(threshold: int = 1 << 20) -> None:
+    """Process-wide (glibc): serve allocations of `threshold` bytes and more with mmap, so
+    a freed tensor goes back to the OS at once. glibc's default threshold adapts upward
+    to 32 MiB, after which per-layer buffers are carved from arenas that only grow. Used
+    by the converters; costs a page-fault or two per large allocation."""
+    lib = _libc()
+    if lib is not None and hasattr(lib, "mallopt"):
+        lib.mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD
+
+
+# ------------------------------------------------------------------ atomic folders
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
+    """Yield a fresh temporary folder next to `out`; rename it to `out` on success.
+
+    On any exception (or interrupt) the temporary folder is removed. A killed process
+    leaves only `<out>.tmp-<pid>-<id>`, which nothing mistakes for a finished folder.
+    With `overwrite`, an existing `out` is replaced only once the new one is complete.
+    """
+    out = os.path.abspath(os.fspath(out))
+    _check_output(out, overwrite)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{out}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        _check_output(out, overwrite)
+        if os.path.lexists(out):
+            old = f"{out}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            if os.path.isdir(old) and not os.path.islink(old):
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.remove(old)
+        else:
+            os.rename(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_output(out: str, overwrite: bool) -> None:
+    if not os.path.lexists(out):
+        return
+    if not overwrite:
+        raise OutputExistsError(f"{out}: output already exists (use --overwrite / overwrite=True to replace it)")
+    if os.path.isdir(out) and os.listdir(out) and not any(
+            os.path.exists(os.path.join(out, f)) for f in _MODEL_FOLDER_FILES):
+        raise OutputExistsError(
+            f"{out}: exists and is not a model folder (no config.json or QZHOU_CHECKPOINT); refusing to replace it")
+
+
+def write_json(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def copy_tokenizer(src: str | os.PathLike | None, dst: str) -> list[str]:
+    """Copy the tokenizer files that exist in `src` into `dst`; returns their names."""
+    if src is None:
+        return []
+    src = os.fspath(src)
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"{src}: tokenizer folder not found")
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = os.path.join(src, name)
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(dst, name))
+            copied.append(name)
+    return copied
+
+
+# ---------------------------------------------------------------- safetensors
+def hf_layout(cfg: ModelConfig, dtype: str, prefix: str = "") -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of every HF tensor, in the order `iter_hf_tensors` yields them."""
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    out = []
+    for spec in param_specs(cfg).values():
+        for name in hf_names(spec, cfg, prefix):
+            out.append((name, np_dtype, hf_shape(spec)))
+    return out
+
+
+def plan_shards(layout: list[tuple[str, np.dtype, tuple[int, ...]]],
+                max_shard_bytes: int) -> list[list[tuple[str, np.dtype, tuple[int, ...]]]]:
+    """Greedy split in order: each shard at most `max_shard_bytes` (a larger tensor alone)."""
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes: expected a positive size, got {max_shard_bytes}")
+    shards: list[list] = [[]]
+    size = 0
+    for entry in layout:
+        nbytes = math.prod(entry[2]) * np.dtype(entry[1]).itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    return shards
+
+
+def write_safetensors(folder: str, tensors: Iterator[tuple[str, np.ndarray]],
+                      layout: list[tuple[str, np.dtype, tuple[int, ...]]],
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """Stream `tensors` (in `layout` order) into one file or shards + index; returns file names."""
+    shards = plan_shards(layout, max_shard_bytes)
+    tensors = iter(tensors)
+    if len(shards) == 1:
+        names = [SINGLE_FILE]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for fname, shard in zip(names, shards):
+        safetensors_io.write(os.path.join(folder, fname), itertools.islice(tensors, len(shard)),
+                             metadata={"format": "pt"}, layout=shard)
+    if len(shards) > 1:
+        total = sum(math.prod(shape) * np.dtype(dt).itemsize for _, dt, shape in layout)
+        weight_map = {name: fname for fname, shard in zip(names, shards) for name, _, _ in shard}
+        write_json(os.path.join(folder, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return names
+
+
+# ------------------------------------------------------- sentence-transformers
+def query_prompt(instruction: str) -> str:
+    """QZhou's query prefix: "Instruct: {instruction}\\nQuery: " (the text follows it)."""
+    return PROMPT_TEMPLATE.format(instruction=instruction, text="")
+
+
+def write_sentence_transformers(folder: str, cfg: ModelConfig, max_seq_length: int,
+                                query_instruction: str | None = None) -> None:
+    """modules.json, sentence_bert_config.json, 1_Pooling/, config_sentence_transformers.json.
+
+    Uses the module type names every sentence-transformers release since v2 understands
+    (v6 maps `sentence_transformers.models.*` onto its new module paths).
+    """
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if cfg.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        os.makedirs(os.path.join(folder, "2_Normalize"), exist_ok=True)
+    if cfg.embedding_dim is not None:
+        log.warning("embedding_dim=%d (Matryoshka truncation) is not represented in the sentence-transformers "
+                    "files; pass truncate_dim=%d when loading", cfg.embedding_dim, cfg.embedding_dim)
+    write_json(os.path.join(folder, "modules.json"), modules)
+    write_json(os.path.join(folder, "sentence_bert_config.json"),
+               {"max_seq_length": int(max_seq_length), "do_lower_case": False})
+    os.makedirs(os.path.join(folder, "1_Pooling"), exist_ok=True)
+    write_json(os.path.join(folder, "1_Pooling", "config.json"), {
+        "word_embedding_dimension": cfg.hidden_size,
+        "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": cfg.pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": cfg.pooling == "last",
+        "include_prompt": True,
+    })
+    versions = {"sentence_transformers": "5.1.0"}
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        versions["transformers"] = importlib.metadata.version("transformers")
+    write_json(os.path.join(folder, "config_sentence_transformers.json"), {
+        "model_type": "SentenceTransformer",
+        "__version__": versions,
+        "prompts": {"query": query_prompt(query_instruction or DEFAULT_QUERY_INSTRUCTION), "document": ""},
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine",
+    })
+
+
+# -------------------------------------------------------------------- folders
+def _leaf_dtype(params: Mapping[str, Any]) -> str:
+    return str(np.dtype(params["embed_tokens"].dtype))
+
+
+def write_hf_folder(folder: str, params: Mapping[str, Any], cfg: ModelConfig, dtype: str,
+                    tokenizer_dir: str | os.PathLike | None = None,
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, max_seq_length: int | None = None,
+                    query_instruction: str | None = None) -> list[str]:
+    """Write everything of an HF/sentence-transformers folder into an existing `folder`."""
+    dtype = str(jnp.dtype(dtype))
+    layout = hf_layout(cfg, dtype)
+    files = write_safetensors(folder, iter_hf_tensors(params, cfg, dtype), layout, max_shard_bytes)
+    write_json(os.path.join(folder, "config.json"), cfg.to_hf(dtype))
+    copied = copy_tokenizer(tokenizer_dir, folder)
+    if not copied:
+        log.warning("%s: no tokenizer files written (no tokenizer folder given or found); "
+                    "sentence-transformers and `encode` need them", folder)
+    seq = min(max_seq_length or DEFAULT_MAX_SEQ_LENGTH, cfg.max_position_embeddings)
+    write_sentence_transformers(folder, cfg, seq, query_instruction)
+    return files
+
+
+def save_hf(params: Mapping[str, Any], cfg: ModelConfig, out: str | os.PathLike, dtype: str | None = None,
+            tokenizer_dir: str | os.PathLike | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+            max_seq_length: int | None = None, query_instruction: str | None = None,
+            overwrite: bool = False) -> str:
+    """Write `params` (nested dict, any sharding) as a HF + sentence-transformers folder.
+
+    dtype: tensor dtype on disk (default: the parameters' own dtype). Tensors are gathered
+    one layer at a time. Returns the absolute output path.
+    """
+    dtype = dtype or _leaf_dtype(params)
+    out = os.path.abspath(os.fspath(out))
+    with atomic_output_dir(out, overwrite) as tmp:
+        write_hf_folder(tmp, params, cfg, dtype, tokenizer_dir, max_shard_bytes, max_seq_length, query_instruction)
+    return out
