@@ -186,6 +186,7 @@ def test_save_orbax_params_and_load_pretrained(tmp_path):
     out = save_orbax_params(params, cfg, tmp_path / "orbax", tokenizer_dir=src)
     pre = load_pretrained(out)
     assert pre.config == cfg and pre.tokenizer_path == os.path.join(out, "tokenizer")
+    assert Tokenizer(pre.tokenizer_path)(["hello world"])[0].shape[0] == 1  # encode needs no HF folder
     jax.tree.map(np.testing.assert_array_equal, pre.params, params)
     save_hf(params, cfg, tmp_path / "hf2", tokenizer_dir=src)
     assert_bit_exact(tensors(src), tensors(tmp_path / "hf2"))
