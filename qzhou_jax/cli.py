@@ -43,12 +43,6 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from qzhou_jax.demo import run_demo
-
-    return run_demo(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qzhou-jax", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -70,10 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     from qzhou_jax.checkpoint.convert import add_convert_parser
 
     add_convert_parser(sub)
+    from qzhou_jax.data.cli import add_data_parser
+    add_data_parser(sub)
 
-    d = sub.add_parser("demo", help="tiny model on the bundled sample data, on CPU")
-    d.add_argument("--out", default="runs/demo", help="output folder")
-    d.set_defaults(func=cmd_demo)
+    from qzhou_jax.train.cli import add_train_parser
+
+    add_train_parser(sub)
     return p
 
 

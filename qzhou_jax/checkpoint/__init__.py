@@ -32,8 +32,9 @@ def load_pretrained(path: str | os.PathLike, mesh: Mesh | None = None, rules: Ma
                     **config_overrides: Any) -> Pretrained:
     """Config, parameters and tokenizer folder of a saved model.
 
-    `path` is a HF checkpoint folder (config.json + safetensors + tokenizer files) or an
-    Orbax folder written by this package (params/ + qzhou_config.json + tokenizer/).
+    `path` is a HF checkpoint folder (config.json + safetensors + tokenizer files), an
+    Orbax folder written by this package (params/ + qzhou_config.json + tokenizer/), or a
+    training run's checkpoints/ folder (its latest step) or one step folder of it.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -44,6 +45,12 @@ def load_pretrained(path: str | os.PathLike, mesh: Mesh | None = None, rules: Ma
     if os.path.isdir(os.path.join(path, "params")) and os.path.isfile(os.path.join(path, "qzhou_config.json")):
         raise ValueError(f"{path}: incomplete Orbax checkpoint (QZHOU_CHECKPOINT marker missing: the conversion "
                          "that wrote it did not finish)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        # a training checkpoint: a run's checkpoints/ folder (latest step) or one step of it
+        cfg, params, tokenizer_dir = load_orbax(path, mesh, rules, **config_overrides)
+        if tokenizer_dir is None:
+            raise FileNotFoundError(f"{path}: no tokenizer/ folder next to the checkpoint")
+        return Pretrained(cfg, params, tokenizer_dir)
     cfg, params = load_hf_params(path, mesh, rules, **config_overrides)
     return Pretrained(cfg, params, path)
 

@@ -442,16 +442,25 @@ class Trainer:
     second copy of the weights in device memory; the model they came from is unusable after).
     """
 
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, params: Mapping[str, Any], *,
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, params: Mapping[str, Any] | None, *,
                  loss_cfg: LossConfig = LossConfig(), mesh: Mesh | None = None,
-                 rules: Mapping[str, Any] | None = None, donate_params: bool = False):
+                 rules: Mapping[str, Any] | None = None, donate_params: bool = False,
+                 state: TrainState | None = None):
+        """`params` starts a fresh state; or pass `state` (e.g. restored from a checkpoint)
+        with params=None."""
         self.model_cfg, self.train_cfg, self.loss_cfg = model_cfg, train_cfg, loss_cfg
         self.mesh = mesh or single_device_mesh()
         self.rules = rules
         self.tx = make_optimizer(train_cfg)
         self.schedule = learning_rate_schedule(train_cfg)
-        self.state = init_train_state(params, model_cfg, self.tx, self.mesh, rules, donate=donate_params)
+        if (params is None) == (state is None):
+            raise ValueError("Trainer: pass exactly one of params and state")
+        self.state = state if state is not None else init_train_state(
+            params, model_cfg, self.tx, self.mesh, rules, donate=donate_params)
         self._steps: dict[str, Callable] = {}
+
+    def state_shardings(self) -> TrainState:
+        return train_state_shardings(self.model_cfg, self.tx, self.mesh, self.rules)
 
     @property
     def params(self) -> Any:

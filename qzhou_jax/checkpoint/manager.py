@@ -1,0 +1,121 @@
+"""Training checkpoints: an Orbax CheckpointManager holding the train state and the data state.
+
+Layout of a run's checkpoint folder:
+
+    <dir>/<step>/state/        the TrainState {params, opt_state, step} (Orbax pytree, sharded)
+    <dir>/<step>/data/         the input pipeline's state (JSON: next step, data fingerprint)
+    <dir>/qzhou_config.json    the model config (so the folder is also a model: `init_from`,
+    <dir>/tokenizer/           `qzhou-jax convert`, `load_pretrained` read it)
+    <dir>/run_config.yaml      the run's full configuration
+
+Saves are asynchronous (training continues while the arrays are written) and a step folder
+appears only once complete, so a crash during a save leaves the previous checkpoints intact.
+Restoring places every array in the sharding of the *current* mesh, whatever mesh wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from qzhou_jax.checkpoint.export import copy_tokenizer, write_json
+from qzhou_jax.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class RunCheckpoints:
+    """Save / restore (TrainState, data state) pairs under one folder."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.fspath(directory))
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    # ------------------------------------------------------------- metadata
+    def write_metadata(self, cfg: ModelConfig, tokenizer_dir: str | None, run_config: Mapping | None = None) -> None:
+        """Model config, tokenizer and run config next to the steps (process 0 only)."""
+        if jax.process_index() != 0:
+            return
+        from qzhou_jax.checkpoint.orbax_io import CONFIG_FILE, TOKENIZER_DIR, config_to_json
+
+        os.makedirs(self.directory, exist_ok=True)
+        write_json(os.path.join(self.directory, CONFIG_FILE), config_to_json(cfg))
+        if tokenizer_dir and not os.path.isdir(os.path.join(self.directory, TOKENIZER_DIR)):
+            tmp = os.path.join(self.directory, f".{TOKENIZER_DIR}.tmp{os.getpid()}")
+            os.makedirs(tmp, exist_ok=True)
+            copy_tokenizer(tokenizer_dir, tmp)
+            os.replace(tmp, os.path.join(self.directory, TOKENIZER_DIR))
+        if run_config is not None:
+            import yaml
+
+            path = os.path.join(self.directory, "run_config.yaml")
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                yaml.safe_dump(run_config, f, sort_keys=False)
+            os.replace(tmp, path)
+
+    # ---------------------------------------------------------------- steps
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_state: Mapping[str, Any], force: bool = False) -> bool:
+        """Start writing `state` (a TrainState) and `data_state` as checkpoint `step`."""
+        saved = self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state._asdict()),
+            data=ocp.args.JsonSave(dict(data_state))), force=force)
+        return bool(saved)
+
+    def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict, int]:
+        """(TrainState, data state, step) of checkpoint `step` (default: the latest).
+
+        `target` is an abstract TrainState (jax.ShapeDtypeStruct leaves carrying the
+        shardings to restore into)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint to resume from")
+        if step not in self.all_steps():
+            raise FileNotFoundError(f"{self.directory}: no checkpoint for step {step} (have {self.all_steps()})")
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target._asdict()), data=ocp.args.JsonRestore()))
+        state = type(target)(**restored["state"])
+        return state, dict(restored["data"]), step
+
+    def reached_preemption(self, step: int) -> bool:
+        """Whether a preemption notice reached this job (multi-process: all processes agree
+        on the step, through JAX's coordination service)."""
+        try:
+            return bool(self.manager.reached_preemption(step))
+        except Exception:  # no distributed runtime: single-process runs use the signal flag
+            return False
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_train_state(cfg: ModelConfig, tx: Any, shardings: Any) -> Any:
+    """The TrainState's shapes and dtypes with `shardings` attached: a restore target."""
+    from qzhou_jax.train.step import TrainState, abstract_params
+
+    abstract = jax.eval_shape(lambda p: TrainState(p, tx.init(p), jnp.zeros((), jnp.int32)), abstract_params(cfg))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def read_data_state(directory: str, step: int) -> dict:
+    path = os.path.join(directory, str(step), "data", "metadata")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

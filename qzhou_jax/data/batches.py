@@ -1,0 +1,160 @@
+"""Records -> token arrays of one task batch, in the train step's format (`train/step.py`).
+
+A global batch of n rows (queries, pairs or anchors) is cut into equal contiguous slices,
+one per host; a host builds only its rows. Everything random about a row (which positive,
+which negatives) is drawn from a generator keyed by (seed, step, global row), so the
+batch is the same whatever the number of hosts or loader workers.
+
+Per task (g = 1 + hard negatives):
+- retrieval: query (with the record's instruction, else the dataset's); its positive (one of
+  `pos`, at random when there are several) then k hard negatives (k of `neg` at random; a
+  record with fewer gets passages of other records of the same dataset: random negatives).
+  Passages get the instruction only for symmetric datasets.
+- sts: text1 / text2 and the gold score; the instruction on both sides when symmetric.
+- classification (example-based triplets, SPEC section 4): the anchor text, another text
+  of its label as positive, k texts of other labels as negatives, and every row's label.
+Every side is padded (right) to the dataset's fixed length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from qzhou_jax.data.sampler import row_rng
+from qzhou_jax.tokenizer import Tokenizer, format_prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    """The shape and prompting of one dataset's batches."""
+
+    task: str
+    batch_size: int
+    hard_negatives: int
+    query_max_length: int
+    passage_max_length: int
+    instruction: str | None = None
+    symmetric: bool = False
+
+    @property
+    def group(self) -> int:
+        return 1 if self.task == "sts" else 1 + self.hard_negatives
+
+
+class LabelIndex:
+    """Records grouped by label, for drawing positives (same label) and negatives (others).
+    Anchors are the records whose label has at least two texts."""
+
+    def __init__(self, labels: np.ndarray, name: str):
+        self.labels = np.asarray(labels, np.int64)
+        order = np.argsort(self.labels, kind="stable")
+        uniq, starts, counts = np.unique(self.labels[order], return_index=True, return_counts=True)
+        self.members = {int(u): order[s:s + c] for u, s, c in zip(uniq, starts, counts)}
+        if len(uniq) < 2:
+            raise ValueError(f"dataset {name!r}: classification needs at least two labels, found {len(uniq)}")
+        keep = counts[np.searchsorted(uniq, self.labels)] >= 2
+        self.anchors = np.nonzero(keep)[0]
+        if len(self.anchors) == 0:
+            raise ValueError(f"dataset {name!r}: no label has two texts (a positive needs another text of "
+                             "the same label)")
+        self.dropped = int(len(self.labels) - len(self.anchors))
+
+    def positive(self, i: int, rng: np.random.Generator) -> int:
+        same = self.members[int(self.labels[i])]
+        j = int(same[rng.integers(len(same) - 1)])
+        return j if j != i else int(same[-1])  # uniform over the label's other texts
+
+    def negatives(self, i: int, k: int, rng: np.random.Generator) -> list[int]:
+        out: list[int] = []
+        label, n = self.labels[i], len(self.labels)
+        while len(out) < k:
+            j = int(rng.integers(n))
+            if self.labels[j] != label:
+                out.append(j)
+        return out
+
+
+class BatchBuilder:
+    """Builds host-local batches of one dataset from its source."""
+
+    def __init__(self, source: Any, spec: BatchSpec, tokenizer: Tokenizer, seed: int, salt: int = 0):
+        self.source, self.spec, self.tokenizer = source, spec, tokenizer
+        self.seed, self.salt = int(seed), int(salt)
+        self.name = getattr(source, "name", "dataset")
+        self.labels: LabelIndex | None = None
+        if spec.task == "classification":
+            labels = getattr(source, "labels", None)
+            if labels is None:
+                labels = self._read_labels()
+            self.labels = LabelIndex(labels, self.name)
+
+    def _read_labels(self) -> np.ndarray:
+        names: dict[str, int] = {}
+        return np.array([names.setdefault(self.source[i].label, len(names)) for i in range(len(self.source))])
+
+    @property
+    def size(self) -> int:
+        """How many records the sampler draws from (classification: the usable anchors)."""
+        return len(self.labels.anchors) if self.labels is not None else len(self.source)
+
+    def record_index(self, i: int) -> int:
+        return int(self.labels.anchors[i]) if self.labels is not None else int(i)
+
+    # ------------------------------------------------------------------ texts
+    def _texts(self, step: int, rows: Sequence[int], row0: int) -> tuple[list[str], list[str], dict]:
+        spec, src = self.spec, self.source
+        q_texts: list[str] = []
+        p_texts: list[str] = []
+        extra: dict[str, list] = {"scores": [], "q_labels": [], "p_labels": []}
+        side_instr = spec.instruction if spec.symmetric else None
+        for r, idx in enumerate(rows):
+            rng = row_rng(self.seed, step, row0 + r, self.salt)
+            i = self.record_index(idx)
+            rec = src[i]
+            if spec.task == "retrieval":
+                instr = getattr(rec, "instruction", None) or spec.instruction
+                q_texts.append(format_prompt(rec.query, instr))
+                pos = rec.pos[int(rng.integers(len(rec.pos)))] if len(rec.pos) > 1 else rec.pos[0]
+                negs = list(rec.neg)
+                k = spec.hard_negatives
+                if len(negs) > k:
+                    negs = [negs[j] for j in sorted(rng.choice(len(negs), k, replace=False))]
+                while len(negs) < k:  # random negatives: other records' positives
+                    j = int(rng.integers(len(src)))
+                    if j != i:
+                        other = src[j].pos
+                        negs.append(other[int(rng.integers(len(other)))])
+                p_instr = instr if spec.symmetric else None
+                p_texts.extend(format_prompt(t, p_instr) for t in [pos] + negs)
+            elif spec.task == "sts":
+                q_texts.append(format_prompt(rec.text1, side_instr))
+                p_texts.append(format_prompt(rec.text2, side_instr))
+                extra["scores"].append(float(rec.score))
+            else:
+                assert self.labels is not None
+                q_texts.append(format_prompt(rec.text, side_instr))
+                pos = self.labels.positive(i, rng)
+                negs = self.labels.negatives(i, spec.hard_negatives, rng)
+                for j in [pos] + negs:
+                    p_texts.append(format_prompt(src[j].text, side_instr))
+                    extra["p_labels"].append(int(self.labels.labels[j]))
+                extra["q_labels"].append(int(self.labels.labels[i]))
+        return q_texts, p_texts, extra
+
+    def build(self, step: int, rows: Sequence[int], row0: int) -> dict[str, np.ndarray]:
+        """The batch arrays for sampler indices `rows` (global rows row0, row0 + 1, ...)."""
+        spec = self.spec
+        q_texts, p_texts, extra = self._texts(step, rows, row0)
+        tok = self.tokenizer
+        q_ids, q_mask = tok.pad(tok.encode(q_texts), length=spec.query_max_length)
+        p_ids, p_mask = tok.pad(tok.encode(p_texts), length=spec.passage_max_length)
+        batch = {"q_ids": q_ids, "q_mask": q_mask, "p_ids": p_ids, "p_mask": p_mask}
+        if spec.task == "sts":
+            batch["scores"] = np.asarray(extra["scores"], np.float32)
+        elif spec.task == "classification":
+            batch["q_labels"] = np.asarray(extra["q_labels"], np.int32)
+            batch["p_labels"] = np.asarray(extra["p_labels"], np.int32)
+        return batch

@@ -1,0 +1,184 @@
+"""`qzhou-jax data`: turn raw datasets into training records, and check record files.
+
+    qzhou-jax data transform KIND --input raw.jsonl --output records.jsonl [--fields ours=theirs ...]
+    qzhou-jax data check --task retrieval|sts|classification --input records.jsonl [--fields ...]
+
+Kinds (SPEC section 4):
+  sts-swap                 STS pairs, each also emitted swapped          -> text1/text2/score
+  nli                      premise/hypothesis/label: entailment 2, neutral 1, contradiction 0,
+                           both directions                               -> text1/text2/score
+  binary-labels            text1/text2/label with true/false, yes/no, 1/0 -> score 1/0, both directions
+  classification-triplets  text/label -> query, a same-label positive, other-label negatives
+  title-body               title -> query, body -> positive
+  conversation             messages: user turn -> query, assistant reply -> positive
+  reading-comprehension    context + "\\n请阅读上述文章，回答下列问题：" + question -> query, answer -> positive
+  claim-evidence           claim/evidence/label: supports -> positive, refutes -> negative
+  triplets                 anchor/positive/negative -> query/pos/neg
+
+Output is JSONL in the record format training reads (retrieval: query/pos/neg/instruction; sts:
+text1/text2/score). It is written under a temporary name and renamed when complete: a failed run
+leaves no output, and an existing output is kept unless --overwrite. A bad input row stops the run
+with file:line and the field, or is skipped and counted with --skip-bad-records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from qzhou_jax.data.records import FAMILIES, BadRecords, iter_rows, resolve_fields, write_records
+from qzhou_jax.data.transforms import KIND_FIELDS, KINDS, NLI_INT_LABELS
+
+log = logging.getLogger("qzhou_jax.data")
+
+
+def parse_fields(items: list[str] | None, defaults: dict[str, str], what: str) -> dict[str, str] | None:
+    """["query=anchor", "pos=positive"] -> {"query": "anchor", "pos": "positive"}, checked against ``defaults``."""
+    if not items:
+        return None
+    fields = {}
+    for item in items:
+        ours, sep, theirs = item.partition("=")
+        if not sep or not ours.strip() or not theirs.strip():
+            raise ValueError(f"--fields {item!r}: expected OURS=THEIRS, e.g. query=anchor "
+                             f"(our names for {what}: {', '.join(defaults)})")
+        fields[ours.strip()] = theirs.strip()
+    resolve_fields(defaults, fields, what)
+    return fields
+
+
+def cmd_transform(args: argparse.Namespace) -> int:
+    fn, family = KINDS[args.kind]
+    fields = parse_fields(args.fields, KIND_FIELDS[args.kind], args.kind)
+    errors = BadRecords(skip=args.skip_bad_records)
+    kwargs: dict[str, Any] = {"fields": fields, "errors": errors}
+    stats: dict[str, Any] = {}
+    if args.kind == "nli":
+        kwargs.update(int_labels=args.nli_int_labels, both_directions=not args.one_direction)
+    elif args.kind == "binary-labels":
+        kwargs.update(both_directions=not args.one_direction)
+    elif args.kind == "classification-triplets":
+        kwargs.update(num_negatives=args.num_negatives, seed=args.seed, stats=stats)
+    elif args.kind == "claim-evidence":
+        kwargs.update(stats=stats)
+    if family == "retrieval":
+        kwargs.update(instruction=args.instruction)
+    elif args.instruction is not None:
+        raise ValueError(f"--instruction does not apply to {args.kind} (it writes scored pairs)")
+    if args.one_direction and args.kind not in ("nli", "binary-labels"):
+        raise ValueError("--one-direction applies to nli and binary-labels only")
+    if not os.path.isfile(args.input):
+        raise FileNotFoundError(f"{args.input}: no such file")
+    rows = _counted(iter_rows(args.input, errors))
+    n = write_records(args.output, fn(rows, **kwargs), overwrite=args.overwrite)
+    errors.warn(args.input, log)
+    extra = "".join(f", {k.replace('_', ' ')}: {_fmt(v)}" for k, v in stats.items() if k != "records")
+    skipped = f", {errors.count} bad rows skipped" if errors.count else ""
+    print(f"wrote {args.output}: {n} {family} records from {rows.count} input rows{skipped}{extra}",
+          file=sys.stderr)
+    return 0
+
+
+class _counted:
+    """Iterator wrapper counting the rows it passed on."""
+
+    def __init__(self, it):
+        self.it = iter(it)
+        self.count = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.it)
+        self.count += 1
+        return item
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, dict):
+        return f"{len(value)}" + (f" ({', '.join(map(str, list(value)[:5]))}{', ...' if len(value) > 5 else ''})"
+                                  if value else "")
+    return str(value)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from qzhou_jax.data.records import DEFAULT_FIELDS
+    from qzhou_jax.data.sources import open_source
+
+    fields = parse_fields(args.fields, DEFAULT_FIELDS[args.task], args.task)
+    spec = {"task": args.task, "path": args.input, "format": args.format, "fields": fields,
+            "skip_bad_records": args.skip_bad_records, "split": args.split}
+    source = open_source(spec)
+    print(f"{args.input}: {len(source)} {args.task} records"
+          + (f", {source.skipped} bad records skipped" if getattr(source, "skipped", 0) else ""))
+    if args.task == "retrieval":
+        pos, neg, instr = [], [], Counter()
+        for i in range(len(source)):
+            r = source[i]
+            pos.append(len(r.pos))
+            neg.append(len(r.neg))
+            instr[r.instruction] += 1
+        pos, neg = np.array(pos), np.array(neg)
+        print(f"  positives per query: mean {pos.mean():.2f}, max {pos.max()}")
+        print(f"  hard negatives per query: mean {neg.mean():.2f}, min {neg.min()}, max {neg.max()} "
+              f"({int((neg > 0).sum())} queries have some)")
+        print(f"  instructions: {len(source) - instr.get(None, 0)} records have one "
+              f"({len([k for k in instr if k is not None])} distinct)")
+    elif args.task == "sts":
+        scores = np.array([source[i].score for i in range(len(source))])
+        print(f"  scores: min {scores.min():g}, max {scores.max():g}, mean {scores.mean():.3f}, "
+              f"{len(np.unique(scores))} distinct")
+    else:
+        counts = Counter(source.label_names[k] for k in source.labels)
+        print(f"  labels: {len(counts)}; records per label: min {min(counts.values())}, "
+              f"max {max(counts.values())}")
+        singles = [k for k, v in counts.items() if v < 2]
+        if singles:
+            print(f"  labels with a single text (no positive possible): {', '.join(singles[:10])}"
+                  + (", ..." if len(singles) > 10 else ""))
+    return 0
+
+
+def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `data transform` and `data check` to a CLI's subparsers."""
+    d = subparsers.add_parser("data", help="convert raw datasets to training records; check record files",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = d.add_subparsers(dest="data_command", required=True)
+
+    t = sub.add_parser("transform", help="raw JSONL -> training records (see `qzhou-jax data -h`)")
+    t.add_argument("kind", choices=list(KINDS))
+    t.add_argument("--input", required=True, help="input JSONL file")
+    t.add_argument("--output", required=True, help="output JSONL file (must not exist unless --overwrite)")
+    t.add_argument("--fields", nargs="+", action="extend", metavar="OURS=THEIRS",
+                   help="input field names, e.g. text1=sentence1 text2=sentence2 (defaults per kind)")
+    t.add_argument("--seed", type=int, default=0, help="classification-triplets: sampling seed (default 0)")
+    t.add_argument("--num-negatives", type=int, default=4,
+                   help="classification-triplets: negatives per query (default 4)")
+    t.add_argument("--nli-int-labels", choices=list(NLI_INT_LABELS), default=None,
+                   help="nli: meaning of integer labels 0/1/2: snli = entailment/neutral/contradiction "
+                        "(SNLI, MultiNLI, XNLI), clue = neutral/entailment/contradiction (CLUE OCNLI, CMNLI)")
+    t.add_argument("--one-direction", action="store_true",
+                   help="nli, binary-labels: do not also emit the swapped pair")
+    t.add_argument("--instruction", default=None, help="retrieval outputs: instruction for records without one")
+    t.add_argument("--skip-bad-records", action="store_true", help="skip and count bad rows instead of stopping")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    t.set_defaults(func=cmd_transform)
+
+    c = sub.add_parser("check", help="validate a record file and print counts")
+    c.add_argument("--task", required=True, choices=list(FAMILIES))
+    c.add_argument("--input", required=True, help="JSONL file (or BEIR folder with --format beir)")
+    c.add_argument("--fields", nargs="+", action="extend", metavar="OURS=THEIRS",
+                   help="field names in the data, e.g. query=anchor pos=positive neg=negative")
+    c.add_argument("--format", choices=["jsonl", "beir"], default=None,
+                   help="default: beir for a folder, else jsonl")
+    c.add_argument("--split", default=None, help="BEIR qrels split (default train)")
+    c.add_argument("--skip-bad-records", action="store_true", help="skip and count bad records instead of stopping")
+    c.set_defaults(func=cmd_check)
+    return d

@@ -1,0 +1,275 @@
+"""Random-access record sources: the pipeline samples indices and reads records by index.
+
+A source has a ``name``, a ``family`` (one of ``FAMILIES``), ``len()`` and ``source[i] -> Record``;
+classification sources also expose ``labels`` (int label id per record) and ``label_names``, so a
+sampler can pick same-class positives without reading texts.
+
+``JsonlSource`` validates a whole file once, up front, and then keeps only byte offsets: a bad line
+stops the run before any device work starts, and memory does not grow with the texts. Records are
+re-read from disk on access, which is what grain's random-access model wants.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import operator
+import os
+import threading
+from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from qzhou_jax.data.records import (
+    DEFAULT_FIELDS, FAMILIES, RECORD_TYPES, BadRecords, Record, RecordError,
+    decode_json_line, parse_record, resolve_fields,
+)
+
+__all__ = ["Source", "JsonlSource", "ListSource", "open_source", "label_index"]
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Source(Protocol):
+    name: str
+    family: str
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> Record: ...
+
+
+def _index(i: Any, n: int) -> int:
+    """A list-like index: negative counts from the end; out of range raises IndexError."""
+    try:
+        i = operator.index(i)
+    except TypeError:
+        raise TypeError(f"source indices must be integers, not {type(i).__name__}") from None
+    j = i + n if i < 0 else i
+    if not 0 <= j < n:
+        raise IndexError(f"index {i} out of range for a source of {n} records")
+    return j
+
+
+def label_index(labels: Iterable[str]) -> tuple[np.ndarray, list[str]]:
+    """(int32 id per label, sorted distinct label names): ids are stable whatever the record order."""
+    labels = list(labels)
+    names = sorted(set(labels))
+    ids = {name: k for k, name in enumerate(names)}
+    return np.fromiter((ids[x] for x in labels), dtype=np.int32, count=len(labels)), names
+
+
+class JsonlSource:
+    """Records of one family from a JSONL file, read by index.
+
+    The constructor scans the file once: it parses and validates every non-blank line and keeps the
+    byte offsets of the good ones (``offsets``, int64) and, for classification, ``labels`` (int32 id
+    per record) and ``label_names`` (sorted). Texts are not kept; ``source[i]`` reads and parses line i
+    again. A bad line raises ``RecordError("path:line: field ...")``; with ``skip_bad_records`` it is
+    skipped, counted in ``skipped`` and reported in one warning. A file with no records is an error.
+
+    The open file handle is per process and opened lazily, so the object pickles (for grain worker
+    processes) without it. Reads use ``os.pread`` and are safe from several threads.
+    """
+
+    def __init__(self, path: str | os.PathLike, family: str, fields: Mapping[str, str] | None = None,
+                 skip_bad_records: bool = False, name: str | None = None):
+        if family not in FAMILIES:
+            raise ValueError(f"unknown task family {family!r} (expected one of {', '.join(FAMILIES)})")
+        self.path = os.fspath(path)
+        self.family = family
+        self.fields = resolve_fields(DEFAULT_FIELDS[family], fields, family)
+        self.name = name or os.path.splitext(os.path.basename(self.path))[0]
+        self.labels: np.ndarray | None = None
+        self.label_names: list[str] | None = None
+        self._abspath = os.path.abspath(self.path)
+        self._file = None
+        self._pid = None
+        self._lock = threading.Lock()
+        self._scan(BadRecords(skip=skip_bad_records))
+
+    def _scan(self, errors: BadRecords) -> None:
+        if os.path.isdir(self.path):
+            raise FileNotFoundError(f"{self.path}: a folder, not a JSONL file (a BEIR folder? use format beir)")
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"{self.path}: no such file")
+        starts = array.array("q")
+        labels: list[str] = []
+        end = 0
+        with open(self.path, "rb") as f:
+            st = os.fstat(f.fileno())
+            pos = 0
+            for lineno, line in enumerate(f, 1):
+                start, pos = pos, pos + len(line)
+                if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+                    line, start = line[3:], start + 3
+                if not line.strip():
+                    continue
+                where = f"{self.path}:{lineno}"
+                try:
+                    record = parse_record(decode_json_line(line, where), self.family, self.fields, where)
+                except RecordError as e:
+                    errors.handle(e)
+                    continue
+                starts.append(start)
+                end = pos
+                if self.family == "classification":
+                    labels.append(record.label)
+        self._stat = (st.st_size, st.st_mtime_ns)
+        self.skipped = errors.count
+        errors.warn(self.path, log)
+        if not starts:
+            why = f"all {errors.count} non-blank lines are bad" if errors.count else "empty file"
+            raise RecordError(f"{self.path}: no records ({why})")
+        # bounds[i]:bounds[i+1] holds record i's line (and any blank or skipped lines after it).
+        self._bounds = np.empty(len(starts) + 1, dtype=np.int64)
+        self._bounds[:-1] = np.frombuffer(starts, dtype=np.int64)
+        self._bounds[-1] = end
+        if self.family == "classification":
+            self.labels, self.label_names = label_index(labels)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Byte offset of each record's line (int64, read-only view)."""
+        view = self._bounds[:-1]
+        view.flags.writeable = False
+        return view
+
+    def __len__(self) -> int:
+        return len(self._bounds) - 1
+
+    def _handle(self):
+        if self._file is None or self._pid != os.getpid():
+            with self._lock:
+                if self._file is None or self._pid != os.getpid():
+                    f = open(self._abspath, "rb", buffering=0)
+                    st = os.fstat(f.fileno())
+                    if (st.st_size, st.st_mtime_ns) != self._stat:
+                        f.close()
+                        raise RecordError(f"{self.path}: the file changed after it was scanned; "
+                                          "open the source again")
+                    self._file, self._pid = f, os.getpid()
+        return self._file
+
+    def _read(self, start: int, size: int) -> bytes:
+        f = self._handle()
+        if hasattr(os, "pread"):
+            return os.pread(f.fileno(), size, start)
+        with self._lock:  # no pread (Windows): seek + read under the lock
+            f.seek(start)
+            return f.read(size)
+
+    def __getitem__(self, i: int) -> Record:
+        j = _index(i, len(self))
+        start, stop = int(self._bounds[j]), int(self._bounds[j + 1])
+        line = self._read(start, stop - start).split(b"\n", 1)[0]
+        where = f"{self.path}: record {j} (byte {start})"
+        return parse_record(decode_json_line(line, where), self.family, self.fields, where)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_file"] = None
+        state["_pid"] = None
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (f"JsonlSource({self.path!r}, family={self.family!r}, records={len(self)}"
+                + (f", skipped={self.skipped}" if self.skipped else "") + ")")
+
+
+class ListSource:
+    """An in-memory list of records with the ``Source`` interface (tests, BEIR, small transformed sets)."""
+
+    def __init__(self, records: Sequence[Record], family: str | None = None, name: str = "list"):
+        records = list(records)
+        if not records:
+            raise ValueError(f"{name}: no records")
+        if family is None:
+            family = next((fam for fam, cls in RECORD_TYPES.items() if isinstance(records[0], cls)), None)
+            if family is None:
+                raise TypeError(f"{name}: not a record: {type(records[0]).__name__}")
+        if family not in FAMILIES:
+            raise ValueError(f"unknown task family {family!r} (expected one of {', '.join(FAMILIES)})")
+        cls = RECORD_TYPES[family]
+        for k, r in enumerate(records):
+            if not isinstance(r, cls):
+                raise TypeError(f"{name}: record {k} is a {type(r).__name__}, expected {cls.__name__} ({family})")
+        self.records = records
+        self.family = family
+        self.name = name
+        self.skipped = 0
+        self.labels: np.ndarray | None = None
+        self.label_names: list[str] | None = None
+        if family == "classification":
+            self.labels, self.label_names = label_index(r.label for r in records)
+
+    @classmethod
+    def from_dicts(cls, rows: Iterable[Any], family: str, fields: Mapping[str, str] | None = None,
+                   name: str = "list") -> "ListSource":
+        """Parse dicts, validated like JSONL lines (errors say "name:row")."""
+        return cls([parse_record(obj, family, fields, f"{name}:{k + 1}") for k, obj in enumerate(rows)],
+                   family, name)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Record:
+        return self.records[_index(i, len(self.records))]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, family={self.family!r}, records={len(self)})"
+
+
+FORMATS = ("jsonl", "beir", "tfds")
+
+
+def open_source(spec: Mapping[str, Any]) -> Source:
+    """A source from a dataset entry of the training config.
+
+    Keys: ``task`` (the family: retrieval, sts, classification), ``path``, ``format`` ("jsonl", "beir" or
+    "tfds"; default "beir" when ``path`` is a folder, else "jsonl"), ``name`` (default: the file or folder
+    name), ``fields`` (our name -> the data's name), ``skip_bad_records``, ``split`` (BEIR: qrels split,
+    default "train"; TFDS: default "train") and ``data_dir`` (TFDS). For TFDS, ``path`` is the dataset
+    name as ``tfds.data_source`` takes it ("glue/stsb", "ag_news_subset:1.0.0"). Other keys are ignored
+    (they belong to the sampler or pipeline).
+    """
+    task = spec.get("task")
+    if task not in FAMILIES:
+        raise ValueError(f"dataset {spec.get('name', spec.get('path'))!r}: task must be one of "
+                         f"{', '.join(FAMILIES)}, got {task!r}")
+    path = spec.get("path")
+    if not path:
+        raise ValueError(f"dataset {spec.get('name')!r}: no path")
+    path = os.fspath(path)
+    fmt = spec.get("format") or ("beir" if os.path.isdir(path) else "jsonl")
+    if fmt not in FORMATS:
+        raise ValueError(f"dataset {spec.get('name', path)!r}: unknown format {fmt!r} (expected one of "
+                         f"{', '.join(FORMATS)})")
+    fields = spec.get("fields") or None
+    skip = bool(spec.get("skip_bad_records", False))
+    name = spec.get("name")
+    if fmt == "jsonl":
+        return JsonlSource(path, task, fields=fields, skip_bad_records=skip, name=name)
+    if fmt == "beir":
+        from qzhou_jax.data.beir import BeirSource
+
+        if task != "retrieval":
+            raise ValueError(f"dataset {name or path!r}: BEIR folders hold retrieval data, not {task}")
+        if fields:
+            raise ValueError(f"dataset {name or path!r}: 'fields' does not apply to BEIR folders")
+        return BeirSource(path, split=spec.get("split") or "train", name=name)
+    from qzhou_jax.data.tfds_source import TfdsSource
+
+    return TfdsSource(path, split=spec.get("split") or "train", family=task, fields=fields,
+                      data_dir=spec.get("data_dir"), skip_bad_records=skip, source_name=name)

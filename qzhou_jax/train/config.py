@@ -1,0 +1,314 @@
+"""The configuration of a training run: one YAML file, overridable from the command line.
+
+    qzhou-jax train --config configs/stage1-7b.yaml --set train.lr=2e-5 --set data.batch_size=128
+
+Top-level sections (every key is checked, unknown keys and wrong types fail with the
+key's path before any device work):
+
+    out_dir      folder of the run: checkpoints/, metrics.jsonl, tensorboard events, hf/
+    init_from    a HF checkpoint folder or an Orbax checkpoint (params folder, or another
+                 run's checkpoints/ folder: stage 2 starts from stage 1's result)
+    model        `preset: <name>` plus any ModelConfig field (architecture fields only
+                 without init_from; with it, only the embedding and execution fields)
+    mesh         MeshConfig: data / fsdp / tensor sizes (-1: the remaining devices)
+    train        TrainConfig (optimizer, schedule, total_steps, chunk_size, seed)
+    loss         LossConfig (temperatures, negatives)
+    data         DataConfig: datasets, mixture (alpha, eta), batch sizes, lengths
+    checkpoint   CheckpointConfig: every / keep / async
+    eval         EvalConfig: task file, how often
+    log          LogConfig: how often, TensorBoard, progress bar
+
+Paths may use `{assets}` (the package's bundled assets folder) and environment variables
+(`$DATA/...`); relative paths are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Literal
+
+from qzhou_jax.config import (PRESETS, ConfigError, ModelConfig, apply_overrides, from_dict, load_yaml,
+                              to_dict)
+from qzhou_jax.sharding import MeshConfig
+from qzhou_jax.tokenizer import ASSETS
+from qzhou_jax.train.optim import TrainConfig
+from qzhou_jax.train.step import LossConfig
+
+TASKS = ("retrieval", "sts", "classification")
+FORMATS = ("jsonl", "beir", "tfds")
+# ModelConfig fields a run may change on a pretrained checkpoint (not its architecture).
+POLICY_FIELDS = ("attention", "pooling", "normalize", "embedding_dim", "param_dtype", "compute_dtype",
+                 "remat", "scan_layers", "attention_impl")
+
+
+def expand_path(path: str) -> str:
+    """`{assets}` -> the bundled assets folder; `$VAR` / `~` expanded."""
+    return os.path.expanduser(os.path.expandvars(path.replace("{assets}", ASSETS)))
+
+
+def _positive(value: Any, path: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{path}: expected a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+    """One training dataset; every batch comes from exactly one dataset.
+
+    task: retrieval (query, pos, neg), sts (text1, text2, score: CoSENT) or
+    classification (text, label: class-masked InfoNCE over example-based triplets).
+    fields: our field name -> the name in the data (e.g. {query: anchor, pos: positive}).
+    instruction: QZhou's prompt; queries only for retrieval, both sides when `symmetric`
+    (default: true for sts and classification, SPEC section 2). For retrieval a record's own
+    `instruction` field wins. Unset sizes and lengths come from the `data` section.
+    weight: replaces the n^alpha mixture weight of this dataset.
+    """
+
+    name: str
+    task: Literal["retrieval", "sts", "classification"]
+    path: str
+    format: Literal["jsonl", "beir", "tfds"] = "jsonl"
+    split: str = "train"
+    fields: dict[str, str] = dataclasses.field(default_factory=dict)
+    instruction: str | None = None
+    symmetric: bool | None = None
+    batch_size: int | None = None
+    hard_negatives: int | None = None
+    query_max_length: int | None = None
+    passage_max_length: int | None = None
+    weight: float | None = None
+    skip_bad_records: bool | None = None
+    data_dir: str | None = None
+
+    def __post_init__(self):
+        if not self.name:
+            raise ConfigError("name: must not be empty")
+        for key in ("batch_size", "query_max_length", "passage_max_length"):
+            _positive(getattr(self, key), key)
+        if self.hard_negatives is not None and self.hard_negatives < 0:
+            raise ConfigError(f"hard_negatives: expected >= 0, got {self.hard_negatives}")
+        if self.weight is not None and not (self.weight > 0 and math.isfinite(self.weight)):
+            raise ConfigError(f"weight: expected a positive number, got {self.weight}")
+
+    @property
+    def is_symmetric(self) -> bool:
+        return self.task != "retrieval" if self.symmetric is None else self.symmetric
+
+    def source_spec(self, skip_bad_records: bool) -> dict:
+        """Keyword arguments of `qzhou_jax.data.sources.open_source`."""
+        return {"name": self.name, "task": self.task, "path": expand_path(self.path), "format": self.format,
+                "split": self.split, "fields": dict(self.fields),
+                "skip_bad_records": self.skip_bad_records if self.skip_bad_records is not None else skip_bad_records,
+                "data_dir": expand_path(self.data_dir) if self.data_dir else None}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The dataset mixture and batch shapes.
+
+    Dataset i is drawn with probability proportional to n_i^alpha (its `weight` if set).
+    With `eta`, retrieval datasets together get the share eta of the draws and the others
+    1 - eta (each group split by n^alpha inside; SPEC section 5: 0.72 in stage 2).
+    batch_size: global queries (retrieval) / anchors (classification) per step;
+    pair_batch_size: global pairs per CoSENT step (sts). Each query carries
+    `hard_negatives` passages besides its positive (records with fewer get random passages
+    of the same dataset). Lengths are fixed per dataset: every batch of a dataset has the
+    same shape (one compiled step per dataset), on every host.
+    """
+
+    datasets: tuple[DatasetConfig, ...] = ()
+    alpha: float = 0.5
+    eta: float | None = None
+    batch_size: int = 256
+    pair_batch_size: int = 768
+    hard_negatives: int = 4
+    query_max_length: int = 256
+    passage_max_length: int = 1536
+    tokenizer: str | None = None
+    seed: int | None = None
+    skip_bad_records: bool = False
+    workers: int = 0
+    prefetch: int = 2
+
+    def __post_init__(self):
+        if not self.datasets:
+            raise ConfigError("datasets: at least one dataset is required")
+        names = [d.name for d in self.datasets]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"datasets: duplicate name {dup[0]!r}")
+        if not (self.alpha >= 0 and math.isfinite(self.alpha)):
+            raise ConfigError(f"alpha: expected a number >= 0, got {self.alpha}")
+        if self.eta is not None:
+            if not 0.0 <= self.eta <= 1.0:
+                raise ConfigError(f"eta: expected a share in [0, 1], got {self.eta}")
+            tasks = {d.task for d in self.datasets}
+            if 0 < self.eta < 1 and not ("retrieval" in tasks and tasks - {"retrieval"}):
+                raise ConfigError("eta: needs both retrieval and non-retrieval datasets "
+                                  f"(tasks present: {sorted(tasks)})")
+        for key in ("batch_size", "pair_batch_size", "query_max_length", "passage_max_length"):
+            _positive(getattr(self, key), key)
+        if self.hard_negatives < 0 or self.workers < 0 or self.prefetch < 0:
+            raise ConfigError("hard_negatives, workers and prefetch must be >= 0")
+
+    def resolved(self, ds: DatasetConfig) -> dict:
+        """The dataset's effective batch size, group size and lengths."""
+        if ds.task == "sts":
+            n = ds.batch_size or self.pair_batch_size
+            k = 0
+        else:
+            n = ds.batch_size or self.batch_size
+            k = self.hard_negatives if ds.hard_negatives is None else ds.hard_negatives
+        return {"batch_size": n, "hard_negatives": k, "group": 1 + k,
+                "query_max_length": ds.query_max_length or self.query_max_length,
+                "passage_max_length": ds.passage_max_length or self.passage_max_length}
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax CheckpointManager settings: a save every `every` steps and at the end, the
+    last `keep` kept, asynchronous writes; on SIGTERM the run saves and exits.
+    dir: default <out_dir>/checkpoints."""
+
+    dir: str | None = None
+    every: int = 1000
+    keep: int = 3
+    async_save: bool = True
+    save_on_preemption: bool = True
+
+    def __post_init__(self):
+        _positive(self.every, "every")
+        _positive(self.keep, "keep")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation during training: `tasks` is a task file (or names from the shipped
+    tables), run before training (`before`), every `every` steps (0: never in between)
+    and at the end."""
+
+    tasks: str | None = None
+    every: int = 0
+    before: bool = True
+    batch_size: int = 32
+    max_length: int = 512
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ConfigError(f"every: expected >= 0, got {self.every}")
+        _positive(self.batch_size, "batch_size")
+        _positive(self.max_length, "max_length")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """Metrics every `every` steps to <out_dir>/metrics.jsonl and TensorBoard event files.
+    peak_tflops: per-device peak for MFU (default: known accelerators; none on CPU)."""
+
+    every: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+    peak_tflops: float | None = None
+
+    def __post_init__(self):
+        _positive(self.every, "every")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig
+    out_dir: str = "runs/run"
+    init_from: str | None = None
+    model: dict[str, Any] = dataclasses.field(default_factory=lambda: {"preset": "tiny"})
+    mesh: MeshConfig = MeshConfig()
+    train: TrainConfig = TrainConfig()
+    loss: LossConfig = LossConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+    log: LogConfig = LogConfig()
+    export_hf: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "_model", model_config(self.model, self.init_from))
+        chunk = self.train.chunk_size
+        for i, ds in enumerate(self.data.datasets):
+            n = self.data.resolved(ds)["batch_size"]
+            if chunk and n % chunk and chunk < n:
+                raise ConfigError(f"train.chunk_size: {chunk} does not divide data.datasets[{i}] "
+                                  f"({ds.name}) batch of {n}")
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self._model  # type: ignore[attr-defined]
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return expand_path(self.checkpoint.dir) if self.checkpoint.dir else os.path.join(self.output_dir, "checkpoints")
+
+    @property
+    def output_dir(self) -> str:
+        return expand_path(self.out_dir)
+
+    @property
+    def data_seed(self) -> int:
+        return self.train.seed if self.data.seed is None else self.data.seed
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+def model_config(section: dict[str, Any], init_from: str | None) -> ModelConfig:
+    """The ModelConfig of a run: a preset plus fields, or a pretrained checkpoint's config
+    plus embedding / execution fields."""
+    section = dict(section or {})
+    preset = section.pop("preset", None)
+    if init_from:
+        from qzhou_jax.checkpoint.orbax_io import read_model_config
+
+        arch = sorted(k for k in section if k not in POLICY_FIELDS)
+        if arch:
+            raise ConfigError(f"model.{arch[0]}: the architecture comes from init_from ({init_from}); "
+                              f"only {', '.join(POLICY_FIELDS)} may be set")
+        if preset is not None:
+            raise ConfigError("model.preset: set either a preset or init_from, not both")
+        folder = resolve_init_from(init_from)
+        try:
+            base = read_model_config(folder)
+        except FileNotFoundError as e:
+            raise ConfigError(f"init_from: {e}") from None
+        data = {**to_dict(base), **section}
+    else:
+        if preset is None:
+            raise ConfigError("model.preset: required without init_from (known presets: "
+                              f"{', '.join(sorted(PRESETS))})")
+        if preset not in PRESETS:
+            raise ConfigError(f"model.preset: unknown preset {preset!r} (known: {', '.join(sorted(PRESETS))})")
+        data = {**PRESETS[preset], **section}
+    return from_dict(ModelConfig, data, "model")
+
+
+def resolve_init_from(path: str) -> str:
+    """The folder holding the model config of `init_from` (a run folder, its checkpoints/
+    folder, an Orbax or a HF folder)."""
+    folder = expand_path(path)
+    if not os.path.isdir(folder):
+        raise ConfigError(f"init_from: {folder}: folder not found")
+    for candidate in (folder, os.path.dirname(folder.rstrip("/"))):
+        if any(os.path.isfile(os.path.join(candidate, n)) for n in ("qzhou_config.json", "config.json")):
+            return candidate
+    raise ConfigError(f"init_from: {folder}: no qzhou_config.json or config.json there or in its parent")
+
+
+def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+                    data: dict | None = None) -> RunConfig:
+    """A checked RunConfig from a YAML file (or a dict) and `key=value` overrides."""
+    raw = load_yaml(path) if path is not None else dict(data or {})
+    raw = apply_overrides(raw, list(overrides))
+    try:
+        return from_dict(RunConfig, raw, "")
+    except ConfigError as e:
+        if path is not None:
+            raise ConfigError(f"{os.fspath(path)}: {e}") from None
+        raise

@@ -1,0 +1,311 @@
+"""A training run: config -> data -> sharded train state -> steps -> checkpoints -> HF export.
+
+    from qzhou_jax.train.config import load_run_config
+    from qzhou_jax.train.loop import train
+    result = train(load_run_config("configs/demo.yaml"), resume=False)
+
+What a run does, in order:
+1. The config was checked when loaded; here every dataset is opened and indexed (every
+   record validated) and batch sizes are checked against the mesh, before any device work.
+2. The mesh is built (multi-process runs call `jax.distributed.initialize()` first), and the
+   state is created: from a checkpoint (`resume`), from `init_from` (a HF or Orbax model;
+   stage 2 starts from stage 1's checkpoints folder) or from a random initialization.
+3. Steps run over the task-homogeneous batches (one compiled step per dataset shape),
+   with metrics logged every `log.every` steps and an evaluation before, every
+   `eval.every` steps and at the end. Checkpoints are written asynchronously every
+   `checkpoint.every` steps and at the end.
+4. SIGTERM (preemption): the current step finishes, a checkpoint is written and waited
+   for, and the run returns status "preempted" (the command exits with code 75:
+   rerun it with --resume). With several processes, JAX's preemption sync point makes
+   every process save at the same step.
+5. At the end the parameters are exported as a HF + sentence-transformers folder
+   (<out_dir>/hf) when `export_hf` is set.
+
+Resuming restores parameters, optimizer state, step, and the data position; batches are
+a function of (seed, step), so a resumed run computes exactly the losses an
+uninterrupted run would, on any mesh shape and number of data-loading processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from qzhou_jax import sharding
+from qzhou_jax.checkpoint.manager import RunCheckpoints, abstract_train_state
+from qzhou_jax.hardware import peak_flops
+from qzhou_jax.tokenizer import DEMO_TOKENIZER, Tokenizer
+from qzhou_jax.train.config import RunConfig, resolve_init_from
+from qzhou_jax.train.metrics import MetricsLog, step_flops
+from qzhou_jax.train.optim import make_optimizer
+from qzhou_jax.train.step import Trainer, check_batch, check_finite, train_state_shardings
+
+log = logging.getLogger(__name__)
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: rerun with --resume
+
+
+@dataclasses.dataclass
+class RunResult:
+    status: str                      # "completed" or "preempted"
+    step: int                        # optimizer steps done
+    history: list[dict]              # logged metrics per step (every log.every steps)
+    evals: dict[str, Any]            # "before" / "step_<n>" / "after" -> task results
+    out_dir: str
+    checkpoint_dir: str
+    hf_dir: str | None = None
+    seconds: float = 0.0
+
+
+class _Preemption:
+    """SIGTERM sets a flag that the loop checks after each step (single-process runs)."""
+
+    def __init__(self, enabled: bool):
+        self.flag = False
+        self._old = None
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+
+    def __enter__(self):
+        if self.enabled:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: finishing this step, then saving a checkpoint")
+        self.flag = True
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            signal.signal(signal.SIGTERM, self._old if self._old is not None else signal.SIG_DFL)
+
+
+def tokenizer_path(cfg: RunConfig) -> str:
+    """The tokenizer of a run: data.tokenizer, else init_from's, else the demo tokenizer
+    for the tiny preset."""
+    from qzhou_jax.train.config import expand_path
+
+    if cfg.data.tokenizer:
+        path = expand_path(cfg.data.tokenizer)
+    elif cfg.init_from:
+        folder = resolve_init_from(cfg.init_from)
+        path = os.path.join(folder, "tokenizer") if os.path.isdir(os.path.join(folder, "tokenizer")) else folder
+    elif cfg.model.get("preset") == "tiny":
+        path = DEMO_TOKENIZER
+    else:
+        raise ValueError("data.tokenizer: required (a tokenizer folder) when the model is neither the tiny preset "
+                         "nor initialized from a checkpoint")
+    if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        raise FileNotFoundError(f"data.tokenizer: {path}: no tokenizer_config.json")
+    return path
+
+
+def _evaluate(cfg: RunConfig, params: Any, tokenizer_dir: str, mesh: Any) -> dict:
+    from qzhou_jax.eval.encoder import Encoder
+    from qzhou_jax.eval.run import evaluate
+    from qzhou_jax.eval.tasks import load_task_specs
+    from qzhou_jax.train.config import expand_path
+
+    specs = load_task_specs(expand_path(cfg.eval.tasks))
+    tok = Tokenizer(tokenizer_dir, max_length=cfg.eval.max_length)
+    encoder = Encoder(params, cfg.model_config, tok, batch_size=cfg.eval.batch_size, mesh=mesh)
+    return evaluate(specs, encoder)
+
+
+def main_scores(results: Mapping[str, Any]) -> dict[str, float]:
+    return {name: float(r["main_score"]) for name, r in results.items() if "main_score" in r}
+
+
+def _initial_params(cfg: RunConfig, mesh: Any) -> Any:
+    from qzhou_jax.model import create_model
+
+    model_cfg = cfg.model_config
+    if cfg.init_from:
+        from qzhou_jax.checkpoint import load_pretrained
+        from qzhou_jax.train.config import POLICY_FIELDS, expand_path
+
+        policy = {k: getattr(model_cfg, k) for k in POLICY_FIELDS}
+        loaded = load_pretrained(expand_path(cfg.init_from), mesh=mesh, **policy)
+        return loaded.params
+    return create_model(model_cfg, seed=cfg.train.seed, mesh=mesh).encoder.params()
+
+
+def train(cfg: RunConfig, resume: bool = False, *, hooks: Sequence[Callable[[int, dict], None]] = (),
+          stop_after: int | None = None) -> RunResult:
+    """Run (or resume) the training run `cfg`. `hooks(step, metrics)` are called after each
+    step's metrics are fetched; `stop_after` ends the loop early after that many steps
+    (no final save: for tests and debugging)."""
+    from qzhou_jax.data.pipeline import TrainData
+
+    t_start = time.perf_counter()
+    model_cfg = cfg.model_config
+    out_dir = cfg.output_dir
+    tok_dir = tokenizer_path(cfg)
+    tokenizer = Tokenizer(tok_dir, max_length=max(max(s["query_max_length"], s["passage_max_length"])
+                                                   for s in map(cfg.data.resolved, cfg.data.datasets)))
+
+    sharding.maybe_initialize_distributed()
+    main = jax.process_index() == 0
+    data = TrainData.from_config(cfg, tokenizer)
+    mesh = sharding.make_mesh(cfg.mesh)
+    for spec, ds in zip(data.specs, cfg.data.datasets):  # fail before compiling with the numbers
+        shapes = {"q_ids": (spec.batch_size, spec.query_max_length),
+                  "p_ids": (spec.batch_size * spec.group, spec.passage_max_length)}
+        shapes.update(q_mask=shapes["q_ids"], p_mask=shapes["p_ids"], scores=(spec.batch_size,),
+                      q_labels=(spec.batch_size,), p_labels=(spec.batch_size * spec.group,))
+        try:
+            check_batch({k: np.empty(v, np.int8) for k, v in shapes.items()}, spec.task, mesh, None,
+                        cfg.train.chunk_size)
+        except ValueError as e:
+            raise ValueError(f"data.datasets ({ds.name}): {e}") from None
+
+    ckpts = RunCheckpoints(cfg.checkpoint_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    start_step = 0
+    if resume and ckpts.latest_step() is not None:
+        tx = make_optimizer(cfg.train)
+        target = abstract_train_state(model_cfg, tx, train_state_shardings(model_cfg, tx, mesh))
+        state, data_state, saved = ckpts.restore(target)
+        start_step = data.check_state(data_state)
+        if int(state.step) != start_step:
+            raise ValueError(f"{ckpts.directory}/{saved}: train state at step {int(state.step)} but data at "
+                             f"{start_step}")
+        trainer = Trainer(model_cfg, cfg.train, None, loss_cfg=cfg.loss, mesh=mesh, state=state)
+        log.info("resumed from %s at step %d", ckpts.directory, start_step)
+    else:
+        if ckpts.latest_step() is not None:
+            raise ValueError(f"{ckpts.directory}: holds checkpoints (latest step {ckpts.latest_step()}); pass "
+                             "--resume to continue that run, or choose another out_dir")
+        trainer = Trainer(model_cfg, cfg.train, _initial_params(cfg, mesh), loss_cfg=cfg.loss, mesh=mesh,
+                          donate_params=True)
+    ckpts.write_metadata(model_cfg, tok_dir, cfg.to_dict())
+
+    logger = MetricsLog(out_dir, cfg.log.tensorboard, enabled=main, resume_step=start_step if resume else None)
+    result = RunResult("completed", start_step, [], {}, out_dir, ckpts.directory)
+    if main:
+        for row in data.describe():
+            log.info("dataset %(name)s: %(task)s, %(records)d records, batch %(batch_size)d, "
+                     "p=%(probability).3f", row)
+    if cfg.eval.tasks and cfg.eval.before and start_step == 0:
+        result.evals["before"] = _evaluate(cfg, trainer.params, tok_dir, mesh)
+        logger.write(0, main_scores(result.evals["before"]), prefix="eval")
+
+    peak = peak_flops(jax.devices()[0], cfg.log.peak_tflops)
+    n_dev = jax.device_count()
+    progress = None
+    if main and cfg.log.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=cfg.train.total_steps, initial=start_step, desc="train", unit="step",
+                        dynamic_ncols=True)
+    pending: list[tuple[int, str, str, Any, float, int]] = []
+    window = {"t": time.perf_counter(), "flops": 0.0, "tokens": 0}
+    step = start_step
+    last_saved = start_step if resume else None
+
+    def flush() -> None:
+        if not pending:
+            return
+        fetched = jax.device_get([p[3] for p in pending])
+        now = time.perf_counter()
+        dt = max(now - window["t"], 1e-9)
+        for (s, task, name, _, _, _), m in zip(pending, fetched):
+            m = {k: float(v) for k, v in m.items()}
+            check_finite(m, s)
+            m.update(step=s, task=task, dataset=name)
+            result.history.append(m)
+            for hook in hooks:
+                hook(s, m)
+        last = result.history[-1]
+        rates = {"tokens_per_s": window["tokens"] / dt, "steps_per_s": len(pending) / dt}
+        if peak:
+            rates["mfu"] = window["flops"] / dt / (n_dev * peak)
+        summary = {k: last[k] for k in ("loss", "grad_norm", "lr") if k in last}
+        summary.update(rates, task=last["task"], dataset=last["dataset"])
+        logger.write(last["step"] + 1, summary)
+        if progress is not None:
+            post = {"loss": f"{last['loss']:.4f}", "tok/s": f"{rates['tokens_per_s']:,.0f}", "task": last["task"]}
+            if "mfu" in rates:
+                post["mfu"] = f"{rates['mfu']:.2f}"
+            progress.set_postfix(post, refresh=False)
+        pending.clear()
+        window.update(t=now, flops=0.0, tokens=0)
+
+    def save(at: int, force: bool = False) -> None:
+        nonlocal last_saved
+        if last_saved == at:
+            return
+        ckpts.save(at, trainer.state, data.state(at), force=force)
+        last_saved = at
+
+    with _Preemption(cfg.checkpoint.save_on_preemption) as preempt:
+        try:
+            for item in data.iterator(start_step):
+                step = item.step
+                batch = trainer.prepare(item.batch, item.task)
+                trainer.state, metrics = trainer.step_fn(item.task)(trainer.state, batch)
+                shapes = {k: tuple(v.shape) for k, v in batch.items()}
+                window["flops"] += step_flops(model_cfg, shapes)
+                window["tokens"] += int(np.prod(shapes["q_ids"])) + int(np.prod(shapes["p_ids"]))
+                pending.append((step, item.task, item.dataset, metrics, 0.0, 0))
+                done = step + 1
+                if progress is not None:
+                    progress.update(1)
+                if done % cfg.log.every == 0 or done == cfg.train.total_steps:
+                    flush()
+                if cfg.eval.tasks and cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.total_steps:
+                    flush()
+                    res = _evaluate(cfg, trainer.params, tok_dir, mesh)
+                    result.evals[f"step_{done}"] = res
+                    logger.write(done, main_scores(res), prefix="eval")
+                result.step = done
+                stop = preempt.flag or (jax.process_count() > 1 and ckpts.reached_preemption(done))
+                if stop and cfg.checkpoint.save_on_preemption:
+                    flush()
+                    save(done, force=True)
+                    ckpts.wait()
+                    result.status = "preempted"
+                    log.warning("preempted: checkpoint for step %d written to %s; rerun with --resume",
+                                done, ckpts.directory)
+                    break
+                if done % cfg.checkpoint.every == 0:
+                    save(done)
+                if stop_after is not None and done >= stop_after:
+                    flush()
+                    result.status = "stopped"
+                    break
+            flush()
+            if result.status == "completed":
+                save(result.step, force=True)
+        finally:
+            if progress is not None:
+                progress.close()
+            ckpts.close()
+
+    if result.status == "completed":
+        if cfg.eval.tasks:
+            result.evals["after"] = _evaluate(cfg, trainer.params, tok_dir, mesh)
+            logger.write(result.step, main_scores(result.evals["after"]), prefix="eval")
+        if cfg.export_hf:
+            result.hf_dir = _export(cfg, trainer, tok_dir)
+    logger.close()
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _export(cfg: RunConfig, trainer: Trainer, tok_dir: str) -> str | None:
+    from qzhou_jax.checkpoint.export import save_hf
+
+    out = os.path.join(cfg.output_dir, "hf")
+    if jax.process_count() > 1:
+        log.warning("multi-process run: export the result with `qzhou-jax convert` from %s", cfg.checkpoint_dir)
+        return None
+    instruction = next((d.instruction for d in cfg.data.datasets if d.task == "retrieval" and d.instruction), None)
+    length = max(cfg.data.resolved(d)["passage_max_length"] for d in cfg.data.datasets)
+    return save_hf(trainer.params, cfg.model_config, out, dtype=cfg.model_config.param_dtype, tokenizer_dir=tok_dir,
+                   max_seq_length=length, query_instruction=instruction, overwrite=True)

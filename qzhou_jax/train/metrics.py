@@ -1,0 +1,84 @@
+"""Run metrics: a JSONL log and TensorBoard event files (process 0 writes), throughput and MFU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+from qzhou_jax.config import ModelConfig
+
+
+def step_flops(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]]) -> float:
+    """Model FLOPs of one training step on a global batch (padded shapes; forward and
+    backward, attention included; GradCache's re-run is not counted, as in MFU)."""
+    total = 0.0
+    for side in ("q", "p"):
+        rows, length = shapes[f"{side}_ids"]
+        total += cfg.flops_per_token(length, training=True) * rows * length
+    return total
+
+
+class MetricsLog:
+    """Appends metrics to <out>/metrics.jsonl and TensorBoard events under <out>/tensorboard.
+
+    Rows are labelled with the number of steps done. On resume from step k, rows after k
+    (written by the interrupted attempt after its checkpoint) are dropped, so the log
+    reads as one run.
+    """
+
+    def __init__(self, out_dir: str, tensorboard: bool = True, enabled: bool = True, resume_step: int | None = None):
+        self.enabled = enabled
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.tb = None
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        if resume_step is not None and os.path.isfile(self.path):
+            self._truncate(resume_step)
+        elif resume_step is None and os.path.isfile(self.path):
+            os.replace(self.path, self.path + ".previous")
+        self.file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), 
+                                   purge_step=None if resume_step is None else resume_step + 1)
+
+    def _truncate(self, step: int) -> None:
+        keep = []
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    if json.loads(line).get("step", -1) <= step:
+                        keep.append(line)
+                except json.JSONDecodeError:
+                    continue
+        tmp = f"{self.path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, values: Mapping[str, Any], prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                row[f"{prefix}/{k}" if prefix else k] = float(v) if math.isfinite(float(v)) else str(v)
+            elif isinstance(v, str):
+                row[f"{prefix}/{k}" if prefix else k] = v
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, float):
+                    self.tb.add_scalar(k, v, global_step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()

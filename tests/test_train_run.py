@@ -1,0 +1,208 @@
+"""Training runs: resume after SIGTERM, mesh / worker changes, the sampler, bad input, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from qzhou_jax.cli import main as cli_main
+from qzhou_jax.config import ConfigError
+from qzhou_jax.data.pipeline import TrainData
+from qzhou_jax.data.sampler import BatchPlan, DatasetEntry, mixture_probabilities
+from qzhou_jax.train.config import load_run_config
+from qzhou_jax.train.loop import train
+
+ASSETS = "{assets}/demo"
+
+
+def run_dict(out, steps=8, **data_overrides):
+    data = {"tokenizer": "{assets}/tokenizer", "batch_size": 8, "pair_batch_size": 8, "hard_negatives": 1,
+            "query_max_length": 32, "passage_max_length": 32, "eta": 0.5,
+            "datasets": [{"name": "ret", "task": "retrieval", "path": f"{ASSETS}/retrieval_train.jsonl"},
+                         {"name": "sts", "task": "sts", "path": f"{ASSETS}/sts_train.jsonl",
+                          "instruction": "Retrieve semantically similar text"}]}
+    data.update(data_overrides)
+    return {"out_dir": str(out), "model": {"preset": "tiny", "compute_dtype": "float32"},
+            "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+            "train": {"lr": 1e-3, "warmup_steps": 2, "total_steps": steps, "seed": 3},
+            "data": data, "checkpoint": {"every": 4, "keep": 2},
+            "log": {"every": 1, "progress": False, "tensorboard": True}, "export_hf": False}
+
+
+def losses(result):
+    return {h["step"]: h["loss"] for h in result.history}
+
+
+def sigterm_at(k):
+    def hook(step, metrics):
+        if step == k - 1:  # after the k-th step: the loop saves at step k and stops
+            os.kill(os.getpid(), signal.SIGTERM)
+    return hook
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    return train(load_run_config(data=run_dict(out)))
+
+
+def test_sigterm_then_resume_gives_identical_losses(tmp_path, uninterrupted):
+    cfg = load_run_config(data=run_dict(tmp_path))
+    first = train(cfg, hooks=[sigterm_at(3)])
+    assert first.status == "preempted" and first.step == 3
+    assert 3 in os.listdir(cfg.checkpoint_dir) or "3" in os.listdir(cfg.checkpoint_dir)
+    second = train(cfg, resume=True)
+    assert second.status == "completed" and second.step == 8
+    full = losses(uninterrupted)
+    got = {**losses(first), **losses(second)}
+    assert sorted(got) == list(range(8))
+    tasks = {h["step"]: h["dataset"] for h in uninterrupted.history}
+    assert tasks == {h["step"]: h["dataset"] for h in first.history + second.history}
+    assert len(set(tasks.values())) == 2  # the mixture really alternates datasets
+    for s in range(8):
+        assert got[s] == full[s], f"step {s}: {got[s]} != {full[s]}"
+    # metrics.jsonl reads as one run: every step once
+    with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f if "train/loss" in line]
+    assert steps == list(range(1, 9))
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(cfg.output_dir, "tensorboard")))
+
+
+def test_resume_on_another_mesh_and_worker_count(tmp_path, uninterrupted):
+    cfg = load_run_config(data=run_dict(tmp_path))
+    first = train(cfg, hooks=[sigterm_at(4)])
+    assert first.status == "preempted"
+    moved = load_run_config(data=run_dict(tmp_path, workers=2),
+                            overrides=["mesh.data=2", "mesh.fsdp=4"])
+    second = train(moved, resume=True)
+    assert second.status == "completed"
+    full = losses(uninterrupted)
+    for s, v in losses(second).items():
+        np.testing.assert_allclose(v, full[s], rtol=2e-5, err_msg=f"step {s}")
+    assert [h["dataset"] for h in second.history] == [h["dataset"] for h in uninterrupted.history[4:]]
+
+
+def test_existing_checkpoints_need_resume(tmp_path, uninterrupted):
+    cfg = load_run_config(data=run_dict(uninterrupted.out_dir))
+    with pytest.raises(ValueError, match="--resume"):
+        train(cfg)
+
+
+def test_resume_refuses_changed_data(tmp_path, uninterrupted):
+    changed = load_run_config(data=run_dict(uninterrupted.out_dir), overrides=["data.seed=99"])
+    with pytest.raises(ValueError, match="seed"):
+        train(changed, resume=True)
+
+
+# ------------------------------------------------------------------ sampler
+def test_sampler_frequencies_follow_n_alpha_and_eta():
+    entries = [DatasetEntry("r1", "retrieval", 10_000, 4), DatasetEntry("r2", "retrieval", 2_500, 4),
+               DatasetEntry("s", "sts", 40_000, 4), DatasetEntry("c", "classification", 900, 4)]
+    for alpha, eta in ((0.5, None), (0.5, 0.72), (1.0, 0.72), (0.0, None)):
+        plan = BatchPlan(entries, total_steps=10_000, seed=1, alpha=alpha, eta=eta)
+        freq = np.bincount(plan.sequence, minlength=4) / 10_000
+        w = np.array([e.size ** alpha for e in entries], float)
+        if eta is None:
+            want = w / w.sum()
+        else:
+            want = np.concatenate([eta * w[:2] / w[:2].sum(), (1 - eta) * w[2:] / w[2:].sum()])
+        np.testing.assert_allclose(plan.probs, want, atol=1e-12)
+        assert np.max(np.abs(freq - want)) < 0.02, (alpha, eta, freq, want)
+
+
+def test_sampler_is_deterministic_prefix_stable_and_covers_each_epoch():
+    entries = [DatasetEntry("a", "retrieval", 37, 5), DatasetEntry("b", "sts", 50, 10)]
+    p1 = BatchPlan(entries, 200, seed=7)
+    p2 = BatchPlan(entries, 400, seed=7)  # a longer run plans the same first 200 batches
+    for s in range(200):
+        d1, r1 = p1.batch(s)
+        d2, r2 = p2.batch(s)
+        assert d1 == d2 and np.array_equal(r1, r2)
+        assert len(set(r1.tolist())) == len(r1)  # never a record twice in a batch
+    # each pass reads 7 whole batches (35 of the 37 records, a different 2 left out each time)
+    rows = np.concatenate([p1.batch(s)[1] for s in range(200) if p1.dataset(s) == 0])
+    passes = [set(rows[i:i + 35].tolist()) for i in range(0, len(rows) - 34, 35)]
+    assert len(passes) >= 2 and all(len(p) == 35 for p in passes)
+    assert set().union(*passes) == set(range(37))
+    with pytest.raises(ValueError, match="exceeds"):
+        BatchPlan([DatasetEntry("tiny", "sts", 3, 8)], 10)
+
+
+def test_every_batch_is_from_one_dataset_and_host_slices_partition_it():
+    cfg = load_run_config(data=run_dict("/tmp/unused", steps=12))
+    from qzhou_jax.tokenizer import Tokenizer
+    from qzhou_jax.train.loop import tokenizer_path
+
+    tok = Tokenizer(tokenizer_path(cfg), max_length=32)
+    whole = TrainData.from_config(cfg, tok, 0, 1)
+    halves = [TrainData.from_config(cfg, tok, i, 2) for i in range(2)]
+    for s in range(12):
+        item = whole[s]
+        assert item.task == {"ret": "retrieval", "sts": "sts"}[item.dataset]
+        parts = [h[s].batch for h in halves]
+        for key, value in item.batch.items():
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), value, err_msg=key)
+
+
+# --------------------------------------------------------------- bad input
+def test_config_errors_name_the_key_before_any_device_work(tmp_path, monkeypatch):
+    import qzhou_jax.sharding as sh
+
+    monkeypatch.setattr(sh, "make_mesh", lambda *a, **k: pytest.fail("device work before validation"))
+    path = tmp_path / "run.yaml"
+    import yaml
+
+    for bad, key in (({"train": {"lr": "fast"}}, "train.lr"), ({"trian": {}}, "trian"),
+                     ({"data": {"datasets": [{"name": "x", "task": "nope", "path": "x"}]}}, "data.datasets[0].task"),
+                     ({"checkpoint": {"every": 1.5}}, "checkpoint.every")):
+        raw = run_dict(tmp_path)
+        for k, v in bad.items():
+            raw[k] = {**raw.get(k, {}), **v} if isinstance(raw.get(k), dict) else v
+        path.write_text(yaml.safe_dump(raw))
+        with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+            load_run_config(path)
+        assert cli_main(["train", "--config", str(path)]) == 2
+
+
+def test_bad_record_stops_with_file_line_or_is_skipped(tmp_path, capsys):
+    src = tmp_path / "pairs.jsonl"
+    lines = [json.dumps({"text1": f"first {i}", "text2": f"second {i}", "score": i % 5}) for i in range(20)]
+    lines[6] = json.dumps({"text1": "a", "text2": "b", "score": "high"})
+    src.write_text("\n".join(lines) + "\n")
+    raw = run_dict(tmp_path / "run", steps=2,
+                   datasets=[{"name": "p", "task": "sts", "path": str(src)}], eta=None)
+    with pytest.raises(ValueError, match=rf"{src}:7.*score"):
+        train(load_run_config(data=raw))
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+    raw["data"]["skip_bad_records"] = True
+    res = train(load_run_config(data=raw))
+    assert res.status == "completed"
+
+
+# -------------------------------------------------------------------- CLI
+def test_train_command_and_stage2_init_from(tmp_path):
+    import yaml
+
+    cfg = tmp_path / "stage1.yaml"
+    raw = run_dict(tmp_path / "s1", steps=3, datasets=run_dict("")["data"]["datasets"][:1], eta=None)
+    raw["export_hf"] = True
+    cfg.write_text(yaml.safe_dump(raw))
+    assert cli_main(["train", "--config", str(cfg)]) == 0
+    assert os.path.isfile(tmp_path / "s1" / "hf" / "config.json")
+    firsts = {}
+    for name, init in (("ckpt", tmp_path / "s1" / "checkpoints"), ("hf", tmp_path / "s1" / "hf"), ("random", None)):
+        stage2 = run_dict(tmp_path / f"s2-{name}", steps=2)
+        if init is not None:
+            stage2["init_from"] = str(init)
+            stage2["model"] = {"compute_dtype": "float32"}
+        res = train(load_run_config(data=stage2), stop_after=1)
+        assert res.status == "stopped"
+        firsts[name] = res.history[0]["loss"]
+    # stage 2 starts from stage 1's parameters, whether given as its checkpoints or its export
+    np.testing.assert_allclose(firsts["ckpt"], firsts["hf"], rtol=1e-5)
+    assert abs(firsts["ckpt"] - firsts["random"]) > 1e-4
