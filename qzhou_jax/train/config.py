@@ -18,6 +18,8 @@ key's path before any device work):
     eval         EvalConfig: task file, how often
     log          LogConfig: how often, TensorBoard, progress bar
 
+A file may start from others: `base: stage1.yaml` (or a list) loads that file first and
+merges this one on top (mappings key by key; lists, such as data.datasets, replace).
 Paths may use `{assets}` (the package's bundled assets folder) and environment variables
 (`$DATA/...`); relative paths are relative to the working directory.
 """
@@ -261,18 +263,18 @@ class RunConfig:
 
 def model_config(section: dict[str, Any], init_from: str | None) -> ModelConfig:
     """The ModelConfig of a run: a preset plus fields, or a pretrained checkpoint's config
-    plus embedding / execution fields."""
+    plus embedding / execution fields. With both a preset and init_from, the preset gives
+    the architecture (no file is read: `qzhou-jax plan` works without the weights) and the
+    run checks it against the checkpoint's before loading (`check_init_from`)."""
     section = dict(section or {})
     preset = section.pop("preset", None)
-    if init_from:
+    if init_from and preset is None:
         from qzhou_jax.checkpoint.orbax_io import read_model_config
 
         arch = sorted(k for k in section if k not in POLICY_FIELDS)
         if arch:
             raise ConfigError(f"model.{arch[0]}: the architecture comes from init_from ({init_from}); "
                               f"only {', '.join(POLICY_FIELDS)} may be set")
-        if preset is not None:
-            raise ConfigError("model.preset: set either a preset or init_from, not both")
         folder = resolve_init_from(init_from)
         try:
             base = read_model_config(folder)
@@ -301,10 +303,41 @@ def resolve_init_from(path: str) -> str:
     raise ConfigError(f"init_from: {folder}: no qzhou_config.json or config.json there or in its parent")
 
 
+def merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`: mappings merge key by key, anything else (lists too) replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config_file(path: str | os.PathLike, _seen: tuple[str, ...] = ()) -> dict:
+    """A YAML run config with its `base:` chain applied: `base: stage1.yaml` (relative to
+    this file; a list applies several in order) is loaded first and this file's keys
+    merged on top."""
+    path = os.path.abspath(os.fspath(path))
+    if path in _seen:
+        raise ConfigError(f"{path}: base: circular reference ({' -> '.join(_seen + (path,))})")
+    raw = load_yaml(path)
+    bases = raw.pop("base", None)
+    if bases is None:
+        return raw
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: base: expected a file name or a list of them, got {bases!r}")
+    merged: dict = {}
+    for b in bases:
+        merged = merge(merged, load_config_file(os.path.join(os.path.dirname(path), expand_path(b)),
+                                                _seen + (path,)))
+    return merge(merged, raw)
+
+
 def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
                     data: dict | None = None) -> RunConfig:
-    """A checked RunConfig from a YAML file (or a dict) and `key=value` overrides."""
-    raw = load_yaml(path) if path is not None else dict(data or {})
+    """A checked RunConfig from a YAML file (with its `base:` chain; or a dict) and
+    `key=value` overrides."""
+    raw = load_config_file(path) if path is not None else dict(data or {})
     raw = apply_overrides(raw, list(overrides))
     try:
         return from_dict(RunConfig, raw, "")
@@ -312,3 +345,21 @@ def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] 
         if path is not None:
             raise ConfigError(f"{os.fspath(path)}: {e}") from None
         raise
+
+
+ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "tie_word_embeddings")
+
+
+def check_init_from(cfg: RunConfig) -> None:
+    """init_from exists and its architecture is the configured one (before any device work)."""
+    if not cfg.init_from:
+        return
+    from qzhou_jax.checkpoint.orbax_io import read_model_config
+
+    folder = resolve_init_from(cfg.init_from)
+    stored = read_model_config(folder)
+    for name in ARCH_FIELDS:
+        a, b = getattr(stored, name), getattr(cfg.model_config, name)
+        if a != b:
+            raise ConfigError(f"model.{name}: the config gives {b!r} but init_from ({folder}) has {a!r}")

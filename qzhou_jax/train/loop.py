@@ -143,7 +143,10 @@ def train(cfg: RunConfig, resume: bool = False, *, hooks: Sequence[Callable[[int
     (no final save: for tests and debugging)."""
     from qzhou_jax.data.pipeline import TrainData
 
+    from qzhou_jax.train.config import check_init_from
+
     t_start = time.perf_counter()
+    check_init_from(cfg)
     model_cfg = cfg.model_config
     out_dir = cfg.output_dir
     tok_dir = tokenizer_path(cfg)
