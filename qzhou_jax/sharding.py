@@ -208,17 +208,28 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
                                  process_id: int | None = None) -> None:
     """`jax.distributed.initialize()` when several processes are configured.
 
-    With no arguments, JAX auto-detects TPU pods, SLURM and Open MPI environments; on a
-    single process nothing happens.
+    Arguments win; otherwise `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and
+    `JAX_PROCESS_ID` (set by the launchers in launch/), else JAX's own detection of TPU
+    pods, SLURM and Open MPI. On a single process nothing happens. CPU-only multi-process
+    runs (tests, launch/local.sh) use gloo for the cross-process collectives.
     """
+    import os
+
+    if jax.distributed.is_initialized():
+        return
+    env = os.environ
+    coordinator = coordinator or env.get("JAX_COORDINATOR_ADDRESS") or None
+    if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and env.get("JAX_PROCESS_ID"):
+        process_id = int(env["JAX_PROCESS_ID"])
     if num_processes is not None and num_processes <= 1:
         return
     if coordinator is None and num_processes is None:
-        import os
-
-        if not any(k in os.environ for k in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
-                                             "JAX_COORDINATOR_ADDRESS")):
+        if not any(k in env for k in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")):
             return
+    if env.get("JAX_PLATFORMS", "") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
     log.info("jax.distributed initialized: process %d of %d", jax.process_index(), jax.process_count())

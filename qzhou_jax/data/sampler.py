@@ -7,8 +7,8 @@ n^alpha inside.
 
 The plan is a pure function of (seed, step): the dataset of every step is fixed by one
 seeded draw sequence, and a dataset's records are read in the order of a seeded
-permutation per epoch (a new permutation each time the dataset is exhausted; an epoch is
-the whole batches that fit, so no batch holds a record twice). Nothing
+permutation per epoch (a new permutation each time the dataset is exhausted; each pass
+reads every record once, and no batch holds a record twice). Nothing
 else is state, so a resumed run, a run with a different number of hosts or loader
 workers, and an uninterrupted run see exactly the same batches; the data iterator's
 checkpointed state is just the next step.
@@ -69,9 +69,10 @@ class BatchPlan:
         self.seed = int(seed)
         self.total_steps = int(total_steps)
         for e in self.entries:
-            if e.batch_size > e.size:
-                raise ValueError(f"dataset {e.name!r}: batch of {e.batch_size} exceeds its {e.size} records "
-                                 "(a batch would hold the same record twice)")
+            if 4 * e.batch_size > e.size:
+                raise ValueError(f"dataset {e.name!r}: a batch of {e.batch_size} exceeds a quarter of its {e.size} "
+                                 "records (batches must be able to cross passes without repeating a record); "
+                                 "lower its batch_size")
         self.probs = mixture_probabilities(self.entries, alpha, eta)
         rng = np.random.default_rng([self.seed, 0x5EED])
         # Inverse-CDF draws: the first T steps are the same for any total_steps >= T, so a
@@ -97,29 +98,54 @@ class BatchPlan:
         if not 0 <= step < self.total_steps:
             raise IndexError(f"step {step} outside the plan's {self.total_steps} steps")
 
+    def _raw_permutation(self, d: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, 0xDA7A, d, epoch]).permutation(self.entries[d].size)
+
     def permutation(self, d: int, epoch: int) -> np.ndarray:
-        """The record order of dataset d in its `epoch`-th pass (cached, two per dataset)."""
+        """The record order of dataset d in its `epoch`-th pass (cached, two per dataset).
+
+        A batch may straddle two passes; so that it never holds a record twice, records of
+        this pass's first batch_size positions that were among the previous pass's last
+        batch_size are swapped with records from the middle of this pass (the middle only,
+        so each pass's tail, and hence this fix, depends on the seed alone)."""
         key = (d, epoch)
         if key not in self._perms:
-            stale = [k for k in self._perms if k[0] == d and k[1] < epoch - 1]
-            for k in stale:
+            for k in [k for k in self._perms if k[0] == d and k[1] < epoch - 1]:
                 del self._perms[k]
-            rng = np.random.default_rng([self.seed, 0xDA7A, d, epoch])
-            self._perms[key] = rng.permutation(self.entries[d].size)
+            perm = self._raw_permutation(d, epoch)
+            b, n = self.entries[d].batch_size, self.entries[d].size
+            if epoch > 0:
+                prev_tail = set(self._raw_permutation(d, epoch - 1)[n - b:].tolist())
+                j = b
+                for i in range(b):
+                    if int(perm[i]) in prev_tail:
+                        while int(perm[j]) in prev_tail:
+                            j += 1
+                        perm[i], perm[j] = perm[j], perm[i]
+                        j += 1
+            self._perms[key] = perm
         return self._perms[key]
 
     def batch(self, step: int) -> tuple[int, np.ndarray]:
-        """(dataset index, record indices [batch_size]) of global batch `step`."""
+        """(dataset index, record indices [batch_size]) of global batch `step`.
+
+        A dataset's batches read its records as one stream: pass 0's permutation, then
+        pass 1's, ... so each pass reads every record exactly once."""
         d = self.dataset(step)
         e = self.entries[d]
-        per_epoch = e.size // e.batch_size  # the last size % batch_size of each pass are skipped
-        epoch, j = divmod(int(self.occurrence[step]), per_epoch)
-        return d, self.permutation(d, epoch)[j * e.batch_size:(j + 1) * e.batch_size].astype(np.int64)
+        start = int(self.occurrence[step]) * e.batch_size
+        pos = np.arange(start, start + e.batch_size)
+        epochs = pos // e.size
+        out = np.empty(e.batch_size, np.int64)
+        for epoch in np.unique(epochs):
+            sel = epochs == epoch
+            out[sel] = self.permutation(d, int(epoch))[pos[sel] % e.size]
+        return d, out
 
     def epochs_seen(self, step: int) -> dict[str, float]:
         """Passes over each dataset completed by the batches before `step`."""
         counts = np.bincount(self.sequence[:step], minlength=len(self.entries))
-        return {e.name: float(c / (e.size // e.batch_size)) for e, c in zip(self.entries, counts)}
+        return {e.name: float(c * e.batch_size / e.size) for e, c in zip(self.entries, counts)}
 
     def fingerprint(self) -> dict:
         """What must not change between a save and a resume for the data order to be the same."""
