@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     from qzhou_jax.checkpoint.convert import add_convert_parser
 
     add_convert_parser(sub)
+    from qzhou_jax.eval.cli import add_eval_parser
+    add_eval_parser(sub)
     from qzhou_jax.data.cli import add_data_parser
     add_data_parser(sub)
 

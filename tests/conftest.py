@@ -1,4 +1,5 @@
-"""Test setup: 8 simulated CPU devices, no hub access, float32 matmuls at full precision.
+"""Test setup: 8 simulated CPU devices, no hub access, float32 matmuls at full precision,
+a session-wide XLA compilation cache.
 
 The environment variables must be set before jax is imported anywhere, which is why
 this happens at import time of the conftest (pytest imports it first).
@@ -12,6 +13,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# One XLA compilation cache for the whole session (subprocesses read the same variables):
+# many tests compile the same tiny-model programs; reusing them keeps the suite fast.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="qzhou-jax-test-xla-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import pathlib  # noqa: E402
 

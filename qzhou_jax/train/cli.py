@@ -70,7 +70,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = os.path.abspath(args.out)
     overrides = [f"out_dir={out}"] + (args.set or [])
     if args.steps is not None:
-        overrides.append(f"train.total_steps={args.steps}")
+        warmup = load_run_config(DEMO_CONFIG).train.warmup_steps
+        overrides += [f"train.total_steps={args.steps}", f"train.warmup_steps={min(warmup, args.steps)}"]
     cfg = load_run_config(DEMO_CONFIG, overrides)
     if os.path.exists(out):
         if not os.path.isfile(os.path.join(out, DEMO_MARKER)):

@@ -1,0 +1,64 @@
+"""The README's main job: `qzhou-jax demo` trains, evaluates before and after, saves, exports."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from qzhou_jax.cli import main as cli_main
+from qzhou_jax.train.cli import DEMO_CONFIG
+from qzhou_jax.train.config import load_run_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_configs_demo_is_the_demo_config():
+    assert os.path.samefile(os.path.join(ROOT, "configs", "demo.yaml"), DEMO_CONFIG)
+    cfg = load_run_config(DEMO_CONFIG)
+    assert cfg.model_config.num_params() < 1_000_000 and cfg.model_config.compute_dtype == "float32"
+    assert {d.task for d in cfg.data.datasets} == {"retrieval", "sts", "classification"}
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli_main(["demo", "--out", str(out), "--steps", "6", "--set", "log.progress=false"]) == 0
+    printed = capsys.readouterr().out
+    for task in ("demo-retrieval", "demo-sts", "demo-classification"):
+        assert task in printed
+    assert os.path.isfile(out / "hf" / "config.json") and os.path.isfile(out / "hf" / "modules.json")
+    assert os.path.isdir(out / "checkpoints" / "6")
+    with open(out / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert any("eval/demo-sts" in r for r in rows) and any("train/loss" in r for r in rows)
+    # a second demo replaces its own previous output, but never a folder it did not write
+    assert cli_main(["demo", "--out", str(out), "--steps", "2", "--set", "log.progress=false"]) == 0
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    assert cli_main(["demo", "--out", str(other), "--steps", "2"]) == 2
+    assert (other / "keep.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize("name", ["stage1", "stage2"])
+@pytest.mark.parametrize("size", ["0.5b", "1.5b", "7b"])
+def test_stage_presets_load_with_the_paper_hyperparameters(name, size, monkeypatch):
+    monkeypatch.setenv("QZHOU_DATA", "/data")
+    monkeypatch.setenv("QZHOU_MODELS", "/models")
+    cfg = load_run_config(os.path.join(ROOT, "configs", f"{name}-qwen2.5-{size}.yaml"))
+    assert cfg.model_config.hidden_size == {"0.5b": 896, "1.5b": 1536, "7b": 3584}[size]
+    assert cfg.model_config.attention == "bidirectional" and cfg.model_config.pooling == "mean"
+    assert cfg.loss.temperature == 0.02 and cfg.train.weight_decay == 0.01 and cfg.train.warmup_steps == 300
+    assert cfg.data.batch_size == 256 and cfg.data.hard_negatives == 4
+    assert (cfg.data.query_max_length, cfg.data.passage_max_length) == (256, 1536)
+    if name == "stage1":
+        assert (cfg.train.lr, cfg.train.total_steps) == (3e-5, 32000)
+        assert {d.task for d in cfg.data.datasets} == {"retrieval"}
+        from qzhou_jax.train.config import expand_path
+
+        assert expand_path(cfg.init_from).startswith("/models/")
+    else:
+        assert (cfg.train.lr, cfg.train.total_steps, cfg.data.eta, cfg.data.pair_batch_size) == (2e-5, 8000, 0.72, 768)
+        assert {d.task for d in cfg.data.datasets} == {"retrieval", "sts", "classification"}
+        assert cfg.init_from == f"runs/stage1-qwen2.5-{size}/checkpoints"

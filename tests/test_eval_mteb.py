@@ -1,0 +1,380 @@
+"""Every evaluator against mteb's own task classes on the same embeddings, and the mteb wrapper.
+
+The same data is written to files for qzhou-jax and handed to mteb's task classes as
+in-memory datasets (no download); one deterministic fake encoder (embeddings depend on the
+text and on the instruction it gets) serves both sides, mteb's side through
+`QZhouMtebModel`, so the instruction rule is exercised too.
+"""
+
+import hashlib
+import json
+
+import mteb
+import numpy as np
+import pytest
+from datasets import Dataset, DatasetDict
+from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
+from mteb.mocks import (LegacyMockClusteringFastTask, MockClassificationTask, MockClusteringTask,
+                        MockPairClassificationTask, MockRerankingTask, MockRetrievalTask, MockSTSTask,
+                        MockSummarizationTask)
+from mteb.types import PromptType
+
+from qzhou_jax.eval.mteb_model import QZhouMtebModel
+from qzhou_jax.eval.run import evaluate
+from qzhou_jax.eval.tasks import load_task_specs
+from qzhou_jax.tokenizer import format_prompt
+
+DIM = 16
+K = 5  # latent topics
+
+
+class FakeEncoder:
+    """Embeddings from a latent topic vector per text (where known) plus noise seeded by the
+    exact prompt string, so a different instruction gives a different embedding."""
+
+    def __init__(self, topic_of):
+        self.topic_of = topic_of
+        self.centers = np.random.default_rng(0).standard_normal((K, DIM))
+        self.calls = []
+
+    def encode(self, texts, instruction=None, progress=False):
+        self.calls.append((len(texts), instruction))
+        out = np.zeros((len(texts), DIM))
+        for i, t in enumerate(texts):
+            seed = int.from_bytes(hashlib.sha256(format_prompt(t, instruction).encode()).digest()[:8], "little")
+            noise = np.random.default_rng(seed).standard_normal(DIM)
+            topic = self.topic_of.get(t)
+            out[i] = noise if topic is None else 1.5 * self.centers[topic] + noise
+        return out.astype(np.float32).astype(np.float64)  # float32 values, exact in float64 on both sides
+
+
+def _texts(rng, n, prefix):
+    topics = rng.integers(0, K, n)
+    return [f"{prefix} {i} on topic {k}" for i, k in enumerate(topics)], topics.tolist()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Synthetic data of every task type, as files and as mteb datasets."""
+    rng = np.random.default_rng(1)
+    root = tmp_path_factory.mktemp("evaldata")
+    topic_of = {}
+    w = {"root": root}
+
+    def jsonl(name, rows):
+        path = root / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        return path
+
+    # STS and pair classification: pairs of texts; score / label from the topics
+    a, ta = _texts(rng, 120, "sentence")
+    b, tb = _texts(rng, 120, "other sentence")
+    topic_of.update(zip(a, ta)), topic_of.update(zip(b, tb))
+    a[5], b[7] = a[3], b[2]  # repeated sentences
+    score = [float(np.clip((ta[i] == tb[i]) * 3 + rng.normal(1, 0.8), 0, 5)) for i in range(120)]
+    labels = [int(ta[i] == tb[i]) for i in range(120)]
+    w["sts"] = (a, b, score)
+    jsonl("sts.jsonl", [{"sentence1": x, "sentence2": y, "score": s} for x, y, s in zip(a, b, score)])
+    w["pairs"] = (a, b, labels)
+    jsonl("pairs.jsonl", [{"text1": x, "text2": y, "label": lab} for x, y, lab in zip(a, b, labels)])
+    # classification
+    tr, ttr = _texts(rng, 150, "train text")
+    te, tte = _texts(rng, 60, "test text")
+    topic_of.update(zip(tr, ttr)), topic_of.update(zip(te, tte))
+    w["cls"] = (tr, [f"c{k}" for k in ttr], te, [f"c{k}" for k in tte])
+    jsonl("cls_train.jsonl", [{"text": t, "label": f"c{k}"} for t, k in zip(tr, ttr)])
+    jsonl("cls_test.jsonl", [{"text": t, "label": f"c{k}"} for t, k in zip(te, tte)])
+    # clustering: flat (bootstrap protocol) and cluster sets (legacy protocol)
+    cl, tcl = _texts(rng, 90, "cluster text")
+    topic_of.update(zip(cl, tcl))
+    w["clu"] = (cl, tcl)
+    jsonl("clustering.jsonl", [{"text": t, "label": k} for t, k in zip(cl, tcl)])
+    sets = [(cl[i:i + 30], tcl[i:i + 30]) for i in range(0, 90, 30)]
+    w["clu_sets"] = sets
+    jsonl("clustering_sets.jsonl", [{"sentences": s, "labels": lab} for s, lab in sets])
+    # retrieval, BEIR folder: documents and queries share topics; graded qrels; a duplicate document
+    docs, tdocs = _texts(rng, 80, "document")
+    topic_of.update(zip(docs, tdocs))
+    doc_ids = [f"doc{j}" for j in range(80)]
+    titles = [f"Title {j}" if j % 3 else "" for j in range(80)]
+    for j, (title, text) in enumerate(zip(titles, docs)):
+        topic_of[(title + " " + text).strip()] = tdocs[j]
+    docs[11], titles[11] = docs[4], titles[4]  # identical documents: tied scores
+    queries, tq = _texts(rng, 25, "question")
+    topic_of.update(zip(queries, tq))
+    qrels = {}
+    for i, k in enumerate(tq):
+        same = [j for j in range(80) if tdocs[j] == k]
+        picked = rng.choice(same, size=min(len(same), int(rng.integers(1, 4))), replace=False)
+        qrels[f"q{i}"] = {doc_ids[j]: int(rng.integers(1, 3)) for j in picked}
+    beir = root / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text("".join(json.dumps({"_id": d, "title": t, "text": x}) + "\n"
+                                               for d, t, x in zip(doc_ids, titles, docs)))
+    (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": q}) + "\n"
+                                                for i, q in enumerate(queries)))
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"{q}\t{d}\t{s}\n" for q, rel in qrels.items() for d, s in rel.items()))
+    w["beir"] = (doc_ids, titles, docs, queries, qrels)
+    # reranking records
+    rr = []
+    for i in range(20):
+        k = int(rng.integers(0, K))
+        q = f"rerank query {i} on topic {k}"
+        topic_of[q] = k
+        pos = [f"rerank pos {i}.{j}" for j in range(2)]
+        neg = [f"rerank neg {i}.{j}" for j in range(5)]
+        for p in pos:
+            topic_of[p] = k
+        for j, n in enumerate(neg):
+            topic_of[n] = (k + 1 + j) % K if j else k
+        rr.append({"query": q, "positive": pos, "negative": neg})
+    rr.append({"query": "no negatives", "positive": ["x"], "negative": []})  # dropped, as in mteb
+    w["rerank"] = rr
+    jsonl("rerank.jsonl", rr)
+    # summarization
+    summ = []
+    for i in range(12):
+        human = [f"human summary {i}.{j}" for j in range(2)]
+        machine = [f"machine summary {i}.{j}" for j in range(5)]
+        rel = [float(x) for x in rng.integers(1, 6, 5)]
+        if i == 3:
+            rel = [2.0] * 5  # constant gold scores: skipped by both
+        summ.append({"text": f"article {i}", "human_summaries": human, "machine_summaries": machine, "relevance": rel})
+    w["summ"] = summ
+    jsonl("summ.jsonl", summ)
+    w["encoder"] = FakeEncoder(topic_of)
+    return w
+
+
+def _ours(world, entry):
+    task = {"split": "test", **entry}
+    path = world["root"] / "tasks.json"
+    path.write_text(json.dumps([task]))
+    spec = load_task_specs(str(path))[0]
+    return evaluate([spec], world["encoder"])[spec.name]
+
+
+def _theirs(task, world):
+    model = QZhouMtebModel(world["encoder"], name="test/fake")
+    return task.evaluate(model, split="test", encode_kwargs={"batch_size": 16})["default"], model
+
+
+def _instruction(task, prompt_type=PromptType.query):
+    """What the wrapper gives this mteb task's texts (the task file must say the same)."""
+    return QZhouMtebModel(FakeEncoder({}), name="test/fake").instruction(task.metadata, prompt_type)
+
+
+def _compare(ours, theirs, keys, tol=1e-6):
+    split = ours["scores"]["test"][0]
+    for key in keys:
+        assert key in theirs, key
+        assert abs(split[key] - float(theirs[key])) <= tol, (key, split[key], theirs[key])
+    assert abs(ours["main_score"] - float(theirs["main_score"])) <= tol
+
+
+def test_sts_equals_mteb(world):
+    a, b, score = world["sts"]
+
+    class Task(MockSTSTask):
+        min_score, max_score = 0, 5
+
+        def load_data(self, **kw):
+            self.dataset = DatasetDict({"test": Dataset.from_dict({"sentence1": a, "sentence2": b, "score": score})})
+            self.data_loaded = True
+
+    task = Task()
+    theirs, model = _theirs(task, world)
+    ours = _ours(world, {"name": "sts", "type": "sts", "path": "sts.jsonl", "instruction": _instruction(task, None)})
+    assert model.instructions_used[("MockSTSTask", "text")] == ours["qzhou_jax"]["instructions"]["text1"]
+    _compare(ours, theirs, ["cosine_spearman", "cosine_pearson", "euclidean_spearman", "manhattan_pearson"])
+
+
+def test_pair_classification_equals_mteb(world):
+    a, b, labels = world["pairs"]
+
+    class Task(MockPairClassificationTask):
+        def load_data(self, **kw):
+            self.dataset = DatasetDict({"test": Dataset.from_dict({"sentence1": a, "sentence2": b, "labels": labels})})
+            self.data_loaded = True
+
+    task = Task()
+    theirs, _ = _theirs(task, world)
+    ours = _ours(world, {"name": "pairs", "type": "pair_classification", "path": "pairs.jsonl",
+                         "instruction": _instruction(task, None)})
+    keys = [k for k in theirs if k.startswith(("cosine_", "max_", "euclidean_", "manhattan_", "dot_"))]
+    assert "max_ap" in keys
+    _compare(ours, theirs, keys)
+
+
+def test_classification_equals_mteb_sampling(world):
+    tr, ytr, te, yte = world["cls"]
+
+    class Task(MockClassificationTask):
+        samples_per_label, n_experiments = 6, 4
+
+        def load_data(self, **kw):
+            self.dataset = DatasetDict({"train": Dataset.from_dict({"text": tr, "label": ytr}),
+                                        "test": Dataset.from_dict({"text": te, "label": yte})})
+            self.data_loaded = True
+
+    task = Task()
+    theirs, _ = _theirs(task, world)
+    ours = _ours(world, {"name": "cls", "type": "classification", "train": "cls_train.jsonl", "path": "cls_test.jsonl",
+                         "instruction": _instruction(task, None),
+                         "options": {"samples_per_label": 6, "n_experiments": 4}})
+    _compare(ours, theirs, ["accuracy", "f1", "f1_weighted", "precision", "recall"])
+    per = ours["scores"]["test"][0]["scores_per_experiment"]
+    assert [round(p["accuracy"], 9) for p in per] == [round(p["accuracy"], 9) for p in theirs["scores_per_experiment"]]
+    assert ours["qzhou_jax"]["counts"]["num_train_encoded"] <= 4 * 6 * K
+
+
+def test_clustering_bootstrap_equals_mteb(world):
+    texts, labels = world["clu"]
+
+    class Task(LegacyMockClusteringFastTask):  # mteb's current (bootstrapped) clustering protocol
+        max_document_to_embed, max_fraction_of_documents_to_embed = None, 0.5
+        n_clusters, max_documents_per_cluster, k_mean_batch_size = 4, 30, 16
+
+        def load_data(self, **kw):
+            self.dataset = DatasetDict({"test": Dataset.from_dict({"sentences": texts, "labels": labels})})
+            self.data_loaded = True
+
+    task = Task()
+    theirs, _ = _theirs(task, world)
+    ours = _ours(world, {"name": "clu", "type": "clustering", "path": "clustering.jsonl",
+                         "instruction": _instruction(task, None),
+                         "options": {"max_fraction_of_documents_to_embed": 0.5, "n_clusters": 4,
+                                     "max_documents_per_cluster": 30, "k_mean_batch_size": 16}})
+    _compare(ours, theirs, ["v_measure", "v_measure_std", "ami"])
+    assert ours["scores"]["test"][0]["v_measures"] == pytest.approx(theirs["v_measures"], abs=1e-9)
+
+
+def test_clustering_legacy_equals_mteb(world):
+    sets = world["clu_sets"]
+
+    class Task(MockClusteringTask):
+        def load_data(self, **kw):
+            self.dataset = DatasetDict({"test": Dataset.from_dict({"sentences": [s for s, _ in sets],
+                                                                    "labels": [lab for _, lab in sets]})})
+            self.data_loaded = True
+
+    task = Task()
+    theirs, _ = _theirs(task, world)
+    ours = _ours(world, {"name": "clu-sets", "type": "clustering", "path": "clustering_sets.jsonl",
+                         "instruction": _instruction(task, None), "options": {"protocol": "legacy"}})
+    _compare(ours, theirs, ["v_measure"])
+
+
+def _retrieval_split(queries, query_ids, corpus_rows, qrels, top_ranked=None):
+    return RetrievalSplitData(queries=Dataset.from_dict({"id": query_ids, "text": queries}),
+                              corpus=Dataset.from_list(corpus_rows), relevant_docs=qrels, top_ranked=top_ranked)
+
+
+RETRIEVAL_KEYS = [f"{m}_at_{k}" for m in ("ndcg", "map", "recall", "precision", "mrr") for k in (1, 3, 10, 100)]
+
+
+def test_retrieval_beir_equals_mteb(world):
+    doc_ids, titles, docs, queries, qrels = world["beir"]
+    rows = [{"id": d, "title": t, "text": x} for d, t, x in zip(doc_ids, titles, docs)]
+
+    class Task(MockRetrievalTask):
+        def load_data(self, **kw):
+            self.dataset = {"default": {"test": _retrieval_split(queries, [f"q{i}" for i in range(len(queries))],
+                                                                 rows, qrels)}}
+            self.data_loaded = True
+
+    task = Task()
+    theirs, model = _theirs(task, world)
+    ours = _ours(world, {"name": "beir", "type": "retrieval", "path": "beir", "instruction": _instruction(task)})
+    assert ours["qzhou_jax"]["task"]["format"] == "beir"
+    assert ours["qzhou_jax"]["instructions"]["document"] is None  # asymmetric: queries only
+    assert model.instructions_used[("MockRetrievalTask", "document")] is None
+    _compare(ours, theirs, RETRIEVAL_KEYS, tol=6e-6)  # mteb rounds retrieval means to 5 decimals
+
+
+def test_reranking_records_equal_mteb(world):
+    rr = [r for r in world["rerank"] if r["negative"]]
+    rows, qrels, top = [], {}, {}
+    for i, r in enumerate(rr):
+        qid = f"query{i}"
+        ids = [f"apositive_{qid}_{j:05d}" for j in range(len(r["positive"]))] + \
+              [f"negative_{qid}_{j:05d}" for j in range(len(r["negative"]))]
+        rows += [{"id": d, "title": "", "text": t} for d, t in zip(ids, r["positive"] + r["negative"])]
+        qrels[qid] = {d: int(d.startswith("apositive")) for d in ids}
+        top[qid] = ids
+
+    class Task(MockRerankingTask):
+        def load_data(self, **kw):
+            self.dataset = {"default": {"test": _retrieval_split([r["query"] for r in rr], list(qrels), rows, qrels,
+                                                                 top)}}
+            self.data_loaded = True
+
+    task = Task()
+    theirs, _ = _theirs(task, world)
+    ours = _ours(world, {"name": "rerank", "type": "reranking", "path": "rerank.jsonl",
+                         "instruction": _instruction(task), "symmetric": False})
+    assert ours["qzhou_jax"]["counts"]["num_queries"] == 20
+    _compare(ours, theirs, ["map_at_1000", "mrr_at_10", "ndcg_at_10"], tol=6e-6)
+
+
+def test_summarization_equals_mteb(world):
+    summ = world["summ"]
+
+    class Task(MockSummarizationTask):
+        min_score, max_score = 0, 5
+
+        def load_data(self, **kw):
+            cols = {k: [s[k] for s in summ] for k in summ[0]}
+            self.dataset = DatasetDict({"test": Dataset.from_dict(cols)})
+            self.data_loaded = True
+
+    task = Task()
+    theirs, _ = _theirs(task, world)
+    ours = _ours(world, {"name": "summ", "type": "summarization", "path": "summ.jsonl",
+                         "instruction": _instruction(task, None)})
+    assert ours["qzhou_jax"]["counts"]["num_skipped"] == 1
+    _compare(ours, theirs, ["cosine_spearman", "cosine_pearson", "dot_spearman"])
+
+
+def test_result_files_have_mteb_shape(world):
+    ours = _ours(world, {"name": "sts", "type": "sts", "path": "sts.jsonl", "instruction": "Find similar"})
+    tr = mteb.TaskResult.from_dict(ours)
+    assert tr.task_name == "sts" and tr.scores["test"][0]["main_score"] == ours["main_score"]
+    meta = ours["qzhou_jax"]
+    assert meta["instructions"] == {"text1": "Find similar", "text2": "Find similar"}
+    assert meta["prompt_template"] == "Instruct: {instruction}\nQuery: {text}"
+    assert ours["dataset_revision"].startswith("sha256:")
+
+
+def test_wrapper_passes_mteb_mock_tasks(world):
+    """mteb's model check (`mteb.mock_run`) runs every mock task; here the text tasks of the
+    task types qzhou-jax covers and a multilingual one, through the same `mteb.evaluate` path
+    (the full grid, which also passes, takes about a minute on two cores)."""
+    from mteb.mocks import MockMultilingualSTSTask
+
+    model = QZhouMtebModel(world["encoder"], name="test/fake")
+    assert model.mteb_model_meta.framework == ["JAX"]
+    assert model.mteb_model_meta.similarity_fn_name.value == "cosine"
+    tasks = [MockRetrievalTask(), MockRerankingTask(), MockSTSTask(), MockPairClassificationTask(),
+             MockClassificationTask(), MockClusteringTask(), MockSummarizationTask(), MockMultilingualSTSTask()]
+    results = mteb.evaluate(model, tasks, cache=None, raise_error=True, show_progress_bar=False)
+    assert sorted(r.task_name for r in results.task_results) == sorted(t.metadata.name for t in tasks)
+    for r in results.task_results:
+        assert np.isfinite(r.get_score()), r.task_name
+    assert ("MockRetrievalTask", "document") in model.instructions_used
+
+
+def test_wrapper_instruction_rule():
+    enc = FakeEncoder({})
+    model = QZhouMtebModel(enc, name="test/fake")
+    sci = mteb.get_task("SCIDOCS").metadata
+    arg = mteb.get_task("ArguAna").metadata
+    sts = mteb.get_task("STSBenchmark").metadata
+    instr = "Given a scientific paper title, retrieve paper abstracts that are cited by the given paper"
+    assert model.instruction(sci, PromptType.query) == instr
+    assert model.instruction(sci, PromptType.document) is None  # asymmetric retrieval: queries only
+    assert model.instruction(arg, PromptType.document) == "Given a claim, find documents that refute the claim"
+    assert model.instruction(sts, None) == "Retrieve semantically similar text"
+    assert QZhouMtebModel(enc, use_instructions=False).instruction(sts, None) is None
+    assert QZhouMtebModel(enc, instructions={"STSBenchmark": "custom"}).instruction(sts, None) == "custom"
