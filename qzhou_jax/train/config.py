@@ -17,6 +17,8 @@ key's path before any device work):
     checkpoint   CheckpointConfig: every / keep / async
     eval         EvalConfig: task file, how often
     log          LogConfig: how often, TensorBoard, progress bar
+    export_hf    export <out_dir>/hf at the end (default true)
+    compilation_cache_dir  XLA's persistent cache (default ~/.cache/qzhou-jax/xla)
 
 A file may start from others: `base: stage1.yaml` (or a list) loads that file first and
 merges this one on top (mappings key by key; lists, such as data.datasets, replace).
@@ -231,6 +233,10 @@ class RunConfig:
     eval: EvalConfig = EvalConfig()
     log: LogConfig = LogConfig()
     export_hf: bool = True
+    # XLA's persistent compilation cache: a restarted or resumed run (preemption) reuses
+    # the compiled train step instead of compiling it again. null: off. The variable
+    # JAX_COMPILATION_CACHE_DIR, when set, wins.
+    compilation_cache_dir: str | None = "~/.cache/qzhou-jax/xla"
 
     def __post_init__(self):
         object.__setattr__(self, "_model", model_config(self.model, self.init_from))

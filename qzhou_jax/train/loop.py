@@ -147,6 +147,10 @@ def train(cfg: RunConfig, resume: bool = False, *, hooks: Sequence[Callable[[int
 
     t_start = time.perf_counter()
     check_init_from(cfg)
+    if cfg.compilation_cache_dir and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        from qzhou_jax.train.config import expand_path
+
+        jax.config.update("jax_compilation_cache_dir", expand_path(cfg.compilation_cache_dir))
     model_cfg = cfg.model_config
     out_dir = cfg.output_dir
     tok_dir = tokenizer_path(cfg)
@@ -206,7 +210,7 @@ def train(cfg: RunConfig, resume: bool = False, *, hooks: Sequence[Callable[[int
 
         progress = tqdm(total=cfg.train.total_steps, initial=start_step, desc="train", unit="step",
                         dynamic_ncols=True)
-    pending: list[tuple[int, str, str, Any, float, int]] = []
+    pending: list[tuple[int, str, str, Any]] = []  # (step, task, dataset, metrics on device)
     window = {"t": time.perf_counter(), "flops": 0.0, "tokens": 0}
     step = start_step
     last_saved = start_step if resume else None
@@ -217,7 +221,7 @@ def train(cfg: RunConfig, resume: bool = False, *, hooks: Sequence[Callable[[int
         fetched = jax.device_get([p[3] for p in pending])
         now = time.perf_counter()
         dt = max(now - window["t"], 1e-9)
-        for (s, task, name, _, _, _), m in zip(pending, fetched):
+        for (s, task, name, _), m in zip(pending, fetched):
             m = {k: float(v) for k, v in m.items()}
             check_finite(m, s)
             m.update(step=s, task=task, dataset=name)
@@ -255,7 +259,7 @@ def train(cfg: RunConfig, resume: bool = False, *, hooks: Sequence[Callable[[int
                 shapes = {k: tuple(v.shape) for k, v in batch.items()}
                 window["flops"] += step_flops(model_cfg, shapes)
                 window["tokens"] += int(np.prod(shapes["q_ids"])) + int(np.prod(shapes["p_ids"]))
-                pending.append((step, item.task, item.dataset, metrics, 0.0, 0))
+                pending.append((step, item.task, item.dataset, metrics))
                 done = step + 1
                 if progress is not None:
                     progress.update(1)
