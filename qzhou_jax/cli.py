@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_parser(sub)
     from qzhou_jax.eval.cli import add_eval_parser
     add_eval_parser(sub)
+    from qzhou_jax.plan import add_plan_parser
+    add_plan_parser(sub)
     from qzhou_jax.data.cli import add_data_parser
     add_data_parser(sub)
 

@@ -226,7 +226,8 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
     if num_processes is not None and num_processes <= 1:
         return
     if coordinator is None and num_processes is None:
-        if not any(k in env for k in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")):
+        multi_host_tpu = len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1
+        if not (multi_host_tpu or any(k in env for k in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE"))):
             return
     if env.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -170,7 +170,7 @@ def test_config_errors_name_the_key_before_any_device_work(tmp_path, monkeypatch
 
 def test_bad_record_stops_with_file_line_or_is_skipped(tmp_path, capsys):
     src = tmp_path / "pairs.jsonl"
-    lines = [json.dumps({"text1": f"first {i}", "text2": f"second {i}", "score": i % 5}) for i in range(20)]
+    lines = [json.dumps({"text1": f"first {i}", "text2": f"second {i}", "score": i % 5}) for i in range(40)]
     lines[6] = json.dumps({"text1": "a", "text2": "b", "score": "high"})
     src.write_text("\n".join(lines) + "\n")
     raw = run_dict(tmp_path / "run", steps=2,

@@ -41,7 +41,7 @@ import numpy as np
 
 from qzhou_jax import sharding
 from qzhou_jax.checkpoint.manager import RunCheckpoints, abstract_train_state
-from qzhou_jax.hardware import peak_flops
+from qzhou_jax.topology import peak_flops
 from qzhou_jax.tokenizer import DEMO_TOKENIZER, Tokenizer
 from qzhou_jax.train.config import RunConfig, resolve_init_from
 from qzhou_jax.train.metrics import MetricsLog, step_flops
@@ -171,6 +171,11 @@ def train(cfg: RunConfig, resume: bool = False, *, hooks: Sequence[Callable[[int
                         cfg.train.chunk_size)
         except ValueError as e:
             raise ValueError(f"data.datasets ({ds.name}): {e}") from None
+
+    dp = sharding.data_parallel_size(mesh)
+    if cfg.train.chunk_size and cfg.train.chunk_size % dp:
+        log.warning("train.chunk_size %d is not a multiple of the %d data-parallel devices: every device computes "
+                    "whole chunks redundantly; use a multiple of %d", cfg.train.chunk_size, dp, dp)
 
     ckpts = RunCheckpoints(cfg.checkpoint_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     start_step = 0

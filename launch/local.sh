@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Run N JAX processes on this machine, joined by jax.distributed, each with its own CPU
+# devices: a multi-host run in miniature, for testing multi-process code paths.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+usage: launch/local.sh [options] -- QZHOU_JAX_ARGS...
+       launch/local.sh [options] --exec -- COMMAND [ARGS...]
+
+Starts N processes on localhost. Process i runs `qzhou-jax QZHOU_JAX_ARGS...` after
+jax.distributed.initialize(coordinator, N, i); every process sees D CPU devices, so the
+run has N x D devices in all. With --exec, COMMAND runs as is and finds the coordinator,
+process count and process id in JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+JAX_PROCESS_ID (it must call jax.distributed.initialize itself).
+
+options:
+  -n, --processes N    number of processes (default 2)
+  -d, --devices D      CPU devices per process (default 4; XLA_FLAGS
+                       --xla_force_host_platform_device_count)
+  -p, --port PORT      coordinator port on localhost (default 12355)
+      --logs DIR       write process i's output to DIR/process_<i>.log (default: a new
+                       temporary folder); process 0's output is also shown here
+      --python PY      Python interpreter (default: python3)
+      --exec           run COMMAND instead of qzhou-jax (see above)
+  -h, --help           this text
+
+examples:
+  launch/local.sh -n 2 -d 4 -- train --config configs/demo.yaml --set out_dir=runs/mp
+  launch/local.sh -n 2 -d 4 -- train --config configs/demo.yaml --set out_dir=runs/mp --resume
+
+The exit status is the first non-zero exit status of the processes (0 when all succeed).
+When one process fails, the others are stopped.
+EOF
+}
+
+processes=2
+devices=4
+port=12355
+logs=""
+python=python3
+exec_mode=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -n|--processes) processes="$2"; shift 2 ;;
+    -d|--devices) devices="$2"; shift 2 ;;
+    -p|--port) port="$2"; shift 2 ;;
+    --logs) logs="$2"; shift 2 ;;
+    --python) python="$2"; shift 2 ;;
+    --exec) exec_mode=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; break ;;
+    *) echo "local.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+if [[ $# -eq 0 ]]; then
+  echo "local.sh: nothing to run: give the qzhou-jax arguments after -- (see --help)" >&2
+  exit 2
+fi
+for v in processes devices port; do
+  if ! [[ "${!v}" =~ ^[1-9][0-9]*$ ]]; then
+    echo "local.sh: --${v}: expected a positive integer, got '${!v}'" >&2
+    exit 2
+  fi
+done
+if [[ -z "$logs" ]]; then
+  logs="$(mktemp -d "${TMPDIR:-/tmp}/qzhou-local.XXXXXX")"
+fi
+mkdir -p "$logs"
+
+# Process i: initialize jax.distributed, then run the qzhou-jax command line.
+read -r -d '' bootstrap <<'PY' || true
+import os, sys
+import jax
+jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]),
+                           int(os.environ["JAX_PROCESS_ID"]))
+# jax.distributed is up: keep the library from initializing it a second time.
+os.environ.pop("JAX_COORDINATOR_ADDRESS")
+from qzhou_jax.cli import main
+sys.exit(main(sys.argv[1:]))
+PY
+
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+echo "local.sh: $processes processes x $devices CPU devices, coordinator localhost:$port, logs in $logs" >&2
+for ((i = 0; i < processes; i++)); do
+  log="$logs/process_$i.log"
+  (
+    # Only this launcher's processes: no cluster environment JAX would detect instead.
+    unset SLURM_JOB_ID OMPI_COMM_WORLD_SIZE OMPI_MCA_orte_hnp_uri TPU_WORKER_HOSTNAMES TPU_PROCESS_ADDRESSES
+    export JAX_PLATFORMS=cpu
+    flags="$(sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g' <<<"${XLA_FLAGS:-}")"
+    export XLA_FLAGS="$flags --xla_force_host_platform_device_count=$devices"
+    export JAX_COORDINATOR_ADDRESS="localhost:$port"
+    export JAX_NUM_PROCESSES="$processes"
+    export JAX_PROCESS_ID="$i"
+    if [[ $exec_mode -eq 1 ]]; then
+      exec "$@"
+    else
+      exec "$python" -c "$bootstrap" "$@"
+    fi
+  ) >"$log" 2>&1 &
+  pids+=("$!")
+done
+
+# Show process 0's output as it comes.
+tail -n +1 -f "$logs/process_0.log" &
+tail_pid=$!
+
+status=0
+remaining=$processes
+declare -A done_pids=()
+while [[ $remaining -gt 0 ]]; do
+  for i in "${!pids[@]}"; do
+    pid="${pids[$i]}"
+    [[ -n "${done_pids[$pid]:-}" ]] && continue
+    if ! kill -0 "$pid" 2>/dev/null; then
+      rc=0
+      wait "$pid" || rc=$?
+      done_pids[$pid]=1
+      remaining=$((remaining - 1))
+      if [[ $rc -ne 0 && $status -eq 0 ]]; then
+        status=$rc
+        echo "local.sh: process $i exited with status $rc (log: $logs/process_$i.log); stopping the others" >&2
+        cleanup
+      fi
+    fi
+  done
+  sleep 0.2
+done
+sleep 0.3
+kill "$tail_pid" 2>/dev/null || true
+wait "$tail_pid" 2>/dev/null || true
+pids=()
+echo "local.sh: done, status $status (logs in $logs)" >&2
+exit "$status"

@@ -1,0 +1,354 @@
+#!/usr/bin/env bash
+# Train on a Cloud TPU VM slice (single host or pod) with gcloud: create or reuse the slice,
+# install this working tree on every worker, run `qzhou-jax train` on all workers, stream
+# worker 0's log, and after a preemption recreate the slice and resume.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+usage: launch/tpu_pod.sh COMMAND [options] [-- TRAIN_ARGS...]
+
+commands:
+  up        create the slice unless it exists and is READY (a PREEMPTED one is deleted first)
+  setup     copy this working tree (git-tracked and untracked, not ignored, files) to every
+            worker and install it into ~/qzhou-venv (with the tpu extra)
+  train     start `qzhou-jax train --config CONFIG TRAIN_ARGS...` on all workers
+            (--worker=all, detached: it survives a dropped ssh) and stream worker 0's log
+  logs      stream worker 0's log until the run ends; exits with the run's exit status
+  run       up + setup + train; after a preemption (the slice is gone or not READY, or the
+            trainer exited with 75 after saving a checkpoint) recreate / restart and train
+            again with --resume, up to --max-restarts times
+  status    print the slice's state
+  down      delete the slice (and its queued resource)
+
+options (environment variable in brackets):
+  --name NAME          TPU name (QZ_TPU_NAME) [required]
+  --zone ZONE          zone, e.g. us-east5-a (QZ_TPU_ZONE) [required]
+  --project PROJECT    Google Cloud project (QZ_TPU_PROJECT; default: gcloud's)
+  --type TYPE          accelerator type: v4-32, v5p-64, v5litepod-32 (or v5e-32), v6e-32 ...
+                       (QZ_TPU_TYPE) [up, run]
+  --version VERSION    TPU software version (QZ_TPU_VERSION; default by type: v4
+                       tpu-ubuntu2204-base, v5e v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5,
+                       v6e v2-alpha-tpuv6e)
+  --provisioning MODE  queued (default: a queued resource, waits for capacity), queued-spot,
+                       spot, preemptible or on-demand (QZ_TPU_PROVISIONING)
+  --config PATH        training config, relative to the repository root [train, run]
+  --set KEY=VALUE      config override for train (repeatable)
+  --resume             pass --resume to the first train as well
+  --max-restarts N     restarts after preemptions in `run` (default 10)
+  --python PY          Python (>= 3.11) on the workers that creates the venv (default python3)
+  --setup-cmd CMD      shell command run on every worker before installing (e.g. one that
+                       installs python3.11 and python3.11-venv on an older image)
+  --jax-version V      jax / jaxlib pinned on the workers, matching the tpu extra's libtpu
+                       (default 0.10.2)
+  --port PORT          jax.distributed coordinator port on worker 0 (default 8476)
+  --dry-run            print the gcloud commands instead of running them
+  -h, --help           this text
+
+The run's out_dir (checkpoints, metrics) should be a gs:// path or another location that
+outlives the VMs, so that a recreated slice resumes from it. Data paths must be readable
+from every worker (gs://, or copied by --setup-cmd).
+
+examples:
+  launch/tpu_pod.sh run --name qz-7b --zone us-east5-a --type v5p-64 \
+      --config configs/stage1-qwen2.5-7b.yaml --set out_dir=gs://my-bucket/runs/stage1-7b
+  launch/tpu_pod.sh logs --name qz-7b --zone us-east5-a
+  launch/tpu_pod.sh down --name qz-7b --zone us-east5-a
+EOF
+}
+
+die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
+say() { echo "tpu_pod.sh: $*" >&2; }
+
+command="${1:-}"
+case "$command" in
+  up|setup|train|logs|run|status|down) shift ;;
+  -h|--help|"") usage; [[ -n "$command" ]] && exit 0; exit 2 ;;
+  *) die "unknown command '$command' (see --help)" ;;
+esac
+
+name="${QZ_TPU_NAME:-}"
+zone="${QZ_TPU_ZONE:-}"
+project="${QZ_TPU_PROJECT:-}"
+accel="${QZ_TPU_TYPE:-}"
+version="${QZ_TPU_VERSION:-}"
+provisioning="${QZ_TPU_PROVISIONING:-queued}"
+config=""
+sets=()
+resume=0
+max_restarts=10
+python=python3
+setup_cmd=""
+jax_version=0.10.2
+port=8476
+dry_run=0
+extra=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --name) name="$2"; shift 2 ;;
+    --zone) zone="$2"; shift 2 ;;
+    --project) project="$2"; shift 2 ;;
+    --type) accel="$2"; shift 2 ;;
+    --version) version="$2"; shift 2 ;;
+    --provisioning) provisioning="$2"; shift 2 ;;
+    --config) config="$2"; shift 2 ;;
+    --set) sets+=(--set "$2"); shift 2 ;;
+    --resume) resume=1; shift ;;
+    --max-restarts) max_restarts="$2"; shift 2 ;;
+    --python) python="$2"; shift 2 ;;
+    --setup-cmd) setup_cmd="$2"; shift 2 ;;
+    --jax-version) jax_version="$2"; shift 2 ;;
+    --port) port="$2"; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; extra=("$@"); break ;;
+    *) die "unknown option '$1' (see --help)" ;;
+  esac
+done
+
+[[ -n "$name" ]] || die "--name is required"
+[[ -n "$zone" ]] || die "--zone is required"
+case "$provisioning" in
+  queued|queued-spot|spot|preemptible|on-demand) ;;
+  *) die "--provisioning: expected queued, queued-spot, spot, preemptible or on-demand, got '$provisioning'" ;;
+esac
+[[ "$max_restarts" =~ ^[0-9]+$ ]] || die "--max-restarts: expected a non-negative integer, got '$max_restarts'"
+[[ "$port" =~ ^[1-9][0-9]*$ ]] || die "--port: expected a port number, got '$port'"
+
+# v5e-N is the name used in docs; gcloud calls it v5litepod-N.
+accel="${accel/#v5e-/v5litepod-}"
+if [[ -n "$accel" && -z "$version" ]]; then
+  case "$accel" in
+    v4-*) version=tpu-ubuntu2204-base ;;
+    v5litepod-*) version=v2-alpha-tpuv5-lite ;;
+    v5p-*) version=v2-alpha-tpuv5 ;;
+    v6e-*) version=v2-alpha-tpuv6e ;;
+    *) die "--version is required for accelerator type '$accel'" ;;
+  esac
+fi
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+work="$(mktemp -d "${TMPDIR:-/tmp}/qzhou-tpu.XXXXXX")"
+trap '[[ -n "${QZ_KEEP_WORK:-}" ]] || rm -rf "$work"' EXIT
+
+gc() {
+  local args=("$@")
+  [[ -n "$project" ]] && args+=(--project "$project")
+  if [[ $dry_run -eq 1 ]]; then
+    printf '+ gcloud' >&2
+    printf ' %q' "${args[@]}" >&2
+    echo >&2
+    return 0
+  fi
+  gcloud "${args[@]}"
+}
+
+ssh_workers() {  # ssh_workers WORKERS COMMAND
+  gc compute tpus tpu-vm ssh "$name" --zone "$zone" --worker "$1" --command "$2"
+}
+
+node_state() {  # READY, CREATING, PREEMPTED, ... or NONE
+  local state
+  if [[ $dry_run -eq 1 ]]; then echo NONE; return; fi
+  state="$(gcloud compute tpus tpu-vm describe "$name" --zone "$zone" ${project:+--project "$project"} \
+           --format='value(state)' 2>/dev/null || true)"
+  echo "${state:-NONE}"
+}
+
+queued_state() {  # ACTIVE, WAITING_FOR_RESOURCES, PROVISIONING, SUSPENDED, FAILED, ... or NONE
+  local state
+  if [[ $dry_run -eq 1 ]]; then echo NONE; return; fi
+  state="$(gcloud compute tpus queued-resources describe "$name" --zone "$zone" ${project:+--project "$project"} \
+           --format='value(state.state)' 2>/dev/null || true)"
+  echo "${state:-NONE}"
+}
+
+cmd_down() {
+  if [[ "$(queued_state)" != NONE || ( $dry_run -eq 1 && "$provisioning" == queued* ) ]]; then
+    say "deleting queued resource $name (and its slice)"
+    gc compute tpus queued-resources delete "$name" --zone "$zone" --force --quiet
+  elif [[ "$(node_state)" != NONE || $dry_run -eq 1 ]]; then
+    say "deleting slice $name"
+    gc compute tpus tpu-vm delete "$name" --zone "$zone" --quiet
+  else
+    say "no slice or queued resource named $name in $zone"
+  fi
+}
+
+up_result=""
+cmd_up() {  # sets up_result to "created" or "reused"; gcloud's output goes to stderr
+  local state queued
+  state="$(node_state)"
+  if [[ "$state" == READY ]]; then
+    say "slice $name is READY; reusing it"
+    up_result=reused
+    return
+  fi
+  [[ -n "$accel" ]] || die "--type is required to create slice $name"
+  queued="$(queued_state)"
+  if [[ "$state" != NONE || "$queued" != NONE ]]; then
+    say "slice $name is $state (queued resource: $queued); deleting it to create it again"
+    cmd_down >&2
+    while [[ "$(node_state)" != NONE || "$(queued_state)" != NONE ]]; do sleep 15; done
+  fi
+  case "$provisioning" in
+    queued|queued-spot)
+      local spot=()
+      [[ "$provisioning" == queued-spot ]] && spot=(--spot)
+      say "requesting $accel ($version) as queued resource $name"
+      gc compute tpus queued-resources create "$name" --zone "$zone" --node-id "$name" \
+        --accelerator-type "$accel" --runtime-version "$version" "${spot[@]}" >&2
+      local q
+      while [[ $dry_run -eq 0 ]]; do
+        q="$(queued_state)"
+        case "$q" in
+          ACTIVE) break ;;
+          FAILED|SUSPENDED) die "queued resource $name is $q (see: gcloud compute tpus queued-resources describe $name --zone $zone)" ;;
+          *) say "queued resource $name: $q; waiting"; sleep 60 ;;
+        esac
+      done
+      ;;
+    *)
+      local flag=()
+      [[ "$provisioning" == spot ]] && flag=(--spot)
+      [[ "$provisioning" == preemptible ]] && flag=(--preemptible)
+      say "creating $accel ($version) slice $name ($provisioning)"
+      gc compute tpus tpu-vm create "$name" --zone "$zone" --accelerator-type "$accel" --version "$version" \
+        "${flag[@]}" >&2
+      ;;
+  esac
+  up_result=created
+}
+
+cmd_setup() {
+  say "packing $root"
+  if git -C "$root" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    (cd "$root" && git ls-files -z -co --exclude-standard | tar --null -T - -czf "$work/qzhou-jax.tgz")
+  else
+    tar -C "$root" --exclude=.git --exclude=runs --exclude='__pycache__' -czf "$work/qzhou-jax.tgz" .
+  fi
+  {
+    echo 'set -euo pipefail'
+    printf 'PY=%q\nJAX_VERSION=%q\n' "$python" "$jax_version"
+    if [[ -n "$setup_cmd" ]]; then printf '%s\n' "$setup_cmd"; fi
+    cat <<'EOF'
+rm -rf ~/qzhou-jax && mkdir -p ~/qzhou-jax && tar -xzf ~/qzhou-jax.tgz -C ~/qzhou-jax
+[ -x ~/qzhou-venv/bin/python ] || "$PY" -m venv ~/qzhou-venv
+~/qzhou-venv/bin/pip install -q -U pip
+~/qzhou-venv/bin/pip install -q -e "$HOME/qzhou-jax[tpu]" "jax==$JAX_VERSION" "jaxlib==$JAX_VERSION"
+echo "$(hostname): jax $(~/qzhou-venv/bin/python -c 'import jax; print(jax.__version__)') installed"
+EOF
+  } >"$work/qzhou-setup.sh"
+  say "copying to every worker of $name and installing"
+  gc compute tpus tpu-vm scp "$work/qzhou-jax.tgz" "$work/qzhou-setup.sh" "$name:" --zone "$zone" --worker all
+  ssh_workers all 'bash ~/qzhou-setup.sh'
+}
+
+write_follow_script() {
+  cat >"$work/qzhou-follow.sh" <<'EOF'
+# Stream the log of the run started by qzhou-start.sh; exit with its status.
+tail -n +1 -F ~/qzhou-run/train.log 2>/dev/null &
+t=$!
+while [ ! -f ~/qzhou-run/exit_code ]; do sleep 5; done
+sleep 2
+kill "$t"
+exit "$(cat ~/qzhou-run/exit_code)"
+EOF
+}
+
+start_training() {  # start_training RESUME(0|1)
+  [[ -n "$config" ]] || die "--config is required to train"
+  local coordinator args=(train --config "$config" "${sets[@]}" "${extra[@]}")
+  [[ "$1" -eq 1 ]] && args+=(--resume)
+  if [[ $dry_run -eq 1 ]]; then
+    coordinator="WORKER0_IP:$port"
+  else
+    coordinator="$(gcloud compute tpus tpu-vm describe "$name" --zone "$zone" ${project:+--project "$project"} \
+                   --format='value(networkEndpoints[0].ipAddress)'):$port"
+  fi
+  {
+    echo 'set -euo pipefail'
+    # jax.distributed: coordinator on worker 0; process ids and count come from the TPU metadata.
+    printf 'export JAX_COORDINATOR_ADDRESS=%q\n' "$coordinator"
+    printf 'ARGS=(%s)\n' "$(printf '%q ' "${args[@]}")"
+    cat <<'EOF'
+mkdir -p ~/qzhou-run
+if [ -f ~/qzhou-run/pid ] && kill -0 "$(cat ~/qzhou-run/pid)" 2>/dev/null; then
+  kill -TERM -- "-$(cat ~/qzhou-run/pid)" 2>/dev/null || true  # a previous run on this slice
+  sleep 10
+fi
+rm -f ~/qzhou-run/exit_code
+cd ~/qzhou-jax
+setsid bash -c '"$HOME/qzhou-venv/bin/qzhou-jax" "$@"; echo $? > "$HOME/qzhou-run/exit_code"' qzhou-train "${ARGS[@]}" \
+  > ~/qzhou-run/train.log 2>&1 < /dev/null &
+echo $! > ~/qzhou-run/pid
+EOF
+  } >"$work/qzhou-start.sh"
+  write_follow_script
+  say "starting: qzhou-jax ${args[*]} on every worker (coordinator $coordinator)"
+  gc compute tpus tpu-vm scp "$work/qzhou-start.sh" "$work/qzhou-follow.sh" "$name:" --zone "$zone" --worker all
+  ssh_workers all 'bash ~/qzhou-start.sh'
+}
+
+follow() {
+  write_follow_script
+  gc compute tpus tpu-vm scp "$work/qzhou-follow.sh" "$name:" --zone "$zone" --worker 0 >/dev/null
+  ssh_workers 0 'bash ~/qzhou-follow.sh'
+}
+
+run_finished() {  # whether worker 0 wrote an exit status
+  [[ $dry_run -eq 1 ]] && return 0
+  ssh_workers 0 'test -f ~/qzhou-run/exit_code' >/dev/null 2>&1
+}
+
+cmd_run() {
+  local attempt=0 rc state want_resume=$resume
+  while true; do
+    cmd_up
+    if [[ "$up_result" == created || $attempt -eq 0 ]]; then
+      cmd_setup
+    fi
+    start_training "$want_resume"
+    while true; do
+      rc=0
+      follow || rc=$?
+      # A dropped connection to a healthy slice whose run goes on: follow again.
+      if [[ $rc -ne 0 && "$(node_state)" == READY ]] && ! run_finished; then
+        say "lost the log stream (status $rc); the run goes on, reconnecting"
+        sleep 10
+        continue
+      fi
+      break
+    done
+    if [[ $rc -eq 0 ]]; then
+      say "training finished"
+      return 0
+    fi
+    state="$(node_state)"
+    if [[ $rc -eq 75 || "$state" != READY ]]; then
+      attempt=$((attempt + 1))
+      if [[ $attempt -gt $max_restarts ]]; then
+        say "preempted again after $max_restarts restarts; giving up (status $rc, slice $state)"
+        return "$rc"
+      fi
+      say "preempted (status $rc, slice $state): restart $attempt of $max_restarts, resuming from the last checkpoint"
+      want_resume=1
+      continue
+    fi
+    say "training failed with status $rc"
+    return "$rc"
+  done
+}
+
+case "$command" in
+  up) cmd_up ;;
+  setup) cmd_setup ;;
+  train) start_training "$resume"; follow ;;
+  logs) follow ;;
+  run) cmd_run ;;
+  status)
+    echo "slice: $(node_state)"
+    echo "queued resource: $(queued_state)"
+    ;;
+  down) cmd_down ;;
+esac

@@ -1,0 +1,636 @@
+"""`qzhou-jax plan`: does a training config fit a TPU slice or a GPU cluster, and how fast could it go?
+
+    qzhou-jax plan --config configs/stage1-qwen2.5-7b.yaml --topology v5p-16
+    qzhou-jax plan --config run.yaml --topology v5e-32 --set train.chunk_size=32 --mfu 0.45 --json plan.json
+    qzhou-jax plan --config run.yaml --topology gpu:8xH100          # an estimate unless run on those GPUs
+    qzhou-jax plan --config run.yaml --devices 16 --memory-gib 80 --peak-tflops 989
+
+For each distinct batch shape of the config (task, queries, passages per query, query and
+passage lengths: one compiled step per dataset, `DataConfig.resolved`), the real train step
+(`make_train_step(...).jitted`: GradCache, remat, AdamW, shardings from the logical-axis
+rules) is lowered with abstract inputs (`jax.ShapeDtypeStruct` with `NamedSharding`s on a
+mesh of the target's devices) and compiled. No data is read and no device memory is used.
+
+What a plan reports, per device and per batch shape:
+  * memory from the compiler's `memory_analysis()`: arguments (the train state and the
+    batch shard), temporaries, generated code; peak = arguments + outputs - aliased
+    (the state is donated) + temporaries + code. It is compared with the memory the
+    compiler allows (TPU: read from the TPU compiler, a little under the vendor figure).
+  * model FLOPs per step (`ModelConfig.flops_per_token`, training: 6 x non-embedding
+    params + attention, over every padded token of the step) and the step time at a given
+    MFU against the chip's bf16 peak; XLA's own `cost_analysis()` count is kept in the
+    JSON output only, since XLA counts the body of each loop once (the layer scan and the
+    GradCache chunk loop), which undercounts a scanned model by orders of magnitude.
+
+How each target is compiled:
+  * TPU slices (`v5p-16`, `v5e-32`, ...): for the slice's abstract devices via libtpu
+    (`pip install "qzhou-jax[tpu]"`), on any machine. Exact for that libtpu version.
+  * `cpu:N`: on this machine's CPU devices (a check of the planner; CPU numbers).
+  * GPUs: compiled when this machine has exactly those GPUs. Otherwise a GPU program
+    cannot be compiled here, and the plan is an analytic estimate (`estimate_step_bytes`:
+    exact train-state shards plus a model of gradients, gathered layers and activations),
+    marked as such. Against the compiler, on the stage-1 7b TPU programs of
+    bench/plan_7b.py, it came out between 6% below and 12% above; against the peak
+    measured for a 1.5b GradCache step on one H100 (bench/RESULTS.md), 12% above (44.1 vs
+    39.2 GiB). A first answer, not a guarantee.
+    `--estimate` gives the same estimate for any target without compiling.
+
+Every input check (topology name, mesh sizes against the device count, batch sizes against
+the data-parallel devices and hosts, GradCache chunk) runs before anything is compiled.
+Exit status: 0 fits (or tight: over 1 - headroom of the memory), 1 does not fit (with
+suggestions: `--set` overrides to try), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from typing import Any, Callable, Mapping
+
+from qzhou_jax.topology import GIB, Target, compiler_hbm_gib, parse_oom, parse_target, tpu_devices
+
+DEFAULT_MFU = 0.5
+DEFAULT_HEADROOM = 0.05
+_TOKEN_KEYS = ("q_ids", "q_mask", "p_ids", "p_mask")
+
+
+# ------------------------------------------------------------ batch shapes
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """One compiled step: a task and its global batch shape (see `train/step.py`)."""
+
+    task: str
+    n: int           # queries / anchors / pairs per step (global)
+    group: int       # passages per query (1 + hard negatives; 1 for sts)
+    q_len: int
+    p_len: int
+    datasets: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        if self.task == "sts":
+            return f"sts {self.n} pairs, L {self.q_len}/{self.p_len}"
+        return f"{self.task} {self.n} x (1+{self.group - 1}), Lq {self.q_len}, Lp {self.p_len}"
+
+    @property
+    def tokens(self) -> int:
+        return self.n * self.q_len + self.n * self.group * self.p_len
+
+    def abstract_batch(self, sharding_for: Callable[[int], Any] | None = None) -> dict:
+        """`jax.ShapeDtypeStruct`s in the format of `check_batch`, sharded by `sharding_for(ndim)`."""
+        import jax
+        import jax.numpy as jnp
+
+        shapes = {"q_ids": (self.n, self.q_len), "q_mask": (self.n, self.q_len),
+                  "p_ids": (self.n * self.group, self.p_len), "p_mask": (self.n * self.group, self.p_len)}
+        dtypes = dict.fromkeys(shapes, jnp.int32)
+        if self.task == "sts":
+            shapes["scores"], dtypes["scores"] = (self.n,), jnp.float32
+        elif self.task == "classification":
+            shapes["q_labels"], dtypes["q_labels"] = (self.n,), jnp.int32
+            shapes["p_labels"], dtypes["p_labels"] = (self.n * self.group,), jnp.int32
+        return {k: jax.ShapeDtypeStruct(s, dtypes[k], sharding=sharding_for(len(s)) if sharding_for else None)
+                for k, s in shapes.items()}
+
+    def model_flops(self, cfg) -> float:
+        """Model FLOPs of one training step over every (padded) token of the batch."""
+        q = self.n * self.q_len * cfg.flops_per_token(self.q_len, training=True)
+        p = self.n * self.group * self.p_len * cfg.flops_per_token(self.p_len, training=True)
+        return float(q + p)
+
+
+def step_shapes(run) -> list[StepShape]:
+    """The distinct batch shapes of a RunConfig's datasets (one compiled step each)."""
+    found: dict[tuple, list[str]] = {}
+    for ds in run.data.datasets:
+        r = run.data.resolved(ds)
+        key = (ds.task, r["batch_size"], r["group"], r["query_max_length"], r["passage_max_length"])
+        found.setdefault(key, []).append(ds.name)
+    return [StepShape(*key, datasets=tuple(names)) for key, names in found.items()]
+
+
+# ------------------------------------------------------------------ checks
+def _mesh_desc(mesh_shape: Mapping[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in mesh_shape.items())
+
+
+def rows_per_device(rows: int, mesh, rules: Mapping[str, Any] | None = None) -> int:
+    """Rows of a batch-major array of `rows` rows that each device holds: split over the
+    data-parallel axes that divide it (`sharding.logical_to_spec`), whole where none does."""
+    from qzhou_jax import sharding
+
+    spec = sharding.logical_to_spec(("batch",), mesh, rules, (rows,))
+    axes = spec[0] if len(spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return rows // math.prod(mesh.shape[a] for a in axes)
+
+
+def check_inputs(run, target: Target,
+                 rules: Mapping[str, Any] | None = None) -> tuple[dict, list[StepShape], list[str]]:
+    """Every check that needs no device: mesh sizes against the target's device count,
+    each batch shape against the data-parallel devices, the hosts and the GradCache chunk.
+    Returns (mesh shape, batch shapes, warnings); raises ValueError with the numbers."""
+    from jax.sharding import AbstractMesh
+
+    from qzhou_jax import sharding
+    from qzhou_jax.train.step import check_batch
+
+    try:
+        sizes = run.mesh.shape(target.num_devices)
+    except ValueError as e:
+        raise ValueError(f"{e} ({target.name} has {target.num_devices} devices)") from None
+    mesh_shape = dict(zip(sharding.MESH_AXES, sizes))
+    mesh = AbstractMesh(tuple(sizes), sharding.MESH_AXES)
+    dp = sharding.data_parallel_size(mesh, rules)
+    chunk = run.train.chunk_size
+    shapes = step_shapes(run)
+    warnings: list[str] = []
+    for s in shapes:
+        where = f"{s.label} ({', '.join(s.datasets)})"
+        try:
+            check_batch(s.abstract_batch(), s.task, mesh, rules, chunk if 0 < chunk < s.n else 0)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e} on {target.name}") from None
+        if s.n % target.hosts:
+            raise ValueError(f"{where}: the global batch of {s.n} does not divide over the {target.hosts} hosts "
+                             f"(processes) of {target.name}; each host loads n / hosts rows")
+        per_pass = chunk if 0 < chunk < s.n else s.n
+        q_rows, p_rows = per_pass, per_pass * s.group
+        q_held, p_held = rows_per_device(q_rows, mesh, rules), rows_per_device(p_rows, mesh, rules)
+        if q_held * dp != q_rows or p_held * dp != p_rows:
+            what = "GradCache chunk" if per_pass < s.n else "step"
+            warnings.append(f"{where}: a {what} of {q_rows} queries and {p_rows} passages does not divide over "
+                            f"the {dp} data-parallel devices: each device embeds {q_held} queries and {p_held} "
+                            f"passages (rows that do not divide are replicated, with their work and activation "
+                            f"memory); use a multiple of {dp} queries")
+    return mesh_shape, shapes, warnings
+
+
+# ------------------------------------------------------------------- state
+def abstract_train_state(cfg, tx, mesh, rules: Mapping[str, Any] | None = None):
+    """The TrainState as `jax.ShapeDtypeStruct`s carrying their `NamedSharding`s."""
+    import jax
+    import jax.numpy as jnp
+
+    from qzhou_jax.train.step import TrainState, abstract_params, train_state_shardings
+
+    shardings = train_state_shardings(cfg, tx, mesh, rules)
+
+    def init(p):
+        return TrainState(p, tx.init(p), jnp.zeros((), jnp.int32))
+
+    shapes = jax.eval_shape(init, abstract_params(cfg))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+
+
+def shard_bytes(tree) -> int:
+    """Bytes per device of a tree of sharded `ShapeDtypeStruct`s (the largest shard)."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+# ---------------------------------------------------------------- estimate
+def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: int, param_bytes: int,
+                        rules: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """An analytic per-device memory model of one train step (bytes), for targets that
+    cannot be compiled here. `state_bytes` / `param_bytes` are exact (from the shardings);
+    the rest is a model:
+
+      gradients   gradient + GradCache accumulator + optimizer update temporaries:
+                  3 x the float32 parameter shard (2 x without GradCache)
+      layers      with fsdp > 1: one layer's weights gathered in float32 and its compute-dtype
+                  copy, double-buffered, and that layer's float32 gradient before the
+                  reduce-scatter (all divided by tensor)
+      activations one pass (a GradCache chunk, or the whole batch) of queries and passages,
+                  split over the data-parallel devices as the sharding rules split it
+                  (`rows_per_device`: whole on every device when the rows do not divide);
+                  kept across layers per the remat policy (full: each layer's input), plus
+                  one layer's working set forward and backward, with XLA attention's float32
+                  scores [rows, heads, L, L] (none with cuDNN attention)
+      batch/loss  token arrays, embeddings and the similarity matrix
+    """
+    mesh_shape = dict(mesh.shape)
+    dp = mesh_shape["data"] * mesh_shape["fsdp"]
+    tp = mesh_shape["tensor"]
+    E, F, Lr = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    H, K, D = cfg.num_attention_heads / tp, cfg.num_key_value_heads / tp, cfg.head_dim
+    b = 2 if cfg.compute_dtype in ("bfloat16", "float16") else 4
+    gradcache = 0 < chunk < shape.n
+    n_pass = chunk if gradcache else shape.n
+
+    def rows(r: int) -> int:
+        return rows_per_device(r, mesh, rules)
+
+    def side(r: int, length: int) -> tuple[float, float]:
+        t = rows(r) * length  # tokens per device
+        attn = 0.0 if cfg.attention_impl == "cudnn" else rows(r) * H * length * length * (4 + 4 + b)
+        layer_io = t * (3 * E + (3 * H + 2 * K) * D + 3 * F / tp) * b
+        kept = {"full": t * E * b,
+                "attn": t * (E + (2 * H + 2 * K) * D) * b,
+                "dots": t * (2 * E + (2 * H + 2 * K) * D + 3 * F / tp) * b,
+                "none": layer_io + attn}[cfg.remat]
+        return Lr * kept, 2 * layer_io + attn
+
+    q_kept, q_work = side(n_pass, shape.q_len)
+    p_kept, p_work = side(n_pass * shape.group, shape.p_len)
+    activations = q_kept + p_kept + max(q_work, p_work)
+    layer_params = (cfg.num_params(include_embedding=False) - E) / Lr / tp
+    layers = (2 * layer_params * (4 + b) + layer_params * 4) if mesh_shape["fsdp"] > 1 else 0.0
+    gradients = (3 if gradcache else 2) * param_bytes
+    out_dim = cfg.output_dim
+    loss = (shape.n * (1 + shape.group) * out_dim * 4 * 4
+            + shape.n * shape.n * (1 + shape.group) * 4 * 3
+            + 4 * 2 * (shape.n * shape.q_len + shape.n * shape.group * shape.p_len) / dp)
+    parts = {"state": state_bytes, "gradients": gradients, "layers": layers, "activations": activations,
+             "batch_and_loss": loss}
+    parts = {k: int(v) for k, v in parts.items()}
+    parts["peak"] = sum(parts.values())
+    return parts
+
+
+# -------------------------------------------------------------------- plan
+@dataclasses.dataclass
+class StepPlan:
+    """The plan of one batch shape; byte counts are per device."""
+
+    shape: StepShape
+    method: str                        # "compiled" or "estimate"
+    peak_bytes: int
+    state_bytes: int                   # the train state's shard (exact, from the shardings)
+    argument_bytes: int | None = None
+    output_bytes: int | None = None
+    alias_bytes: int | None = None
+    temp_bytes: int | None = None
+    code_bytes: int | None = None
+    estimate: dict[str, int] | None = None
+    compile_seconds: float | None = None
+    model_flops: float = 0.0           # global, per step
+    executed_flops: float = 0.0        # model FLOPs plus GradCache's and remat's recomputation
+    xla_flops: float | None = None     # per device, XLA cost analysis (loop bodies counted once)
+    step_seconds: float | None = None  # at the plan's MFU
+    error: str | None = None           # the compiler refused the program (out of memory)
+    fit: str = "yes"                   # "yes", "tight" or "no"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["shape"] = dataclasses.asdict(self.shape) | {"label": self.shape.label, "tokens": self.shape.tokens}
+        d["peak_gib"] = self.peak_bytes / GIB
+        d["tokens_per_second"] = self.shape.tokens / self.step_seconds if self.step_seconds else None
+        return d
+
+
+@dataclasses.dataclass
+class Plan:
+    target: Target
+    model: dict[str, Any]
+    mesh: dict[str, int]
+    chunk_size: int
+    limit_gib: float              # memory a program may use per device
+    limit_source: str
+    mfu: float
+    headroom: float
+    steps: list[StepPlan]
+    warnings: list[str]
+    suggestions: list[str]
+
+    @property
+    def verdict(self) -> str:
+        fits = {s.fit for s in self.steps}
+        return "does not fit" if "no" in fits else "tight" if "tight" in fits else "fits"
+
+    @property
+    def fits(self) -> bool:
+        return self.verdict != "does not fit"
+
+    @property
+    def worst(self) -> StepPlan:
+        return max(self.steps, key=lambda s: s.peak_bytes)
+
+    def to_dict(self) -> dict:
+        t = self.target
+        return {"target": {"name": t.name, "chip": t.chip.name, "platform": t.platform, "devices": t.num_devices,
+                           "hosts": t.hosts, "hbm_gib": t.hbm_gib, "peak_tflops": t.peak_tflops,
+                           "topology": t.topology, "chip_source": t.chip.source},
+                "model": self.model, "mesh": self.mesh, "chunk_size": self.chunk_size,
+                "limit_gib": self.limit_gib, "limit_source": self.limit_source, "mfu": self.mfu,
+                "headroom": self.headroom, "verdict": self.verdict, "fits": self.fits,
+                "steps": [s.to_dict() for s in self.steps], "warnings": self.warnings,
+                "suggestions": self.suggestions}
+
+    def format(self) -> str:
+        t = self.target
+        m = self.model
+        lines = [f"target   {t.describe()}",
+                 f"model    {m['name']}: {_count(m['params'])} params, remat {m['remat']}, "
+                 f"{'scanned' if m['scan_layers'] else 'unrolled'} layers, {m['attention_impl']} attention, "
+                 f"{m['compute_dtype']} compute",
+                 f"mesh     {_mesh_desc(self.mesh)}; GradCache chunk "
+                 f"{self.chunk_size if self.chunk_size else 'off (whole batch at once)'}",
+                 f"memory   limit {self.limit_gib:.2f} GiB per device ({self.limit_source}); "
+                 f"train state {_size(self.steps[0].state_bytes)} per device",
+                 ""]
+        head = ["batch shape", "how", "compile", "args", "temp", "code", "peak", "of limit", "fits",
+                "model TFLOP", f"step @ MFU {self.mfu:g}", "tokens/s"]
+        rows = []
+        for s in self.steps:
+            args = s.argument_bytes if s.argument_bytes is not None else s.state_bytes
+            temp = s.temp_bytes if s.temp_bytes is not None else max(0, s.peak_bytes - s.state_bytes)
+            compile_s = f"{s.compile_seconds:.1f} s" if s.compile_seconds is not None else "-"
+            rows.append([s.shape.label, s.method, compile_s,
+                         _size(args) if not s.error else "-", _size(temp) if not s.error else "-",
+                         _size(s.code_bytes) if s.code_bytes is not None else "-",
+                         _size(s.peak_bytes), f"{s.peak_bytes / GIB / self.limit_gib:.0%}", s.fit,
+                         f"{s.model_flops / 1e12:,.1f}", _seconds(s.step_seconds),
+                         f"{s.shape.tokens / s.step_seconds:,.0f}" if s.step_seconds else "-"])
+        widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+        lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip())
+        lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        for s in self.steps:
+            if s.error:
+                lines.append(f"  {s.shape.label}: the compiler refused it: {s.error}")
+        lines.append("")
+        w = self.worst
+        lines.append(f"verdict  {self.verdict}: largest step {_size(w.peak_bytes)} of {self.limit_gib:.2f} GiB "
+                     f"per device ({w.peak_bytes / GIB / self.limit_gib:.0%}"
+                     f"{', estimate' if w.method == 'estimate' else ''})")
+        if any(s.step_seconds for s in self.steps) and t.peak_tflops:
+            lines.append(f"speed    at MFU {self.mfu:g} of {t.peak_tflops:g} TFLOP/s x {t.num_devices} devices "
+                         f"(model FLOPs over padded tokens)")
+        lines += [f"warning  {x}" for x in self.warnings]
+        if self.suggestions:
+            lines.append("to make it fit, try:")
+            lines += [f"  {x}" for x in self.suggestions]
+        return "\n".join(lines)
+
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / GIB:.2f} GiB" if n >= 0.1 * GIB else f"{n / (1 << 20):.1f} MiB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+def _seconds(s: float | None) -> str:
+    if not s:
+        return "-"
+    return f"{s:.2f} s" if s >= 0.1 else f"{s * 1e3:.2f} ms"
+
+
+def _model_summary(run) -> dict[str, Any]:
+    cfg = run.model_config
+    name = (run.model or {}).get("preset") or run.init_from or "custom"
+    return {"name": name, "params": cfg.num_params(), "non_embedding_params": cfg.num_params(False),
+            "remat": cfg.remat, "scan_layers": cfg.scan_layers, "attention_impl": cfg.attention_impl,
+            "compute_dtype": cfg.compute_dtype, "param_dtype": cfg.param_dtype}
+
+
+def _executed_flops(model_flops: float, cfg, gradcache: bool) -> float:
+    """Model FLOPs (6 per parameter-token) plus GradCache's extra forward (2) and full
+    remat's recomputed forward (2); partial remat policies are counted as none."""
+    return model_flops * (6 + 2 * gradcache + 2 * (cfg.remat == "full")) / 6
+
+
+def _local_devices(target: Target, estimate: bool) -> list | None:
+    """Devices to compile on, or None for an estimate."""
+    import jax
+
+    if estimate:
+        return None
+    if target.platform == "tpu":
+        return tpu_devices(target)
+    if target.platform == "cpu":
+        cpus = jax.devices("cpu")
+        if len(cpus) < target.num_devices:
+            raise ValueError(f"{target.name}: only {len(cpus)} CPU devices here (start with XLA_FLAGS="
+                             f"--xla_force_host_platform_device_count={target.num_devices})")
+        return cpus[:target.num_devices]
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        return None
+    if len(gpus) == target.num_devices and target.chip.name.split()[0].lower() in gpus[0].device_kind.lower():
+        return gpus
+    return None
+
+
+def make_plan(run, target: Target, *, mfu: float = DEFAULT_MFU, headroom: float = DEFAULT_HEADROOM,
+              estimate: bool = False, rules: Mapping[str, Any] | None = None,
+              progress: Callable[[str], None] | None = None) -> Plan:
+    """Plan `run` (a RunConfig) on `target`: compile (or estimate) each batch shape's train step.
+
+    Raises ValueError for bad input, before compiling anything.
+    """
+    if not (0 < mfu <= 1):
+        raise ValueError(f"--mfu: expected a fraction in (0, 1], got {mfu}")
+    if not (0 <= headroom < 1):
+        raise ValueError(f"--headroom: expected a fraction in [0, 1), got {headroom}")
+    mesh_shape, shapes, warnings = check_inputs(run, target, rules)
+    devices = _local_devices(target, estimate)
+
+    from jax.sharding import AbstractMesh
+
+    from qzhou_jax import sharding
+    from qzhou_jax.train.optim import learning_rate_schedule, make_optimizer
+    from qzhou_jax.train.step import make_train_step
+
+    say = progress or (lambda _msg: None)
+    cfg = run.model_config
+    tx = make_optimizer(run.train)
+    chunk = run.train.chunk_size
+    if devices is not None:
+        mesh = sharding.make_mesh(run.mesh, devices)
+        processes = len({d.process_index for d in devices})
+        if processes != target.hosts:
+            target = dataclasses.replace(target, hosts=processes)
+            for s in shapes:
+                if s.n % processes:
+                    raise ValueError(f"{s.label}: the global batch of {s.n} does not divide over the {processes} "
+                                     f"hosts (processes) of {target.name}")
+    else:
+        mesh = AbstractMesh(tuple(mesh_shape.values()), sharding.MESH_AXES)
+        if target.platform == "gpu":
+            warnings.append(f"{target.name}: a GPU program cannot be compiled on this machine; memory figures are "
+                            f"an analytic estimate (exact train state, modelled gradients and activations)")
+    state = abstract_train_state(cfg, tx, mesh, rules)
+    state_bytes = shard_bytes(state)
+    param_bytes = shard_bytes(state.params)
+
+    limit_gib, limit_source = target.hbm_gib, f"{target.chip.name} {target.hbm_gib:g} GiB"
+    if target.platform == "tpu" and devices is not None and target.hbm_gib == target.chip.hbm_gib:
+        allowed = compiler_hbm_gib(devices[0])
+        if allowed:
+            limit_gib, limit_source = allowed, f"the TPU compiler's limit; vendor figure {target.chip.hbm_gib:g} GiB"
+    elif target.platform == "cpu":
+        limit_source = "--memory-gib"
+
+    schedule = learning_rate_schedule(run.train)
+    plans: list[StepPlan] = []
+    for s in shapes:
+        flops = s.model_flops(cfg)
+        gradcache = 0 < chunk < s.n
+        sp = StepPlan(shape=s, method="estimate", peak_bytes=0, state_bytes=state_bytes, model_flops=flops,
+                      executed_flops=_executed_flops(flops, cfg, gradcache))
+        if devices is None:
+            est = estimate_step_bytes(cfg, s, mesh, chunk, state_bytes, param_bytes, rules)
+            sp.estimate, sp.peak_bytes = est, est["peak"]
+        else:
+            sp.method = "compiled"
+            step = make_train_step(cfg, tx, s.task, mesh=mesh, rules=rules, loss_cfg=run.loss,
+                                   chunk_size=chunk, schedule=schedule)
+            batch = s.abstract_batch(lambda ndim: sharding.batch_sharding(mesh, ndim, rules))
+            say(f"compiling {s.label} for {target.name} ({target.num_devices} devices, mesh {_mesh_desc(mesh_shape)})")
+            t0 = time.perf_counter()
+            try:
+                with sharding.use_mesh(mesh, rules):
+                    compiled = step.jitted.lower(state, batch).compile()
+            except Exception as e:  # the TPU compiler rejects programs that exceed HBM
+                oom = parse_oom(str(e))
+                if oom is None:
+                    raise
+                sp.compile_seconds = time.perf_counter() - t0
+                sp.error = str(e).splitlines()[0][:400]
+                sp.peak_bytes = int(oom["required_gib"] * GIB)
+                limit_gib = oom["available_gib"]
+            else:
+                sp.compile_seconds = time.perf_counter() - t0
+                ma = compiled.memory_analysis()  # device memory (host-offloaded buffers not counted)
+                sp.argument_bytes = ma.argument_size_in_bytes
+                sp.output_bytes = ma.output_size_in_bytes
+                sp.alias_bytes = ma.alias_size_in_bytes
+                sp.temp_bytes = ma.temp_size_in_bytes
+                sp.code_bytes = ma.generated_code_size_in_bytes
+                sp.peak_bytes = sp.argument_bytes + sp.output_bytes - sp.alias_bytes + sp.temp_bytes + sp.code_bytes
+                sp.xla_flops = _xla_flops(compiled)
+                sp.estimate = estimate_step_bytes(cfg, s, mesh, chunk, state_bytes, param_bytes, rules)
+            say(f"  {sp.compile_seconds:.1f} s")
+        if target.peak_tflops:
+            sp.step_seconds = flops / (target.num_devices * target.peak_tflops * 1e12 * mfu)
+        plans.append(sp)
+
+    for sp in plans:
+        gib = sp.peak_bytes / GIB
+        sp.fit = "no" if sp.error or gib > limit_gib else "tight" if gib > limit_gib * (1 - headroom) else "yes"
+    plan = Plan(target=target, model=_model_summary(run), mesh=mesh_shape, chunk_size=chunk, limit_gib=limit_gib,
+                limit_source=limit_source, mfu=mfu, headroom=headroom, steps=plans, warnings=warnings,
+                suggestions=[])
+    if not plan.fits:
+        plan.suggestions = suggest(run, plan)
+    return plan
+
+
+def _xla_flops(compiled) -> float | None:
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:
+        return None
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else None
+    return float(ca["flops"]) if ca and "flops" in ca else None
+
+
+def _abstract_mesh(mesh_shape: Mapping[str, int]):
+    from jax.sharding import AbstractMesh
+
+    return AbstractMesh(tuple(mesh_shape.values()), tuple(mesh_shape))
+
+
+def suggest(run, plan: Plan) -> list[str]:
+    """`--set` overrides likely to make the plan fit, most effective first."""
+    cfg = run.model_config
+    mesh = plan.mesh
+    dp = mesh["data"] * mesh["fsdp"]
+    worst = plan.worst
+    limit = plan.limit_gib * GIB
+    n = worst.shape.n
+    chunk = plan.chunk_size
+    out = []
+    if worst.state_bytes > 0.6 * limit:
+        need = math.ceil(worst.state_bytes * plan.target.num_devices / (0.6 * limit))
+        out.append(f"the train state alone takes {worst.state_bytes / GIB:.1f} GiB per device "
+                   f"({worst.state_bytes / limit:.0%} of the limit): use at least {need} devices of this kind "
+                   f"(a larger slice), or a chip with more memory")
+    if mesh["data"] > 1:
+        out.append(f"--set mesh.data=1 --set mesh.fsdp=-1  (shard parameters and optimizer state over all "
+                   f"{plan.target.num_devices} devices instead of replicating them {mesh['data']} times)")
+    if cfg.remat != "full":
+        out.append(f"--set model.remat=full  (keep only each layer's input, recompute the rest; now {cfg.remat!r})")
+    per_pass = chunk if 0 < chunk < n else n
+    if per_pass % dp and n % dp == 0:
+        held = rows_per_device(per_pass * worst.shape.group, _abstract_mesh(mesh))
+        out.append(f"--set train.chunk_size={dp}  (a multiple of the {dp} data-parallel devices; now each device "
+                   f"embeds {held} of the {per_pass * worst.shape.group} passages of a chunk)")
+    elif per_pass > dp:
+        smaller = [c for c in range(dp, per_pass, dp) if n % c == 0]
+        if smaller:
+            c = smaller[0]
+            out.append(f"--set train.chunk_size={c}  (GradCache: embed {c} queries at a time, "
+                       f"{c // dp} per data-parallel device instead of {per_pass // dp}; same gradient)")
+    heads_split = cfg.num_key_value_heads % (2 * mesh["tensor"]) == 0
+    if heads_split and plan.target.num_devices % (2 * mesh["tensor"]) == 0 and mesh["fsdp"] > 1:
+        t = 2 * mesh["tensor"]
+        new_dp = plan.target.num_devices // t // mesh["data"]
+        hint = f", and a chunk size that is a multiple of {new_dp}" if chunk else ""
+        out.append(f"--set mesh.tensor={t} --set mesh.fsdp=-1  (split attention heads and MLP columns over {t} "
+                   f"devices: less activation memory per device{hint})")
+    if not out or per_pass <= dp:
+        out.append("shorter data.passage_max_length / query_max_length, or more devices")
+    return out
+
+
+# --------------------------------------------------------------------- CLI
+def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `plan` to a CLI's subparsers."""
+    p = subparsers.add_parser("plan", help="compile a training config for a TPU slice / GPU cluster: memory, "
+                                           "FLOPs, step time", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="training config (YAML); its data is not read")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.chunk_size=32")
+    p.add_argument("--topology", default=None,
+                   help="v5p-16, v4-32, v5e-32, v6e-32, v5p:2x2x2, gpu:8xH100, cpu:8 (see qzhou_jax/topology.py)")
+    p.add_argument("--devices", type=int, default=None, help="number of devices (without --topology: a generic GPU "
+                                                             "cluster, with --memory-gib)")
+    p.add_argument("--memory-gib", type=float, default=None, help="memory per device (overrides the chip's figure)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="bf16 peak per device (default: the vendor figure of the chip)")
+    p.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+                   help=f"model FLOPs utilization for the step time estimate (default {DEFAULT_MFU})")
+    p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
+                   help=f"report 'tight' above 1 - headroom of the memory limit (default {DEFAULT_HEADROOM})")
+    p.add_argument("--estimate", action="store_true", help="analytic estimate only, compile nothing")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the plan as JSON ('-': JSON on stdout, the table on stderr)")
+    p.set_defaults(func=cmd_plan)
+    return p
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from qzhou_jax.train.config import load_run_config
+
+    target = parse_target(args.topology, devices=args.devices, memory_gib=args.memory_gib,
+                          peak_tflops=args.peak_tflops)
+    run = load_run_config(args.config, args.overrides)
+    plan = make_plan(run, target, mfu=args.mfu, headroom=args.headroom, estimate=args.estimate,
+                     progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(plan.format(), file=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json:
+        text = json.dumps(plan.to_dict(), indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+    return 0 if plan.fits else 1

@@ -1,0 +1,353 @@
+"""`qzhou-jax plan` (target names, input checks before any compilation, compiled and estimated
+plans) and the launchers in launch/ (local processes for real; SLURM with stub commands; the
+TPU launcher as a dry run).
+
+The TPU tests compile for abstract TPU devices through libtpu (the `tpu` extra, also in the
+`test` extra on Linux x86-64); without a usable libtpu they are skipped with the reason.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from qzhou_jax import plan as plan_mod
+from qzhou_jax.cli import main
+from qzhou_jax.topology import parse_oom, parse_target
+from qzhou_jax.train.config import load_run_config
+
+TINY = {
+    "model": {"preset": "tiny", "remat": "full"},
+    "train": {"chunk_size": 8},
+    "data": {"batch_size": 32, "hard_negatives": 3, "query_max_length": 32, "passage_max_length": 64,
+             "datasets": [{"name": "ret", "task": "retrieval", "path": "/nonexistent/never-read.jsonl"}]},
+}
+
+
+def _yaml(tmp_path, data=None, name="run.yaml"):
+    import yaml
+
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data or TINY))
+    return str(path)
+
+
+@pytest.fixture
+def no_device_work(monkeypatch):
+    """Fail the test if the planner gets as far as devices or compilation."""
+    def refuse(*_a, **_k):
+        raise AssertionError("bad input must be rejected before any device work or compilation")
+
+    monkeypatch.setattr(plan_mod, "_local_devices", refuse)
+
+
+def _tpu_or_skip():
+    """Abstract v5p devices from libtpu, or skip with the reason."""
+    from qzhou_jax.topology import libtpu_available, tpu_devices
+
+    if not libtpu_available():
+        pytest.skip("libtpu is not installed (pip install -e '.[tpu]'): TPU compile tests skipped")
+    try:
+        return tpu_devices(parse_target("v5p-8"))
+    except ValueError as e:
+        pytest.skip(f"libtpu is installed but unusable here: {e}")
+
+
+# ----------------------------------------------------------------- targets
+@pytest.mark.parametrize("name, chips, hosts, topology, hbm, peak", [
+    ("v5p-8", 4, 1, "v5p:2x2x1", 95, 459),      # v5p/v4: the number counts TensorCores, 2 per chip
+    ("v5p-16", 8, 2, "v5p:2x2x2", 95, 459),
+    ("v5p-64", 32, 8, "v5p:2x4x4", 95, 459),
+    ("v4-32", 16, 4, "v4:2x2x4", 32, 275),
+    ("v5e-32", 32, 8, "v5e:4x8", 16, 197),      # v5e/v6e: the number counts chips
+    ("v5litepod-32", 32, 8, "v5e:4x8", 16, 197),
+    ("v5e-8", 8, 1, "v5e:2x4", 16, 197),
+    ("v6e-32", 32, 8, "v6e:4x8", 32, 918),
+    ("V5P:2x2x2", 8, 2, "v5p:2x2x2", 95, 459),
+])
+def test_tpu_names(name, chips, hosts, topology, hbm, peak):
+    t = parse_target(name)
+    assert (t.num_devices, t.hosts, t.topology, t.hbm_gib, t.peak_tflops, t.platform) == \
+        (chips, hosts, topology, hbm, peak, "tpu")
+
+
+def test_v4_is_one_device_per_chip():
+    assert ("chip_config_name", "megacore") in parse_target("v4-32").topology_kwargs
+
+
+def test_gpu_and_cpu_names():
+    t = parse_target("gpu:16xH100")
+    assert (t.num_devices, t.hosts, t.hbm_gib, t.peak_tflops, t.platform) == (16, 2, 80, 989, "gpu")
+    t = parse_target("gpu:8xh200", peak_tflops=795)
+    assert (t.num_devices, t.hosts, t.peak_tflops) == (8, 1, 795)
+    t = parse_target(None, devices=4, memory_gib=24)
+    assert (t.num_devices, t.hbm_gib, t.peak_tflops) == (4, 24, None)
+    assert parse_target("cpu:8").num_devices == 8
+
+
+@pytest.mark.parametrize("name, words", [
+    ("v9-8", ["unknown topology", "v5p-16"]),
+    ("tpu", ["unknown topology"]),
+    ("v5p-7", ["TensorCores", "even"]),
+    ("v5p-12", ["no standard v5p slice of 6 chips", "v5p-16"]),
+    ("v5e-3", ["no standard v5e slice"]),
+    ("v5p:2x2", ["3 dimensions"]),
+    ("gpu:8xB300", ["unknown GPU", "h100"]),
+])
+def test_unknown_topology(name, words):
+    with pytest.raises(ValueError) as e:
+        parse_target(name)
+    for w in words:
+        assert w in str(e.value)
+
+
+# ------------------------------------------------------- bad input, early
+def test_cli_bad_topology(tmp_path, capsys, no_device_work):
+    assert main(["plan", "--config", _yaml(tmp_path), "--topology", "v7z-8"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown topology 'v7z-8'" in err and "v5p-16" in err
+
+
+@pytest.mark.parametrize("sets, words", [
+    (["mesh.data=3", "mesh.fsdp=1"], ["multiply to 3", "4 devices", "v5p-8"]),
+    (["mesh.data=3"], ["do not divide", "4 devices"]),
+    (["data.batch_size=30", "train.chunk_size=0"], ["30 queries does not divide over the 4 data-parallel devices",
+                                                    "fsdp=4"]),
+])
+def test_cli_bad_mesh_or_batch(tmp_path, capsys, no_device_work, sets, words):
+    argv = ["plan", "--config", _yaml(tmp_path), "--topology", "v5p-8"]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err, err
+
+
+def test_batch_must_divide_over_hosts(no_device_work):
+    # tensor=8 on v5p-16 (8 chips, 2 hosts): one data-parallel group, but each host loads n / 2 rows.
+    run = load_run_config(data={**TINY, "mesh": {"data": 1, "fsdp": 1, "tensor": 8},
+                                "train": {"chunk_size": 0}, "data": {**TINY["data"], "batch_size": 3}})
+    with pytest.raises(ValueError, match="batch of 3 does not divide over the 2 hosts"):
+        plan_mod.make_plan(run, parse_target("v5p-16"))
+
+
+def test_bad_chunk_and_numbers(tmp_path, capsys, no_device_work):
+    assert main(["plan", "--config", _yaml(tmp_path), "--topology", "cpu:8", "--set", "train.chunk_size=6"]) == 2
+    assert "chunk_size: 6 does not divide" in capsys.readouterr().err
+    assert main(["plan", "--config", _yaml(tmp_path), "--topology", "cpu:8", "--mfu", "0"]) == 2
+    assert "--mfu" in capsys.readouterr().err
+    assert main(["plan", "--config", _yaml(tmp_path), "--devices", "8"]) == 2
+    assert "--memory-gib" in capsys.readouterr().err
+    assert main(["plan", "--config", _yaml(tmp_path), "--topology", "v5p-8", "--devices", "8"]) == 2
+    assert "contradicts" in capsys.readouterr().err
+
+
+def test_small_chunk_warns():
+    run = load_run_config(data={**TINY, "train": {"chunk_size": 4}})
+    _, _, warnings = plan_mod.check_inputs(run, parse_target("cpu:8"))
+    assert any("4 queries and 16 passages does not divide over the 8 data-parallel devices: each device embeds "
+               "4 queries and 2 passages" in w for w in warnings), warnings
+
+
+# ------------------------------------------------------ plans on this CPU
+def test_cpu_compiled_plan_matches_state_shards(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--config", _yaml(tmp_path), "--topology", "cpu:8", "--memory-gib", "4",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "compiled" in text and "verdict  fits" in text
+    d = json.loads(out.read_text())
+    (step,) = d["steps"]
+    assert d["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and d["fits"]
+    assert step["method"] == "compiled" and step["fit"] == "yes"
+    # XLA:CPU does not pad: the compiled arguments are exactly the train state shard
+    # (computed from the shardings) plus this device's batch rows.
+    batch = 4 * 2 * (32 * 32 + 32 * 4 * 64) // 8
+    assert step["argument_bytes"] == step["state_bytes"] + batch
+    assert step["peak_bytes"] == (step["argument_bytes"] + step["output_bytes"] - step["alias_bytes"]
+                                  + step["temp_bytes"] + step["code_bytes"])
+    assert step["model_flops"] > 0 and step["estimate"]["peak"] > 0
+
+
+def test_does_not_fit_suggests(tmp_path, capsys):
+    cfg = _yaml(tmp_path, {**TINY, "model": {"preset": "tiny", "remat": "none"}, "train": {"chunk_size": 0},
+                           "mesh": {"data": 2, "fsdp": -1, "tensor": 1}})
+    assert main(["plan", "--config", cfg, "--topology", "cpu:8", "--memory-gib", "0.0001", "--estimate"]) == 1
+    out = capsys.readouterr().out
+    assert "verdict  does not fit" in out
+    for hint in ("--set model.remat=full", "--set train.chunk_size=8", "--set mesh.data=1 --set mesh.fsdp=-1"):
+        assert hint in out, out
+
+
+def test_gpu_target_without_gpus_is_an_estimate(tmp_path, capsys):
+    assert main(["plan", "--config", _yaml(tmp_path), "--topology", "gpu:8xH100"]) == 0
+    out = capsys.readouterr().out
+    assert "estimate" in out and "cannot be compiled on this machine" in out
+    assert "989 TFLOP/s" in out and "step @ MFU 0.5" in out
+
+
+def test_estimate_parts():
+    run = load_run_config(data={**TINY, "model": {"preset": "qwen2.5-7b", "remat": "full"},
+                                "train": {"chunk_size": 32},
+                                "data": {**TINY["data"], "batch_size": 256, "hard_negatives": 4,
+                                         "query_max_length": 256, "passage_max_length": 1536}})
+    p = plan_mod.make_plan(run, parse_target("v5p-64"), estimate=True)
+    (s,) = p.steps
+    params = run.model_config.num_params()
+    # float32 params + two AdamW moments, over 32 chips (a few small leaves replicated).
+    assert s.state_bytes == pytest.approx(12 * params / 32, rel=0.01)
+    assert s.estimate["peak"] == s.peak_bytes and s.method == "estimate"
+    assert s.model_flops == pytest.approx(256 * (256 + 5 * 1536) * 6 * run.model_config.num_params(False), rel=0.1)
+    assert s.step_seconds == pytest.approx(s.model_flops / (32 * 459e12 * 0.5))
+
+
+def test_parse_oom():
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+           "(597.14G) exceeds available HBM (15.75G).")
+    assert parse_oom(msg) == {"required_gib": 597.14, "available_gib": 15.75}
+    assert parse_oom(msg.replace("597.14G", "2.5T"))["required_gib"] == 2560
+    assert parse_oom("something else") is None
+
+
+# ------------------------------------------------------- TPU, via libtpu
+def test_tiny_plan_on_v5p_8_compiles(tmp_path, capsys):
+    devices = _tpu_or_skip()
+    from qzhou_jax.topology import compiler_hbm_gib
+
+    assert 90 < compiler_hbm_gib(devices[0]) <= 96  # the compiler's own limit for a v5p chip
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--config", _yaml(tmp_path), "--topology", "v5p-8", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "v5p-8: 4 x TPU v5p" in text and "compiled" in text and "TPU compiler's limit" in text
+    d = json.loads(out.read_text())
+    (step,) = d["steps"]
+    assert d["target"]["topology"] == "v5p:2x2x1" and d["mesh"]["fsdp"] == 4
+    assert step["method"] == "compiled" and step["compile_seconds"] > 0 and 0 < step["peak_gib"] < 1
+    assert step["step_seconds"] > 0 and d["verdict"] == "fits"
+
+
+def test_tpu_compiler_refusal_is_does_not_fit(tmp_path, capsys):
+    _tpu_or_skip()
+    # No remat, no GradCache: 512 x 6 sequences of up to 2048 tokens on one 16 GiB v5e chip.
+    cfg = _yaml(tmp_path, {"model": {"preset": "tiny", "remat": "none"},
+                           "data": {"batch_size": 512, "hard_negatives": 4, "query_max_length": 256,
+                                    "passage_max_length": 2048,
+                                    "datasets": [{"name": "r", "task": "retrieval", "path": "/nonexistent"}]}})
+    assert main(["plan", "--config", cfg, "--topology", "v5e:1x1"]) == 1
+    out = capsys.readouterr().out
+    assert "the compiler refused it" in out and "does not fit" in out
+    assert "--set model.remat=full" in out and "--set train.chunk_size=1 " in out
+
+
+def test_tpu_missing_libtpu_message(monkeypatch):
+    import qzhou_jax.topology as topo
+
+    monkeypatch.setattr(topo, "libtpu_available", lambda: False)
+    with pytest.raises(ValueError, match=r"needs libtpu: pip install 'qzhou-jax\[tpu\]'"):
+        topo.tpu_devices(parse_target("v5p-8"))
+
+
+# ------------------------------------------------------------- launchers
+LAUNCH = pathlib.Path(__file__).resolve().parents[1] / "launch"
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="bash not found")
+
+
+def _sh(args, env=None, cwd=None, timeout=120):
+    full = {**os.environ, **(env or {})}
+    return subprocess.run(["bash", *map(str, args)], capture_output=True, text=True, env=full, cwd=cwd,
+                          timeout=timeout)
+
+
+@needs_bash
+@pytest.mark.parametrize("script", ["local.sh", "slurm_gpu.sbatch", "tpu_pod.sh"])
+def test_launcher_help(script):
+    r = _sh([LAUNCH / script, "--help"])
+    assert r.returncode == 0 and "usage:" in r.stdout
+
+
+@needs_bash
+def test_local_launcher_joins_processes(tmp_path):
+    check = tmp_path / "check.py"
+    check.write_text(
+        "import os, jax\n"
+        "jax.distributed.initialize(os.environ['JAX_COORDINATOR_ADDRESS'], int(os.environ['JAX_NUM_PROCESSES']),\n"
+        "                           int(os.environ['JAX_PROCESS_ID']))\n"
+        "from jax.experimental import multihost_utils\n"
+        "import jax.numpy as jnp\n"
+        "ids = multihost_utils.process_allgather(jnp.array([jax.process_index()])).ravel().tolist()\n"
+        "print(f'process {jax.process_index()} of {jax.process_count()}: {jax.device_count()} devices, '\n"
+        "      f'{jax.local_device_count()} local, ids {ids}')\n")
+    port = 20000 + os.getpid() % 20000
+    r = _sh([LAUNCH / "local.sh", "-n", 2, "-d", 2, "-p", port, "--logs", tmp_path / "logs", "--python",
+             sys.executable, "--exec", "--", sys.executable, check], timeout=180)
+    assert r.returncode == 0, r.stderr
+    for i in range(2):
+        log = (tmp_path / "logs" / f"process_{i}.log").read_text()
+        assert f"process {i} of 2: 4 devices, 2 local, ids [0, 1]" in log, log
+    bad = _sh([LAUNCH / "local.sh", "-n", 2, "--logs", tmp_path / "bad", "--exec", "--", "false"])
+    assert bad.returncode == 1 and "process 0 exited with status 1" in bad.stderr
+
+
+@needs_bash
+def test_slurm_script_environment(tmp_path):
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    files = {
+        # srun: run the task once per SLURM task, in parallel, like a one-node allocation.
+        "srun": '#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\npids=()\n'
+                'for ((i=0;i<SLURM_NTASKS;i++)); do SLURM_PROCID=$i SLURM_LOCALID=$i "$@" & pids+=($!); done\n'
+                'rc=0; for p in "${pids[@]}"; do wait $p || rc=$?; done; exit $rc\n',
+        "scontrol": '#!/usr/bin/env bash\nif [[ $1 == show ]]; then printf "nodeA\\nnodeB\\n"; '
+                    'else echo "scontrol $*" >> "$STUB_LOG"; fi\n',
+        "nvidia-smi": '#!/usr/bin/env bash\nfor i in 0 1; do echo "GPU $i"; done\n',
+        "qzhou-jax": '#!/usr/bin/env bash\necho "id=$JAX_PROCESS_ID n=$JAX_NUM_PROCESSES '
+                     'coord=$JAX_COORDINATOR_ADDRESS local=$JAX_LOCAL_DEVICE_IDS args=$*" >> "$STUB_LOG"\n'
+                     '[[ $JAX_PROCESS_ID == 0 ]] && exit ${STUB_RC:-0}; exit 0\n',
+    }
+    for name, text in files.items():
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(stat.S_IRWXU)
+    log = tmp_path / "calls.log"
+    env = {"PATH": f"{stubs}:{os.environ['PATH']}", "STUB_LOG": str(log), "SLURM_JOB_ID": "4321",
+           "SLURM_JOB_NODELIST": "node[A-B]", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2",
+           "SLURM_JOB_NUM_NODES": "1"}
+    r = _sh([LAUNCH / "slurm_gpu.sbatch", "--config", "c.yaml"], env=env)
+    assert r.returncode == 0, r.stderr
+    lines = sorted(log.read_text().splitlines())
+    assert lines == [f"id={i} n=2 coord=nodeA:24321 local={i} args=train --config c.yaml" for i in range(2)]
+
+    # One process per node; stopped for the time limit (75): requeued, and the rerun resumes.
+    log.unlink()
+    env.update(SLURM_NTASKS_PER_NODE="1", STUB_RC="75")
+    r = _sh([LAUNCH / "slurm_gpu.sbatch", "--config", "c.yaml"], env=env)
+    assert r.returncode == 0 and "scontrol requeue 4321" in log.read_text()
+    assert "local=0,1 args=train --config c.yaml" in log.read_text()
+    log.unlink()
+    env.update(SLURM_RESTART_COUNT="1", STUB_RC="3")
+    r = _sh([LAUNCH / "slurm_gpu.sbatch", "--config", "c.yaml"], env=env)
+    assert r.returncode == 3 and "args=train --config c.yaml --resume" in log.read_text()
+
+
+@needs_bash
+def test_tpu_launcher_dry_run(tmp_path):
+    r = _sh([LAUNCH / "tpu_pod.sh", "run", "--dry-run", "--name", "qz", "--zone", "us-east5-a", "--type", "v5e-32",
+             "--provisioning", "queued-spot", "--config", "configs/stage1-qwen2.5-7b.yaml", "--set",
+             "out_dir=gs://b/r"], env={"QZ_KEEP_WORK": "1", "TMPDIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert ("gcloud compute tpus queued-resources create qz --zone us-east5-a --node-id qz --accelerator-type "
+            "v5litepod-32 --runtime-version v2-alpha-tpuv5-lite --spot") in r.stderr
+    assert "--worker all --command bash\\ ~/qzhou-start.sh" in r.stderr
+    (work,) = tmp_path.glob("qzhou-tpu.*")
+    start = (work / "qzhou-start.sh").read_text()
+    assert "ARGS=(train --config configs/stage1-qwen2.5-7b.yaml --set out_dir=gs://b/r )" in start
+    assert "JAX_COORDINATOR_ADDRESS=WORKER0_IP:8476" in start
+    names = subprocess.run(["tar", "-tzf", str(work / "qzhou-jax.tgz")], capture_output=True, text=True).stdout
+    assert "qzhou_jax/plan.py" in names.split()
+    r = _sh([LAUNCH / "tpu_pod.sh", "up", "--name", "qz"])
+    assert r.returncode == 2 and "--zone is required" in r.stderr
