@@ -163,10 +163,10 @@ QUERIES = [{"_id": "q1", "text": "first"}, {"_id": "q2", "text": "second"}]
 @pytest.mark.parametrize("corpus,queries,qrels,message", [
     (CORPUS, QUERIES, ["q1\td1\t1", "q2\td9\t1"], r"qrels/test.tsv:3: corpus-id 'd9' is not in .*corpus.jsonl"),
     (CORPUS, QUERIES, ["q7\td1\t1"], r"qrels/test.tsv:2: query-id 'q7' is not in .*queries.jsonl"),
-    ([], QUERIES, ["q1\td1\t1"], r"corpus.jsonl: empty corpus \(no documents\)"),
-    (CORPUS + [{"_id": "d1", "text": "again"}], QUERIES, ["q1\td1\t1"], r"corpus.jsonl:3: duplicate document _id 'd1'"),
-    (CORPUS, QUERIES, ["q1\td1\tmany"], r"qrels/test.tsv:2: score 'many' is not a number"),
-    ([{"_id": "d1"}], QUERIES, ["q1\td1\t1"], r"corpus.jsonl:1: missing field 'text'"),
+    ([], QUERIES, ["q1\td1\t1"], r"corpus.jsonl: no documents \(empty corpus\)"),
+    (CORPUS + [{"_id": "d1", "text": "again"}], QUERIES, ["q1\td1\t1"], r"corpus.jsonl:3: .*duplicate.*'d1'"),
+    (CORPUS, QUERIES, ["q1\td1\tmany"], r"qrels/test.tsv:2: .*score.*'many'"),
+    ([{"_id": "d1"}], QUERIES, ["q1\td1\t1"], r"corpus.jsonl:1: field 'text': missing"),
 ])
 def test_bad_beir_input_names_file_and_id(tmp_path, corpus, queries, qrels, message):
     spec = _beir(tmp_path / "beir", corpus, queries, qrels)

@@ -21,7 +21,6 @@ Formats (one JSON object per line unless said otherwise; field names configurabl
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import os
@@ -116,64 +115,32 @@ class RetrievalData:
     files: list[str]
 
 
-def _read_tsv_qrels(path: str, query_ids: set[str], doc_ids: set[str], queries_file: str,
-                    corpus_file: str) -> dict[str, dict[str, int]]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file (qrels of the requested split)")
-    qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8", newline="") as f:
-        for lineno, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) < 3:
-                raise RecordError(f"{path}:{lineno}: expected 3 tab-separated columns (query-id, corpus-id, "
-                                  f"score), got {len(row)}")
-            qid, did, score = row[0].strip(), row[1].strip(), row[2].strip()
-            try:
-                rel = int(float(score))
-            except ValueError:
-                if lineno == 1:  # header
-                    continue
-                raise RecordError(f"{path}:{lineno}: score {score!r} is not a number") from None
-            if qid not in query_ids:
-                raise RecordError(f"{path}:{lineno}: query-id {qid!r} is not in {queries_file}")
-            if did not in doc_ids:
-                raise RecordError(f"{path}:{lineno}: corpus-id {did!r} is not in {corpus_file}")
-            qrels.setdefault(qid, {})[did] = rel
-    if not qrels:
-        raise RecordError(f"{path}: no relevance judgements (empty file)")
-    return qrels
-
-
 def load_beir(folder: str, split: str, qrels_path: str | None = None) -> RetrievalData:
-    """A BEIR folder; only the queries judged in `qrels/<split>.tsv` are evaluated."""
+    """A BEIR folder; only the queries judged in `qrels/<split>.tsv` are evaluated.
+
+    Files are read and checked by `qzhou_jax.data.beir` (the training reader); qrels naming
+    a query or document that does not exist stop with the file, line and id."""
+    from qzhou_jax.data.beir import _read_qrels, load_corpus, load_queries
+
     corpus_file = os.path.join(folder, "corpus.jsonl")
     queries_file = os.path.join(folder, "queries.jsonl")
     qrels_file = qrels_path or os.path.join(folder, "qrels", f"{split}.tsv")
-    doc_ids, docs, seen = [], [], set()
-    for lineno, obj in iter_jsonl(corpus_file):
-        where = f"{corpus_file}:{lineno}"
-        did = _get(obj, ("_id", "id"), where)
-        did = str(did) if isinstance(did, (int, str)) else _str(did, "_id", where)
-        if did in seen:
-            raise RecordError(f"{where}: duplicate document _id {did!r}")
-        title = _get(obj, ("title",), where, required=False) or ""
-        text = _str(_get(obj, ("text",), where), "text", where)
-        seen.add(did)
-        doc_ids.append(did)
-        docs.append((_str(title, "title", where) + " " + text).strip() if title else text)
-    if not docs:
-        raise RecordError(f"{corpus_file}: empty corpus (no documents)")
-    all_q: dict[str, str] = {}
-    for lineno, obj in iter_jsonl(queries_file):
-        where = f"{queries_file}:{lineno}"
-        qid = _get(obj, ("_id", "id"), where)
-        qid = str(qid) if isinstance(qid, (int, str)) else _str(qid, "_id", where)
-        if qid in all_q:
-            raise RecordError(f"{where}: duplicate query _id {qid!r}")
-        all_q[qid] = _str(_get(obj, ("text",), where), "text", where)
-    _nonempty(queries_file, len(all_q), "queries")
-    qrels = _read_tsv_qrels(qrels_file, set(all_q), seen, queries_file, corpus_file)
+    if not os.path.isfile(qrels_file):
+        raise FileNotFoundError(f"{qrels_file}: no such file (qrels of the requested split)")
+    corpus = load_corpus(corpus_file)
+    all_q = load_queries(queries_file)
+    qrels: dict[str, dict[str, int]] = {}
+    for where, qid, did, score in _read_qrels(qrels_file):
+        if qid not in all_q:
+            raise RecordError(f"{where}: query-id {qid!r} is not in {queries_file}")
+        if did not in corpus:
+            raise RecordError(f"{where}: corpus-id {did!r} is not in {corpus_file}")
+        qrels.setdefault(qid, {})[did] = int(score)
+    if not qrels:
+        raise RecordError(f"{qrels_file}: no relevance judgements (empty file)")
+    doc_ids = list(corpus)
+    # a document is its title and text joined by a space, as in mteb
+    docs = [(d["title"] + " " + d["text"]).strip() if d["title"] else d["text"] for d in corpus.values()]
     query_ids = [q for q in all_q if q in qrels]  # file order
     return RetrievalData(query_ids, [all_q[q] for q in query_ids], [None] * len(query_ids), doc_ids, docs, qrels,
                          None, [corpus_file, queries_file, qrels_file])
