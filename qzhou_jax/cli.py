@@ -64,21 +64,39 @@ def build_parser() -> argparse.ArgumentParser:
     from qzhou_jax.checkpoint.convert import add_convert_parser
 
     add_convert_parser(sub)
-    from qzhou_jax.eval.cli import add_eval_parser
-    add_eval_parser(sub)
-    from qzhou_jax.plan import add_plan_parser
-    add_plan_parser(sub)
     from qzhou_jax.data.cli import add_data_parser
-    add_data_parser(sub)
-
+    from qzhou_jax.eval.cli import add_eval_parser
+    from qzhou_jax.plan import add_plan_parser
     from qzhou_jax.train.cli import add_train_parser
 
+    add_eval_parser(sub)
+    add_plan_parser(sub)
+    add_data_parser(sub)
     add_train_parser(sub)
     return p
 
 
+def _skip_absent_tpu() -> None:
+    """libtpu installed (the `tpu` or `test` extra) on a machine without TPUs: JAX would try
+    the TPU backend first and print libtpu's initialization errors. Use the other platforms
+    (JAX_PLATFORMS, when set, wins; `plan` keeps libtpu for its TPU compiles)."""
+    import glob
+    import importlib.util
+
+    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+        return
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    import jax
+
+    cuda = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+    jax.config.update("jax_platforms", "cuda,cpu" if cuda else "cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "plan":
+        _skip_absent_tpu()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
