@@ -43,3 +43,18 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared datasets not found at {SHARED_DATA} (only present in the project workspace)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Qwen2 HF folder (transformers' own save) with the demo tokenizer."""
+    import shutil as _shutil
+
+    from hf_utils import save_hf, tiny_hf_model
+    from qzhou_jax.tokenizer import DEMO_TOKENIZER
+
+    path = tmp_path_factory.mktemp("hf") / "model"
+    save_hf(tiny_hf_model(vocab=2048, hidden=32, layers=2), path)
+    for f in os.listdir(DEMO_TOKENIZER):
+        _shutil.copy(os.path.join(DEMO_TOKENIZER, f), path / f)
+    return path

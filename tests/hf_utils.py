@@ -1,4 +1,5 @@
-"""Tiny random HuggingFace Qwen2 models for parity tests (no hub, CPU torch)."""
+"""Test helpers: tiny random HuggingFace Qwen2 models for parity tests (no hub, CPU torch),
+and writing JSONL inputs."""
 
 from __future__ import annotations
 
@@ -65,3 +66,13 @@ def random_batch(rng: np.random.Generator, vocab: int, lengths, seq: int, side: 
         else:
             ids[b, seq - n:], mask[b, seq - n:] = toks, 1
     return ids, mask
+
+
+def write_jsonl(path, lines):
+    """Lines are dicts (dumped) or raw strings (written as they are); returns the path."""
+    import json
+
+    with open(path, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write((line if isinstance(line, str) else json.dumps(line, ensure_ascii=False)) + "\n")
+    return path

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hf_utils import write_jsonl
 from qzhou_jax.data.beir import BeirSource, doc_text, load_corpus, load_qrels, load_queries
 from qzhou_jax.data.records import (
     ClassificationRecord, PairRecord, RecordError, RetrievalRecord, iter_rows, parse_record, record_to_dict,
@@ -20,15 +21,8 @@ from qzhou_jax.data.records import (
 )
 from qzhou_jax.data.sources import JsonlSource, ListSource, Source, open_source
 
+
 DEMO = Path(__file__).resolve().parents[1] / "qzhou_jax" / "assets" / "demo"
-
-
-def write_jsonl(path: Path, lines) -> Path:
-    """Lines are dicts (dumped) or raw strings (written as they are)."""
-    with open(path, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write((line if isinstance(line, str) else json.dumps(line, ensure_ascii=False)) + "\n")
-    return path
 
 
 # ------------------------------------------------------------------------------ parse_record

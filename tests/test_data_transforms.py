@@ -1,11 +1,11 @@
 """SPEC section 4 transforms, and the `qzhou-jax data` command end to end (in process)."""
 
-import json
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from hf_utils import write_jsonl
 from qzhou_jax.cli import main
 from qzhou_jax.data.records import (
     BadRecords, ClassificationRecord, PairRecord, RecordError, RetrievalRecord, iter_rows,
@@ -17,14 +17,8 @@ from qzhou_jax.data.transforms import (
     triplets_to_retrieval,
 )
 
+
 DEMO = Path(__file__).resolve().parents[1] / "qzhou_jax" / "assets" / "demo"
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
-    return path
 
 
 # ----------------------------------------------------------------------------------------- pairs

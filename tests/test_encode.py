@@ -1,13 +1,10 @@
 """Tokenizer bucketing, the Encoder, and `qzhou-jax encode` on a local HF checkpoint."""
 
 import json
-import os
-import shutil
 
 import numpy as np
 import pytest
 
-from hf_utils import save_hf, tiny_hf_model
 from qzhou_jax import cli, sharding
 from qzhou_jax.checkpoint import load_pretrained
 from qzhou_jax.eval.encoder import Encoder
@@ -19,12 +16,8 @@ TEXTS = ["a short one", "The Quiet Tides are a 4-piece band featuring a cellist 
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf") / "model"
-    save_hf(tiny_hf_model(vocab=2048, hidden=32, layers=2), path)
-    for f in os.listdir(DEMO_TOKENIZER):
-        shutil.copy(f"{DEMO_TOKENIZER}/{f}", path / f)
-    return path
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def test_buckets_and_truncation():

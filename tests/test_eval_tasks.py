@@ -2,13 +2,11 @@
 
 import json
 import os
-import shutil
 import time
 
 import numpy as np
 import pytest
 
-from hf_utils import save_hf, tiny_hf_model
 from qzhou_jax import cli
 from qzhou_jax.config import ModelConfig
 from qzhou_jax.eval.encoder import Encoder, length_buckets
@@ -268,12 +266,8 @@ def test_demo_task_file_runs_in_seconds():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf") / "model"
-    save_hf(tiny_hf_model(vocab=2048, hidden=32, layers=2), path)
-    for f in os.listdir(DEMO_TOKENIZER):
-        shutil.copy(f"{DEMO_TOKENIZER}/{f}", path / f)
-    return path
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def test_eval_cli_writes_results_and_table(model_dir, tmp_path, capsys):

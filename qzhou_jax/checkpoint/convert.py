@@ -205,18 +205,9 @@ def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point (`python -m qzhou_jax.checkpoint.convert hf-to-orbax ...`)."""
-    p = argparse.ArgumentParser(prog="qzhou-jax")
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
-    add_convert_parser(sub)
-    args = p.parse_args(["convert", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"qzhou-jax convert: error: {e}", file=sys.stderr)
-        return 2
+    from qzhou_jax.cli import main as cli_main
+
+    return cli_main(["convert", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

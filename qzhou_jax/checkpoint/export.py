@@ -138,9 +138,12 @@ def _check_output(out: str, overwrite: bool) -> None:
 
 
 def write_json(path: str, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    """Write under a temporary name, then rename: readers never see half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
+    os.replace(tmp, path)
 
 
 def copy_tokenizer(src: str | os.PathLike | None, dst: str) -> list[str]:

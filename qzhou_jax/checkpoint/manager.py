@@ -15,7 +15,6 @@ Restoring places every array in the sharding of the *current* mesh, whatever mes
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Mapping
@@ -93,11 +92,9 @@ class RunCheckpoints:
 
     def reached_preemption(self, step: int) -> bool:
         """Whether a preemption notice reached this job (multi-process: all processes agree
-        on the step, through JAX's coordination service)."""
-        try:
-            return bool(self.manager.reached_preemption(step))
-        except Exception:  # no distributed runtime: single-process runs use the signal flag
-            return False
+        on the step, through JAX's coordination service). Call it only in multi-process
+        runs; a single process uses the SIGTERM flag of the training loop."""
+        return bool(self.manager.reached_preemption(step))
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -114,8 +111,3 @@ def abstract_train_state(cfg: ModelConfig, tx: Any, shardings: Any) -> Any:
     abstract = jax.eval_shape(lambda p: TrainState(p, tx.init(p), jnp.zeros((), jnp.int32)), abstract_params(cfg))
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
-
-def read_data_state(directory: str, step: int) -> dict:
-    path = os.path.join(directory, str(step), "data", "metadata")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)

@@ -217,7 +217,6 @@ def train(cfg: RunConfig, resume: bool = False, *, hooks: Sequence[Callable[[int
                         dynamic_ncols=True)
     pending: list[tuple[int, str, str, Any]] = []  # (step, task, dataset, metrics on device)
     window = {"t": time.perf_counter(), "flops": 0.0, "tokens": 0}
-    step = start_step
     last_saved = start_step if resume else None
 
     def flush() -> None:
@@ -299,6 +298,9 @@ def train(cfg: RunConfig, resume: bool = False, *, hooks: Sequence[Callable[[int
                 progress.close()
             ckpts.close()
 
+    if main:
+        passes = ", ".join(f"{k} {v:.2f}" for k, v in data.plan.epochs_seen(result.step).items())
+        log.info("passes over each dataset after %d steps: %s", result.step, passes)
     if result.status == "completed":
         if cfg.eval.tasks:
             result.evals["after"] = _evaluate(cfg, trainer.params, tok_dir, mesh)

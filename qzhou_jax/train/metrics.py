@@ -37,8 +37,8 @@ class MetricsLog:
         os.makedirs(out_dir, exist_ok=True)
         if resume_step is not None and os.path.isfile(self.path):
             self._truncate(resume_step)
-        elif resume_step is None and os.path.isfile(self.path):
-            os.replace(self.path, self.path + ".previous")
+        elif resume_step is None and os.path.isfile(self.path):  # a fresh run: keep the old log aside
+            os.replace(self.path, f"{self.path}.{int(os.path.getmtime(self.path))}")
         self.file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
