@@ -9,6 +9,8 @@ import time
 
 # JAX must not grab most of the GPU up front: the PyTorch reference shares the device.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# ... but may grow past the default cap of 75% of the device when a workload needs it.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402

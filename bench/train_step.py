@@ -117,7 +117,7 @@ def run_jax(cfg, batch, args):
     state, metrics = step(state, sharded)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0
-    for _ in range(1):
+    for _ in range(args.warmup):
         state, metrics = step(state, sharded)
     jax.block_until_ready(state)
     times = []
@@ -131,6 +131,12 @@ def run_jax(cfg, batch, args):
     return float(np.median(times)), common.jax_peak_gib(), compile_s, f"loss {loss:.3f}"
 
 
+def remat_desc(cfg: ModelConfig) -> str:
+    if cfg.remat == "none" or cfg.remat_layers in (None, cfg.num_hidden_layers):
+        return cfg.remat
+    return f"{cfg.remat} on {cfg.remat_layers} of {cfg.num_hidden_layers} layers"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="tiny")
@@ -138,12 +144,15 @@ def main() -> None:
     ap.add_argument("--hard-negatives", type=int, default=1)
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--chunk-size", type=int, default=0, help="GradCache chunk (queries); 0: off")
-    ap.add_argument("--remat", default="full", choices=["none", "full", "dots", "attn"])
+    ap.add_argument("--remat", default="full", choices=["none", "full", "dots", "attn", "mlp"])
+    ap.add_argument("--remat-layers", type=int, default=None,
+                    help="apply the remat policy to this many layers; the others keep their activations")
     ap.add_argument("--no-scan", action="store_true", help="unroll the layers instead of lax.scan")
     ap.add_argument("--attention-impl", default="xla", choices=["xla", "cudnn"])
     ap.add_argument("--dtype", default=None, help="compute dtype (default bf16 on GPU, f32 on CPU)")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (compiling) one")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-eager", action="store_true", help="skip PyTorch eager")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
@@ -153,7 +162,8 @@ def main() -> None:
     on_cpu = jax.devices()[0].platform == "cpu"
     dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
     cfg = ModelConfig.preset(args.preset, compute_dtype=dtype, param_dtype="float32", remat=args.remat,
-                             scan_layers=not args.no_scan, attention_impl=args.attention_impl)
+                             remat_layers=args.remat_layers, scan_layers=not args.no_scan,
+                             attention_impl=args.attention_impl)
     group = 1 + args.hard_negatives
     tokens = args.queries * (1 + group) * args.seq
     flops = cfg.flops_per_token(args.seq, training=True) * tokens
@@ -162,7 +172,7 @@ def main() -> None:
           f"({'f32' if on_cpu else 'bf16'})")
     print(f"train step {args.preset}: {args.queries} queries x (1 + 1 + {args.hard_negatives}) x {args.seq} tokens "
           f"= {tokens:,} tokens, {cfg.num_params(False) / 1e9:.3f}B non-embedding params, compute {dtype}, "
-          f"remat {args.remat}, GradCache chunk {args.chunk_size or 'off'}")
+          f"remat {remat_desc(cfg)}, GradCache chunk {args.chunk_size or 'off'}")
     batch = workload(cfg, args.queries, group, args.seq)
     results = []
     if not args.no_torch:
@@ -172,7 +182,7 @@ def main() -> None:
         if not args.no_compile:
             results.append((f"HF PyTorch torch.compile{extra}",) + run_torch(cfg, batch, group, args, True))
     chunk = f", GradCache {args.chunk_size}" if args.chunk_size else ""
-    results.append((f"qzhou-jax ({args.attention_impl}, remat {args.remat}{chunk})",) + run_jax(cfg, batch, args))
+    results.append((f"qzhou-jax ({args.attention_impl}, remat {remat_desc(cfg)}{chunk})",) + run_jax(cfg, batch, args))
 
     print(common.row(["implementation", "tokens/s", "MFU", "peak GiB", "s/step", "first step s", "note"]))
     print(common.row(["---"] * 7))

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 ATTENTION_KINDS = ("bidirectional", "causal")
 POOLINGS = ("mean", "last")
-REMAT_POLICIES = ("none", "full", "dots", "attn")
+REMAT_POLICIES = ("none", "full", "dots", "attn", "mlp")
 ATTENTION_IMPLS = ("xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -47,7 +47,8 @@ class ModelConfig:
     # Execution policy.
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
-    remat: Literal["none", "full", "dots", "attn"] = "none"
+    remat: Literal["none", "full", "dots", "attn", "mlp"] = "none"
+    remat_layers: int | None = None  # layers under `remat` (None: all); the others use "dots"
     scan_layers: bool = True
     attention_impl: Literal["xla", "cudnn"] = "xla"
 
@@ -84,6 +85,14 @@ class ModelConfig:
             raise ValueError(
                 f"embedding_dim: must be in 1..hidden_size ({self.hidden_size}), got {self.embedding_dim}"
             )
+        if self.remat_layers is not None and (
+                not isinstance(self.remat_layers, int) or isinstance(self.remat_layers, bool)
+                or not 0 <= self.remat_layers <= self.num_hidden_layers):
+            raise ValueError(f"remat_layers: expected an integer in 0..num_hidden_layers "
+                             f"({self.num_hidden_layers}) or null, got {self.remat_layers!r}")
+        if self.remat_layers is not None and self.remat in ("none", "dots"):
+            raise ValueError(f"remat_layers: the layers it leaves out run under 'dots'; it needs remat "
+                             f"'full', 'mlp' or 'attn', got remat {self.remat!r}")
         if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError("rms_norm_eps and rope_theta must be positive")
 

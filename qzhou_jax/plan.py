@@ -214,7 +214,8 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
       activations one pass (a GradCache chunk, or the whole batch) of queries and passages,
                   split over the data-parallel devices as the sharding rules split it
                   (`rows_per_device`: whole on every device when the rows do not divide);
-                  kept across layers per the remat policy (full: each layer's input), plus
+                  kept across layers per the remat policy (full: each layer's input;
+                  `remat_layers`: the other layers as "dots"), plus
                   one layer's working set forward and backward, with XLA attention's float32
                   scores [rows, heads, L, L] (none with cuDNN attention)
       batch/loss  token arrays, embeddings and the similarity matrix
@@ -235,11 +236,14 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
         t = rows(r) * length  # tokens per device
         attn = 0.0 if cfg.attention_impl == "cudnn" else rows(r) * H * length * length * (4 + 4 + b)
         layer_io = t * (3 * E + (3 * H + 2 * K) * D + 3 * F / tp) * b
-        kept = {"full": t * E * b,
-                "attn": t * (E + (2 * H + 2 * K) * D) * b,
-                "dots": t * (2 * E + (2 * H + 2 * K) * D + 3 * F / tp) * b,
-                "none": layer_io + attn}[cfg.remat]
-        return Lr * kept, 2 * layer_io + attn
+        per_layer = {"full": t * E * b,
+                     "attn": t * (E + (2 * H + 2 * K) * D) * b,
+                     "mlp": t * (E + 2 * F / tp) * b,
+                     "dots": t * (2 * E + (H + 2 * K) * D + 2 * F / tp) * b,
+                     "none": layer_io + attn}
+        rematted = Lr if cfg.remat_layers is None else cfg.remat_layers
+        kept = rematted * per_layer[cfg.remat] + (Lr - rematted) * per_layer["dots"]
+        return kept, 2 * layer_io + attn
 
     q_kept, q_work = side(n_pass, shape.q_len)
     p_kept, p_work = side(n_pass * shape.group, shape.p_len)
@@ -399,8 +403,11 @@ def _model_summary(run) -> dict[str, Any]:
 
 def _executed_flops(model_flops: float, cfg, gradcache: bool) -> float:
     """Model FLOPs (6 per parameter-token) plus GradCache's extra forward (2) and full
-    remat's recomputed forward (2); partial remat policies are counted as none."""
-    return model_flops * (6 + 2 * gradcache + 2 * (cfg.remat == "full")) / 6
+    remat's recomputed forward (2, times the share of layers under it); the policies that
+    keep matmul outputs are counted as no recomputation."""
+    n = cfg.num_hidden_layers
+    full = (n if cfg.remat_layers is None else cfg.remat_layers) / n if cfg.remat == "full" else 0.0
+    return model_flops * (6 + 2 * gradcache + 2 * full) / 6
 
 
 def _local_devices(target: Target, estimate: bool) -> list | None:
@@ -567,6 +574,9 @@ def suggest(run, plan: Plan) -> list[str]:
                    f"{plan.target.num_devices} devices instead of replicating them {mesh['data']} times)")
     if cfg.remat != "full":
         out.append(f"--set model.remat=full  (keep only each layer's input, recompute the rest; now {cfg.remat!r})")
+    elif cfg.remat_layers is not None:
+        out.append(f"--set model.remat_layers=null  (remat every layer; now {cfg.remat_layers} of "
+                   f"{cfg.num_hidden_layers}, the others keep their matmul outputs)")
     per_pass = chunk if 0 < chunk < n else n
     if per_pass % dp and n % dp == 0:
         held = rows_per_device(per_pass * worst.shape.group, _abstract_mesh(mesh))

@@ -186,6 +186,12 @@ def current_mesh() -> Mesh | None:
     return None if ctx is None else ctx[0]
 
 
+def current_data_parallel_size() -> int:
+    """The data-parallel size of the mesh in use (`use_mesh`); 1 without one."""
+    ctx = _CONTEXT.get()
+    return 1 if ctx is None else data_parallel_size(*ctx)
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical axes; identity when no mesh is in use."""
     ctx = _CONTEXT.get()

@@ -53,18 +53,68 @@ def test_parity_tied_scan_remat(tied, scan, remat):
     _check_parity(hf, cfg, params, "right")
 
 
+REMAT_CASES = [dict(scan_layers=False), dict(remat="full"), dict(remat="dots"),
+               dict(scan_layers=False, remat="attn"), dict(remat="mlp"), dict(scan_layers=False, remat="mlp"),
+               dict(remat="full", remat_layers=3), dict(remat="full", remat_layers=2),
+               dict(remat="mlp", remat_layers=1), dict(scan_layers=False, remat="full", remat_layers=2),
+               dict(remat="full", remat_layers=0), dict(remat="full", remat_layers=4)]
+
+
 def test_remat_and_scan_do_not_change_gradients():
-    hf = tiny_hf_model(layers=3)
+    hf = tiny_hf_model(layers=4)
     ids, mask = random_batch(np.random.default_rng(2), 97, [10, 6, 8], 10)
-    grads = {}
-    for scan, remat in [(True, "none"), (False, "none"), (True, "full"), (True, "dots"), (False, "attn")]:
-        cfg, params = params_from_torch(hf, compute_dtype="float32", scan_layers=scan, remat=remat)
+    grads = []
+    for case in [dict(remat="none")] + REMAT_CASES:
+        cfg, params = params_from_torch(hf, compute_dtype="float32", **case)
         loss = lambda p: jnp.sum(embed(p, cfg, ids, mask) ** 3)  # noqa: E731
-        grads[(scan, remat)] = jax.jit(jax.grad(loss))(params)
-    base = jax.tree.leaves(grads[(True, "none")])
-    for key, g in grads.items():
+        grads.append((case, jax.jit(jax.grad(loss))(params)))
+    base = jax.tree.leaves(grads[0][1])
+    for case, g in grads[1:]:
         for a, b in zip(base, jax.tree.leaves(g)):
-            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6, err_msg=str(key))
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6, err_msg=str(case))
+
+
+@pytest.mark.parametrize("layers,remat_layers,expect", [
+    (28, None, (1, 0)), (28, 28, (1, 0)), (28, 0, (1, 1)), (28, 21, (4, 1)), (28, 14, (2, 1)),
+    (28, 18, (14, 5)), (28, 19, (28, 9)), (4, 2, (2, 1))])
+def test_remat_layers_spread_the_kept_layers_evenly(layers, remat_layers, expect):
+    from qzhou_jax.model.qwen2 import remat_groups
+
+    cfg = ModelConfig.preset("tiny", num_hidden_layers=layers, remat="full", remat_layers=remat_layers)
+    assert remat_groups(cfg) == expect
+    assert remat_groups(cfg.replace(remat="none", remat_layers=None)) == (1, 0)
+    with pytest.raises(ValueError, match="remat_layers"):
+        cfg.replace(remat_layers=layers + 1)
+    with pytest.raises(ValueError, match="remat_layers.*'dots'"):
+        cfg.replace(remat="none", remat_layers=0)
+
+
+@pytest.mark.parametrize("mesh_shape", [None, {"data": 2, "fsdp": 4}])
+def test_forward_many_equals_separate_forwards(mesh_shape):
+    """Queries and passages in one pass over the layers (equal lengths concatenated, other
+    lengths side by side) give each batch's own forward, with and without a mesh, whether
+    the rows divide over the data-parallel devices or not."""
+    from qzhou_jax.model.qwen2 import forward_many, merge_rows, split_rows
+
+    hf = tiny_hf_model(layers=2)
+    cfg, params = params_from_torch(hf, compute_dtype="float32", remat="full")
+    rng = np.random.default_rng(3)
+    batches = [random_batch(rng, 97, rng.integers(1, seq + 1, size=rows), seq)
+               for rows, seq in [(8, 12), (16, 12), (8, 7), (3, 7)]]
+    single = [np.asarray(forward(params, cfg, i, m)) for i, m in batches]
+    for parts in (1, 4):
+        x = [np.arange(r * 2).reshape(r, 2) for r in (8, 16)]
+        back = split_rows(merge_rows([jnp.asarray(a) for a in x], parts), [8, 16], parts)
+        assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(x, back))
+    if mesh_shape is None:
+        outs = jax.jit(lambda p: forward_many(p, cfg, batches))(params)
+    else:
+        mesh = sharding.make_mesh(mesh_shape)
+        _, params = params_from_torch(hf, mesh=mesh, compute_dtype="float32", remat="full")
+        with sharding.use_mesh(mesh):
+            outs = jax.jit(lambda p: forward_many(p, cfg, batches))(params)
+    for got, want in zip(outs, single):
+        np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
 
 
 def test_bfloat16_compute_against_float32_reference():

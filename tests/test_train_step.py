@@ -150,6 +150,19 @@ def test_gradcache_equals_full_batch_other_tasks(task):
     _assert_grads_close(grads, ref_grads)
 
 
+@pytest.mark.parametrize("remat", [dict(remat="full", remat_layers=1), dict(remat="mlp"), dict(remat="dots")])
+def test_remat_settings_give_the_same_step(remat, reference):
+    """Layer-wise remat (with and without GradCache, on a sharded mesh) changes what the
+    backward pass recomputes, not the gradients."""
+    params, batch, (ref_loss, ref_grads) = reference
+    cfg = CFG.replace(**remat)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+    for chunk_size in (0, 4):
+        loss, grads = _grads_on(mesh, params, batch, chunk_size=chunk_size, cfg=cfg)
+        assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
+        _assert_grads_close(grads, ref_grads)
+
+
 def test_gradcache_on_a_sharded_mesh(reference):
     params, batch, (ref_loss, ref_grads) = reference
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})

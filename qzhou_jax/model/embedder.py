@@ -50,6 +50,13 @@ def embed(params: Mapping[str, Any], cfg: ModelConfig, input_ids: jax.Array, att
     return finish(pool(hidden, attention_mask, cfg.pooling), cfg, dim)
 
 
+def embed_many(params: Mapping[str, Any], cfg: ModelConfig, inputs, dim: int | None = None) -> list[jax.Array]:
+    """`embed` for several token batches [(input_ids, attention_mask), ...] in one pass over
+    the layers (`qwen2.forward_many`): the train step embeds queries and passages this way."""
+    hidden = qwen2.forward_many(params, cfg, inputs)
+    return [finish(pool(h, mask, cfg.pooling), cfg, dim) for h, (_, mask) in zip(hidden, inputs)]
+
+
 class EmbeddingModel(nnx.Module):
     """Qwen2 encoder + pooling + normalization: the trained object."""
 

@@ -8,6 +8,13 @@ Layer weights are stacked along a leading `layers` axis. With `scan_layers` the 
 runs `lax.scan` over them (compile time independent of depth); without, it unrolls a
 Python loop over the same arrays, so checkpoints do not depend on the choice.
 
+Remat (`cfg.remat`): "full" keeps only each layer's input and recomputes the layer in the
+backward pass; "mlp" also keeps the MLP's gate and up projections (the largest matmuls),
+"attn" the attention inputs and output, "dots" every matmul output (the backward pass then
+recomputes only elementwise work and attention). `cfg.remat_layers` applies the policy to
+that many layers only and "dots" to the others, trading memory for recomputation layer by
+layer (see `remat_groups`).
+
 The math is a pure function of a params dict (`forward`), so train steps can call it
 on `nnx.split` state without graph traversal.
 """
@@ -15,7 +22,9 @@ on `nnx.split` state without graph traversal.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+import functools
+import math
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +33,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from qzhou_jax.config import ModelConfig
-from qzhou_jax.sharding import constrain
+from qzhou_jax.sharding import constrain, current_data_parallel_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,13 +179,28 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: Mo
     return out.astype(v.dtype).reshape(B, S, H, D)
 
 
+def _norm_cast(x: jax.Array, weight: jax.Array, eps: float, dtype) -> jax.Array:
+    return rms_norm(x, weight, eps).astype(dtype)
+
+
+def _swiglu_down(g: jax.Array, u: jax.Array, down: jax.Array) -> jax.Array:
+    return (jax.nn.silu(g) * u) @ down
+
+
 def decoder_layer(x: jax.Array, p: Mapping[str, jax.Array], cos: jax.Array, sin: jax.Array,
                   mask: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """One pre-norm block: x + attn(norm(x)), then + mlp(norm(.)). x: [B,S,E] compute dtype."""
+    """One pre-norm block: x + attn(norm(x)), then + mlp(norm(.)). x: [B,S,E] compute dtype.
+
+    The norms and the SwiGLU activation are recomputed in the backward pass whatever the
+    remat policy (`jax.checkpoint` around them): they are elementwise and cheap to redo,
+    while keeping their float32 intermediates would take about twice the memory of
+    everything else a layer keeps for its backward.
+    """
     cdt = _dtype(cfg.compute_dtype)
-    w = {k: v.astype(cdt) for k, v in p.items()}
+    w = {k: v.astype(cdt) for k, v in p.items() if not k.endswith("_norm")}
+    norm = jax.checkpoint(functools.partial(_norm_cast, eps=cfg.rms_norm_eps, dtype=cdt))
     with jax.named_scope("attention"):
-        h = rms_norm(x, p["input_norm"], cfg.rms_norm_eps).astype(cdt)
+        h = norm(x, p["input_norm"])
         q = jnp.einsum("bse,ehd->bshd", h, w["q_kernel"]) + w["q_bias"]
         k = jnp.einsum("bse,ehd->bshd", h, w["k_kernel"]) + w["k_bias"]
         v = jnp.einsum("bse,ehd->bshd", h, w["v_kernel"]) + w["v_bias"]
@@ -188,10 +212,10 @@ def decoder_layer(x: jax.Array, p: Mapping[str, jax.Array], cos: jax.Array, sin:
         x = x + jnp.einsum("bshd,hde->bse", a, w["o_kernel"])
         x = constrain(x, ("batch", "seq", "act_embed"))
     with jax.named_scope("mlp"):
-        h = rms_norm(x, p["post_norm"], cfg.rms_norm_eps).astype(cdt)
-        g = constrain(h @ w["gate_kernel"], ("batch", "seq", "act_mlp"))
-        u = constrain(h @ w["up_kernel"], ("batch", "seq", "act_mlp"))
-        x = x + (jax.nn.silu(g) * u) @ w["down_kernel"]
+        h = norm(x, p["post_norm"])
+        g = checkpoint_name(constrain(h @ w["gate_kernel"], ("batch", "seq", "act_mlp")), "mlp_gate")
+        u = checkpoint_name(constrain(h @ w["up_kernel"], ("batch", "seq", "act_mlp")), "mlp_up")
+        x = x + jax.checkpoint(_swiglu_down)(g, u, w["down_kernel"])
         x = constrain(x, ("batch", "seq", "act_embed"))
     return x
 
@@ -200,7 +224,25 @@ _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "attn": jax.checkpoint_policies.save_only_these_names("q", "k", "v", "attn_out"),
+    "mlp": jax.checkpoint_policies.save_only_these_names("mlp_gate", "mlp_up"),
 }
+
+
+def remat_groups(cfg: ModelConfig) -> tuple[int, int]:
+    """(layers per scan step, how many of them are kept: run under "dots", not `cfg.remat`).
+
+    `cfg.remat_layers` of the `num_hidden_layers` layers run under the remat policy; the
+    others keep every matmul output and recompute only elementwise work and attention (the
+    "dots" policy), which trades memory for most of the recomputation. The kept layers are
+    spread evenly: the scan runs over groups of consecutive layers, the last `kept` of each
+    group kept (28 layers, 21 rematted: 7 steps of 4 layers, the 4th of each kept).
+    """
+    n = cfg.num_hidden_layers
+    kept = 0 if cfg.remat_layers is None else n - cfg.remat_layers
+    if kept in (0, n):
+        return 1, int(kept == n)
+    groups = math.gcd(n, kept)
+    return n // groups, kept // groups
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
@@ -208,25 +250,109 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def merge_rows(arrays: Sequence[jax.Array], parts: int) -> jax.Array:
+    """Concatenate batch-major arrays so that the i-th of `parts` equal row blocks of the
+    result holds the i-th row block of every input: rows stay on their data-parallel device
+    (a plain concatenation would move them). Plain concatenation when a size does not divide."""
+    if len(arrays) == 1:
+        return arrays[0]
+    if parts > 1 and all(a.shape[0] % parts == 0 for a in arrays):
+        blocks = [a.reshape((parts, a.shape[0] // parts) + a.shape[1:]) for a in arrays]
+        out = jnp.concatenate(blocks, axis=1)
+        return out.reshape((-1,) + out.shape[2:])
+    return jnp.concatenate(arrays, axis=0)
+
+
+def split_rows(x: jax.Array, sizes: Sequence[int], parts: int) -> list[jax.Array]:
+    """Inverse of `merge_rows` for inputs of `sizes` rows."""
+    if len(sizes) == 1:
+        return [x]
+    if parts > 1 and all(s % parts == 0 for s in sizes):
+        blocks = x.reshape((parts, -1) + x.shape[1:])
+        offsets = np.cumsum([0] + [s // parts for s in sizes])
+        return [blocks[:, a:b].reshape((-1,) + x.shape[1:]) for a, b in zip(offsets[:-1], offsets[1:])]
+    offsets = np.cumsum([0] + list(sizes))
+    return [x[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def run_layers(layer: Callable[[Any, Mapping[str, jax.Array]], Any], carry: Any,
+               stacked: Mapping[str, jax.Array], cfg: ModelConfig) -> Any:
+    """carry -> layer(carry, weights of layer i) for every layer, under the remat settings."""
+    n = cfg.num_hidden_layers
+    group, keep = remat_groups(cfg)
+
+    def step(j: int, sliced: bool = True) -> Callable:
+        """(carry, weights) -> carry for the layer at position j of a group, under that
+        position's remat policy; `sliced`: the weights are the group's, stacked. The slice is
+        taken inside the checkpoint, so the residuals are the stacked weights themselves, not
+        per-layer copies of them."""
+        name = "dots" if j >= group - keep else cfg.remat
+
+        def fn(c, p):
+            return layer(c, jax.tree.map(lambda t: t[j], p) if sliced else p)
+
+        return fn if name == "none" else jax.checkpoint(fn, policy=_REMAT[name], prevent_cse=not cfg.scan_layers)
+
+    if not cfg.scan_layers:
+        steps = [step(j) for j in range(group)]
+        for i in range(n):
+            first = i - i % group
+            carry = steps[i % group](carry, jax.tree.map(lambda t: t[first:first + group], stacked))
+        return carry
+    if group == 1:
+        return jax.lax.scan(lambda c, p: (step(0, sliced=False)(c, p), None), carry, stacked)[0]
+    steps = [step(j) for j in range(group)]
+
+    def body(c, p):
+        for fn in steps:
+            c = fn(c, p)
+        return c, None
+
+    grouped = jax.tree.map(lambda t: t.reshape((n // group, group) + t.shape[1:]), stacked)
+    return jax.lax.scan(body, carry, grouped)[0]
+
+
+def forward_many(params: Mapping[str, Any], cfg: ModelConfig, inputs: Sequence[tuple]) -> list[jax.Array]:
+    """Last hidden states of several token batches, [(input_ids, attention_mask), ...] or
+    (input_ids, attention_mask, positions) triples, in one pass over the layers; each output
+    is [batch, seq, hidden], float32, after the final norm.
+
+    Batches of equal length are concatenated (larger matmuls); batches of different lengths
+    share the pass, so each layer's weights are read, cast and differentiated once for all
+    of them (one gradient buffer instead of one per batch).
+    """
+    cdt = _dtype(cfg.compute_dtype)
+    parts = current_data_parallel_size()
+    by_len: dict[int, list[int]] = {}
+    for i, (ids, *_) in enumerate(inputs):
+        by_len.setdefault(ids.shape[1], []).append(i)
+    groups = list(by_len.values())
+
+    def positions(inp) -> jax.Array:
+        return inp[2] if len(inp) > 2 and inp[2] is not None else positions_from_mask(inp[1])
+
+    xs, ctx = [], []
+    for idx in groups:
+        ids = merge_rows([inputs[i][0] for i in idx], parts)
+        mask = merge_rows([inputs[i][1] for i in idx], parts)
+        cos, sin = rope_tables(merge_rows([positions(inputs[i]) for i in idx], parts), cfg.head_dim, cfg.rope_theta)
+        x = jnp.take(params["embed_tokens"], ids, axis=0).astype(cdt)
+        xs.append(constrain(x, ("batch", "seq", "act_embed")))
+        ctx.append((cos, sin, mask))
+
+    def layer(carry, p):
+        return tuple(decoder_layer(x, p, cos, sin, mask, cfg) for x, (cos, sin, mask) in zip(carry, ctx))
+
+    xs = run_layers(layer, tuple(xs), params["layers"], cfg)
+    out: list[Any] = [None] * len(inputs)
+    for idx, x in zip(groups, xs):
+        h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+        for i, part in zip(idx, split_rows(h, [inputs[i][0].shape[0] for i in idx], parts)):
+            out[i] = part
+    return out
+
+
 def forward(params: Mapping[str, Any], cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array,
             positions: jax.Array | None = None) -> jax.Array:
     """Last hidden state [batch, seq, hidden] after the final norm, in float32."""
-    cdt = _dtype(cfg.compute_dtype)
-    if positions is None:
-        positions = positions_from_mask(attention_mask)
-    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-    x = jnp.take(params["embed_tokens"], input_ids, axis=0).astype(cdt)
-    x = constrain(x, ("batch", "seq", "act_embed"))
-
-    def layer(carry, p):
-        return decoder_layer(carry, p, cos, sin, attention_mask, cfg), None
-
-    if cfg.remat != "none":
-        layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
-    stacked = params["layers"]
-    if cfg.scan_layers:
-        x, _ = jax.lax.scan(layer, x, stacked)
-    else:
-        for i in range(cfg.num_hidden_layers):
-            x, _ = layer(x, jax.tree.map(lambda t: t[i], stacked))
-    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    return forward_many(params, cfg, [(input_ids, attention_mask, positions)])[0]

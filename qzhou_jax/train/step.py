@@ -58,7 +58,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qzhou_jax import losses, sharding
 from qzhou_jax.config import ModelConfig
-from qzhou_jax.model.embedder import embed
+from qzhou_jax.model.embedder import embed_many
 from qzhou_jax.model.qwen2 import param_specs
 from qzhou_jax.train.optim import TrainConfig, learning_rate_schedule, make_optimizer
 
@@ -134,8 +134,8 @@ def task_loss(q_emb: jax.Array, p_emb: jax.Array, batch: Mapping[str, Any], task
 
 def embed_batch(params: Mapping[str, Any], cfg: ModelConfig, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
     """(query embeddings [n, d], passage embeddings [n*g, d]), float32, normalized."""
-    return (embed(params, cfg, batch["q_ids"], batch["q_mask"]),
-            embed(params, cfg, batch["p_ids"], batch["p_mask"]))
+    q, p = embed_many(params, cfg, [(batch["q_ids"], batch["q_mask"]), (batch["p_ids"], batch["p_mask"])])
+    return q, p
 
 
 def _constrain_params(tree: Any, cfg: ModelConfig) -> Any:
