@@ -35,8 +35,9 @@ full-batch gradient.
 
 `train_step` adds global-norm clipping and AdamW (`optim.make_optimizer`), and a guard:
 when the loss or the gradient norm is not finite, parameters, optimizer state and step are
-returned unchanged and `metrics["finite"]` is 0; `check_finite` (called by `Trainer.step`)
-then raises FloatingPointError.
+returned unchanged and `metrics["finite"]` is 0 (the update runs under `lax.cond`, in place
+on the donated state); `check_finite` (called by `Trainer.step`) then raises
+FloatingPointError.
 
 Master weights and optimizer state are float32; the model computes in `cfg.compute_dtype`
 (bfloat16 by default). Parameters and optimizer state are sharded per the logical-axis
@@ -241,14 +242,17 @@ def train_step(state: TrainState, batch: Mapping[str, Any], *, cfg: ModelConfig,
     loss, metrics, grads = loss_and_grads(state.params, batch, cfg, task, loss_cfg, chunk_size)
     grad_norm = global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = _constrain_params(optax.apply_updates(state.params, updates), cfg)
 
-    def keep(new, old):
-        return jnp.where(finite, new, old)
+    # A branch, not `where(finite, new, old)` over the state: with a select XLA keeps the old
+    # and the new state alive at once and copies every state buffer each step.
+    def update(operands):
+        params, opt_state, grads = operands
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return _constrain_params(optax.apply_updates(params, updates), cfg), opt_state
 
-    new_state = TrainState(params=jax.tree.map(keep, params, state.params),
-                           opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+    params, opt_state = jax.lax.cond(finite, update, lambda ops: (ops[0], ops[1]),
+                                     (state.params, state.opt_state, grads))
+    new_state = TrainState(params=params, opt_state=opt_state,
                            step=state.step + finite.astype(state.step.dtype))
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
     metrics.update(loss=loss.astype(jnp.float32), grad_norm=grad_norm.astype(jnp.float32),
