@@ -334,8 +334,9 @@ class Plan:
     def format(self) -> str:
         t = self.target
         m = self.model
+        remat = m["remat"] if m.get("remat_layers") is None else f"{m['remat']} on {m['remat_layers']} layers"
         lines = [f"target   {t.describe()}",
-                 f"model    {m['name']}: {_count(m['params'])} params, remat {m['remat']}, "
+                 f"model    {m['name']}: {_count(m['params'])} params, remat {remat}, "
                  f"{'scanned' if m['scan_layers'] else 'unrolled'} layers, {m['attention_impl']} attention, "
                  f"{m['compute_dtype']} compute",
                  f"mesh     {_mesh_desc(self.mesh)}; GradCache chunk "
@@ -397,7 +398,8 @@ def _model_summary(run) -> dict[str, Any]:
     cfg = run.model_config
     name = (run.model or {}).get("preset") or run.init_from or "custom"
     return {"name": name, "params": cfg.num_params(), "non_embedding_params": cfg.num_params(False),
-            "remat": cfg.remat, "scan_layers": cfg.scan_layers, "attention_impl": cfg.attention_impl,
+            "remat": cfg.remat, "remat_layers": cfg.remat_layers, "scan_layers": cfg.scan_layers,
+            "attention_impl": cfg.attention_impl,
             "compute_dtype": cfg.compute_dtype, "param_dtype": cfg.param_dtype}
 
 

@@ -351,3 +351,13 @@ def test_tpu_launcher_dry_run(tmp_path):
     assert "qzhou_jax/plan.py" in names.split()
     r = _sh([LAUNCH / "tpu_pod.sh", "up", "--name", "qz"])
     assert r.returncode == 2 and "--zone is required" in r.stderr
+
+
+def test_executed_flops_count_the_rematted_share():
+    from qzhou_jax.config import ModelConfig
+
+    cfg = ModelConfig.preset("qwen2.5-1.5b", remat="full")
+    assert plan_mod._executed_flops(6.0, cfg, gradcache=False) == pytest.approx(8.0)
+    assert plan_mod._executed_flops(6.0, cfg.replace(remat_layers=14), gradcache=False) == pytest.approx(7.0)
+    assert plan_mod._executed_flops(6.0, cfg.replace(remat_layers=0), gradcache=True) == pytest.approx(8.0)
+    assert plan_mod._executed_flops(6.0, cfg.replace(remat="mlp"), gradcache=False) == pytest.approx(6.0)
