@@ -156,13 +156,7 @@ class ModelConfig:
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
             where = path
-            try:
-                with open(path, encoding="utf-8") as f:
-                    raw = json.load(f)
-            except FileNotFoundError:
-                raise FileNotFoundError(f"{path}: no config.json found") from None
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
+            raw = read_json(path, "no config.json found")
         model_type = raw.get("model_type")
         if model_type != "qwen2":
             raise ValueError(f"{where}: model_type must be 'qwen2', got {model_type!r}")
@@ -385,6 +379,17 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def read_json(path: str, missing: str = "file not found") -> Any:
+    """A JSON file's content; errors name the file (`missing`: the message when it is absent)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {missing}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def load_yaml(path: str | os.PathLike) -> dict:

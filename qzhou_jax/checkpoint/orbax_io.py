@@ -28,7 +28,6 @@ from.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -40,7 +39,7 @@ from jax.sharding import Mesh
 
 from qzhou_jax import sharding
 from qzhou_jax.checkpoint.export import atomic_output_dir, copy_tokenizer, release_host_memory, write_json
-from qzhou_jax.config import ModelConfig
+from qzhou_jax.config import ModelConfig, read_json
 from qzhou_jax.model.qwen2 import ParamSpec, param_specs
 
 log = logging.getLogger(__name__)
@@ -71,13 +70,7 @@ def read_model_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
                 break
         else:
             raise FileNotFoundError(f"{path}: no {CONFIG_FILE} or config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: model config not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path, "model config not found")
     if "model_type" in raw:
         return ModelConfig.from_hf(path, **overrides)
     known = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -418,11 +411,7 @@ def open_params_checkpoint(path: str | os.PathLike, config: ModelConfig | str | 
         raise FileNotFoundError(f"{path}: checkpoint folder not found")
     info: dict = {}
     if is_orbax_checkpoint(path):
-        try:
-            with open(os.path.join(path, MARKER), encoding="utf-8") as f:
-                info = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{os.path.join(path, MARKER)}: not valid JSON ({e})") from None
+        info = read_json(os.path.join(path, MARKER))
         if info.get("format") != FORMAT:
             raise ValueError(f"{os.path.join(path, MARKER)}: unknown format {info.get('format')!r}")
         pytree_dir = os.path.join(path, info.get("params", PARAMS_DIR))

@@ -119,17 +119,21 @@ def nli_to_scored_pairs(records: Iterable[Any], fields: Mapping[str, str] | None
     if int_labels is not None and int_labels not in NLI_INT_LABELS:
         raise ValueError(f"int_labels must be one of {', '.join(NLI_INT_LABELS)}, got {int_labels!r}")
     f = resolve_fields(NLI_FIELDS, fields, "NLI pairs")
+    return _labelled_pairs(records, f, lambda v, row, name: _nli_score(v, row, name, int_labels),
+                           both_directions, errors)
 
+
+def _labelled_pairs(records: Iterable[Any], f: Mapping[str, str], score: Callable[[Any, _Row, str], float],
+                    both_directions: bool, errors: BadRecords | None) -> Iterator[PairRecord]:
+    """Records with two texts and a label -> scored pairs (score(label, row, field)), and the
+    swapped pairs with ``both_directions``."""
     def one(obj, where):
         row = _Row(obj, where)
-        premise, hypothesis = row.text(f["text1"]), row.text(f["text2"])
+        t1, t2 = row.text(f["text1"]), row.text(f["text2"])
         if f["label"] not in row.obj:
             raise row.missing(f["label"])
-        score = _nli_score(row.obj[f["label"]], row, f["label"], int_labels)
-        out = [PairRecord(premise, hypothesis, score)]
-        if both_directions:
-            out.append(PairRecord(hypothesis, premise, score))
-        return out
+        value = score(row.obj[f["label"]], row, f["label"])
+        return [PairRecord(t1, t2, value)] + ([PairRecord(t2, t1, value)] if both_directions else [])
 
     return _each(records, errors, one)
 
@@ -161,16 +165,7 @@ def binary_labels(records: Iterable[Any], fields: Mapping[str, str] | None = Non
     swapped pair is emitted too, as for STS pairs.
     """
     f = resolve_fields(BINARY_FIELDS, fields, "binary pairs")
-
-    def one(obj, where):
-        row = _Row(obj, where)
-        t1, t2 = row.text(f["text1"]), row.text(f["text2"])
-        if f["label"] not in row.obj:
-            raise row.missing(f["label"])
-        score = _binary(row.obj[f["label"]], row, f["label"])
-        return [PairRecord(t1, t2, score)] + ([PairRecord(t2, t1, score)] if both_directions else [])
-
-    return _each(records, errors, one)
+    return _labelled_pairs(records, f, _binary, both_directions, errors)
 
 
 # ------------------------------------------------------------------------------ classification

@@ -100,22 +100,20 @@ def evaluate_retrieval(spec: TaskSpec, encode: EncodeFn) -> tuple[dict[str, Any]
 
 
 # ------------------------------------------------------------------ pairs
-def evaluate_sts(spec: TaskSpec, encode: EncodeFn) -> tuple[dict[str, Any], dict[str, Any]]:
-    data = D.load_pairs(spec.files["path"], "sts", spec.fields)
+def _evaluate_pairs(spec: TaskSpec, encode: EncodeFn, task: str, score: Callable) -> tuple[dict, dict]:
+    data = D.load_pairs(spec.files["path"], task, spec.fields)
     i1, i2 = _sides(spec)
     e1, e2 = _encode_pairs(encode, data.text1, data.text2, i1, i2)
-    scores = M.sts_scores(e1, e2, data.values)
-    return scores, {"instructions": {"text1": i1, "text2": i2}, "num_pairs": len(data.values),
-                    "files": data.files}
+    return score(e1, e2, data.values), {"instructions": {"text1": i1, "text2": i2},
+                                        "num_pairs": len(data.values), "files": data.files}
+
+
+def evaluate_sts(spec: TaskSpec, encode: EncodeFn) -> tuple[dict[str, Any], dict[str, Any]]:
+    return _evaluate_pairs(spec, encode, "sts", M.sts_scores)
 
 
 def evaluate_pair_classification(spec: TaskSpec, encode: EncodeFn) -> tuple[dict[str, Any], dict[str, Any]]:
-    data = D.load_pairs(spec.files["path"], "pair_classification", spec.fields)
-    i1, i2 = _sides(spec)
-    e1, e2 = _encode_pairs(encode, data.text1, data.text2, i1, i2)
-    scores = M.pair_classification_scores(e1, e2, data.values)
-    return scores, {"instructions": {"text1": i1, "text2": i2}, "num_pairs": len(data.values),
-                    "files": data.files}
+    return _evaluate_pairs(spec, encode, "pair_classification", M.pair_classification_scores)
 
 
 # ------------------------------------------------------------------ classification
