@@ -5,6 +5,8 @@
     python bench/train_step.py --preset qwen2.5-1.5b --queries 16 --hard-negatives 3 --seq 256 --attention-impl cudnn
     python bench/train_step.py --preset qwen2.5-1.5b --queries 256 --hard-negatives 4 --seq 512 \\
         --chunk-size 16 --no-torch                                                               # GradCache, paper batch
+    python bench/train_step.py --preset qwen2.5-1.5b --queries 256 --hard-negatives 4 --seq 512 \\
+        --chunk-size 8 --keep-chunks 16 --attention-impl cudnn --no-torch       # half the chunks skip the 2nd forward
 
 Workload: `queries` queries, each with 1 positive and `hard-negatives` hard negatives, all
 `seq` tokens; half the rows have their last quarter padded. One step = embed queries and
@@ -105,7 +107,8 @@ def run_jax(cfg, batch, args):
     from qzhou_jax.model import create_model
 
     params = create_model(cfg, seed=0).encoder.params()
-    tcfg = TrainConfig(lr=args.lr, warmup_steps=10, total_steps=1000, chunk_size=args.chunk_size)
+    tcfg = TrainConfig(lr=args.lr, warmup_steps=10, total_steps=1000, chunk_size=args.chunk_size,
+                       keep_chunks=args.keep_chunks)
     trainer = Trainer(cfg, tcfg, params, loss_cfg=LossConfig(), donate_params=True)
     del params
     gc.collect()
@@ -144,6 +147,8 @@ def main() -> None:
     ap.add_argument("--hard-negatives", type=int, default=1)
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--chunk-size", type=int, default=0, help="GradCache chunk (queries); 0: off")
+    ap.add_argument("--keep-chunks", type=int, default=0,
+                    help="GradCache chunks that keep their layer inputs between the passes (-1: all)")
     ap.add_argument("--remat", default="full", choices=["none", "full", "dots", "attn", "mlp"])
     ap.add_argument("--remat-layers", type=int, default=None,
                     help="apply the remat policy to this many layers; the others keep their activations")
@@ -172,7 +177,8 @@ def main() -> None:
           f"({'f32' if on_cpu else 'bf16'})")
     print(f"train step {args.preset}: {args.queries} queries x (1 + 1 + {args.hard_negatives}) x {args.seq} tokens "
           f"= {tokens:,} tokens, {cfg.num_params(False) / 1e9:.3f}B non-embedding params, compute {dtype}, "
-          f"remat {remat_desc(cfg)}, GradCache chunk {args.chunk_size or 'off'}")
+          f"remat {remat_desc(cfg)}, GradCache chunk {args.chunk_size or 'off'}"
+          f"{f', {args.keep_chunks} chunks kept' if args.chunk_size and args.keep_chunks else ''}")
     batch = workload(cfg, args.queries, group, args.seq)
     results = []
     if not args.no_torch:
@@ -182,6 +188,9 @@ def main() -> None:
         if not args.no_compile:
             results.append((f"HF PyTorch torch.compile{extra}",) + run_torch(cfg, batch, group, args, True))
     chunk = f", GradCache {args.chunk_size}" if args.chunk_size else ""
+    if args.chunk_size and args.keep_chunks:
+        n_chunks = args.queries // args.chunk_size
+        chunk += f" keeping {n_chunks if args.keep_chunks < 0 else min(args.keep_chunks, n_chunks)} of {n_chunks}"
     results.append((f"qzhou-jax ({args.attention_impl}, remat {remat_desc(cfg)}{chunk})",) + run_jax(cfg, batch, args))
 
     print(common.row(["implementation", "tokens/s", "MFU", "peak GiB", "s/step", "first step s", "note"]))

@@ -201,7 +201,7 @@ def shard_bytes(tree) -> int:
 
 # ---------------------------------------------------------------- estimate
 def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: int, param_bytes: int,
-                        rules: Mapping[str, Any] | None = None) -> dict[str, int]:
+                        rules: Mapping[str, Any] | None = None, keep_chunks: int = 0) -> dict[str, int]:
     """An analytic per-device memory model of one train step (bytes), for targets that
     cannot be compiled here. `state_bytes` / `param_bytes` are exact (from the shardings);
     the rest is a model:
@@ -218,6 +218,8 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
                   `remat_layers`: the other layers as "dots"), plus
                   one layer's working set forward and backward, with XLA attention's float32
                   scores [rows, heads, L, L] (none with cuDNN attention)
+      kept        GradCache chunks that keep their layer inputs (`keep_chunks`): layers + 1
+                  hidden states per token of each
       batch/loss  token arrays, embeddings and the similarity matrix
     """
     mesh_shape = dict(mesh.shape)
@@ -255,8 +257,14 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
     loss = (shape.n * (1 + shape.group) * out_dim * 4 * 4
             + shape.n * shape.n * (1 + shape.group) * 4 * 3
             + 4 * 2 * (shape.n * shape.q_len + shape.n * shape.group * shape.p_len) / dp)
+    kept = 0.0
+    if gradcache and keep_chunks:
+        from qzhou_jax.train.step import kept_chunks
+
+        k = kept_chunks(shape.n, chunk, keep_chunks)
+        kept = k * (Lr + 1) * E * b * (rows(chunk) * shape.q_len + rows(chunk * shape.group) * shape.p_len)
     parts = {"state": state_bytes, "gradients": gradients, "layers": layers, "activations": activations,
-             "batch_and_loss": loss}
+             "kept_chunks": kept, "batch_and_loss": loss}
     parts = {k: int(v) for k, v in parts.items()}
     parts["peak"] = sum(parts.values())
     return parts
@@ -306,6 +314,7 @@ class Plan:
     steps: list[StepPlan]
     warnings: list[str]
     suggestions: list[str]
+    keep_chunks: int = 0
 
     @property
     def verdict(self) -> str:
@@ -326,7 +335,7 @@ class Plan:
                            "hosts": t.hosts, "hbm_gib": t.hbm_gib, "peak_tflops": t.peak_tflops,
                            "topology": t.topology, "chip_source": t.chip.source},
                 "model": self.model, "mesh": self.mesh, "chunk_size": self.chunk_size,
-                "limit_gib": self.limit_gib, "limit_source": self.limit_source, "mfu": self.mfu,
+                "keep_chunks": self.keep_chunks, "limit_gib": self.limit_gib, "limit_source": self.limit_source, "mfu": self.mfu,
                 "headroom": self.headroom, "verdict": self.verdict, "fits": self.fits,
                 "steps": [s.to_dict() for s in self.steps], "warnings": self.warnings,
                 "suggestions": self.suggestions}
@@ -340,7 +349,8 @@ class Plan:
                  f"{'scanned' if m['scan_layers'] else 'unrolled'} layers, {m['attention_impl']} attention, "
                  f"{m['compute_dtype']} compute",
                  f"mesh     {_mesh_desc(self.mesh)}; GradCache chunk "
-                 f"{self.chunk_size if self.chunk_size else 'off (whole batch at once)'}",
+                 f"{self.chunk_size if self.chunk_size else 'off (whole batch at once)'}"
+                 f"{_keep_desc(self.keep_chunks) if self.chunk_size else ''}",
                  f"memory   limit {self.limit_gib:.2f} GiB per device ({self.limit_source}); "
                  f"train state {_size(self.steps[0].state_bytes)} per device",
                  ""]
@@ -394,6 +404,13 @@ def _seconds(s: float | None) -> str:
     return f"{s:.2f} s" if s >= 0.1 else f"{s * 1e3:.2f} ms"
 
 
+def _keep_desc(keep: int) -> str:
+    if not keep:
+        return ""
+    who = "every chunk keeps" if keep < 0 else f"{keep} chunks keep"
+    return f", {who} its layer inputs between the passes" if keep < 0 else f", {who} their layer inputs between the passes"
+
+
 def _model_summary(run) -> dict[str, Any]:
     cfg = run.model_config
     name = (run.model or {}).get("preset") or run.init_from or "custom"
@@ -403,13 +420,15 @@ def _model_summary(run) -> dict[str, Any]:
             "compute_dtype": cfg.compute_dtype, "param_dtype": cfg.param_dtype}
 
 
-def _executed_flops(model_flops: float, cfg, gradcache: bool) -> float:
+def _executed_flops(model_flops: float, cfg, gradcache: bool, kept: float = 0.0) -> float:
     """Model FLOPs (6 per parameter-token) plus GradCache's extra forward (2) and full
     remat's recomputed forward (2, times the share of layers under it); the policies that
-    keep matmul outputs are counted as no recomputation."""
+    keep matmul outputs are counted as no recomputation. `kept`: the share of GradCache
+    chunks that keep their layer inputs; they recompute one forward (2), whatever the remat."""
     n = cfg.num_hidden_layers
     full = (n if cfg.remat_layers is None else cfg.remat_layers) / n if cfg.remat == "full" else 0.0
-    return model_flops * (6 + 2 * gradcache + 2 * full) / 6
+    rest = 6 + 2 * gradcache + 2 * full
+    return model_flops * ((1 - kept) * rest + kept * 8) / 6
 
 
 def _local_devices(target: Target, estimate: bool) -> list | None:
@@ -453,12 +472,12 @@ def make_plan(run, target: Target, *, mfu: float = DEFAULT_MFU, headroom: float 
 
     from qzhou_jax import sharding
     from qzhou_jax.train.optim import learning_rate_schedule, make_optimizer
-    from qzhou_jax.train.step import make_train_step
+    from qzhou_jax.train.step import kept_chunks, make_train_step
 
     say = progress or (lambda _msg: None)
     cfg = run.model_config
     tx = make_optimizer(run.train)
-    chunk = run.train.chunk_size
+    chunk, keep = run.train.chunk_size, run.train.keep_chunks
     if devices is not None:
         mesh = sharding.make_mesh(run.mesh, devices)
         processes = len({d.process_index for d in devices})
@@ -490,15 +509,16 @@ def make_plan(run, target: Target, *, mfu: float = DEFAULT_MFU, headroom: float 
     for s in shapes:
         flops = s.model_flops(cfg)
         gradcache = 0 < chunk < s.n
+        kept = kept_chunks(s.n, chunk, keep) / (s.n // chunk) if gradcache and keep else 0.0
         sp = StepPlan(shape=s, method="estimate", peak_bytes=0, state_bytes=state_bytes, model_flops=flops,
-                      executed_flops=_executed_flops(flops, cfg, gradcache))
+                      executed_flops=_executed_flops(flops, cfg, gradcache, kept))
         if devices is None:
-            est = estimate_step_bytes(cfg, s, mesh, chunk, state_bytes, param_bytes, rules)
+            est = estimate_step_bytes(cfg, s, mesh, chunk, state_bytes, param_bytes, rules, keep)
             sp.estimate, sp.peak_bytes = est, est["peak"]
         else:
             sp.method = "compiled"
             step = make_train_step(cfg, tx, s.task, mesh=mesh, rules=rules, loss_cfg=run.loss,
-                                   chunk_size=chunk, schedule=schedule)
+                                   chunk_size=chunk, keep_chunks=keep, schedule=schedule)
             batch = s.abstract_batch(lambda ndim: sharding.batch_sharding(mesh, ndim, rules))
             say(f"compiling {s.label} for {target.name} ({target.num_devices} devices, mesh {_mesh_desc(mesh_shape)})")
             t0 = time.perf_counter()
@@ -523,7 +543,7 @@ def make_plan(run, target: Target, *, mfu: float = DEFAULT_MFU, headroom: float 
                 sp.code_bytes = ma.generated_code_size_in_bytes
                 sp.peak_bytes = sp.argument_bytes + sp.output_bytes - sp.alias_bytes + sp.temp_bytes + sp.code_bytes
                 sp.xla_flops = _xla_flops(compiled)
-                sp.estimate = estimate_step_bytes(cfg, s, mesh, chunk, state_bytes, param_bytes, rules)
+                sp.estimate = estimate_step_bytes(cfg, s, mesh, chunk, state_bytes, param_bytes, rules, keep)
             say(f"  {sp.compile_seconds:.1f} s")
         if target.peak_tflops:
             sp.step_seconds = flops / (target.num_devices * target.peak_tflops * 1e12 * mfu)
@@ -532,8 +552,8 @@ def make_plan(run, target: Target, *, mfu: float = DEFAULT_MFU, headroom: float 
     for sp in plans:
         gib = sp.peak_bytes / GIB
         sp.fit = "no" if sp.error or gib > limit_gib else "tight" if gib > limit_gib * (1 - headroom) else "yes"
-    plan = Plan(target=target, model=_model_summary(run), mesh=mesh_shape, chunk_size=chunk, limit_gib=limit_gib,
-                limit_source=limit_source, mfu=mfu, headroom=headroom, steps=plans, warnings=warnings,
+    plan = Plan(target=target, model=_model_summary(run), mesh=mesh_shape, chunk_size=chunk,
+                keep_chunks=keep if chunk else 0, limit_gib=limit_gib, limit_source=limit_source, mfu=mfu, headroom=headroom, steps=plans, warnings=warnings,
                 suggestions=[])
     if not plan.fits:
         plan.suggestions = suggest(run, plan)
@@ -571,6 +591,9 @@ def suggest(run, plan: Plan) -> list[str]:
         out.append(f"the train state alone takes {worst.state_bytes / GIB:.1f} GiB per device "
                    f"({worst.state_bytes / limit:.0%} of the limit): use at least {need} devices of this kind "
                    f"(a larger slice), or a chip with more memory")
+    if chunk and run.train.keep_chunks and any(s.estimate and s.estimate.get("kept_chunks") for s in plan.steps):
+        out.append(f"--set train.keep_chunks=0  (or fewer than {run.train.keep_chunks}: each kept GradCache chunk "
+                   f"holds its layer inputs until the second pass)")
     if mesh["data"] > 1:
         out.append(f"--set mesh.data=1 --set mesh.fsdp=-1  (shard parameters and optimizer state over all "
                    f"{plan.target.num_devices} devices instead of replicating them {mesh['data']} times)")

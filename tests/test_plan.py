@@ -361,3 +361,28 @@ def test_executed_flops_count_the_rematted_share():
     assert plan_mod._executed_flops(6.0, cfg.replace(remat_layers=14), gradcache=False) == pytest.approx(7.0)
     assert plan_mod._executed_flops(6.0, cfg.replace(remat_layers=0), gradcache=True) == pytest.approx(8.0)
     assert plan_mod._executed_flops(6.0, cfg.replace(remat="mlp"), gradcache=False) == pytest.approx(6.0)
+    # GradCache chunks that keep their layer inputs skip the second forward, whatever the remat.
+    assert plan_mod._executed_flops(6.0, cfg, gradcache=True, kept=0.5) == pytest.approx(9.0)
+    assert plan_mod._executed_flops(6.0, cfg.replace(remat="dots"), gradcache=True, kept=1.0) == pytest.approx(8.0)
+
+
+def test_estimate_counts_kept_chunks():
+    """Each kept GradCache chunk holds (layers + 1) hidden states per token until the second pass."""
+    data = {**TINY["data"], "batch_size": 256, "hard_negatives": 4, "query_max_length": 512,
+            "passage_max_length": 512}
+    plans = {}
+    for keep in (0, 12, -1):
+        run = load_run_config(data={**TINY, "model": {"preset": "qwen2.5-1.5b", "remat": "full"},
+                                    "train": {"chunk_size": 8, "keep_chunks": keep}, "data": data})
+        plans[keep] = plan_mod.make_plan(run, parse_target("gpu:1xH100"), estimate=True)
+    cfg = run.model_config
+    per_chunk = 8 * 6 * 512 * (cfg.num_hidden_layers + 1) * cfg.hidden_size * 2
+    base = plans[0].steps[0]
+    assert base.estimate["kept_chunks"] == 0
+    assert plans[12].steps[0].estimate["kept_chunks"] == 12 * per_chunk
+    assert plans[-1].steps[0].estimate["kept_chunks"] == 32 * per_chunk
+    assert plans[12].steps[0].peak_bytes - base.peak_bytes == 12 * per_chunk
+    assert plans[12].steps[0].executed_flops < base.executed_flops
+    assert "12 chunks keep their layer inputs" in plans[12].format()
+    assert not plans[-1].fits
+    assert any("train.keep_chunks=0" in s for s in plans[-1].suggestions)

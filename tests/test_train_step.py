@@ -64,10 +64,10 @@ def _batch(task="retrieval", n=8, k=2, lq=12, lp=16, seed=0):
     return batch
 
 
-def _grads_on(mesh, params, batch, task="retrieval", chunk_size=0, cfg=CFG, loss_cfg=LossConfig()):
+def _grads_on(mesh, params, batch, task="retrieval", chunk_size=0, cfg=CFG, loss_cfg=LossConfig(), keep_chunks=0):
     placed = jax.device_put(params, param_shardings(cfg, mesh))
     sharded = shard_batch(batch, mesh)
-    fn = jax.jit(lambda p, b: loss_and_grads(p, b, cfg, task, loss_cfg, chunk_size)[::2])
+    fn = jax.jit(lambda p, b: loss_and_grads(p, b, cfg, task, loss_cfg, chunk_size, keep_chunks)[::2])
     with sharding.use_mesh(mesh):
         loss, grads = fn(placed, sharded)
     return float(loss), jax.tree.map(np.asarray, grads)
@@ -161,6 +161,34 @@ def test_remat_settings_give_the_same_step(remat, reference):
         loss, grads = _grads_on(mesh, params, batch, chunk_size=chunk_size, cfg=cfg)
         assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
         _assert_grads_close(grads, ref_grads)
+
+
+@pytest.mark.parametrize("chunk_size,keep_chunks", [(1, 3), (2, -1), (4, 1), (2, 100)])
+def test_gradcache_kept_chunks_equal_full_batch(chunk_size, keep_chunks, reference):
+    """Chunks that keep their layer inputs run only their backward in the second pass
+    (some chunks kept, all, more than there are): the same gradients."""
+    params, batch, (ref_loss, ref_grads) = reference
+    loss, grads = _grads_on(single_device_mesh(), params, batch, chunk_size=chunk_size, keep_chunks=keep_chunks)
+    assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
+    _assert_grads_close(grads, ref_grads)
+
+
+@pytest.mark.parametrize("task", ["sts", "classification"])
+def test_gradcache_kept_chunks_other_tasks_on_a_sharded_mesh(task):
+    params, batch = _params(seed=3), _batch(task, seed=3, lq=8, lp=16)
+    ref_loss, ref_grads = _grads_on(single_device_mesh(), params, batch, task)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    loss, grads = _grads_on(mesh, params, batch, task, chunk_size=2, keep_chunks=2,
+                            cfg=CFG.replace(remat="full", remat_layers=1))
+    assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
+    _assert_grads_close(grads, ref_grads)
+
+
+def test_keep_chunks_needs_gradcache():
+    with pytest.raises(ValueError, match=r"train.keep_chunks: 2 needs GradCache \(train.chunk_size > 0\)"):
+        TrainConfig(keep_chunks=2)
+    with pytest.raises(ValueError, match="train.keep_chunks: expected an integer >= -1"):
+        TrainConfig(chunk_size=2, keep_chunks=-2)
 
 
 def test_gradcache_on_a_sharded_mesh(reference):

@@ -53,8 +53,24 @@ def embed(params: Mapping[str, Any], cfg: ModelConfig, input_ids: jax.Array, att
 def embed_many(params: Mapping[str, Any], cfg: ModelConfig, inputs, dim: int | None = None) -> list[jax.Array]:
     """`embed` for several token batches [(input_ids, attention_mask), ...] in one pass over
     the layers (`qwen2.forward_many`): the train step embeds queries and passages this way."""
-    hidden = qwen2.forward_many(params, cfg, inputs)
-    return [finish(pool(h, mask, cfg.pooling), cfg, dim) for h, (_, mask) in zip(hidden, inputs)]
+    return _head(cfg, inputs, dim)(qwen2.forward_many(params, cfg, inputs))
+
+
+def _head(cfg: ModelConfig, inputs, dim: int | None):
+    return lambda hidden: [finish(pool(h, inp[1], cfg.pooling), cfg, dim) for h, inp in zip(hidden, inputs)]
+
+
+def embed_many_saving(params: Mapping[str, Any], cfg: ModelConfig, inputs) -> tuple[list[jax.Array], Any]:
+    """`embed_many` that also returns each layer's input (`qwen2.forward_saving`), for
+    `embed_many_backward`: GradCache's first pass for the chunks it keeps."""
+    return qwen2.forward_saving(params, cfg, inputs, _head(cfg, inputs, None))
+
+
+def embed_many_backward(params: Mapping[str, Any], cfg: ModelConfig, inputs, saved: Any,
+                        d_emb: list[jax.Array]) -> dict[str, Any]:
+    """d params of `embed_many(params, cfg, inputs)` pulled back from the embeddings'
+    cotangents `d_emb`, from `saved` (`embed_many_saving`) instead of a new forward pass."""
+    return qwen2.backward_saved(params, cfg, inputs, _head(cfg, inputs, None), saved, list(d_emb))
 
 
 class EmbeddingModel(nnx.Module):

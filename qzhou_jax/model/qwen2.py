@@ -312,15 +312,9 @@ def run_layers(layer: Callable[[Any, Mapping[str, jax.Array]], Any], carry: Any,
     return jax.lax.scan(body, carry, grouped)[0]
 
 
-def forward_many(params: Mapping[str, Any], cfg: ModelConfig, inputs: Sequence[tuple]) -> list[jax.Array]:
-    """Last hidden states of several token batches, [(input_ids, attention_mask), ...] or
-    (input_ids, attention_mask, positions) triples, in one pass over the layers; each output
-    is [batch, seq, hidden], float32, after the final norm.
-
-    Batches of equal length are concatenated (larger matmuls); batches of different lengths
-    share the pass, so each layer's weights are read, cast and differentiated once for all
-    of them (one gradient buffer instead of one per batch).
-    """
+def _embed_tokens(embed_tokens: jax.Array, cfg: ModelConfig, inputs: Sequence[tuple]):
+    """(groups, inputs of the first layer, per-group (cos, sin, mask)): the inputs grouped by
+    length (row indices into `inputs`), each group's rows merged (`merge_rows`)."""
     cdt = _dtype(cfg.compute_dtype)
     parts = current_data_parallel_size()
     by_len: dict[int, list[int]] = {}
@@ -336,20 +330,81 @@ def forward_many(params: Mapping[str, Any], cfg: ModelConfig, inputs: Sequence[t
         ids = merge_rows([inputs[i][0] for i in idx], parts)
         mask = merge_rows([inputs[i][1] for i in idx], parts)
         cos, sin = rope_tables(merge_rows([positions(inputs[i]) for i in idx], parts), cfg.head_dim, cfg.rope_theta)
-        x = jnp.take(params["embed_tokens"], ids, axis=0).astype(cdt)
+        x = jnp.take(embed_tokens, ids, axis=0).astype(cdt)
         xs.append(constrain(x, ("batch", "seq", "act_embed")))
         ctx.append((cos, sin, mask))
+    return groups, tuple(xs), ctx
 
+
+def _layer_fn(ctx, cfg: ModelConfig) -> Callable:
     def layer(carry, p):
         return tuple(decoder_layer(x, p, cos, sin, mask, cfg) for x, (cos, sin, mask) in zip(carry, ctx))
+    return layer
 
-    xs = run_layers(layer, tuple(xs), params["layers"], cfg)
+
+def _final(final_norm: jax.Array, cfg: ModelConfig, inputs: Sequence[tuple], groups, xs) -> list[jax.Array]:
+    """The last layer's outputs (per group) -> normed hidden states, one per input."""
+    parts = current_data_parallel_size()
     out: list[Any] = [None] * len(inputs)
     for idx, x in zip(groups, xs):
-        h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+        h = rms_norm(x, final_norm, cfg.rms_norm_eps)
         for i, part in zip(idx, split_rows(h, [inputs[i][0].shape[0] for i in idx], parts)):
             out[i] = part
     return out
+
+
+def forward_many(params: Mapping[str, Any], cfg: ModelConfig, inputs: Sequence[tuple]) -> list[jax.Array]:
+    """Last hidden states of several token batches, [(input_ids, attention_mask), ...] or
+    (input_ids, attention_mask, positions) triples, in one pass over the layers; each output
+    is [batch, seq, hidden], float32, after the final norm.
+
+    Batches of equal length are concatenated (larger matmuls); batches of different lengths
+    share the pass, so each layer's weights are read, cast and differentiated once for all
+    of them (one gradient buffer instead of one per batch).
+    """
+    groups, xs, ctx = _embed_tokens(params["embed_tokens"], cfg, inputs)
+    xs = run_layers(_layer_fn(ctx, cfg), xs, params["layers"], cfg)
+    return _final(params["final_norm"], cfg, inputs, groups, xs)
+
+
+def forward_saving(params: Mapping[str, Any], cfg: ModelConfig, inputs: Sequence[tuple],
+                   head: Callable[[list[jax.Array]], Any]) -> tuple[Any, Any]:
+    """(head(forward_many(...)), saved): a forward pass, not differentiated, that also returns
+    every layer's input and the last layer's output (`saved`: per length group, [layers,
+    rows, seq, hidden] and [rows, seq, hidden] in the compute dtype), from which
+    `backward_saved` computes the gradient later without running this forward again: the
+    backward of remat "full", split from its forward.
+    """
+    groups, xs, ctx = _embed_tokens(params["embed_tokens"], cfg, inputs)
+    layer = _layer_fn(ctx, cfg)
+    last, ins = jax.lax.scan(lambda c, p: (layer(c, p), c), xs, params["layers"])
+    ins = tuple(constrain(i, (None, "batch", "seq", "act_embed")) for i in ins)
+    return head(_final(params["final_norm"], cfg, inputs, groups, last)), (ins, last)
+
+
+def backward_saved(params: Mapping[str, Any], cfg: ModelConfig, inputs: Sequence[tuple],
+                   head: Callable[[list[jax.Array]], Any], saved: Any, d_out: Any) -> dict[str, Any]:
+    """The gradient with respect to `params` of `head(forward_many(params, cfg, inputs))`
+    pulled back from the cotangent `d_out`, given `saved` from `forward_saving` with the
+    same params and inputs: a reverse scan over the layers, each re-run from its saved
+    input under `jax.vjp` (one layer's activations alive at a time)."""
+    if set(params) != {"embed_tokens", "layers", "final_norm"}:
+        raise ValueError(f"backward_saved: unexpected parameter groups {sorted(params)}")
+    groups, _, ctx = _embed_tokens(jax.lax.stop_gradient(params["embed_tokens"]), cfg, inputs)
+    ins, last = saved
+    _, pull = jax.vjp(lambda x, w: head(_final(w, cfg, inputs, groups, x)), last, params["final_norm"])
+    d_last, d_final_norm = pull(d_out)
+    layer = _layer_fn(ctx, cfg)
+
+    def body(dx, xp):
+        _, pull_layer = jax.vjp(layer, *xp)
+        dx, dp = pull_layer(dx)
+        return dx, dp
+
+    d_first, d_layers = jax.lax.scan(body, d_last, (ins, params["layers"]), reverse=True)
+    _, pull = jax.vjp(lambda e: _embed_tokens(e, cfg, inputs)[1], params["embed_tokens"])
+    (d_embed,) = pull(d_first)
+    return {"embed_tokens": d_embed, "layers": d_layers, "final_norm": d_final_norm}
 
 
 def forward(params: Mapping[str, Any], cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array,

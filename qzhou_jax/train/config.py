@@ -11,7 +11,7 @@ key's path before any device work):
     model        `preset: <name>` plus any ModelConfig field (architecture fields only
                  without init_from; with it, only the embedding and execution fields)
     mesh         MeshConfig: data / fsdp / tensor sizes (-1: the remaining devices)
-    train        TrainConfig (optimizer, schedule, total_steps, chunk_size, seed)
+    train        TrainConfig (optimizer, schedule, total_steps, chunk_size, keep_chunks, seed)
     loss         LossConfig (temperatures, negatives)
     data         DataConfig: datasets, mixture (alpha, eta), batch sizes, lengths
     checkpoint   CheckpointConfig: every / keep / async

@@ -31,7 +31,9 @@ passages) keeping no activations, (2) loss and d loss / d embeddings on the full
 (3) re-run each chunk under `jax.vjp` with its slice of the embedding gradient and
 accumulate parameter gradients (a `lax.scan` over chunks, so compile size does not grow).
 Activation memory is then that of one chunk, whatever the batch; the gradient equals the
-full-batch gradient.
+full-batch gradient. The price is a second forward pass over the batch; `keep_chunks`
+chunks avoid it by keeping every layer's input from pass (1) (what remat "full" keeps), so
+pass (3) runs only their backward (`embedder.embed_many_backward`).
 
 `train_step` adds global-norm clipping and AdamW (`optim.make_optimizer`), and a guard:
 when the loss or the gradient norm is not finite, parameters, optimizer state and step are
@@ -59,7 +61,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qzhou_jax import losses, sharding
 from qzhou_jax.config import ModelConfig
-from qzhou_jax.model.embedder import embed_many
+from qzhou_jax.model.embedder import embed_many, embed_many_backward, embed_many_saving
 from qzhou_jax.model.qwen2 import param_specs
 from qzhou_jax.train.optim import TrainConfig, learning_rate_schedule, make_optimizer
 
@@ -186,34 +188,71 @@ def _from_chunks(y: jax.Array, chunk: int, group: int) -> jax.Array:
     return sharding.constrain(y, ("batch",) + (None,) * len(rest))
 
 
-def _grad_cache(params, batch, cfg, task, loss_cfg, chunk_size):
-    g = _group(batch)
-    tokens = tuple(_to_chunks(batch[k], chunk_size, 1 if k.startswith("q") else g) for k in _SIDES)
+def kept_chunks(n: int, chunk_size: int, keep_chunks: int) -> int:
+    """How many of the batch's `n / chunk_size` GradCache chunks keep their layer inputs
+    (`keep_chunks` < 0 or above the number of chunks: all of them)."""
+    n_chunks = n // chunk_size
+    return n_chunks if keep_chunks < 0 else min(keep_chunks, n_chunks)
 
-    # 1. Embeddings of every chunk, no activations kept.
+
+def _grad_cache(params, batch, cfg, task, loss_cfg, chunk_size, keep_chunks=0):
+    g = _group(batch)
+    groups = tuple(1 if k.startswith("q") else g for k in _SIDES)
+    tokens = tuple(_to_chunks(batch[k], chunk_size, grp) for k, grp in zip(_SIDES, groups))
+    k = kept_chunks(batch["q_ids"].shape[0], chunk_size, keep_chunks)
+    kept, rest = jax.tree.map(lambda t: t[:k], tokens), jax.tree.map(lambda t: t[k:], tokens)
+
+    def inputs(t):
+        return [(t[0], t[1]), (t[2], t[3])]
+
+    # 1. Embeddings of every chunk. The first k chunks keep each layer's input (the
+    #    residuals of remat "full"), the others nothing.
     frozen = jax.lax.stop_gradient(params)
-    q_c, p_c = jax.lax.map(lambda t: embed_batch(frozen, cfg, dict(zip(_SIDES, t))), tokens)
+    embs, saved = [], None
+    if k:
+        (q_k, p_k), saved = jax.lax.map(lambda t: embed_many_saving(frozen, cfg, inputs(t)), kept)
+        saved = jax.tree.map(lambda x: sharding.constrain(x, (None,) * (x.ndim - 3) + ("batch", "seq", "act_embed")),
+                             saved)
+        embs.append((q_k, p_k))
+    if k < tokens[0].shape[0]:
+        embs.append(jax.lax.map(lambda t: embed_batch(frozen, cfg, dict(zip(_SIDES, t))), rest))
+    q_c, p_c = (jnp.concatenate(e) if len(embs) > 1 else e[0] for e in zip(*embs))
     q_emb, p_emb = _from_chunks(q_c, chunk_size, 1), _from_chunks(p_c, chunk_size, g)
 
     # 2. Loss and its gradient with respect to the full embedding matrices.
     (loss, metrics), (dq, dp) = jax.value_and_grad(
         lambda q, p: task_loss(q, p, batch, task, loss_cfg), argnums=(0, 1), has_aux=True)(q_emb, p_emb)
+    d_emb = (_to_chunks(dq, chunk_size, 1), _to_chunks(dp, chunk_size, g))
 
-    # 3. Re-run each chunk, pull its embedding gradient back to the parameters, accumulate.
+    # 3. Each chunk's embedding gradient pulled back to the parameters and accumulated:
+    #    the kept chunks from their saved layer inputs (first, so that memory is released
+    #    before the rest), the others by running the chunk again under `jax.vjp`.
+    def accumulate(acc, grads):
+        return _constrain_params(jax.tree.map(jnp.add, acc, grads), cfg)
+
+    def body_kept(acc, xs):
+        t, s, dq_c, dp_c = xs
+        return accumulate(acc, embed_many_backward(params, cfg, inputs(t), s, [dq_c, dp_c])), None
+
     def body(acc, xs):
         t, dq_c, dp_c = xs
         _, pullback = jax.vjp(lambda p: embed_batch(p, cfg, dict(zip(_SIDES, t))), params)
         (grads,) = pullback((dq_c, dp_c))
-        return _constrain_params(jax.tree.map(jnp.add, acc, grads), cfg), None
+        return accumulate(acc, grads), None
 
-    zeros = _constrain_params(jax.tree.map(jnp.zeros_like, params), cfg)
-    grads, _ = jax.lax.scan(body, zeros, (tokens, _to_chunks(dq, chunk_size, 1), _to_chunks(dp, chunk_size, g)))
+    grads = _constrain_params(jax.tree.map(jnp.zeros_like, params), cfg)
+    if k:
+        grads, _ = jax.lax.scan(body_kept, grads, (kept, saved) + tuple(d[:k] for d in d_emb))
+    if k < tokens[0].shape[0]:
+        grads, _ = jax.lax.scan(body, grads, (rest,) + tuple(d[k:] for d in d_emb))
     return loss, metrics, grads
 
 
 def loss_and_grads(params: Mapping[str, Any], batch: Mapping[str, Any], cfg: ModelConfig, task: str,
-                   loss_cfg: LossConfig = LossConfig(), chunk_size: int = 0) -> tuple[jax.Array, dict, Any]:
-    """(loss, metrics, d loss / d params) for one batch; GradCache when chunk_size > 0.
+                   loss_cfg: LossConfig = LossConfig(), chunk_size: int = 0,
+                   keep_chunks: int = 0) -> tuple[jax.Array, dict, Any]:
+    """(loss, metrics, d loss / d params) for one batch; GradCache when chunk_size > 0, with
+    `keep_chunks` chunks (-1: all) keeping their layer inputs between its two passes.
 
     Pure and traceable: call it under `jax.jit` (inside `sharding.use_mesh` for sharded runs).
     """
@@ -223,7 +262,7 @@ def loss_and_grads(params: Mapping[str, Any], batch: Mapping[str, Any], cfg: Mod
     if chunk_size and chunk_size < n:
         if n % chunk_size:
             raise ValueError(f"chunk_size {chunk_size} does not divide the batch of {n} queries")
-        loss, metrics, grads = _grad_cache(params, batch, cfg, task, loss_cfg, chunk_size)
+        loss, metrics, grads = _grad_cache(params, batch, cfg, task, loss_cfg, chunk_size, keep_chunks)
     else:
         loss, metrics, grads = _full_batch(params, batch, cfg, task, loss_cfg)
     return loss, metrics, _constrain_params(grads, cfg)
@@ -237,9 +276,10 @@ def global_norm(tree: Any) -> jax.Array:
 
 def train_step(state: TrainState, batch: Mapping[str, Any], *, cfg: ModelConfig, task: str,
                tx: optax.GradientTransformation, schedule: Callable | None = None,
-               loss_cfg: LossConfig = LossConfig(), chunk_size: int = 0) -> tuple[TrainState, dict]:
+               loss_cfg: LossConfig = LossConfig(), chunk_size: int = 0,
+               keep_chunks: int = 0) -> tuple[TrainState, dict]:
     """One optimizer step. Non-finite loss or gradients leave the state unchanged (finite = 0)."""
-    loss, metrics, grads = loss_and_grads(state.params, batch, cfg, task, loss_cfg, chunk_size)
+    loss, metrics, grads = loss_and_grads(state.params, batch, cfg, task, loss_cfg, chunk_size, keep_chunks)
     grad_norm = global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -325,7 +365,7 @@ def init_train_state(params: Mapping[str, Any], cfg: ModelConfig, tx: optax.Grad
 
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, task: str, *, mesh: Mesh,
                     rules: Mapping[str, Any] | None = None, loss_cfg: LossConfig = LossConfig(),
-                    chunk_size: int = 0, schedule: Callable | None = None) -> Callable:
+                    chunk_size: int = 0, keep_chunks: int = 0, schedule: Callable | None = None) -> Callable:
     """`step(state, batch) -> (state, metrics)`: jitted over `mesh`, the state donated.
 
     The batch must be sharded already (`shard_batch`) and checked (`check_batch`).
@@ -334,7 +374,7 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, task: st
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
     state_sh = train_state_shardings(cfg, tx, mesh, rules)
     fn = functools.partial(train_step, cfg=cfg, task=task, tx=tx, schedule=schedule, loss_cfg=loss_cfg,
-                           chunk_size=chunk_size)
+                           chunk_size=chunk_size, keep_chunks=keep_chunks)
     jitted = jax.jit(fn, out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
 
     def step(state: TrainState, batch: Mapping[str, Any]):
@@ -475,7 +515,8 @@ class Trainer:
         if task not in self._steps:
             self._steps[task] = make_train_step(
                 self.model_cfg, self.tx, task, mesh=self.mesh, rules=self.rules, loss_cfg=self.loss_cfg,
-                chunk_size=self.train_cfg.chunk_size, schedule=self.schedule)
+                chunk_size=self.train_cfg.chunk_size, keep_chunks=self.train_cfg.keep_chunks,
+                schedule=self.schedule)
         return self._steps[task]
 
     def prepare(self, batch: Mapping[str, Any], task: str) -> dict[str, jax.Array]:
