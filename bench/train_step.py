@@ -22,9 +22,17 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
+import sys
 import time
 
-import common  # noqa: F401  (sets env, sys.path)
+if "--no-torch" in sys.argv:
+    # JAX alone on the device: take the memory pool up front (JAX's default), which leaves
+    # one contiguous region for the step's temporaries. common.py turns preallocation off
+    # for runs that share the device with the PyTorch reference.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
+
+import common  # noqa: E402,F401  (sets env, sys.path)
 import jax
 import numpy as np
 
