@@ -166,7 +166,8 @@ def section(rows: list[dict], args, used_config: str | None, config_chunk: int |
     if errors:
         lines.append(f"The analytic estimate column is what `qzhou-jax plan` reports for targets it cannot compile "
                      f"(GPUs); against the compiler it is {min(errors):+.0%} to {max(errors):+.0%} here (against "
-                     f"the 39.2 GiB measured for the 1.5b GradCache step on one H100 above: 44.1 GiB, +12%).")
+                     f"the 11 train steps measured on one H100, \"Train step\" above, to which its "
+                     f"single-device terms were fitted: -0.1 to +0.9 GiB).")
         lines.append("")
     lines.append(f"Compile times are this shared 2-core VM's under load (the table took "
                  f"{sum(r['wall_s'] for r in rows) / 60:.0f} min); expect them shorter on a TPU VM host.")

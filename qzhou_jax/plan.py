@@ -206,8 +206,9 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
     cannot be compiled here. `state_bytes` / `param_bytes` are exact (from the shardings);
     the rest is a model:
 
-      gradients   gradient + GradCache accumulator + optimizer update temporaries:
-                  3 x the float32 parameter shard (2 x without GradCache)
+      gradients   the gradient, and GradCache's accumulator: 2 x the float32 parameter
+                  shard (1 x without GradCache), one more with fsdp > 1 (the TPU compiler's
+                  programs for the 7b pod plans hold it: bench/RESULTS.md)
       layers      with fsdp > 1: one layer's weights gathered in float32 and its compute-dtype
                   copy, double-buffered, and that layer's float32 gradient before the
                   reduce-scatter (all divided by tensor)
@@ -217,7 +218,11 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
                   kept across layers per the remat policy (full: each layer's input;
                   `remat_layers`: the other layers as "dots"), plus
                   one layer's working set forward and backward, with XLA attention's float32
-                  scores [rows, heads, L, L] (none with cuDNN attention)
+                  scores [rows, heads, L, L] (none with cuDNN attention), plus one layer's
+                  inputs and outputs for every further layer in a scan step (`remat_groups`)
+    The gradient and scan-step terms were set against 11 train steps measured on one H100
+    (bench/RESULTS.md: Qwen2.5-0.5B/1.5B, cuDNN attention, with and without GradCache,
+    remat_layers and keep_chunks), which the model then matches within -0.1 to +0.9 GiB.
       kept        GradCache chunks that keep their layer inputs (`keep_chunks`): layers + 1
                   hidden states per token of each
       batch/loss  token arrays, embeddings and the similarity matrix
@@ -230,6 +235,9 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
     b = 2 if cfg.compute_dtype in ("bfloat16", "float16") else 4
     gradcache = 0 < chunk < shape.n
     n_pass = chunk if gradcache else shape.n
+    from qzhou_jax.model.qwen2 import remat_groups
+
+    group, _ = remat_groups(cfg)
 
     def rows(r: int) -> int:
         return rows_per_device(r, mesh, rules)
@@ -245,14 +253,14 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
                      "none": layer_io + attn}
         rematted = Lr if cfg.remat_layers is None else cfg.remat_layers
         kept = rematted * per_layer[cfg.remat] + (Lr - rematted) * per_layer["dots"]
-        return kept, 2 * layer_io + attn
+        return kept + (group - 1) * layer_io, 2 * layer_io + attn
 
     q_kept, q_work = side(n_pass, shape.q_len)
     p_kept, p_work = side(n_pass * shape.group, shape.p_len)
     activations = q_kept + p_kept + max(q_work, p_work)
     layer_params = (cfg.num_params(include_embedding=False) - E) / Lr / tp
     layers = (2 * layer_params * (4 + b) + layer_params * 4) if mesh_shape["fsdp"] > 1 else 0.0
-    gradients = (3 if gradcache else 2) * param_bytes
+    gradients = (1 + gradcache + (mesh_shape["fsdp"] > 1)) * param_bytes
     out_dim = cfg.output_dim
     loss = (shape.n * (1 + shape.group) * out_dim * 4 * 4
             + shape.n * shape.n * (1 + shape.group) * 4 * 3

@@ -386,3 +386,23 @@ def test_estimate_counts_kept_chunks():
     assert "12 chunks keep their layer inputs" in plans[12].format()
     assert not plans[-1].fits
     assert any("train.keep_chunks=0" in s for s in plans[-1].suggestions)
+
+
+@pytest.mark.parametrize("preset,queries,negatives,length,model,train,measured_gib", [
+    ("qwen2.5-0.5b", 32, 3, 256, {}, {}, 11.6),
+    ("qwen2.5-1.5b", 16, 3, 256, {}, {}, 26.4),
+    ("qwen2.5-1.5b", 16, 3, 256, {"remat_layers": 14}, {}, 39.3),
+    ("qwen2.5-1.5b", 16, 3, 256, {"remat_layers": 16}, {}, 44.6),
+    ("qwen2.5-1.5b", 256, 4, 512, {"remat_layers": 14}, {"chunk_size": 8}, 48.5),
+    ("qwen2.5-1.5b", 256, 4, 512, {}, {"chunk_size": 8, "keep_chunks": 20}, 73.7),
+])
+def test_gpu_estimate_against_h100_measurements(preset, queries, negatives, length, model, train, measured_gib):
+    """The analytic GPU estimate against peaks measured on one H100 (bench/RESULTS.md, "Train step")."""
+    data = {**TINY["data"], "batch_size": queries, "hard_negatives": negatives, "query_max_length": length,
+            "passage_max_length": length}
+    run = load_run_config(data={**TINY, "model": {"preset": preset, "remat": "full", "attention_impl": "cudnn",
+                                                  **model},
+                                "train": train, "data": data})
+    (step,) = plan_mod.make_plan(run, parse_target("gpu:1xH100"), estimate=True).steps
+    assert step.method == "estimate"
+    assert step.peak_bytes / 2**30 == pytest.approx(measured_gib, rel=0.05)
