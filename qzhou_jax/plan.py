@@ -220,12 +220,13 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
                   one layer's working set forward and backward, with XLA attention's float32
                   scores [rows, heads, L, L] (none with cuDNN attention), plus one layer's
                   inputs and outputs for every further layer in a scan step (`remat_groups`)
-    The gradient and scan-step terms were set against 11 train steps measured on one H100
-    (bench/RESULTS.md: Qwen2.5-0.5B/1.5B, cuDNN attention, with and without GradCache,
-    remat_layers and keep_chunks), which the model then matches within -0.1 to +0.9 GiB.
       kept        GradCache chunks that keep their layer inputs (`keep_chunks`): layers + 1
                   hidden states per token of each
       batch/loss  token arrays, embeddings and the similarity matrix
+
+    The gradient and scan-step terms were set against 11 train steps measured on one H100
+    (bench/RESULTS.md: Qwen2.5-0.5B/1.5B, cuDNN attention, with and without GradCache,
+    remat_layers and keep_chunks), which the model then matches within -0.1 to +0.9 GiB.
     """
     mesh_shape = dict(mesh.shape)
     dp = mesh_shape["data"] * mesh_shape["fsdp"]
@@ -296,6 +297,7 @@ class StepPlan:
     compile_seconds: float | None = None
     model_flops: float = 0.0           # global, per step
     executed_flops: float = 0.0        # model FLOPs plus GradCache's and remat's recomputation
+    kept_chunks: int = 0               # GradCache chunks keeping their layer inputs (of n / chunk)
     xla_flops: float | None = None     # per device, XLA cost analysis (loop bodies counted once)
     step_seconds: float | None = None  # at the plan's MFU
     error: str | None = None           # the compiler refused the program (out of memory)
@@ -322,7 +324,6 @@ class Plan:
     steps: list[StepPlan]
     warnings: list[str]
     suggestions: list[str]
-    keep_chunks: int = 0
 
     @property
     def verdict(self) -> str:
@@ -343,7 +344,7 @@ class Plan:
                            "hosts": t.hosts, "hbm_gib": t.hbm_gib, "peak_tflops": t.peak_tflops,
                            "topology": t.topology, "chip_source": t.chip.source},
                 "model": self.model, "mesh": self.mesh, "chunk_size": self.chunk_size,
-                "keep_chunks": self.keep_chunks, "limit_gib": self.limit_gib, "limit_source": self.limit_source, "mfu": self.mfu,
+                "limit_gib": self.limit_gib, "limit_source": self.limit_source, "mfu": self.mfu,
                 "headroom": self.headroom, "verdict": self.verdict, "fits": self.fits,
                 "steps": [s.to_dict() for s in self.steps], "warnings": self.warnings,
                 "suggestions": self.suggestions}
@@ -358,7 +359,7 @@ class Plan:
                  f"{m['compute_dtype']} compute",
                  f"mesh     {_mesh_desc(self.mesh)}; GradCache chunk "
                  f"{self.chunk_size if self.chunk_size else 'off (whole batch at once)'}"
-                 f"{_keep_desc(self.keep_chunks) if self.chunk_size else ''}",
+                 f"{_keep_desc(self.worst, self.chunk_size)}",
                  f"memory   limit {self.limit_gib:.2f} GiB per device ({self.limit_source}); "
                  f"train state {_size(self.steps[0].state_bytes)} per device",
                  ""]
@@ -412,11 +413,10 @@ def _seconds(s: float | None) -> str:
     return f"{s:.2f} s" if s >= 0.1 else f"{s * 1e3:.2f} ms"
 
 
-def _keep_desc(keep: int) -> str:
-    if not keep:
+def _keep_desc(step: StepPlan, chunk: int) -> str:
+    if not step.kept_chunks:
         return ""
-    who = "every chunk keeps" if keep < 0 else f"{keep} chunks keep"
-    return f", {who} its layer inputs between the passes" if keep < 0 else f", {who} their layer inputs between the passes"
+    return f", {step.kept_chunks} of {step.shape.n // chunk} chunks keep their layer inputs between the passes"
 
 
 def _model_summary(run) -> dict[str, Any]:
@@ -517,9 +517,10 @@ def make_plan(run, target: Target, *, mfu: float = DEFAULT_MFU, headroom: float 
     for s in shapes:
         flops = s.model_flops(cfg)
         gradcache = 0 < chunk < s.n
-        kept = kept_chunks(s.n, chunk, keep) / (s.n // chunk) if gradcache and keep else 0.0
+        n_kept = kept_chunks(s.n, chunk, keep) if gradcache and keep else 0
         sp = StepPlan(shape=s, method="estimate", peak_bytes=0, state_bytes=state_bytes, model_flops=flops,
-                      executed_flops=_executed_flops(flops, cfg, gradcache, kept))
+                      executed_flops=_executed_flops(flops, cfg, gradcache, n_kept / (s.n // chunk) if n_kept else 0.0),
+                      kept_chunks=n_kept)
         if devices is None:
             est = estimate_step_bytes(cfg, s, mesh, chunk, state_bytes, param_bytes, rules, keep)
             sp.estimate, sp.peak_bytes = est, est["peak"]
@@ -561,7 +562,7 @@ def make_plan(run, target: Target, *, mfu: float = DEFAULT_MFU, headroom: float 
         gib = sp.peak_bytes / GIB
         sp.fit = "no" if sp.error or gib > limit_gib else "tight" if gib > limit_gib * (1 - headroom) else "yes"
     plan = Plan(target=target, model=_model_summary(run), mesh=mesh_shape, chunk_size=chunk,
-                keep_chunks=keep if chunk else 0, limit_gib=limit_gib, limit_source=limit_source, mfu=mfu, headroom=headroom, steps=plans, warnings=warnings,
+                limit_gib=limit_gib, limit_source=limit_source, mfu=mfu, headroom=headroom, steps=plans, warnings=warnings,
                 suggestions=[])
     if not plan.fits:
         plan.suggestions = suggest(run, plan)
@@ -599,8 +600,8 @@ def suggest(run, plan: Plan) -> list[str]:
         out.append(f"the train state alone takes {worst.state_bytes / GIB:.1f} GiB per device "
                    f"({worst.state_bytes / limit:.0%} of the limit): use at least {need} devices of this kind "
                    f"(a larger slice), or a chip with more memory")
-    if chunk and run.train.keep_chunks and any(s.estimate and s.estimate.get("kept_chunks") for s in plan.steps):
-        out.append(f"--set train.keep_chunks=0  (or fewer than {run.train.keep_chunks}: each kept GradCache chunk "
+    if worst.kept_chunks:
+        out.append(f"--set train.keep_chunks=0  (or fewer than {worst.kept_chunks}: each kept GradCache chunk "
                    f"holds its layer inputs until the second pass)")
     if mesh["data"] > 1:
         out.append(f"--set mesh.data=1 --set mesh.fsdp=-1  (shard parameters and optimizer state over all "

@@ -371,7 +371,7 @@ def test_estimate_counts_kept_chunks():
     data = {**TINY["data"], "batch_size": 256, "hard_negatives": 4, "query_max_length": 512,
             "passage_max_length": 512}
     plans = {}
-    for keep in (0, 12, -1):
+    for keep in (0, 12, -1, 100):
         run = load_run_config(data={**TINY, "model": {"preset": "qwen2.5-1.5b", "remat": "full"},
                                     "train": {"chunk_size": 8, "keep_chunks": keep}, "data": data})
         plans[keep] = plan_mod.make_plan(run, parse_target("gpu:1xH100"), estimate=True)
@@ -383,7 +383,8 @@ def test_estimate_counts_kept_chunks():
     assert plans[-1].steps[0].estimate["kept_chunks"] == 32 * per_chunk
     assert plans[12].steps[0].peak_bytes - base.peak_bytes == 12 * per_chunk
     assert plans[12].steps[0].executed_flops < base.executed_flops
-    assert "12 chunks keep their layer inputs" in plans[12].format()
+    assert "12 of 32 chunks keep their layer inputs" in plans[12].format()
+    assert "32 of 32 chunks keep" in plans[-1].format() and "32 of 32 chunks keep" in plans[100].format()
     assert not plans[-1].fits
     assert any("train.keep_chunks=0" in s for s in plans[-1].suggestions)
 
@@ -406,3 +407,11 @@ def test_gpu_estimate_against_h100_measurements(preset, queries, negatives, leng
     (step,) = plan_mod.make_plan(run, parse_target("gpu:1xH100"), estimate=True).steps
     assert step.method == "estimate"
     assert step.peak_bytes / 2**30 == pytest.approx(measured_gib, rel=0.05)
+
+
+def test_keep_chunks_config_needs_remat_full():
+    from qzhou_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.keep_chunks: 2 saves work only with model.remat 'full'.*'dots'"):
+        load_run_config(data={**TINY, "model": {"preset": "tiny", "remat": "dots"},
+                              "train": {"chunk_size": 8, "keep_chunks": 2}})

@@ -168,7 +168,8 @@ def test_gradcache_kept_chunks_equal_full_batch(chunk_size, keep_chunks, referen
     """Chunks that keep their layer inputs run only their backward in the second pass
     (some chunks kept, all, more than there are): the same gradients."""
     params, batch, (ref_loss, ref_grads) = reference
-    loss, grads = _grads_on(single_device_mesh(), params, batch, chunk_size=chunk_size, keep_chunks=keep_chunks)
+    loss, grads = _grads_on(single_device_mesh(), params, batch, chunk_size=chunk_size, keep_chunks=keep_chunks,
+                            cfg=CFG.replace(remat="full"))
     assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
     _assert_grads_close(grads, ref_grads)
 
@@ -182,6 +183,24 @@ def test_gradcache_kept_chunks_other_tasks_on_a_sharded_mesh(task):
                             cfg=CFG.replace(remat="full", remat_layers=1))
     assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
     _assert_grads_close(grads, ref_grads)
+
+
+def test_gradcache_kept_chunks_equal_lengths_last_pooling_matryoshka_unrolled():
+    """Queries and passages of one length share the layer pass (merged rows); last-token
+    pooling, a truncated embedding and unrolled layers go through the same saved backward."""
+    cfg = CFG.replace(pooling="last", embedding_dim=16, scan_layers=False, remat="full")
+    params, batch = _params(seed=4), _batch(seed=4, lq=16, lp=16)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+    ref_loss, ref_grads = _grads_on(single_device_mesh(), params, batch, cfg=cfg)
+    loss, grads = _grads_on(mesh, params, batch, chunk_size=4, keep_chunks=1, cfg=cfg)
+    assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
+    _assert_grads_close(grads, ref_grads)
+
+
+def test_keep_chunks_needs_remat_full():
+    params, batch = _params(), _batch()
+    with pytest.raises(ValueError, match=r"train.keep_chunks: 2 saves work only with model.remat 'full'"):
+        loss_and_grads(params, batch, CFG.replace(remat="dots"), "retrieval", LossConfig(), 2, 2)
 
 
 def test_keep_chunks_needs_gradcache():

@@ -38,7 +38,7 @@ from qzhou_jax.config import (PRESETS, ConfigError, ModelConfig, apply_overrides
 from qzhou_jax.sharding import MeshConfig
 from qzhou_jax.tokenizer import ASSETS
 from qzhou_jax.train.optim import TrainConfig
-from qzhou_jax.train.step import LossConfig
+from qzhou_jax.train.step import LossConfig, check_keep_chunks
 
 TASKS = ("retrieval", "sts", "classification")
 FORMATS = ("jsonl", "beir", "tfds")
@@ -240,6 +240,10 @@ class RunConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "_model", model_config(self.model, self.init_from))
+        try:
+            check_keep_chunks(self._model, self.train.keep_chunks)  # type: ignore[attr-defined]
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         chunk = self.train.chunk_size
         for i, ds in enumerate(self.data.datasets):
             n = self.data.resolved(ds)["batch_size"]

@@ -27,11 +27,12 @@ class TrainConfig:
     lr is the peak learning rate, reached at the end of `warmup_steps` (linear from lr/warmup);
     after it, `schedule` decays to `final_lr_ratio * lr` at `total_steps` ("constant": no decay).
     `clip_norm` <= 0 turns clipping off. `chunk_size` > 0 turns GradCache on: the batch is
-    embedded `chunk_size` queries at a time (0: the whole batch at once). `keep_chunks`: how
-    many of those chunks keep every layer's input from GradCache's first pass to its second,
-    which then skips their forward pass (-1: all; memory per kept chunk: its tokens x
-    (layers + 1) x hidden x 2 bytes in bfloat16, e.g. 2.0 GiB for 8 queries x 6 sequences x
-    512 tokens of Qwen2.5-1.5B).
+    embedded `chunk_size` queries at a time (0: the whole batch at once). `keep_chunks` (with
+    remat "full" only): how many of those chunks keep every layer's input from GradCache's
+    first pass to its second, which then runs their backward from those inputs: one forward
+    pass less per kept chunk (-1: all; memory per kept chunk: its tokens x (layers + 1) x
+    hidden x 2 bytes in bfloat16, e.g. 2.0 GiB for 8 queries x 6 sequences x 512 tokens of
+    Qwen2.5-1.5B).
     """
 
     lr: float = 3e-5

@@ -31,9 +31,10 @@ passages) keeping no activations, (2) loss and d loss / d embeddings on the full
 (3) re-run each chunk under `jax.vjp` with its slice of the embedding gradient and
 accumulate parameter gradients (a `lax.scan` over chunks, so compile size does not grow).
 Activation memory is then that of one chunk, whatever the batch; the gradient equals the
-full-batch gradient. The price is a second forward pass over the batch; `keep_chunks`
-chunks avoid it by keeping every layer's input from pass (1) (what remat "full" keeps), so
-pass (3) runs only their backward (`embedder.embed_many_backward`).
+full-batch gradient. The price is a second forward pass over the batch. With remat "full",
+`keep_chunks` chunks avoid it: they keep every layer's input from pass (1) (what remat
+"full" keeps), and pass (3) runs remat-full's backward from those inputs
+(`embedder.embed_many_backward`), which re-runs each layer once instead of twice.
 
 `train_step` adds global-norm clipping and AdamW (`optim.make_optimizer`), and a guard:
 when the loss or the gradient norm is not finite, parameters, optimizer state and step are
@@ -188,6 +189,15 @@ def _from_chunks(y: jax.Array, chunk: int, group: int) -> jax.Array:
     return sharding.constrain(y, ("batch",) + (None,) * len(rest))
 
 
+def check_keep_chunks(cfg: ModelConfig, keep_chunks: int) -> None:
+    """Kept chunks replace remat "full"'s recomputation (their backward re-runs each layer
+    from its saved input); under another policy they would save nothing and cost memory."""
+    if keep_chunks and cfg.remat != "full":
+        raise ValueError(f"train.keep_chunks: {keep_chunks} saves work only with model.remat 'full' (kept chunks "
+                         f"run its backward instead of a second forward plus the policy's recomputation); with "
+                         f"remat {cfg.remat!r} it would only cost memory: set keep_chunks to 0")
+
+
 def kept_chunks(n: int, chunk_size: int, keep_chunks: int) -> int:
     """How many of the batch's `n / chunk_size` GradCache chunks keep their layer inputs
     (`keep_chunks` < 0 or above the number of chunks: all of them)."""
@@ -258,6 +268,7 @@ def loss_and_grads(params: Mapping[str, Any], batch: Mapping[str, Any], cfg: Mod
     """
     if task not in TASKS:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
+    check_keep_chunks(cfg, keep_chunks)
     n = batch["q_ids"].shape[0]
     if chunk_size and chunk_size < n:
         if n % chunk_size:
