@@ -21,6 +21,8 @@ What a plan reports, per device and per batch shape:
     MFU against the chip's bf16 peak; XLA's own `cost_analysis()` count is kept in the
     JSON output only, since XLA counts the body of each loop once (the layer scan and the
     GradCache chunk loop), which undercounts a scanned model by orders of magnitude.
+  * when it does not fit, `--set` overrides to try; when it fits with memory to spare
+    below the headroom, a `train.keep_chunks` that spends it on speed (`speedups`).
 
 How each target is compiled:
   * TPU slices (`v5p-16`, `v5e-32`, ...): for the slice's abstract devices via libtpu
@@ -270,13 +272,21 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
     if gradcache and keep_chunks:
         from qzhou_jax.train.step import kept_chunks
 
-        k = kept_chunks(shape.n, chunk, keep_chunks)
-        kept = k * (Lr + 1) * E * b * (rows(chunk) * shape.q_len + rows(chunk * shape.group) * shape.p_len)
+        kept = kept_chunks(shape.n, chunk, keep_chunks) * kept_chunk_bytes(cfg, shape, mesh, chunk, rules)
     parts = {"state": state_bytes, "gradients": gradients, "layers": layers, "activations": activations,
              "kept_chunks": kept, "batch_and_loss": loss}
     parts = {k: int(v) for k, v in parts.items()}
     parts["peak"] = sum(parts.values())
     return parts
+
+
+def kept_chunk_bytes(cfg, shape: StepShape, mesh, chunk: int, rules: Mapping[str, Any] | None = None) -> int:
+    """Per-device bytes one kept GradCache chunk (`train.keep_chunks`) holds between the
+    passes: layers + 1 hidden states per token, its rows split as the sharding rules split them."""
+    b = 2 if cfg.compute_dtype in ("bfloat16", "float16") else 4
+    tokens = (rows_per_device(chunk, mesh, rules) * shape.q_len
+              + rows_per_device(chunk * shape.group, mesh, rules) * shape.p_len)
+    return int((cfg.num_hidden_layers + 1) * cfg.hidden_size * b * tokens)
 
 
 # -------------------------------------------------------------------- plan
@@ -324,6 +334,7 @@ class Plan:
     steps: list[StepPlan]
     warnings: list[str]
     suggestions: list[str]
+    speedups: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def verdict(self) -> str:
@@ -347,7 +358,7 @@ class Plan:
                 "limit_gib": self.limit_gib, "limit_source": self.limit_source, "mfu": self.mfu,
                 "headroom": self.headroom, "verdict": self.verdict, "fits": self.fits,
                 "steps": [s.to_dict() for s in self.steps], "warnings": self.warnings,
-                "suggestions": self.suggestions}
+                "suggestions": self.suggestions, "speedups": self.speedups}
 
     def format(self) -> str:
         t = self.target
@@ -394,6 +405,9 @@ class Plan:
         if self.suggestions:
             lines.append("to make it fit, try:")
             lines += [f"  {x}" for x in self.suggestions]
+        if self.speedups:
+            lines.append("to spend the unused memory on speed, try (then plan again with it):")
+            lines += [f"  {x}" for x in self.speedups]
         return "\n".join(lines)
 
 
@@ -566,7 +580,36 @@ def make_plan(run, target: Target, *, mfu: float = DEFAULT_MFU, headroom: float 
                 suggestions=[])
     if not plan.fits:
         plan.suggestions = suggest(run, plan)
+    else:
+        plan.speedups = speedups(run, plan, mesh, rules)
     return plan
+
+
+def speedups(run, plan: Plan, mesh, rules: Mapping[str, Any] | None = None) -> list[str]:
+    """`--set` overrides that spend the memory a fitting plan leaves below its headroom:
+    GradCache chunks that keep their layer inputs (one forward pass less each, remat "full")."""
+    from qzhou_jax.train.step import kept_chunks
+
+    cfg, chunk = run.model_config, plan.chunk_size
+    if cfg.remat != "full" or not chunk:
+        return []
+    budget = plan.limit_gib * GIB * (1 - plan.headroom)
+    best = None
+    for sp in plan.steps:
+        n_chunks = sp.shape.n // chunk if chunk < sp.shape.n else 0
+        if not n_chunks:
+            return []
+        per_chunk = kept_chunk_bytes(cfg, sp.shape, mesh, chunk, rules)
+        more = int(max(0.0, budget - sp.peak_bytes) // per_chunk)
+        k = min(n_chunks, kept_chunks(sp.shape.n, chunk, run.train.keep_chunks) + more)
+        best = k if best is None else min(best, k)
+    worst = plan.worst
+    if not best or best <= worst.kept_chunks:
+        return []
+    n_chunks = worst.shape.n // chunk
+    extra = (best - worst.kept_chunks) * kept_chunk_bytes(cfg, worst.shape, mesh, chunk, rules)
+    return [f"--set train.keep_chunks={best}  (GradCache: {best} of {n_chunks} chunks keep their layer inputs "
+            f"between the passes, one forward pass less each; about {_size(extra)} more per device)"]
 
 
 def _xla_flops(compiled) -> float | None:
