@@ -203,7 +203,7 @@ def shard_bytes(tree) -> int:
 
 # ---------------------------------------------------------------- estimate
 def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: int, param_bytes: int,
-                        rules: Mapping[str, Any] | None = None, keep_chunks: int = 0) -> dict[str, int]:
+                        rules: Mapping[str, Any] | None = None, kept_chunks: int = 0) -> dict[str, int]:
     """An analytic per-device memory model of one train step (bytes), for targets that
     cannot be compiled here. `state_bytes` / `param_bytes` are exact (from the shardings);
     the rest is a model:
@@ -222,8 +222,8 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
                   one layer's working set forward and backward, with XLA attention's float32
                   scores [rows, heads, L, L] (none with cuDNN attention), plus one layer's
                   inputs and outputs for every further layer in a scan step (`remat_groups`)
-      kept        GradCache chunks that keep their layer inputs (`keep_chunks`): layers + 1
-                  hidden states per token of each
+      kept        the `kept_chunks` GradCache chunks that keep their layer inputs
+                  (`train.keep_chunks`): layers + 1 hidden states per token of each
       batch/loss  token arrays, embeddings and the similarity matrix
 
     The gradient and scan-step terms were set against 11 train steps measured on one H100
@@ -268,11 +268,7 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
     loss = (shape.n * (1 + shape.group) * out_dim * 4 * 4
             + shape.n * shape.n * (1 + shape.group) * 4 * 3
             + 4 * 2 * (shape.n * shape.q_len + shape.n * shape.group * shape.p_len) / dp)
-    kept = 0.0
-    if gradcache and keep_chunks:
-        from qzhou_jax.train.step import kept_chunks
-
-        kept = kept_chunks(shape.n, chunk, keep_chunks) * kept_chunk_bytes(cfg, shape, mesh, chunk, rules)
+    kept = kept_chunks * kept_chunk_bytes(cfg, shape, mesh, chunk, rules) if gradcache else 0
     parts = {"state": state_bytes, "gradients": gradients, "layers": layers, "activations": activations,
              "kept_chunks": kept, "batch_and_loss": loss}
     parts = {k: int(v) for k, v in parts.items()}
@@ -446,7 +442,8 @@ def _executed_flops(model_flops: float, cfg, gradcache: bool, kept: float = 0.0)
     """Model FLOPs (6 per parameter-token) plus GradCache's extra forward (2) and full
     remat's recomputed forward (2, times the share of layers under it); the policies that
     keep matmul outputs are counted as no recomputation. `kept`: the share of GradCache
-    chunks that keep their layer inputs; they recompute one forward (2), whatever the remat."""
+    chunks that keep their layer inputs (remat "full" only); they execute 8: the forward,
+    its recomputation in the backward, and the backward."""
     n = cfg.num_hidden_layers
     full = (n if cfg.remat_layers is None else cfg.remat_layers) / n if cfg.remat == "full" else 0.0
     rest = 6 + 2 * gradcache + 2 * full
@@ -536,7 +533,7 @@ def make_plan(run, target: Target, *, mfu: float = DEFAULT_MFU, headroom: float 
                       executed_flops=_executed_flops(flops, cfg, gradcache, n_kept / (s.n // chunk) if n_kept else 0.0),
                       kept_chunks=n_kept)
         if devices is None:
-            est = estimate_step_bytes(cfg, s, mesh, chunk, state_bytes, param_bytes, rules, keep)
+            est = estimate_step_bytes(cfg, s, mesh, chunk, state_bytes, param_bytes, rules, n_kept)
             sp.estimate, sp.peak_bytes = est, est["peak"]
         else:
             sp.method = "compiled"
@@ -566,7 +563,7 @@ def make_plan(run, target: Target, *, mfu: float = DEFAULT_MFU, headroom: float 
                 sp.code_bytes = ma.generated_code_size_in_bytes
                 sp.peak_bytes = sp.argument_bytes + sp.output_bytes - sp.alias_bytes + sp.temp_bytes + sp.code_bytes
                 sp.xla_flops = _xla_flops(compiled)
-                sp.estimate = estimate_step_bytes(cfg, s, mesh, chunk, state_bytes, param_bytes, rules, keep)
+                sp.estimate = estimate_step_bytes(cfg, s, mesh, chunk, state_bytes, param_bytes, rules, n_kept)
             say(f"  {sp.compile_seconds:.1f} s")
         if target.peak_tflops:
             sp.step_seconds = flops / (target.num_devices * target.peak_tflops * 1e12 * mfu)
@@ -575,8 +572,8 @@ def make_plan(run, target: Target, *, mfu: float = DEFAULT_MFU, headroom: float 
     for sp in plans:
         gib = sp.peak_bytes / GIB
         sp.fit = "no" if sp.error or gib > limit_gib else "tight" if gib > limit_gib * (1 - headroom) else "yes"
-    plan = Plan(target=target, model=_model_summary(run), mesh=mesh_shape, chunk_size=chunk,
-                limit_gib=limit_gib, limit_source=limit_source, mfu=mfu, headroom=headroom, steps=plans, warnings=warnings,
+    plan = Plan(target=target, model=_model_summary(run), mesh=mesh_shape, chunk_size=chunk, limit_gib=limit_gib,
+                limit_source=limit_source, mfu=mfu, headroom=headroom, steps=plans, warnings=warnings,
                 suggestions=[])
     if not plan.fits:
         plan.suggestions = suggest(run, plan)
@@ -588,8 +585,6 @@ def make_plan(run, target: Target, *, mfu: float = DEFAULT_MFU, headroom: float 
 def speedups(run, plan: Plan, mesh, rules: Mapping[str, Any] | None = None) -> list[str]:
     """`--set` overrides that spend the memory a fitting plan leaves below its headroom:
     GradCache chunks that keep their layer inputs (one forward pass less each, remat "full")."""
-    from qzhou_jax.train.step import kept_chunks
-
     cfg, chunk = run.model_config, plan.chunk_size
     if cfg.remat != "full" or not chunk:
         return []
@@ -601,7 +596,7 @@ def speedups(run, plan: Plan, mesh, rules: Mapping[str, Any] | None = None) -> l
             return []
         per_chunk = kept_chunk_bytes(cfg, sp.shape, mesh, chunk, rules)
         more = int(max(0.0, budget - sp.peak_bytes) // per_chunk)
-        k = min(n_chunks, kept_chunks(sp.shape.n, chunk, run.train.keep_chunks) + more)
+        k = min(n_chunks, sp.kept_chunks + more)
         best = k if best is None else min(best, k)
     worst = plan.worst
     if not best or best <= worst.kept_chunks:

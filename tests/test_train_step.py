@@ -201,6 +201,8 @@ def test_keep_chunks_needs_remat_full():
     params, batch = _params(), _batch()
     with pytest.raises(ValueError, match=r"train.keep_chunks: 2 saves work only with model.remat 'full'"):
         loss_and_grads(params, batch, CFG.replace(remat="dots"), "retrieval", LossConfig(), 2, 2)
+    with pytest.raises(ValueError, match=r"train.keep_chunks: 1 saves work only with model.remat 'full'"):
+        Trainer(CFG, TrainConfig(chunk_size=2, keep_chunks=1), params)  # before anything is compiled
 
 
 def test_keep_chunks_needs_gradcache():

@@ -510,6 +510,7 @@ class Trainer:
         self.schedule = learning_rate_schedule(train_cfg)
         if (params is None) == (state is None):
             raise ValueError("Trainer: pass exactly one of params and state")
+        check_keep_chunks(model_cfg, train_cfg.keep_chunks)
         self.state = state if state is not None else init_train_state(
             params, model_cfg, self.tx, self.mesh, rules, donate=donate_params)
         self._steps: dict[str, Callable] = {}
