@@ -1,5 +1,6 @@
 """Train step, GradCache, optimizer and their checks (CPU, 8 simulated devices)."""
 
+import functools
 import json
 import time
 
@@ -290,6 +291,36 @@ def test_weight_decay_skips_norms_and_biases():
     assert not np.any(np.asarray(updates["final_norm"])) and not np.any(np.asarray(updates["layers"]["q_bias"]))
     np.testing.assert_allclose(updates["layers"]["up_kernel"], -0.5 * 1e-2 * params["layers"]["up_kernel"],
                                rtol=1e-6)
+
+
+def test_clipping_takes_the_steps_gradient_norm_and_matches_optax():
+    """make_optimizer's clipping reuses the norm the step computed (`grad_norm=`); the result
+    and the state's structure (checkpoints) are optax's clip_by_global_norm + adamw's."""
+    import optax
+
+    from qzhou_jax.train.optim import clip_by_global_norm
+    from qzhou_jax.train.step import global_norm
+
+    cfg = TrainConfig(lr=1e-2, warmup_steps=0, total_steps=10, clip_norm=1.0)
+    params = jax.tree.map(jnp.asarray, _params())
+    ours = make_optimizer(cfg)
+    ref = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
+        learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+        mask=weight_decay_mask, mu_dtype=jnp.float32))
+    assert jax.tree.structure(ours.init(params)) == jax.tree.structure(ref.init(params))
+    for scale in (1e-4, 10.0):  # below and above the clipping threshold
+        grads = jax.tree.map(lambda p: scale * jnp.cos(p), params)
+        expected, _ = ref.update(grads, ref.init(params), params)
+        for kwargs in ({"grad_norm": global_norm(grads)}, {}):
+            got, _ = jax.jit(functools.partial(ours.update, **kwargs))(grads, ours.init(params), params)
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12)
+    # The norm it is given is the one it uses.
+    clip = clip_by_global_norm(1.0)
+    grads = jax.tree.map(lambda p: 10.0 * jnp.cos(p), params)
+    norm = global_norm(grads)
+    clipped, _ = clip.update(grads, clip.init(params), grad_norm=2 * norm)
+    np.testing.assert_allclose(clipped["layers"]["up_kernel"], grads["layers"]["up_kernel"] / (2 * norm), rtol=1e-6)
 
 
 def test_bfloat16_compute_keeps_float32_master_weights_and_optimizer_state():

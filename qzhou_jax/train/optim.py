@@ -127,10 +127,29 @@ def weight_decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """clip_by_global_norm(clip_norm) then AdamW(schedule, weight decay masked off norms/biases)."""
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """`optax.clip_by_global_norm` (same rule, same empty state) that takes the global norm
+    as `grad_norm=` when the caller has it: the train step computes it anyway (for its
+    finiteness check and metrics), and computing it again inside the update would read
+    every gradient a second time (the update runs in a `lax.cond` branch, where XLA cannot
+    reuse the first reduction)."""
+
+    def update(updates, state, params=None, *, grad_norm=None, **_extra):
+        del params
+        g_norm = optax.global_norm(updates) if grad_norm is None else grad_norm
+        trigger = jnp.squeeze(g_norm < max_norm)
+        return jax.tree.map(lambda t: jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm),
+                            updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformationExtraArgs:
+    """clip_by_global_norm(clip_norm) then AdamW(schedule, weight decay masked off norms/biases).
+
+    `update` accepts `grad_norm=` (the gradients' global norm, if already computed)."""
     adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                         weight_decay=cfg.weight_decay, mask=weight_decay_mask, mu_dtype=jnp.float32)
     if cfg.clip_norm and cfg.clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
-    return adamw
+        return optax.chain(clip_by_global_norm(cfg.clip_norm), adamw)
+    return optax.with_extra_args_support(adamw)

@@ -298,7 +298,8 @@ def train_step(state: TrainState, batch: Mapping[str, Any], *, cfg: ModelConfig,
     # and the new state alive at once and copies every state buffer each step.
     def update(operands):
         params, opt_state, grads = operands
-        updates, opt_state = tx.update(grads, opt_state, params)
+        extra = {"grad_norm": grad_norm} if isinstance(tx, optax.GradientTransformationExtraArgs) else {}
+        updates, opt_state = tx.update(grads, opt_state, params, **extra)
         return _constrain_params(optax.apply_updates(params, updates), cfg), opt_state
 
     params, opt_state = jax.lax.cond(finite, update, lambda ops: (ops[0], ops[1]),
