@@ -125,6 +125,11 @@ def run_jax(cfg, batch, args):
     state = trainer.state
     trainer.state = None
     t0 = time.perf_counter()
+    if args.profile:  # compile explicitly: the profile needs the executed program's HLO
+        from qzhou_jax import sharding
+
+        with sharding.use_mesh(trainer.mesh, trainer.rules):
+            step = step.jitted.lower(state, sharded).compile()
     state, metrics = step(state, sharded)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0
@@ -139,6 +144,15 @@ def run_jax(cfg, batch, args):
         times.append(time.perf_counter() - t0)
     loss = float(metrics["loss"])
     assert np.isfinite(loss), f"non-finite loss {loss}"
+    if args.profile:
+        import step_profile
+
+        def run():
+            nonlocal state, metrics
+            state, metrics = step(state, sharded)
+            jax.block_until_ready((state, metrics))
+
+        print(step_profile.format_summary(step_profile.profile_call(run, step.as_text(), args.profile)))
     return float(np.median(times)), common.jax_peak_gib(), compile_s, f"loss {loss:.3f}"
 
 
@@ -170,6 +184,9 @@ def main() -> None:
     ap.add_argument("--no-eager", action="store_true", help="skip PyTorch eager")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     ap.add_argument("--torch-checkpointing", action="store_true", help="HF gradient checkpointing")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="after timing, trace one more step into DIR and print where its device time went "
+                         "(bench/step_profile.py)")
     args = ap.parse_args()
 
     on_cpu = jax.devices()[0].platform == "cpu"

@@ -1,0 +1,226 @@
+"""Where a compiled step spends its device time: one traced call, broken down by kind of work.
+
+    compiled = jax.jit(f).lower(*args).compile()
+    summary = profile_call(lambda: jax.block_until_ready(compiled(*args)), compiled.as_text(), out_dir)
+    print(format_summary(summary))
+
+The call runs under `jax.profiler.trace` (the trace, `*.xplane.pb`, stays in `out_dir` for
+TensorBoard / XProf). Every executed HLO instruction's device time is read back from the
+trace (`jax.profiler.ProfileData`) and attributed with the compiled program's HLO text
+(written to `out_dir/step.hlo.txt`), so the figures name what the time went to:
+
+  * kind: matmul (GEMMs, whether cuBLAS calls or dot fusions), attention (cuDNN fused
+    attention), copy/slice (copies, transposes, dynamic(-update)-slice: e.g. the stacking of
+    a scanned layer's saved activations), reduction fusions, elementwise fusions,
+    collectives, host transfers, other;
+  * phase: forward, backward (instructions JAX emitted for a transpose, i.e. a VJP),
+    recompute (the forward of a rematerialised layer re-run for its backward), optimizer
+    (the update branch of the step's `lax.cond`), other.
+
+Sums are device busy time; with several streams (async collectives, host copies) they may
+exceed the wall time, and the gap between busy and wall time is launch or host overhead.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import os
+import re
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+
+KINDS = ("matmul", "attention", "copy/slice", "reduction", "elementwise", "collective", "host transfer", "other")
+PHASES = ("forward", "recompute", "backward", "optimizer", "other")
+
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
+                "collective-broadcast", "send", "recv")
+_COPY_OPS = {"copy", "transpose", "dynamic-slice", "dynamic-update-slice", "slice", "concatenate", "pad",
+             "gather", "scatter", "bitcast-convert"}
+_CONTROL = {"while", "conditional", "call", "async-start", "async-done"}
+_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\((.*)$")
+_COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+
+
+def parse_hlo(text: str) -> dict[str, dict[str, Any]]:
+    """instruction name -> {opcode, ops (opcodes of a called fusion body), target, op_name, calls}."""
+    comps: dict[str, list[tuple[str, str, str]]] = {}
+    cur = None
+    for line in text.splitlines():
+        if not line.startswith(" ") and line.rstrip().endswith("{"):
+            m = _COMP.match(line)
+            cur = m.group(1) if m else None
+            if cur:
+                comps[cur] = []
+            continue
+        m = _INSTR.match(line)
+        if m and cur is not None:
+            comps[cur].append(m.groups())
+    out: dict[str, dict[str, Any]] = {}
+    for comp, instrs in comps.items():
+        for name, opcode, rest in instrs:
+            calls = re.findall(r"(?:calls|to_apply|body)=%?([\w.\-]+)", rest)
+            target = re.search(r'custom_call_target="([^"]+)"', rest)
+            op_name = re.search(r'op_name="([^"]*)"', rest)
+            kind = re.search(r"kind=(k\w+)", rest)
+            inner = set()
+            for c in calls:
+                inner.update(op for _, op, _ in comps.get(c, ()))
+                for _, op, r in comps.get(c, ()):  # one level of nesting (e.g. custom fusions)
+                    if op in ("fusion", "call"):
+                        for cc in re.findall(r"calls=%?([\w.\-]+)", r):
+                            inner.update(o for _, o, _ in comps.get(cc, ()))
+            out[name] = {"opcode": opcode, "ops": inner, "target": target.group(1) if target else "",
+                         "op_name": op_name.group(1) if op_name else "", "fusion_kind": kind.group(1) if kind else "",
+                         "computation": comp}
+    return out
+
+
+def kind_of(info: dict[str, Any] | None, name: str) -> str:
+    """One of KINDS for an HLO instruction (falls back on its name when it is unknown)."""
+    if info is None:
+        low = name.lower()
+        if "gemm" in low or "dot" in low or "matmul" in low:
+            return "matmul"
+        if "fmha" in low or "flash" in low or "attention" in low:
+            return "attention"
+        return "other"
+    op, ops, target = info["opcode"], info["ops"], info["target"].lower()
+    base = op.removesuffix("-start").removesuffix("-done")
+    if base in _COLLECTIVES or ops & set(_COLLECTIVES):
+        return "collective"
+    if op in ("copy-start", "copy-done") or "host" in target or ops & {"copy-start", "copy-done"}:
+        return "host transfer"
+    if "fmha" in target or "cudnn" in target and "conv" not in target or "__cudnn$fmha" in target:
+        return "attention"
+    if op == "dot" or "gemm" in target or "cublas" in target or "dot" in ops or "convolution" in ops:
+        return "matmul"
+    if any("fmha" in str(o) for o in ops):
+        return "attention"
+    if op in _COPY_OPS or (op == "fusion" and ops and ops <= _COPY_OPS | {"parameter", "constant", "bitcast",
+                                                                        "convert", "tuple", "get-tuple-element",
+                                                                        "reshape", "broadcast", "iota", "add",
+                                                                        "multiply", "compare", "select", "clamp",
+                                                                        "subtract"}
+                           and ops & {"dynamic-slice", "dynamic-update-slice", "copy", "transpose", "concatenate",
+                                      "slice", "gather", "scatter", "pad"}):
+        return "copy/slice"
+    if op == "reduce" or "reduce" in ops or "reduce-window" in ops:
+        return "reduction"
+    if op == "fusion" or op in ("add", "multiply", "convert", "select", "exponential", "broadcast"):
+        return "elementwise"
+    return "other"
+
+
+def phase_of(info: dict[str, Any] | None) -> str:
+    """One of PHASES, from the JAX op name in the instruction's metadata."""
+    if info is None or not info["op_name"]:
+        return "other"
+    n = info["op_name"]
+    if "/cond/branch_1" in n:  # the step's update branch (`lax.cond` on finite loss and gradients)
+        return "optimizer"
+    if "rematted_computation" in n:
+        return "recompute"
+    if "transpose(" in n:
+        return "backward"
+    if "jvp(" in n:
+        return "forward"
+    return "other"
+
+
+def _device_events(path: str, module: str | None) -> tuple[dict[str, float], str]:
+    """HLO op name -> summed device time (s) of the events of one trace, and the source used."""
+    from jax.profiler import ProfileData
+
+    data = ProfileData.from_file(path)
+    per_op: dict[str, float] = collections.defaultdict(float)
+    xla_ops: dict[str, float] = collections.defaultdict(float)
+    host_ops: dict[str, float] = collections.defaultdict(float)
+    for plane in data.planes:
+        device = plane.name.startswith("/device:") and "CUSTOM" not in plane.name
+        for line in plane.lines:
+            for ev in line.events:
+                stats = dict(ev.stats)
+                hlo_op, mod = stats.get("hlo_op"), stats.get("hlo_module")
+                if module and mod and module not in str(mod):
+                    continue
+                if device and line.name == "XLA Ops":
+                    xla_ops[ev.name] += ev.duration_ns * 1e-9
+                elif device and hlo_op:
+                    per_op[str(hlo_op)] += ev.duration_ns * 1e-9
+                elif not device and hlo_op and not ev.name.startswith("end:"):
+                    host_ops[str(hlo_op)] += ev.duration_ns * 1e-9
+    if per_op:
+        return dict(per_op), "device kernels"
+    if xla_ops:
+        return dict(xla_ops), "device XLA Ops line"
+    return dict(host_ops), "host (CPU) thunks"
+
+
+def profile_call(run: Callable[[], Any], hlo_text: str, out_dir: str | None = None, *,
+                 calls: int = 1) -> dict[str, Any]:
+    """Trace `calls` calls of `run()` (one execution of the compiled program whose optimized HLO
+    is `hlo_text`, blocking until it is done) and break its device time down."""
+    out_dir = out_dir or tempfile.mkdtemp(prefix="qzhou_profile_")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "step.hlo.txt"), "w") as f:
+        f.write(hlo_text)
+    module = re.match(r"HloModule ([\w.\-]+)", hlo_text)
+    module = module.group(1) if module else None
+    hlo = parse_hlo(hlo_text)
+    t0 = time.perf_counter()
+    with jax.profiler.trace(out_dir):
+        for _ in range(calls):
+            run()
+    wall = (time.perf_counter() - t0) / calls
+    traces = sorted(glob.glob(os.path.join(out_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    if not traces:
+        raise RuntimeError(f"no trace (*.xplane.pb) was written under {out_dir}")
+    per_op, source = _device_events(traces[-1], module)
+    table: dict[tuple[str, str], float] = collections.defaultdict(float)
+    ops = []
+    for name, sec in per_op.items():
+        info = hlo.get(name)
+        if info is not None and info["opcode"] in _CONTROL:  # its body's instructions are counted
+            continue
+        k, p = kind_of(info, name), phase_of(info)
+        table[(p, k)] += sec / calls
+        ops.append((sec / calls, name, k, p, (info or {}).get("op_name", "")[-120:]))
+    ops.sort(reverse=True)
+    busy = sum(table.values())
+    summary = {
+        "wall_s": wall, "busy_s": busy, "source": source, "module": module, "trace": traces[-1],
+        "hlo": os.path.join(out_dir, "step.hlo.txt"), "unmatched_ops": sum(1 for n in per_op if n not in hlo),
+        "by_kind": {k: sum(v for (p, kk), v in table.items() if kk == k) for k in KINDS},
+        "by_phase": {p: sum(v for (pp, k), v in table.items() if pp == p) for p in PHASES},
+        "table": {f"{p}/{k}": v for (p, k), v in sorted(table.items())},
+        "top": [dict(seconds=s, op=n, kind=k, phase=p, op_name=o) for s, n, k, p, o in ops[:25]],
+    }
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The breakdown as text: kinds by phase (ms and % of busy time), then the top instructions."""
+    busy = s["busy_s"] or 1e-30
+    lines = [f"profile: wall {s['wall_s'] * 1e3:.1f} ms per call, device busy {s['busy_s'] * 1e3:.1f} ms "
+             f"({s['source']}; {s['unmatched_ops']} op names not in the HLO); trace {s['trace']}"]
+    head = "| phase | " + " | ".join(KINDS) + " | total |"
+    lines += [head, "|" + " --- |" * (len(KINDS) + 2)]
+    for p in PHASES:
+        cells = [s["table"].get(f"{p}/{k}", 0.0) for k in KINDS]
+        if sum(cells) == 0:
+            continue
+        lines.append(f"| {p} | " + " | ".join(f"{c * 1e3:.1f}" if c else "-" for c in cells)
+                     + f" | {sum(cells) * 1e3:.1f} ({sum(cells) / busy:.0%}) |")
+    lines.append("| all | " + " | ".join(f"{s['by_kind'][k] * 1e3:.1f} ({s['by_kind'][k] / busy:.0%})"
+                                         for k in KINDS) + f" | {busy * 1e3:.1f} |")
+    lines.append("top instructions (ms per call, kind, phase, JAX op):")
+    for t in s["top"][:15]:
+        lines.append(f"  {t['seconds'] * 1e3:8.2f}  {t['op']:32s} {t['kind']:12s} {t['phase']:10s} {t['op_name']}")
+    return "\n".join(lines)
