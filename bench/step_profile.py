@@ -13,9 +13,11 @@ trace (`jax.profiler.ProfileData`) and attributed with the compiled program's HL
     attention), copy/slice (copies, transposes, dynamic(-update)-slice: e.g. the stacking of
     a scanned layer's saved activations), reduction fusions, elementwise fusions,
     collectives, host transfers, other;
-  * phase: forward, backward (instructions JAX emitted for a transpose, i.e. a VJP),
-    recompute (the forward of a rematerialised layer re-run for its backward), optimizer
-    (the update branch of the step's `lax.cond`), other.
+  * phase: forward (with GradCache, both of its passes' forwards; with kept chunks, their
+    layers re-run from the saved inputs), backward (instructions JAX emitted for a
+    transpose, i.e. a VJP), recompute (the forward of a rematerialised layer re-run for its
+    backward), optimizer (the update branch of the step's `lax.cond`), other (loss,
+    gradient norm, embedding lookup outside the layers...).
 
 Sums are device busy time; with several streams (async collectives, host copies) they may
 exceed the wall time, and the gap between busy and wall time is launch or host overhead.
@@ -127,7 +129,7 @@ def phase_of(info: dict[str, Any] | None) -> str:
         return "recompute"
     if "transpose(" in n:
         return "backward"
-    if "jvp(" in n:
+    if "jvp(" in n or "/while/" in n:  # differentiated, or in a loop (layers; GradCache's passes)
         return "forward"
     return "other"
 
