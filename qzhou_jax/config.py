@@ -49,8 +49,8 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     remat: Literal["none", "full", "dots", "attn", "mlp"] = "none"
     remat_layers: int | None = None  # layers under `remat` (None: all); the others use "dots"
-    scan_layers: bool = True  # False: unrolled; the CPU compiler then runs remat's recomputation
-    #                           early and saves no memory (README, "Models in Python")
+    scan_layers: bool = True  # False: unrolled (README, "Models in Python": on the CPU compiler
+    #                           remat then saves no memory; on TPU it does, and less is kept)
     attention_impl: Literal["xla", "cudnn"] = "xla"
 
     def __post_init__(self):
