@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device session (about 8 minutes): where the 1.5b L=256 step spends its time, and why
+# One device session (about 8 minutes; BUDGET caps it): where the 1.5b L=256 step spends its time, and why
 # the layers that keep their matmul outputs ("dots") ran at a lower hardware rate than
 # rematted ones (bench/RESULTS.md, "Layer-wise remat"). Hypothesis: under lax.scan their
 # saved outputs are copied into and out of the stacked per-layer buffers, a copy kernel per
@@ -15,20 +15,22 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 cd bench
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__)" | tee -a "$OUT/gpu.txt"
-t() { local s=$1; shift; echo "### $*"; timeout "$s" python3 train_step.py "$@" 2>&1 | grep -v -i warning; }
+BUDGET=${BUDGET:-580}   # seconds for the whole script; a run starts only if its limit fits
+t() { local s=$1; shift; if [ $((SECONDS + s)) -gt "$BUDGET" ]; then echo "### skipped (time): $*"; return; fi
+      echo "### $*"; timeout "$s" python3 train_step.py "$@" 2>&1 | grep -v -i warning; }
 # keep the summaries and the optimized HLO (gzipped), not the traces
 keep() { [ -f "/tmp/prof/$1/summary.json" ] || return 0; mkdir -p "$OUT/$1"
          cp "/tmp/prof/$1/summary.json" "$OUT/$1/"; gzip -c "/tmp/prof/$1/step.hlo.txt" > "$OUT/$1/step.hlo.txt.gz"; }
 L256="--preset ${PRESET:-qwen2.5-1.5b} --queries 16 --hard-negatives 3 --seq 256 --attention-impl cudnn --no-torch --steps 5 --warmup 1"
 GC="--preset ${PRESET:-qwen2.5-1.5b} --queries 256 --hard-negatives 4 --seq 512 --attention-impl cudnn --no-torch --steps 1 --warmup 0"
 {
-t 100 $L256 --remat full --remat-layers 14 --profile /tmp/prof/rl14; keep rl14
-t 100 $L256 --remat full --profile /tmp/prof/full; keep full
-t 100 $L256 --remat dots --profile /tmp/prof/dots; keep dots
-t 150 $L256 --remat full --remat-layers 14 --no-scan --profile /tmp/prof/rl14_unrolled; keep rl14_unrolled
+t 90 $L256 --remat full --remat-layers 14 --profile /tmp/prof/rl14; keep rl14
+t 90 $L256 --remat full --profile /tmp/prof/full; keep full
+t 90 $L256 --remat dots --profile /tmp/prof/dots; keep dots
+t 140 $L256 --remat full --remat-layers 14 --no-scan --profile /tmp/prof/rl14_unrolled; keep rl14_unrolled
 echo "### XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true"
-XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true t 100 $L256 --remat full --remat-layers 14 \
+XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true t 90 $L256 --remat full --remat-layers 14 \
   --profile /tmp/prof/rl14_dsfusion; keep rl14_dsfusion
 } 2>&1 | tee "$OUT/l256_profiles.txt"
-t 110 $GC --chunk-size 8 --remat full --keep-chunks 20 2>&1 | tee "$OUT/gradcache_keep20_bfc.txt"
+t 100 $GC --chunk-size 8 --remat full --keep-chunks 20 2>&1 | tee "$OUT/gradcache_keep20_bfc.txt"
 echo "### done in $SECONDS s" | tee -a "$OUT/gpu.txt"
