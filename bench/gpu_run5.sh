@@ -10,14 +10,16 @@
 # Then the GradCache paper batch with 20 kept chunks under the default allocator, which
 # failed from fragmentation when preallocation was off.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false
+ROOT=$(cd "$(dirname "$0")/.." && pwd) || exit 1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-cd bench
+cd "$ROOT/bench" || exit 1
+rm -rf /tmp/prof   # no summaries left over from an earlier run on a warm machine
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__)" | tee -a "$OUT/gpu.txt"
 BUDGET=${BUDGET:-580}   # seconds for the whole script; a run starts only if its limit fits
 t() { local s=$1; shift; if [ $((SECONDS + s)) -gt "$BUDGET" ]; then echo "### skipped (time): $*"; return; fi
-      echo "### $*"; timeout "$s" python3 train_step.py "$@" 2>&1 | grep -v -i warning; }
+      echo "### $*"; timeout -k 10 "$s" python3 train_step.py "$@" 2>&1 | grep --line-buffered -v -i warning; }
 # keep the summaries and the optimized HLO (gzipped), not the traces
 keep() { [ -f "/tmp/prof/$1/summary.json" ] || return 0; mkdir -p "$OUT/$1"
          cp "/tmp/prof/$1/summary.json" "$OUT/$1/"; gzip -c "/tmp/prof/$1/step.hlo.txt" > "$OUT/$1/step.hlo.txt.gz"; }

@@ -16,11 +16,16 @@ trace (`jax.profiler.ProfileData`) and attributed with the compiled program's HL
   * phase: forward (with GradCache, both of its passes' forwards; with kept chunks, their
     layers re-run from the saved inputs), backward (instructions JAX emitted for a
     transpose, i.e. a VJP), recompute (the forward of a rematerialised layer re-run for its
-    backward), optimizer (the update branch of the step's `lax.cond`), other (loss,
-    gradient norm, embedding lookup outside the layers...).
+    backward), optimizer (the update branch of the step's `lax.cond`), other (the
+    gradient norm, the finiteness check, metrics, and copies XLA inserted without a JAX op:
+    read the copy/slice column over all phases). The loss and the embedding lookup are
+    differentiated, so they count as forward and backward.
 
 Sums are device busy time; with several streams (async collectives, host copies) they may
-exceed the wall time, and the gap between busy and wall time is launch or host overhead.
+exceed the wall time. The wall time is that of the traced call, inside the trace; the gap
+between busy and wall time is launch or host overhead, which tracing increases (XLA runs
+kernels one by one instead of as CUDA graphs while profiling): compare the untraced step
+time that the benchmark prints.
 """
 
 from __future__ import annotations
@@ -69,14 +74,19 @@ def parse_hlo(text: str) -> dict[str, dict[str, Any]]:
             target = re.search(r'custom_call_target="([^"]+)"', rest)
             op_name = re.search(r'op_name="([^"]*)"', rest)
             kind = re.search(r"kind=(k\w+)", rest)
-            inner = set()
-            for c in calls:
-                inner.update(op for _, op, _ in comps.get(c, ()))
-                for _, op, r in comps.get(c, ()):  # one level of nesting (e.g. custom fusions)
+            inner: set[str] = set()
+            targets: set[str] = set()  # custom calls inside (e.g. a cuBLAS GEMM in a dynamic-slice fusion)
+            bodies = list(calls)
+            for c in calls:  # one level of nesting (fusions in fusions)
+                for _, op, r in comps.get(c, ()):
                     if op in ("fusion", "call"):
-                        for cc in re.findall(r"calls=%?([\w.\-]+)", r):
-                            inner.update(o for _, o, _ in comps.get(cc, ()))
+                        bodies += re.findall(r"calls=%?([\w.\-]+)", r)
+            for c in bodies:
+                for _, op, r in comps.get(c, ()):
+                    inner.add(op)
+                    targets.update(re.findall(r'custom_call_target="([^"]+)"', r))
             out[name] = {"opcode": opcode, "ops": inner, "target": target.group(1) if target else "",
+                         "inner_targets": targets,
                          "op_name": op_name.group(1) if op_name else "", "fusion_kind": kind.group(1) if kind else "",
                          "computation": comp}
     return out
@@ -91,18 +101,18 @@ def kind_of(info: dict[str, Any] | None, name: str) -> str:
         if "fmha" in low or "flash" in low or "attention" in low:
             return "attention"
         return "other"
-    op, ops, target = info["opcode"], info["ops"], info["target"].lower()
+    op, ops = info["opcode"], info["ops"]
+    target = " ".join([info["target"], *sorted(info.get("inner_targets", ()))]).lower()
     base = op.removesuffix("-start").removesuffix("-done")
     if base in _COLLECTIVES or ops & set(_COLLECTIVES):
         return "collective"
     if op in ("copy-start", "copy-done") or "host" in target or ops & {"copy-start", "copy-done"}:
         return "host transfer"
-    if "fmha" in target or "cudnn" in target and "conv" not in target or "__cudnn$fmha" in target:
+    if "fmha" in target:  # cuDNN fused attention, forward or backward
         return "attention"
-    if op == "dot" or "gemm" in target or "cublas" in target or "dot" in ops or "convolution" in ops:
+    if (op in ("dot", "convolution") or "gemm" in target or "cublas" in target or "conv" in target
+            or ops & {"dot", "convolution"}):
         return "matmul"
-    if any("fmha" in str(o) for o in ops):
-        return "attention"
     if op in _COPY_OPS or (op == "fusion" and ops and ops <= _COPY_OPS | {"parameter", "constant", "bitcast",
                                                                         "convert", "tuple", "get-tuple-element",
                                                                         "reshape", "broadcast", "iota", "add",
@@ -148,6 +158,8 @@ def _device_events(path: str, module: str | None) -> tuple[dict[str, float], str
             for ev in line.events:
                 stats = dict(ev.stats)
                 hlo_op, mod = stats.get("hlo_op"), stats.get("hlo_module")
+                if hlo_op is not None:  # some profiler versions join nested annotations with "::"
+                    hlo_op = str(hlo_op).split("::")[-1]
                 if module and mod and module not in str(mod):
                     continue
                 if device and line.name == "XLA Ops":
@@ -174,11 +186,11 @@ def profile_call(run: Callable[[], Any], hlo_text: str, out_dir: str | None = No
     module = re.match(r"HloModule ([\w.\-]+)", hlo_text)
     module = module.group(1) if module else None
     hlo = parse_hlo(hlo_text)
-    t0 = time.perf_counter()
     with jax.profiler.trace(out_dir):
+        t0 = time.perf_counter()
         for _ in range(calls):
             run()
-    wall = (time.perf_counter() - t0) / calls
+        wall = (time.perf_counter() - t0) / calls
     traces = sorted(glob.glob(os.path.join(out_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
     if not traces:
         raise RuntimeError(f"no trace (*.xplane.pb) was written under {out_dir}")
@@ -210,7 +222,8 @@ def profile_call(run: Callable[[], Any], hlo_text: str, out_dir: str | None = No
 def format_summary(s: dict[str, Any]) -> str:
     """The breakdown as text: kinds by phase (ms and % of busy time), then the top instructions."""
     busy = s["busy_s"] or 1e-30
-    lines = [f"profile: wall {s['wall_s'] * 1e3:.1f} ms per call, device busy {s['busy_s'] * 1e3:.1f} ms "
+    lines = [f"profile: wall {s['wall_s'] * 1e3:.1f} ms per traced call (tracing adds launch overhead), "
+             f"device busy {s['busy_s'] * 1e3:.1f} ms "
              f"({s['source']}; {s['unmatched_ops']} op names not in the HLO); trace {s['trace']}"]
     head = "| phase | " + " | ".join(KINDS) + " | total |"
     lines += [head, "|" + " --- |" * (len(KINDS) + 2)]

@@ -62,6 +62,17 @@ def test_kinds_of_gpu_instructions():
   ROOT %multiply.1 = bf16[8]{0} multiply(%p0, %logistic.1)
 }
 
+%dynamic-slice-fusion (p0: bf16[4,8,8], p1: bf16[8,8], p2: s32[]) -> bf16[8,8] {
+  %p0 = bf16[4,8,8]{2,1,0} parameter(0)
+  %p1 = bf16[8,8]{1,0} parameter(1)
+  %p2 = s32[] parameter(2)
+  %c = s32[] constant(0)
+  %ds = bf16[1,8,8]{2,1,0} dynamic-slice(%p0, %p2, %c, %c), dynamic_slice_sizes={1,8,8}
+  %bc = bf16[8,8]{1,0} bitcast(%ds)
+  %gemm = (bf16[8,8]{1,0}, s8[0]{0}) custom-call(%bc, %p1), custom_call_target="__cublas$gemm"
+  ROOT %gte = bf16[8,8]{1,0} get-tuple-element(%gemm), index=0
+}
+
 ENTRY %main (a: bf16[4,8], b: bf16[1,8], i: s32[], x: bf16[8]) -> bf16[4,8] {
   %a = bf16[4,8]{1,0} parameter(0)
   %b = bf16[1,8]{1,0} parameter(1)
@@ -71,13 +82,19 @@ ENTRY %main (a: bf16[4,8], b: bf16[1,8], i: s32[], x: bf16[8]) -> bf16[4,8] {
   %custom-call.4 = (bf16[4,8]{1,0}, f32[4]{0}) custom-call(%a, %a, %a), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(step)/jvp()/while/body/attention/dot_product_attention"}
   %fusion.7 = bf16[8]{0} fusion(%x), kind=kLoop, calls=%fused_silu, metadata={op_name="jit(step)/cond/branch_1_fun/add"}
   %all-reduce-start.2 = bf16[8]{0} all-reduce-start(%x), replica_groups={}, to_apply=%fused_silu
+  %w = bf16[4,8,8]{2,1,0} parameter(4)
+  %fusion.11 = bf16[8,8]{1,0} fusion(%w, %a, %i), kind=kCustom, calls=%dynamic-slice-fusion
+  %custom-call.5 = bf16[4,8]{1,0} custom-call(%a, %x), custom_call_target="__cudnn$norm"
   ROOT %fusion.9 = bf16[4,8]{1,0} fusion(%a, %b, %i), kind=kLoop, calls=%fused_dus, metadata={op_name="jit(step)/transpose(jvp())/while/body/checkpoint/rematted_computation/mlp/dot_general"}
 }
 """)
-    kinds = {n: step_profile.kind_of(hlo[n], n) for n in ("custom-call.3", "custom-call.4", "fusion.7",
-                                                           "all-reduce-start.2", "fusion.9")}
+    names = ("custom-call.3", "custom-call.4", "fusion.7", "all-reduce-start.2", "fusion.9", "fusion.11",
+             "custom-call.5")
+    kinds = {n: step_profile.kind_of(hlo[n], n) for n in names}
     assert kinds == {"custom-call.3": "matmul", "custom-call.4": "attention", "fusion.7": "elementwise",
-                     "all-reduce-start.2": "collective", "fusion.9": "copy/slice"}
+                     "all-reduce-start.2": "collective", "fusion.9": "copy/slice",
+                     "fusion.11": "matmul",  # a cuBLAS GEMM reading its operand through a dynamic slice
+                     "custom-call.5": "other"}
     phases = {n: step_profile.phase_of(hlo[n]) for n in ("custom-call.3", "custom-call.4", "fusion.7", "fusion.9")}
     assert phases == {"custom-call.3": "backward", "custom-call.4": "forward", "fusion.7": "optimizer",
                       "fusion.9": "recompute"}

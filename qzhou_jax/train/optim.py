@@ -132,11 +132,13 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
     as `grad_norm=` when the caller has it: the train step computes it anyway (for its
     finiteness check and metrics), and computing it again inside the update would read
     every gradient a second time (the update runs in a `lax.cond` branch, where XLA cannot
-    reuse the first reduction)."""
+    reuse the first reduction). `grad_norm` must be the norm of the updates this transform
+    receives: keep it first in the chain, and do not pass it through wrappers that change
+    the updates (e.g. `optax.MultiSteps`, which accumulates them)."""
 
     def update(updates, state, params=None, *, grad_norm=None, **_extra):
         del params
-        g_norm = optax.global_norm(updates) if grad_norm is None else grad_norm
+        g_norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
         trigger = jnp.squeeze(g_norm < max_norm)
         return jax.tree.map(lambda t: jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm),
                             updates), state
