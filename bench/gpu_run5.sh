@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# One device session (about 8 minutes; BUDGET caps it): where the 1.5b L=256 step spends its time, and why
-# the layers that keep their matmul outputs ("dots") ran at a lower hardware rate than
+# One or two device calls (BUDGET seconds each, RUNS picks the runs): where the 1.5b L=256
+# step spends its time, and why the layers that keep their matmul outputs ("dots") ran at a lower hardware rate than
 # rematted ones (bench/RESULTS.md, "Layer-wise remat"). Hypothesis: under lax.scan their
 # saved outputs are copied into and out of the stacked per-layer buffers, a copy kernel per
 # residual (about 4 x 45 KiB per token per layer of memory traffic, ~13% of a dots layer's
 # time at this size). The profiles split the device time into matmul / attention /
 # copy+slice / elementwise / ... by forward, recompute, backward and optimizer
 # (bench/step_profile.py); the unrolled and dynamic-slice-fusion runs test the fix.
-# Then the GradCache paper batch with 20 kept chunks under the default allocator, which
-# failed from fragmentation when preallocation was off.
+# Also DESIGN.md's third anchor (1.5b at L=512 against PyTorch eager with gradient
+# checkpointing), then the GradCache paper batch with 20 kept chunks under the default
+# allocator, which failed from fragmentation when preallocation was off.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd) || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT TOKENIZERS_PARALLELISM=false
@@ -23,16 +24,28 @@ t() { local s=$1; shift; if [ $((SECONDS + s)) -gt "$BUDGET" ]; then echo "### s
 # keep the summaries and the optimized HLO (gzipped), not the traces
 keep() { [ -f "/tmp/prof/$1/summary.json" ] || return 0; mkdir -p "$OUT/$1"
          cp "/tmp/prof/$1/summary.json" "$OUT/$1/"; gzip -c "/tmp/prof/$1/step.hlo.txt" > "$OUT/$1/step.hlo.txt.gz"; }
-L256="--preset ${PRESET:-qwen2.5-1.5b} --queries 16 --hard-negatives 3 --seq 256 --attention-impl cudnn --no-torch --steps 5 --warmup 1"
-GC="--preset ${PRESET:-qwen2.5-1.5b} --queries 256 --hard-negatives 4 --seq 512 --attention-impl cudnn --no-torch --steps 1 --warmup 0"
-{
-t 90 $L256 --remat full --remat-layers 14 --profile /tmp/prof/rl14; keep rl14
-t 90 $L256 --remat full --profile /tmp/prof/full; keep full
-t 90 $L256 --remat dots --profile /tmp/prof/dots; keep dots
-t 140 $L256 --remat full --remat-layers 14 --no-scan --profile /tmp/prof/rl14_unrolled; keep rl14_unrolled
-echo "### XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true"
-XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true t 90 $L256 --remat full --remat-layers 14 \
-  --profile /tmp/prof/rl14_dsfusion; keep rl14_dsfusion
-} 2>&1 | tee "$OUT/l256_profiles.txt"
-t 100 $GC --chunk-size 8 --remat full --keep-chunks 20 2>&1 | tee "$OUT/gradcache_keep20_bfc.txt"
+M="--preset ${PRESET:-qwen2.5-1.5b} --attention-impl cudnn"
+L256="$M --queries 16 --hard-negatives 3 --seq 256 --no-torch --steps 5 --warmup 1"
+GC="$M --queries 256 --hard-negatives 4 --seq 512 --no-torch --steps 1 --warmup 0"
+# Runs in priority order; RUNS picks a subset (e.g. two device calls: RUNS="rl14 dots full anchor512"
+# then RUNS="unrolled dsfusion keep20").
+RUNS=${RUNS:-rl14 dots full anchor512 unrolled dsfusion keep20}
+for r in $RUNS; do
+  case $r in
+    rl14) t 90 $L256 --remat full --remat-layers 14 --profile /tmp/prof/rl14; keep rl14 ;;
+    dots) t 90 $L256 --remat dots --profile /tmp/prof/dots; keep dots ;;
+    full) t 90 $L256 --remat full --profile /tmp/prof/full; keep full ;;
+    # DESIGN.md section 4's third anchor, not yet recorded: 1.5b 16 x (1+3) x 512 against
+    # PyTorch eager with HF gradient checkpointing (DESIGN: 32.2k tokens/s, 78 GiB).
+    anchor512) t 170 $M --queries 16 --hard-negatives 3 --seq 512 --remat full --torch-checkpointing \
+                 --no-compile --steps 3 --warmup 1 ;;
+    unrolled) t 140 $L256 --remat full --remat-layers 14 --no-scan --profile /tmp/prof/rl14_unrolled
+              keep rl14_unrolled ;;
+    dsfusion) echo "### XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true"
+              XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true t 90 $L256 --remat full --remat-layers 14 \
+                --profile /tmp/prof/rl14_dsfusion; keep rl14_dsfusion ;;
+    keep20) t 100 $GC --chunk-size 8 --remat full --keep-chunks 20 ;;
+    *) echo "### unknown run $r" ;;
+  esac 2>&1 | tee -a "$OUT/runs.txt"
+done
 echo "### done in $SECONDS s" | tee -a "$OUT/gpu.txt"
