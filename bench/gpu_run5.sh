@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # One or two device calls (BUDGET seconds each, RUNS picks the runs): where the 1.5b L=256
-# step spends its time, and why the layers that keep their matmul outputs ("dots") ran at a lower hardware rate than
-# rematted ones (bench/RESULTS.md, "Layer-wise remat"). Hypothesis: under lax.scan their
-# saved outputs are copied into and out of the stacked per-layer buffers, a copy kernel per
-# residual (about 4 x 45 KiB per token per layer of memory traffic, ~13% of a dots layer's
-# time at this size). The profiles split the device time into matmul / attention /
-# copy+slice / elementwise / ... by forward, recompute, backward and optimizer
-# (bench/step_profile.py); the unrolled and dynamic-slice-fusion runs test the fix.
-# Also DESIGN.md's third anchor (1.5b at L=512 against PyTorch eager with gradient
-# checkpointing), then the GradCache paper batch with 20 kept chunks under the default
-# allocator, which failed from fragmentation when preallocation was off.
+# step spends its time, and why the layers that keep their matmul outputs ("dots") ran at a
+# lower hardware rate than rematted ones (bench/RESULTS.md, "Layer-wise remat").
+# Hypothesis: under lax.scan their saved outputs are copied into and out of the stacked
+# per-layer buffers, a copy kernel per residual (about 4 x 45 KiB per token per layer of
+# memory traffic, ~13% of a dots layer's time at this size). The profiles split the device
+# time into matmul / attention / copy+slice / elementwise / ... by forward, recompute,
+# backward and optimizer (bench/step_profile.py); the unrolled and dynamic-slice-fusion
+# runs test the fix. Also DESIGN.md's third anchor (1.5b at L=512 against PyTorch eager with
+# gradient checkpointing), then the GradCache paper batch with 20 kept chunks under the
+# default allocator, which failed from fragmentation when preallocation was off.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd) || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT TOKENIZERS_PARALLELISM=false
