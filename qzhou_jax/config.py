@@ -50,7 +50,7 @@ class ModelConfig:
     remat: Literal["none", "full", "dots", "attn", "mlp"] = "none"
     remat_layers: int | None = None  # layers under `remat` (None: all); the others use "dots"
     scan_layers: bool = True  # False: unrolled (README, "Models in Python": on the CPU compiler
-    #                           remat then saves no memory; on TPU it does, and less is kept)
+    #                           remat then saves no memory; `qzhou-jax plan` shows a target's)
     attention_impl: Literal["xla", "cudnn"] = "xla"
 
     def __post_init__(self):
