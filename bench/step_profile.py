@@ -54,7 +54,9 @@ _COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 
 
 def parse_hlo(text: str) -> dict[str, dict[str, Any]]:
-    """instruction name -> {opcode, ops (opcodes of a called fusion body), target, op_name, calls}."""
+    """instruction name -> {opcode, ops (opcodes in the computations it calls, one nesting level
+    deep), target (its custom-call target), inner_targets (custom-call targets in those
+    computations), op_name (the JAX op from its metadata)}."""
     comps: dict[str, list[tuple[str, str, str]]] = {}
     cur = None
     for line in text.splitlines():
@@ -68,12 +70,11 @@ def parse_hlo(text: str) -> dict[str, dict[str, Any]]:
         if m and cur is not None:
             comps[cur].append(m.groups())
     out: dict[str, dict[str, Any]] = {}
-    for comp, instrs in comps.items():
+    for instrs in comps.values():
         for name, opcode, rest in instrs:
             calls = re.findall(r"(?:calls|to_apply|body)=%?([\w.\-]+)", rest)
             target = re.search(r'custom_call_target="([^"]+)"', rest)
             op_name = re.search(r'op_name="([^"]*)"', rest)
-            kind = re.search(r"kind=(k\w+)", rest)
             inner: set[str] = set()
             targets: set[str] = set()  # custom calls inside (e.g. a cuBLAS GEMM in a dynamic-slice fusion)
             bodies = list(calls)
@@ -86,9 +87,7 @@ def parse_hlo(text: str) -> dict[str, dict[str, Any]]:
                     inner.add(op)
                     targets.update(re.findall(r'custom_call_target="([^"]+)"', r))
             out[name] = {"opcode": opcode, "ops": inner, "target": target.group(1) if target else "",
-                         "inner_targets": targets,
-                         "op_name": op_name.group(1) if op_name else "", "fusion_kind": kind.group(1) if kind else "",
-                         "computation": comp}
+                         "inner_targets": targets, "op_name": op_name.group(1) if op_name else ""}
     return out
 
 
