@@ -15,15 +15,16 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd) || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 cd "$ROOT/bench" || exit 1
-rm -rf /tmp/prof   # no summaries left over from an earlier run on a warm machine
+rm -rf /tmp/prof /tmp/keep   # nothing left over from an earlier run on a warm machine
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__)" | tee -a "$OUT/gpu.txt"
 BUDGET=${BUDGET:-580}   # seconds for the whole script; a run starts only if its limit fits
 t() { local s=$1; shift; if [ $((SECONDS + s)) -gt "$BUDGET" ]; then echo "### skipped (time): $*"; return; fi
       echo "### $*"; timeout -k 10 "$s" python3 train_step.py "$@" 2>&1 | grep --line-buffered -v -i warning; }
-# keep the summaries and the optimized HLO (gzipped), not the traces
-keep() { [ -f "/tmp/prof/$1/summary.json" ] || return 0; mkdir -p "$OUT/$1"
-         cp "/tmp/prof/$1/summary.json" "$OUT/$1/"; gzip -c "/tmp/prof/$1/step.hlo.txt" > "$OUT/$1/step.hlo.txt.gz"; }
+# keep the summaries and the optimized HLO, not the traces; packed into one file at the end
+# (a device call returns at most 8 files)
+keep() { [ -f "/tmp/prof/$1/summary.json" ] || return 0; mkdir -p "/tmp/keep/$1"
+         cp "/tmp/prof/$1/summary.json" "/tmp/prof/$1/step.hlo.txt" "/tmp/keep/$1/"; }
 M="--preset ${PRESET:-qwen2.5-1.5b} --attention-impl cudnn"
 L256="$M --queries 16 --hard-negatives 3 --seq 256 --no-torch --steps 5 --warmup 1"
 GC="$M --queries 256 --hard-negatives 4 --seq 512 --no-torch --steps 1 --warmup 0"
@@ -44,8 +45,10 @@ for r in $RUNS; do
     dsfusion) echo "### XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true"
               XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true t 90 $L256 --remat full --remat-layers 14 \
                 --profile /tmp/prof/rl14_dsfusion; keep rl14_dsfusion ;;
+    dotsunrolled) t 140 $L256 --remat dots --no-scan --profile /tmp/prof/dots_unrolled; keep dots_unrolled ;;
     keep20) t 100 $GC --chunk-size 8 --remat full --keep-chunks 20 ;;
     *) echo "### unknown run $r" ;;
   esac 2>&1 | tee -a "$OUT/runs.txt"
 done
+[ -d /tmp/keep ] && tar -C /tmp/keep -czf "$OUT/profiles.tar.gz" .
 echo "### done in $SECONDS s" | tee -a "$OUT/gpu.txt"
