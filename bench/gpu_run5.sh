@@ -33,6 +33,7 @@ GC="$M --queries 256 --hard-negatives 4 --seq 512 --no-torch --steps 1 --warmup 
 RUNS=${RUNS:-rl14 dots full anchor512 unrolled dsfusion keep20}
 for r in $RUNS; do
   case $r in
+    peak) echo "### matmul_peak.py"; timeout -k 10 60 python3 matmul_peak.py 2>&1 | grep -v -i warning ;;
     rl14) t 90 $L256 --remat full --remat-layers 14 --profile /tmp/prof/rl14; keep rl14 ;;
     dots) t 90 $L256 --remat dots --profile /tmp/prof/dots; keep dots ;;
     full) t 90 $L256 --remat full --profile /tmp/prof/full; keep full ;;
@@ -42,6 +43,8 @@ for r in $RUNS; do
                  --no-compile --steps 3 --warmup 1 ;;
     unrolled) t 140 $L256 --remat full --remat-layers 14 --no-scan --profile /tmp/prof/rl14_unrolled
               keep rl14_unrolled ;;
+    rl12u) t 90 $L256 --remat full --remat-layers 12 --no-scan ;;
+    rl10u) t 90 $L256 --remat full --remat-layers 10 --no-scan ;;
     dsfusion) echo "### XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true"
               XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true t 90 $L256 --remat full --remat-layers 14 \
                 --profile /tmp/prof/rl14_dsfusion; keep rl14_dsfusion ;;

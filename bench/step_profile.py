@@ -1,6 +1,6 @@
 """Where a compiled step spends its device time: one traced call, broken down by kind of work.
 
-    compiled = jax.jit(f).lower(*args).compile()
+    compiled = compile_for_trace(jax.jit(f).lower(*args))
     summary = profile_call(lambda: jax.block_until_ready(compiled(*args)), compiled.as_text(), out_dir)
     print(format_summary(summary))
 
@@ -23,9 +23,14 @@ trace (`jax.profiler.ProfileData`) and attributed with the compiled program's HL
 
 Sums are device busy time; with several streams (async collectives, host copies) they may
 exceed the wall time. The wall time is that of the traced call, inside the trace; the gap
-between busy and wall time is launch or host overhead, which tracing increases (XLA runs
-kernels one by one instead of as CUDA graphs while profiling): compare the untraced step
-time that the benchmark prints.
+between busy and wall time is launch or host overhead. On GPU, `compile_for_trace` builds
+the program without command buffers (CUDA graphs): XLA's are traced as one event per graph
+(`command_buffer_N`), which names no instruction. That program launches its kernels one by
+one, so compare the untraced step time that the benchmark prints.
+
+Kernels that the trace names after no instruction of the HLO text (XLA names some of the
+kernels of asynchronous fusions at run time) are classified by their name alone, with phase
+"other"; the summary gives their share (`unmatched_s`).
 """
 
 from __future__ import annotations
@@ -91,14 +96,30 @@ def parse_hlo(text: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def compile_for_trace(lowered: Any) -> Any:
+    """`lowered.compile()`, on GPU without command buffers, so that a trace shows each kernel."""
+    if jax.devices()[0].platform == "gpu":
+        return lowered.compile(compiler_options={"xla_gpu_enable_command_buffer": ""})
+    return lowered.compile()
+
+
 def kind_of(info: dict[str, Any] | None, name: str) -> str:
     """One of KINDS for an HLO instruction (falls back on its name when it is unknown)."""
     if info is None:
         low = name.lower()
-        if "gemm" in low or "dot" in low or "matmul" in low:
+        if "gemm" in low or "dot" in low or "matmul" in low or "cublas" in low:
             return "matmul"
         if "fmha" in low or "flash" in low or "attention" in low:
             return "attention"
+        if any(w in low for w in ("all-reduce", "all_reduce", "all-gather", "all_gather", "reduce-scatter",
+                                  "reduce_scatter", "collective", "nccl")):
+            return "collective"
+        if any(w in low for w in ("slice", "copy", "transpose", "concatenate", "gather", "scatter", "pad")):
+            return "copy/slice"
+        if "reduce" in low:
+            return "reduction"
+        if "fusion" in low:
+            return "elementwise"
         return "other"
     op, ops = info["opcode"], info["ops"]
     target = " ".join([info["target"], *sorted(info.get("inner_targets", ()))]).lower()
@@ -208,10 +229,11 @@ def profile_call(run: Callable[[], Any], hlo_text: str, out_dir: str | None = No
     summary = {
         "wall_s": wall, "busy_s": busy, "source": source, "module": module, "trace": traces[-1],
         "hlo": os.path.join(out_dir, "step.hlo.txt"), "unmatched_ops": sum(1 for n in per_op if n not in hlo),
+        "unmatched_s": sum(sec for n, sec in per_op.items() if n not in hlo) / calls,
         "by_kind": {k: sum(v for (p, kk), v in table.items() if kk == k) for k in KINDS},
         "by_phase": {p: sum(v for (pp, k), v in table.items() if pp == p) for p in PHASES},
         "table": {f"{p}/{k}": v for (p, k), v in sorted(table.items())},
-        "top": [dict(seconds=s, op=n, kind=k, phase=p, op_name=o) for s, n, k, p, o in ops[:25]],
+        "top": [dict(seconds=s, op=n, kind=k, phase=p, op_name=o) for s, n, k, p, o in ops[:200]],
     }
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -223,7 +245,11 @@ def format_summary(s: dict[str, Any]) -> str:
     busy = s["busy_s"] or 1e-30
     lines = [f"profile: wall {s['wall_s'] * 1e3:.1f} ms per traced call (tracing adds launch overhead), "
              f"device busy {s['busy_s'] * 1e3:.1f} ms "
-             f"({s['source']}; {s['unmatched_ops']} op names not in the HLO); trace {s['trace']}"]
+             f"({s['source']}; {s['unmatched_ops']} op names not in the HLO, "
+             f"{s.get('unmatched_s', 0.0) * 1e3:.1f} ms); trace {s['trace']}"]
+    if any(t["op"].startswith("command_buffer") for t in s["top"]):
+        lines.append("warning: the trace shows command buffers (CUDA graphs), not kernels: "
+                     "compile the traced program with compile_for_trace")
     head = "| phase | " + " | ".join(KINDS) + " | total |"
     lines += [head, "|" + " --- |" * (len(KINDS) + 2)]
     for p in PHASES:

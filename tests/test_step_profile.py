@@ -26,7 +26,7 @@ def test_traced_train_step_is_attributed(tmp_path):
              "p_ids": rng.integers(1, 256, (8, 16)).astype(np.int32), "p_mask": np.ones((8, 16), np.int32)}
     sharded = trainer.prepare(batch, "retrieval")
     with sharding.use_mesh(trainer.mesh, trainer.rules):
-        compiled = trainer.step_fn("retrieval").jitted.lower(trainer.state, sharded).compile()
+        compiled = step_profile.compile_for_trace(trainer.step_fn("retrieval").jitted.lower(trainer.state, sharded))
     state = trainer.state
 
     def run():
@@ -100,3 +100,9 @@ ENTRY %main (a: bf16[4,8], b: bf16[1,8], i: s32[], x: bf16[8]) -> bf16[4,8] {
     assert phases == {"custom-call.3": "backward", "custom-call.4": "forward", "fusion.7": "optimizer",
                       "fusion.9": "recompute"}
     assert step_profile.kind_of(None, "gemm_fusion_dot.3") == "matmul"
+    # kernels of asynchronous fusions, named at run time after no instruction of the HLO text
+    assert step_profile.kind_of(None, "loop_dynamic_slice_fusion.10") == "copy/slice"
+    assert step_profile.kind_of(None, "loop_dynamic_update_slice_fusion.20") == "copy/slice"
+    assert step_profile.kind_of(None, "input_reduce_fusion.4") == "reduction"
+    assert step_profile.kind_of(None, "loop_multiply_fusion.3") == "elementwise"
+    assert step_profile.kind_of(None, "command_buffer_121") == "other"

@@ -294,10 +294,13 @@ def run_layers(layer: Callable[[Any, Mapping[str, jax.Array]], Any], carry: Any,
         return fn if name == "none" else jax.checkpoint(fn, policy=_REMAT[name], prevent_cse=not cfg.scan_layers)
 
     if not cfg.scan_layers:
-        steps = [step(j) for j in range(group)]
+        # One split per weight: its transpose concatenates the layers' gradients. Indexing
+        # the stack inside each layer instead made every layer's gradient a stack-sized,
+        # zero-padded array, and the backward pass added them all up.
+        parts = {k: jax.lax.split(t, [1] * n) for k, t in stacked.items()}
+        steps = [step(j, sliced=False) for j in range(group)]
         for i in range(n):
-            first = i - i % group
-            carry = steps[i % group](carry, jax.tree.map(lambda t: t[first:first + group], stacked))
+            carry = steps[i % group](carry, {k: v[i].reshape(v[i].shape[1:]) for k, v in parts.items()})
         return carry
     if group == 1:
         return jax.lax.scan(lambda c, p: (step(0, sliced=False)(c, p), None), carry, stacked)[0]
