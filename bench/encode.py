@@ -195,11 +195,14 @@ def main() -> None:
         dt = common.time_fn(fn, params, ids_d, mask_d, steps=args.steps)
         results.append((f"qzhou-jax ({impl})", dt, common.jax_peak_gib()))
 
-    print(common.row(["implementation", "tokens/s", "MFU", "peak GiB", "ms/batch"]))
-    print(common.row(["---"] * 5))
+    ref = common.reference_peak_tflops()
+    print(common.row(["implementation", "tokens/s", "MFU", *([f"MFU (vs {ref:.0f})"] if ref else []),
+                      "peak GiB", "ms/batch"]))
+    print(common.row(["---"] * (6 if ref else 5)))
     for name, dt, mem in results:
-        print(common.row([name, f"{tokens / dt:,.0f}", f"{flops / dt / 1e12 / peak:.3f}", f"{mem:.1f}",
-                          f"{dt * 1e3:.1f}"]))
+        rate = flops / dt / 1e12
+        print(common.row([name, f"{tokens / dt:,.0f}", f"{rate / peak:.3f}", *([f"{rate / ref:.3f}"] if ref else []),
+                          f"{mem:.1f}", f"{dt * 1e3:.1f}"]))
     if not args.no_torch:
         for name, dt, _ in results[1:]:
             print(f"speed ratio {name} / PyTorch: {results[0][1] / dt:.2f}")

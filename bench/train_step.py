@@ -13,7 +13,9 @@ Workload: `queries` queries, each with 1 positive and `hard-negatives` hard nega
 passages, InfoNCE with in-batch + hard (+ query-query for qzhou-jax) negatives, backward,
 clip, AdamW. Tokens = queries x (1 + 1 + k) x seq.
 MFU = tokens x (6 x non-embedding params + full-attention FLOPs) / time / measured bf16 matmul
-peak (model FLOPs only: remat and GradCache's extra forward are not counted).
+peak (model FLOPs only: remat and GradCache's extra forward are not counted); on H100/H200
+also against DESIGN.md's 795 TFLOP/s, which JAX's measurement falls short of on these chips
+(`common.REFERENCE_PEAKS`).
 The PyTorch reference keeps float32 master weights under bfloat16 autocast with fused AdamW
 (DESIGN.md section 4); it runs first, then frees the GPU for JAX.
 """
@@ -220,11 +222,14 @@ def main() -> None:
         chunk += f" keeping {n_chunks if args.keep_chunks < 0 else min(args.keep_chunks, n_chunks)} of {n_chunks}"
     results.append((f"qzhou-jax ({args.attention_impl}, remat {remat_desc(cfg)}{chunk})",) + run_jax(cfg, batch, args))
 
-    print(common.row(["implementation", "tokens/s", "MFU", "peak GiB", "s/step", "first step s", "note"]))
-    print(common.row(["---"] * 7))
+    ref = common.reference_peak_tflops()
+    print(common.row(["implementation", "tokens/s", "MFU", *([f"MFU (vs {ref:.0f})"] if ref else []),
+                      "peak GiB", "s/step", "first step s", "note"]))
+    print(common.row(["---"] * (8 if ref else 7)))
     for name, dt, mem, first, note in results:
-        print(common.row([name, f"{tokens / dt:,.0f}", f"{flops / dt / 1e12 / peak:.3f}", f"{mem:.1f}",
-                          f"{dt:.3f}", f"{first:.1f}", note]))
+        rate = flops / dt / 1e12
+        print(common.row([name, f"{tokens / dt:,.0f}", f"{rate / peak:.3f}", *([f"{rate / ref:.3f}"] if ref else []),
+                          f"{mem:.1f}", f"{dt:.3f}", f"{first:.1f}", note]))
 
 
 if __name__ == "__main__":
