@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# One or two device calls (BUDGET seconds each, RUNS picks the runs): where the 1.5b L=256
-# step spends its time, and why the layers that keep their matmul outputs ("dots") ran at a
-# lower hardware rate than rematted ones (bench/RESULTS.md, "Layer-wise remat").
-# Hypothesis: under lax.scan their saved outputs are copied into and out of the stacked
-# per-layer buffers, a copy kernel per residual (about 4 x 45 KiB per token per layer of
-# memory traffic, ~13% of a dots layer's time at this size). The profiles split the device
-# time into matmul / attention / copy+slice / elementwise / ... by forward, recompute,
-# backward and optimizer (bench/step_profile.py); the unrolled and dynamic-slice-fusion
-# runs test the fix. Also DESIGN.md's third anchor (1.5b at L=512 against PyTorch eager with
-# gradient checkpointing), then the GradCache paper batch with 20 kept chunks under the
-# default allocator, which failed from fragmentation when preallocation was off.
+# Device calls (BUDGET seconds each, RUNS picks the runs) that profile the 1.5b L=256 step and
+# test unrolled layers; bench/RESULTS.md ("One H200") has what they found: under lax.scan the
+# layers that keep their matmul outputs ("dots") copy them into and out of the stacked
+# per-layer buffers, and unrolled layers (split once, so their gradients concatenate) do not.
+# The profiles split the device time into matmul / attention / copy+slice / elementwise / ...
+# by forward, recompute, backward and optimizer (bench/step_profile.py). Also: the matmul
+# peak per shape (bench/matmul_peak.py), DESIGN.md's third anchor (1.5b at L=512 against
+# PyTorch eager with gradient checkpointing), and the GradCache paper batch with 20 kept
+# chunks under the default allocator, which failed from fragmentation when preallocation
+# was off (not yet rerun).
+# Run on 2026-11-26 (H200): RUNS="rl14 dots full unrolled dsfusion dotsunrolled", the same
+# with XLA_FLAGS=--xla_gpu_enable_command_buffer= (before profiles compiled that way
+# themselves), then RUNS="peak rl14 unrolled anchor512 rl12u rl10u".
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd) || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT TOKENIZERS_PARALLELISM=false
@@ -28,8 +30,7 @@ keep() { [ -f "/tmp/prof/$1/summary.json" ] || return 0; mkdir -p "/tmp/keep/$1"
 M="--preset ${PRESET:-qwen2.5-1.5b} --attention-impl cudnn"
 L256="$M --queries 16 --hard-negatives 3 --seq 256 --no-torch --steps 5 --warmup 1"
 GC="$M --queries 256 --hard-negatives 4 --seq 512 --no-torch --steps 1 --warmup 0"
-# Runs in priority order; RUNS picks a subset (e.g. two device calls: RUNS="rl14 dots full anchor512"
-# then RUNS="unrolled dsfusion keep20").
+# Runs in priority order; RUNS picks a subset.
 RUNS=${RUNS:-rl14 dots full anchor512 unrolled dsfusion keep20}
 for r in $RUNS; do
   case $r in

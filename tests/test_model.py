@@ -74,6 +74,40 @@ def test_remat_and_scan_do_not_change_gradients():
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6, err_msg=str(case))
 
 
+def test_unrolled_layer_gradients_are_not_padded_to_the_stack():
+    """Unrolled layers take their weights from one split of each stacked array, so the backward
+    pass concatenates the layers' gradients: indexing the stack in every layer made each
+    layer's gradient a zero-padded, stack-sized array (28 of them summed at 1.5b widths cost
+    about 30% of a train step on an H200, bench/RESULTS.md)."""
+    hf = tiny_hf_model(layers=4)
+    ids, mask = random_batch(np.random.default_rng(2), 97, [10, 6], 10)
+    cfg, params = params_from_torch(hf, compute_dtype="float32", scan_layers=False, remat="full", remat_layers=2)
+    loss = lambda p: jnp.sum(embed(p, cfg, ids, mask) ** 3)  # noqa: E731
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
+
+    def subjaxprs(v):
+        if hasattr(v, "eqns"):
+            yield v
+        elif hasattr(getattr(v, "jaxpr", None), "eqns"):  # a ClosedJaxpr
+            yield v.jaxpr
+        elif isinstance(v, (tuple, list)):
+            for x in v:
+                yield from subjaxprs(x)
+
+    def eqns(j):
+        for e in j.eqns:
+            yield e
+            for v in e.params.values():
+                for sub in subjaxprs(v):
+                    yield from eqns(sub)
+
+    prims = [e.primitive.name for e in eqns(jaxpr.jaxpr)]
+    assert "split" in prims and "concatenate" in prims
+    stacked = [e for e in eqns(jaxpr.jaxpr) if e.primitive.name == "pad"
+               and e.outvars[0].aval.shape[:1] == (cfg.num_hidden_layers,)]
+    assert not stacked, "a layer's gradient is padded to the size of the stack"
+
+
 @pytest.mark.parametrize("layers,remat_layers,expect", [
     (28, None, (1, 0)), (28, 28, (1, 0)), (28, 0, (1, 1)), (28, 21, (4, 1)), (28, 14, (2, 1)),
     (28, 18, (14, 5)), (28, 19, (28, 9)), (4, 2, (2, 1))])

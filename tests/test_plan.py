@@ -404,9 +404,13 @@ def test_estimate_counts_kept_chunks():
     ("qwen2.5-1.5b", 16, 3, 256, {"remat_layers": 16}, {}, 44.6),
     ("qwen2.5-1.5b", 256, 4, 512, {"remat_layers": 14}, {"chunk_size": 8}, 48.5),
     ("qwen2.5-1.5b", 256, 4, 512, {}, {"chunk_size": 8, "keep_chunks": 20}, 73.7),
+    # unrolled layers, measured on one H200 (the same compiler as the H100's)
+    ("qwen2.5-1.5b", 16, 3, 256, {"remat_layers": 14, "scan_layers": False}, {}, 36.9),
+    ("qwen2.5-1.5b", 16, 3, 256, {"remat_layers": 12, "scan_layers": False}, {}, 38.5),
+    ("qwen2.5-1.5b", 16, 3, 256, {"remat_layers": 10, "scan_layers": False}, {}, 40.1),
 ])
 def test_gpu_estimate_against_h100_measurements(preset, queries, negatives, length, model, train, measured_gib):
-    """The analytic GPU estimate against peaks measured on one H100 (bench/RESULTS.md, "Train step")."""
+    """The analytic GPU estimate against peaks measured on one H100 or H200 (bench/RESULTS.md, "Train step")."""
     data = {**TINY["data"], "batch_size": queries, "hard_negatives": negatives, "query_max_length": length,
             "passage_max_length": length}
     run = load_run_config(data={**TINY, "model": {"preset": preset, "remat": "full", "attention_impl": "cudnn",
@@ -417,11 +421,38 @@ def test_gpu_estimate_against_h100_measurements(preset, queries, negatives, leng
     assert step.peak_bytes / 2**30 == pytest.approx(measured_gib, rel=0.05)
 
 
+def test_gpu_plans_offer_unrolled_layers_when_some_keep_their_matmul_outputs():
+    data = {**TINY["data"], "batch_size": 16, "hard_negatives": 3, "query_max_length": 256,
+            "passage_max_length": 256}
+
+    def plan(target, **model):
+        run = load_run_config(data={**TINY, "model": {"preset": "qwen2.5-1.5b", "remat": "full",
+                                                      "attention_impl": "cudnn", **model}, "data": data})
+        return plan_mod.make_plan(run, parse_target(target), estimate=True)
+
+    hint = "--set model.scan_layers=false"
+    p = plan("gpu:1xH100", remat_layers=14)
+    assert p.fits and p.speedups[0].startswith(hint)
+    p = plan("gpu:1xH100", remat_layers=12, scan_layers=True)
+    assert p.fits and p.speedups[0].startswith(hint)
+    p = plan("gpu:1xH100", remat_layers=12, scan_layers=False)
+    assert not any(s.startswith(hint) for s in p.speedups)
+    p = plan("gpu:1xH100")  # every layer rematted: nothing is copied through the scan
+    assert not any(s.startswith(hint) for s in p.speedups)
+    p = plan("gpu:1xH100", remat_layers=0, scan_layers=True)  # 28 "dots" layers: 49 GiB measured
+    assert any(s.startswith(hint) for s in p.speedups + p.suggestions)
+    p = plan("cpu:1", remat_layers=14)
+    assert not any(s.startswith(hint) for s in p.speedups + p.suggestions)
+
+
 def test_no_speedup_hint_without_remat_full_or_gradcache():
     for model, train in (({"remat": "dots"}, {"chunk_size": 8}), ({"remat": "full"}, {"chunk_size": 0})):
         run = load_run_config(data={**TINY, "model": {"preset": "tiny", **model}, "train": train})
         plan = plan_mod.make_plan(run, parse_target("gpu:1xH100"), estimate=True)
-        assert plan.fits and plan.speedups == []
+        assert plan.fits and not [s for s in plan.speedups if "keep_chunks" in s]
+        # remat "dots" keeps every layer's matmul outputs: on GPU, unrolled layers are the hint
+        assert [s.split()[1] for s in plan.speedups] == (["model.scan_layers=false"] if model["remat"] == "dots"
+                                                         else [])
 
 
 def test_keep_chunks_config_needs_remat_full():
