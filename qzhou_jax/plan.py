@@ -21,8 +21,9 @@ What a plan reports, per device and per batch shape:
     MFU against the chip's bf16 peak; XLA's own `cost_analysis()` count is kept in the
     JSON output only, since XLA counts the body of each loop once (the layer scan and the
     GradCache chunk loop), which undercounts a scanned model by orders of magnitude.
-  * when it does not fit, `--set` overrides to try; when it fits with memory to spare
-    below the headroom, a `train.keep_chunks` that spends it on speed (`speedups`).
+  * when it does not fit, `--set` overrides to try; when it fits, overrides that make it
+    faster (`speedups`): a `train.keep_chunks` that spends the memory left below the
+    headroom on speed, and on GPU unrolled layers where some keep their matmul outputs.
 
 How each target is compiled:
   * TPU slices (`v5p-16`, `v5e-32`, ...): for the slice's abstract devices via libtpu
@@ -407,7 +408,7 @@ class Plan:
             lines.append("to make it fit, try:")
             lines += [f"  {x}" for x in self.suggestions]
         if self.speedups:
-            lines.append("to spend the unused memory on speed, try (then plan again with it):")
+            lines.append("to make it faster, try (then plan again with it):")
             lines += [f"  {x}" for x in self.speedups]
         return "\n".join(lines)
 

@@ -394,7 +394,7 @@ def test_estimate_counts_kept_chunks():
         assert hint.startswith("--set train.keep_chunks=20  (GradCache: 20 of 32 chunks")
         peak = plans[keep].steps[0].peak_bytes + (20 - keep) * per_chunk
         assert peak <= 0.95 * plans[keep].limit_gib * 2**30 < peak + per_chunk
-    assert "to spend the unused memory on speed" in plans[0].format()
+    assert "to make it faster, try" in plans[0].format()
 
 
 @pytest.mark.parametrize("preset,queries,negatives,length,model,train,measured_gib", [
