@@ -9,6 +9,7 @@
 # PyTorch eager with gradient checkpointing), and the GradCache paper batch with 20 kept
 # chunks under the default allocator, which failed from fragmentation when preallocation
 # was off (not yet rerun).
+# Next: RUNS="compile tritonany" (about 7 minutes; compile prints qzhou-jax unrolled beside it).
 # Run on 2026-11-26 (H200): RUNS="rl14 dots full unrolled dsfusion dotsunrolled", the same
 # with XLA_FLAGS=--xla_gpu_enable_command_buffer= (before profiles compiled that way
 # themselves), then RUNS="peak rl14 unrolled anchor512 rl12u rl10u".
@@ -44,6 +45,14 @@ for r in $RUNS; do
                  --no-compile --steps 3 --warmup 1 ;;
     unrolled) t 140 $L256 --remat full --remat-layers 14 --no-scan --profile /tmp/prof/rl14_unrolled
               keep rl14_unrolled ;;
+    # XLA may pick Triton GEMMs that read silu(gate) * up in their prologue (no [tokens, 8960]
+    # product written and read back: up to about 7 ms of the 22 ms SwiGLU takes per step)
+    tritonany) echo "### XLA_FLAGS=--xla_gpu_triton_gemm_any=true"
+               XLA_FLAGS=--xla_gpu_triton_gemm_any=true t 120 $L256 --remat full --remat-layers 14 --no-scan \
+                 --profile /tmp/prof/rl14u_tritonany; keep rl14u_tritonany ;;
+    # the goal's reference on the same card: torch.compile's first step took 221 s on an H100
+    compile) t 420 $M --queries 16 --hard-negatives 3 --seq 256 --remat full --remat-layers 14 --no-scan \
+               --no-eager --steps 5 --warmup 1 ;;
     rl12u) t 90 $L256 --remat full --remat-layers 12 --no-scan ;;
     rl10u) t 90 $L256 --remat full --remat-layers 10 --no-scan ;;
     dsfusion) echo "### XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true"
