@@ -201,8 +201,7 @@ def profile_call(run: Callable[[], Any], hlo_text: str, out_dir: str | None = No
     is `hlo_text`, blocking until it is done) and break its device time down."""
     out_dir = out_dir or tempfile.mkdtemp(prefix="qzhou_profile_")
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "step.hlo.txt"), "w") as f:
-        f.write(hlo_text)
+    _write(os.path.join(out_dir, "step.hlo.txt"), hlo_text)
     module = re.match(r"HloModule ([\w.\-]+)", hlo_text)
     module = module.group(1) if module else None
     hlo = parse_hlo(hlo_text)
@@ -235,9 +234,15 @@ def profile_call(run: Callable[[], Any], hlo_text: str, out_dir: str | None = No
         "table": {f"{p}/{k}": v for (p, k), v in sorted(table.items())},
         "top": [dict(seconds=s, op=n, kind=k, phase=p, op_name=o) for s, n, k, p, o in ops[:200]],
     }
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    _write(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
     return summary
+
+
+def _write(path: str, text: str) -> None:
+    """Write through a temporary name, so an interrupted run leaves no half-written file."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def format_summary(s: dict[str, Any]) -> str:

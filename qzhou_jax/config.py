@@ -49,8 +49,9 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     remat: Literal["none", "full", "dots", "attn", "mlp"] = "none"
     remat_layers: int | None = None  # layers under `remat` (None: all); the others use "dots"
-    scan_layers: bool = True  # False: unrolled (README, "Models in Python": on the CPU compiler
-    #                           remat then saves no memory; `qzhou-jax plan` shows a target's)
+    scan_layers: bool = True  # False: unrolled (README, "Models in Python": faster and smaller on
+    #                           GPU with remat_layers; on CPU remat then saves no memory; on TPU
+    #                           `qzhou-jax plan` shows which is smaller)
     attention_impl: Literal["xla", "cudnn"] = "xla"
 
     def __post_init__(self):
