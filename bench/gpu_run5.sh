@@ -9,7 +9,11 @@
 # PyTorch eager with gradient checkpointing), and the GradCache paper batch with 20 kept
 # chunks under the default allocator, which failed from fragmentation when preallocation
 # was off (not yet rerun).
-# Next: RUNS="compile tritonany" (about 7 minutes; compile prints qzhou-jax unrolled beside it).
+# Next: RUNS="unrolled rl6u rl4u dotsunrolled" (about 5 minutes): unrolled layers no longer
+# keep a float32 copy of every layer's weights for the backward pass (4.7 GiB at 1.5b in the
+# H200 programs; `plan` now estimates 38.9 GiB with 6 rematted layers, 40.6 with 4), so fewer
+# layers need remat within 40 GiB; then RUNS="compile tritonany"
+# (about 7 minutes; compile prints qzhou-jax unrolled beside it).
 # Run on 2026-11-26 (H200): RUNS="rl14 dots full unrolled dsfusion dotsunrolled", the same
 # with XLA_FLAGS=--xla_gpu_enable_command_buffer= (before profiles compiled that way
 # themselves), then RUNS="peak rl14 unrolled anchor512 rl12u rl10u".
@@ -53,8 +57,7 @@ for r in $RUNS; do
     # the goal's reference on the same card: torch.compile's first step took 221 s on an H100
     compile) t 420 $M --queries 16 --hard-negatives 3 --seq 256 --remat full --remat-layers 14 --no-scan \
                --no-eager --steps 5 --warmup 1 ;;
-    rl12u) t 90 $L256 --remat full --remat-layers 12 --no-scan ;;
-    rl10u) t 90 $L256 --remat full --remat-layers 10 --no-scan ;;
+    rl[0-9]*u) n=${r#rl}; t 90 $L256 --remat full --remat-layers "${n%u}" --no-scan ;;
     dsfusion) echo "### XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true"
               XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true t 90 $L256 --remat full --remat-layers 14 \
                 --profile /tmp/prof/rl14_dsfusion; keep rl14_dsfusion ;;

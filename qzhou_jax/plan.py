@@ -211,7 +211,10 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
 
       gradients   the gradient, and GradCache's accumulator: 2 x the float32 parameter
                   shard (1 x without GradCache), one more with fsdp > 1 (the TPU compiler's
-                  programs for the 7b pod plans hold it: bench/RESULTS.md)
+                  programs for the 7b pod plans hold it: bench/RESULTS.md); unrolled layers
+                  without GradCache make their gradients one layer at a time in the compute
+                  dtype and join them after the backward pass, so of the 1 x only the
+                  parameters outside the layers count at the peak
       layers      with fsdp > 1: one layer's weights gathered in float32 and its compute-dtype
                   copy, double-buffered, and that layer's float32 gradient before the
                   reduce-scatter (all divided by tensor)
@@ -233,7 +236,10 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
     (bench/RESULTS.md: Qwen2.5-0.5B/1.5B, cuDNN attention, with and without GradCache,
     remat_layers and keep_chunks), which the model then matches within -0.1 to +0.9 GiB;
     the unrolled terms against 3 unrolled steps measured on one H200 (remat_layers 10, 12,
-    14 of Qwen2.5-1.5B at L=256: within +0.1 GiB).
+    14 of Qwen2.5-1.5B at L=256), less the float32 copy of the layer weights that those
+    programs kept at their peak (4.7 GiB, read with bench/hlo_liveness.py from the compiled
+    programs) and that unrolled layers no longer make (`qwen2.run_layers`): within +0.3 GiB
+    of those differences (and of "dots" unrolled, 48.3 - 4.7 GiB), not yet of a measurement.
     """
     mesh_shape = dict(mesh.shape)
     dp = mesh_shape["data"] * mesh_shape["fsdp"]
@@ -270,6 +276,8 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
     layer_params = (cfg.num_params(include_embedding=False) - E) / Lr / tp
     layers = (2 * layer_params * (4 + b) + layer_params * 4) if mesh_shape["fsdp"] > 1 else 0.0
     gradients = (1 + gradcache + (mesh_shape["fsdp"] > 1)) * param_bytes
+    if not cfg.scan_layers and not gradcache:
+        gradients -= param_bytes * layer_params * Lr * tp / cfg.num_params(include_embedding=True)
     out_dim = cfg.output_dim
     loss = (shape.n * (1 + shape.group) * out_dim * 4 * 4
             + shape.n * shape.n * (1 + shape.group) * 4 * 3

@@ -275,33 +275,69 @@ def split_rows(x: jax.Array, sizes: Sequence[int], parts: int) -> list[jax.Array
     return [x[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
+@jax.custom_vjp
+def _value_with_gradient_to(target: jax.Array, value: jax.Array) -> jax.Array:
+    """`value`, differentiated as if it were `target` (same shape and dtype): the
+    cotangent goes to `target`, none to `value`. Lets a layer read its weights from the
+    stacked parameter (a free remat residual) while its gradient flows to a per-layer
+    slice (whose transpose is a concatenation)."""
+    return value
+
+
+def _value_with_gradient_to_fwd(target, value):
+    return value, None
+
+
+def _value_with_gradient_to_bwd(_, g):
+    return g, None
+
+
+_value_with_gradient_to.defvjp(_value_with_gradient_to_fwd, _value_with_gradient_to_bwd)
+
+
 def run_layers(layer: Callable[[Any, Mapping[str, jax.Array]], Any], carry: Any,
                stacked: Mapping[str, jax.Array], cfg: ModelConfig) -> Any:
     """carry -> layer(carry, weights of layer i) for every layer, under the remat settings."""
     n = cfg.num_hidden_layers
     group, keep = remat_groups(cfg)
 
+    def policy(j: int) -> str:
+        return "dots" if j >= group - keep else cfg.remat
+
+    def checkpointed(fn: Callable, j: int) -> Callable:
+        name = policy(j)
+        return fn if name == "none" else jax.checkpoint(fn, policy=_REMAT[name], prevent_cse=not cfg.scan_layers)
+
+    if not cfg.scan_layers:
+        # Each layer reads its weights from the stacked arrays inside its checkpoint, so its
+        # remat residuals are the stacked parameters themselves; taking the layer's slice
+        # outside made XLA keep a float32 copy of every layer's weights from the forward
+        # to the backward pass (the size of the parameters). The gradient goes to one
+        # `lax.split` of each stacked weight, whose transpose concatenates the layers'
+        # gradients: differentiating the slice taken inside the layer instead made every
+        # layer's gradient a stack-sized, zero-padded array that the backward pass added up.
+        parts = {k: jax.lax.split(t, [1] * n) for k, t in stacked.items()}
+        frozen = jax.lax.stop_gradient(stacked)
+
+        def unrolled(i: int) -> Callable:
+            def fn(c, p, w):
+                return layer(c, {k: _value_with_gradient_to(p[k].reshape(p[k].shape[1:]), w[k][i]) for k in p})
+            return checkpointed(fn, i % group)
+
+        for i in range(n):
+            carry = unrolled(i)(carry, {k: v[i] for k, v in parts.items()}, frozen)
+        return carry
+
     def step(j: int, sliced: bool = True) -> Callable:
         """(carry, weights) -> carry for the layer at position j of a group, under that
         position's remat policy; `sliced`: the weights are the group's, stacked. The slice is
         taken inside the checkpoint, so the residuals are the stacked weights themselves, not
         per-layer copies of them."""
-        name = "dots" if j >= group - keep else cfg.remat
-
         def fn(c, p):
             return layer(c, jax.tree.map(lambda t: t[j], p) if sliced else p)
 
-        return fn if name == "none" else jax.checkpoint(fn, policy=_REMAT[name], prevent_cse=not cfg.scan_layers)
+        return checkpointed(fn, j)
 
-    if not cfg.scan_layers:
-        # One split per weight: its transpose concatenates the layers' gradients. Indexing
-        # the stack inside each layer instead made every layer's gradient a stack-sized,
-        # zero-padded array, and the backward pass added them all up.
-        parts = {k: jax.lax.split(t, [1] * n) for k, t in stacked.items()}
-        steps = [step(j, sliced=False) for j in range(group)]
-        for i in range(n):
-            carry = steps[i % group](carry, {k: v[i].reshape(v[i].shape[1:]) for k, v in parts.items()})
-        return carry
     if group == 1:
         return jax.lax.scan(lambda c, p: (step(0, sliced=False)(c, p), None), carry, stacked)[0]
     steps = [step(j) for j in range(group)]
