@@ -130,11 +130,11 @@ def peak_live(text: str) -> dict[str, Any]:
 
 
 def format_live(r: dict[str, Any], top: int = 20) -> str:
-    gib = 2 ** 30
-    lines = [f"arguments {r['argument_bytes'] / gib:.2f} GiB; other live buffers at the peak "
-             f"({r['at']}): {r['peak_bytes'] / gib:.2f} GiB"]
+    unit, div = ("GiB", 2 ** 30) if r["argument_bytes"] + r["peak_bytes"] >= 2 ** 30 else ("MiB", 2 ** 20)
+    lines = [f"arguments {r['argument_bytes'] / div:.2f} {unit}; other live buffers at the peak "
+             f"({r['at']}): {r['peak_bytes'] / div:.2f} {unit}"]
     for b, op_name, s in r["live"][:top]:
-        lines.append(f"  {b / gib:8.3f} GiB  {s:<28} {op_name or '(no op_name)'}")
+        lines.append(f"  {b / div:8.3f} {unit}  {s:<28} {op_name or '(no op_name)'}")
     return "\n".join(lines)
 
 

@@ -155,6 +155,9 @@ def run_jax(cfg, batch, args):
                 jax.block_until_ready((state, metrics))
 
             print(step_profile.format_summary(step_profile.profile_call(run, traced.as_text(), args.profile)))
+            import hlo_liveness  # what the program holds at its memory peak, by JAX operation
+
+            print(hlo_liveness.format_live(hlo_liveness.peak_live(traced.as_text()), top=12))
         except Exception as e:  # the timing above stands without the profile
             print(f"profile failed: {type(e).__name__}: {e}")
     return float(np.median(times)), common.jax_peak_gib(), compile_s, f"loss {loss:.3f}"
