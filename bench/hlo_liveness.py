@@ -4,21 +4,25 @@ scheduled HLO text (`bench/step_profile.py` writes it as `step.hlo.txt`).
     python bench/hlo_liveness.py /tmp/prof/rl14_unrolled/step.hlo.txt --top 20
 
 Walks the entry computation in its scheduled order. Every array an instruction defines (each
-element of a tuple-valued one) is a buffer from its definition to the last use of it or of
-an alias of it: `get-tuple-element`, `bitcast` and `tuple` define no buffer, and the outputs
-of `while` and `conditional` alias their operands (loops and branches update their state in
-place). Parameters are the program's arguments and are reported apart. At the instruction
-where the live bytes peak, the live buffers are grouped by the JAX operation that made them
-(`op_name` metadata, layer numbers folded) and shape.
+array of a tuple-valued one) is a buffer from its definition to the last use of it or of an
+alias of it. `get-tuple-element`, `bitcast`, `tuple` and optimization barriers define no
+buffer; a `while`'s results are its loop state (updated in place); an async op's `-done`
+returns what its `-start` made; a `conditional`'s results (and an async `-start`'s tuple)
+reuse an operand's buffer of the same shape where there is one (a branch updating state in
+place), and are new buffers otherwise. Parameters are the program's arguments and are
+reported apart. At the instruction where the live bytes peak, the live buffers are grouped
+by the JAX operation that made them (`op_name` metadata, numbers folded) and shape.
 
 An estimate, not XLA's buffer assignment: it does not model outputs written into a dead
-operand's buffer (in-place fusions), the temporaries inside loop bodies and branches, or
-nested tuples (flattened).
+operand's buffer (in-place fusions) or the temporaries inside loop bodies and branches (an
+optimizer update inside a `lax.cond` counts its results, not its working buffers).
+
 On the Qwen2.5-1.5B L=256 train steps compiled for one H200 (bench/RESULTS.md, "One
 H200"), arguments + live buffers came to 36.8 GiB against 36.9 GiB measured (remat on 14 of
 28 unrolled layers) and 48.3 against 48.3 ("dots", unrolled); scanned programs come out low
 (37.1 against 39.3), their loop bodies' temporaries not counted. In both unrolled programs
-it showed a float32 copy of every layer's weights (4.7 GiB) live at the peak.
+it showed float32 copies of the layer weights (4.7 GiB, 27 of the 28 layers') live at the
+peak.
 """
 
 from __future__ import annotations
@@ -29,23 +33,39 @@ import re
 from typing import Any
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
-                "f8e4m3fn": 1, "f8e5m2": 1}
-_ARRAY = re.compile(r"\b(" + "|".join(sorted(_DTYPE_BYTES, key=len, reverse=True)) + r")\[([0-9,]*)\]")
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5,
+                "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "f8e4m3b11fnuz": 1,
+                "f8e3m4": 1, "f8e4m3": 1, "f4e2m1fn": 0.5, "f8e8m0fnu": 1}
+_TOKEN = re.compile(r"\(|\)|([a-z][a-z0-9]*)\[([0-9,]*)\](?:\{[^}]*\})?|token\[\]|,|/\*[^*]*\*/|\s+")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+) ([a-z][\w\-]*)\((.*)$")
-_ALIASING = {"get-tuple-element", "bitcast", "tuple", "while", "conditional"}
+_ALIASING = {"bitcast", "tuple", "opt-barrier", "optimization-barrier"}
 
 
-def _arrays(shape: str) -> list[tuple[str, int]]:
-    """(text, bytes) of each array in a shape (one for an array, one per element of a tuple)."""
-    out = []
-    for dtype, dims in _ARRAY.findall(shape):
-        n = 1
-        for d in dims.split(","):
-            if d:
-                n *= int(d)
-        out.append((f"{dtype}[{dims}]", n * _DTYPE_BYTES[dtype]))
-    return out
+def _shape_tree(shape: str) -> Any:
+    """A shape as a tree: (text, bytes) for an array, a list for a tuple."""
+    stack: list[list] = [[]]
+    for m in _TOKEN.finditer(shape):
+        tok = m.group(0)
+        if tok == "(":
+            stack.append([])
+        elif tok == ")":
+            done = stack.pop()
+            stack[-1].append(done)
+        elif m.group(1):
+            dtype, dims = m.group(1), m.group(2)
+            n = 1
+            for d in dims.split(","):
+                if d:
+                    n *= int(d)
+            stack[-1].append((f"{dtype}[{dims}]", int(n * _DTYPE_BYTES.get(dtype, 0))))
+        elif tok == "token[]":
+            stack[-1].append(("token[]", 0))
+    top = stack[0]
+    return top[0] if len(top) == 1 else top
+
+
+def _leaves(tree: Any) -> list:
+    return [tree] if not isinstance(tree, list) else [x for t in tree for x in _leaves(t)]
 
 
 def _entry(text: str) -> list[str]:
@@ -72,10 +92,27 @@ def _operands(rest: str) -> list[str]:
     return re.findall(r"%([\w.\-]+)", rest[:end])
 
 
+def _alias_by_shape(shape: Any, candidates: list) -> Any:
+    """`shape`'s tree with each array taken from the first unused candidate buffer of the same
+    shape text (a branch's state updated in place), or None where there is none."""
+    used: set[int] = set()
+
+    def pick(node):
+        if isinstance(node, list):
+            return [pick(x) for x in node]
+        for i, b in enumerate(candidates):
+            if i not in used and b[3] == node[0]:
+                used.add(i)
+                return b
+        return None
+
+    return pick(shape)
+
+
 def peak_live(text: str) -> dict[str, Any]:
     """{"argument_bytes", "peak_bytes" (live buffers other than arguments at the peak),
     "at" (the instruction), "live": [(bytes, op_name, shape), ...] largest first}."""
-    buffers: dict[str, list[tuple[str, int, str, str]]] = {}  # name -> [(buffer id, bytes, op_name, shape)]
+    buffers: dict[str, Any] = {}  # name -> tree of (buffer id, bytes, op_name, shape text)
     order: list[tuple[str, list[str], list[tuple[str, int, str, str]]]] = []
     args = 0
     for line in _entry(text):
@@ -86,28 +123,48 @@ def peak_live(text: str) -> dict[str, Any]:
         meta = re.search(r'op_name="([^"]*)"', line)
         op_name = meta.group(1) if meta else ""
         ops = _operands(rest)
+        tree = _shape_tree(shape)
+        own: list[tuple[str, int, str, str]] = []
         if op == "get-tuple-element":
             k = int(re.search(r"index=(\d+)", rest).group(1))
-            src = buffers.get(ops[0], [])
-            buffers[name] = src[k:k + 1] if len(src) > k else src
-        elif op in _ALIASING:
-            buffers[name] = [b for o in ops for b in buffers.get(o, [])]
+            src = buffers.get(ops[0])
+            buffers[name] = src[k] if isinstance(src, list) and len(src) > k else src
+        elif op in _ALIASING or op == "while" or op.endswith("-done"):
+            # while: one operand, the loop state, updated in place; an async op's -done
+            # returns what its -start made
+            found = [b for o in ops for b in _leaves(buffers.get(o)) if b is not None]
+            buffers[name] = found if op != "while" else (buffers.get(ops[0]) if ops else found)
         else:
-            own = [(f"{name}#{i}", size, op_name, s) for i, (s, size) in enumerate(_arrays(shape))]
-            buffers[name] = own
+            if op == "conditional" or op.endswith("-start"):
+                # a branch's results, an async op's operands: in place where an operand has the shape
+                mapped = _alias_by_shape(tree, [b for o in ops[1:] for b in _leaves(buffers.get(o))
+                                                if b is not None])
+            else:
+                mapped = None
+            counter = iter(range(10 ** 9))
+
+            def make(node, alias):
+                if isinstance(node, list):
+                    return [make(x, alias[j] if isinstance(alias, list) else None) for j, x in enumerate(node)]
+                if alias is not None:
+                    return alias
+                b = (f"{name}#{next(counter)}", node[1], op_name, node[0])
+                own.append(b)
+                return b
+
+            buffers[name] = make(tree, mapped)
             if op == "parameter":
                 args += sum(b[1] for b in own)
                 own = []
-            order.append((name, ops, own))
-            continue
-        order.append((name, ops, []))
+        order.append((name, ops, own))
     last_use: dict[str, int] = {}
     for i, (_, ops, own) in enumerate(order):
         for b in own:
             last_use.setdefault(b[0], i)
         for o in ops:
-            for b in buffers.get(o, []):
-                last_use[b[0]] = i
+            for b in _leaves(buffers.get(o)):
+                if b is not None:
+                    last_use[b[0]] = i
     frees = collections.defaultdict(list)
     for bid, i in last_use.items():
         frees[i].append(bid)

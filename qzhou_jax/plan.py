@@ -213,8 +213,9 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
                   shard (1 x without GradCache), one more with fsdp > 1 (the TPU compiler's
                   programs for the 7b pod plans hold it: bench/RESULTS.md); unrolled layers
                   without GradCache make their gradients one layer at a time in the compute
-                  dtype and join them after the backward pass, so of the 1 x only the
-                  parameters outside the layers count at the peak
+                  dtype and join them into a float32 gradient after the backward pass,
+                  so of the 1 x only the parameters outside the layers count during it;
+                  the peak is at least the state and that float32 gradient (the join)
       layers      with fsdp > 1: one layer's weights gathered in float32 and its compute-dtype
                   copy, double-buffered, and that layer's float32 gradient before the
                   reduce-scatter (all divided by tensor)
@@ -235,11 +236,12 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
     The gradient and scan-step terms were set against 11 train steps measured on one H100
     (bench/RESULTS.md: Qwen2.5-0.5B/1.5B, cuDNN attention, with and without GradCache,
     remat_layers and keep_chunks), which the model then matches within -0.1 to +0.9 GiB;
-    the unrolled terms against 3 unrolled steps measured on one H200 (remat_layers 10, 12,
-    14 of Qwen2.5-1.5B at L=256), less the float32 copy of the layer weights that those
-    programs kept at their peak (4.7 GiB, read with bench/hlo_liveness.py from the compiled
-    programs) and that unrolled layers no longer make (`qwen2.run_layers`): within +0.3 GiB
-    of those differences (and of "dots" unrolled, 48.3 - 4.7 GiB), not yet of a measurement.
+    the unrolled terms against 4 unrolled steps measured on one H200 (remat_layers 10, 12,
+    14 of Qwen2.5-1.5B at L=256, and "dots" before the split of the stacked weights), less
+    the float32 copy of the layer weights that those programs kept at their peak (4.7 GiB,
+    estimated with bench/hlo_liveness.py from the compiled programs) and that unrolled
+    layers no longer make (`qwen2.run_layers`): within +0.3 GiB of those differences,
+    which are derived, not measured.
     """
     mesh_shape = dict(mesh.shape)
     dp = mesh_shape["data"] * mesh_shape["fsdp"]
@@ -287,6 +289,11 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
              "kept_chunks": kept, "batch_and_loss": loss}
     parts = {k: int(v) for k, v in parts.items()}
     parts["peak"] = sum(parts.values())
+    if not cfg.scan_layers and not gradcache:
+        # at the step's end the layers' gradients are joined into one float32 gradient
+        # before the update, whatever the activations were
+        end = state_bytes + (1 + (mesh_shape["fsdp"] > 1)) * param_bytes + parts["batch_and_loss"]
+        parts["peak"] = max(parts["peak"], int(end))
     return parts
 
 

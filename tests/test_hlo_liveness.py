@@ -49,3 +49,38 @@ def test_reads_a_compiled_program():
     assert r["argument_bytes"] == 256 * 256 * 4
     assert r["peak_bytes"] >= 256 * 256 * 4 and r["live"]
     assert sum(b for b, _, _ in r["live"]) == r["peak_bytes"]
+
+
+COND = """HloModule m, is_scheduled=true
+
+ENTRY %main (p: pred[], w: f32[1024]) -> (f32[1024], f32[64]) {
+  %p = pred[] parameter(0)
+  %w = f32[1024]{0} parameter(1)
+  %g = f32[1024]{0} fusion(%w), kind=kLoop, calls=%f, metadata={op_name="jit(f)/grad"}
+  %ops = (f32[1024]{0}, f32[1024]{0}) tuple(%w, %g)
+  %c = (f32[1024]{0}, f32[16]{0}) conditional(%p, %ops, %ops), true_computation=%t, false_computation=%e
+  %new_w = f32[1024]{0} get-tuple-element(%c), index=0
+  %stat = f32[16]{0} get-tuple-element(%c), index=1
+  %nest = ((f32[256]{0}, f32[64]{0}), f32[8]{0}) custom-call(%stat), custom_call_target="x", metadata={op_name="jit(f)/nest"}
+  %inner = (f32[256]{0}, f32[64]{0}) get-tuple-element(%nest), index=0
+  %last = f32[64]{0} get-tuple-element(%inner), index=1
+  %twice = f32[64]{0} fusion(%last, %new_w), kind=kLoop, calls=%f, metadata={op_name="jit(f)/twice"}
+  ROOT %out = (f32[1024]{0}, f32[64]{0}) tuple(%new_w, %twice)
+}
+"""
+
+
+def test_conditional_results_update_in_place_and_nested_tuples_are_indexed():
+    r = hlo_liveness.peak_live(COND)
+    assert r["argument_bytes"] == 1 + 1024 * 4
+    # the branch's f32[1024] result reuses the operand buffer of that shape (the argument:
+    # not a new buffer), its f32[16] result is new, and the gradient lives up to the branch
+    assert r["at"] == "c" and r["peak_bytes"] == (1024 + 16) * 4
+    assert sorted(s for _, _, s in r["live"]) == ["f32[1024]", "f32[16]"]
+    # the nested f32[64], read through two get-tuple-elements, lives until `twice` reads it;
+    # the custom call's other arrays die at once
+    big = hlo_liveness.peak_live(COND.replace("%twice = f32[64]{0}", "%twice = f32[4096]{0}").replace(
+        "-> (f32[1024], f32[64])", "-> (f32[1024], f32[4096])").replace(
+        "(f32[1024]{0}, f32[64]{0}) tuple(%new_w, %twice)", "(f32[1024]{0}, f32[4096]{0}) tuple(%new_w, %twice)"))
+    assert big["at"] == "twice"
+    assert sorted(s for _, _, s in big["live"]) == ["f32[4096]", "f32[64]"]

@@ -124,7 +124,7 @@ def test_unrolled_layers_keep_no_copies_of_their_weights_for_the_backward_pass()
     for remat, remat_layers in (("full", 2), ("mlp", None)):  # full and dots layers; a names policy
         cfg, params = params_from_torch(hf, compute_dtype="float32", scan_layers=False, remat=remat,
                                         remat_layers=remat_layers)
-        layer_shapes = {tuple(t.shape[1:]) for t in params["layers"].values()}
+        layer_shapes = {s for t in params["layers"].values() for s in (tuple(t.shape[1:]), (1,) + t.shape[1:])}
         loss = lambda p: jnp.sum(embed(p, cfg, ids, mask) ** 3)  # noqa: E731
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
@@ -135,6 +135,9 @@ def test_unrolled_layers_keep_no_copies_of_their_weights_for_the_backward_pass()
         assert not copies, f"{remat}/{remat_layers}: per-layer weight copies kept: {copies[:3]}"
         grads = jax.eval_shape(jax.grad(loss), params)
         assert all(g.shape == params["layers"][k].shape for k, g in grads["layers"].items())
+    # forward mode works on this path too (jvp of a per-layer weight's tangent)
+    tangents = jax.tree.map(jnp.ones_like, params)
+    jax.eval_shape(lambda p, t: jax.jvp(loss, (p,), (t,)), params, tangents)
 
 
 @pytest.mark.parametrize("layers,remat_layers,expect", [

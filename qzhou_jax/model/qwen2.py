@@ -275,24 +275,18 @@ def split_rows(x: jax.Array, sizes: Sequence[int], parts: int) -> list[jax.Array
     return [x[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _value_with_gradient_to(target: jax.Array, value: jax.Array) -> jax.Array:
-    """`value`, differentiated as if it were `target` (same shape and dtype): the
-    cotangent goes to `target`, none to `value`. Lets a layer read its weights from the
-    stacked parameter (a free remat residual) while its gradient flows to a per-layer
-    slice (whose transpose is a concatenation)."""
+    """`value`, differentiated as if it were `target` (same shape and dtype): its tangent is
+    `target`'s, so reverse mode sends the cotangent to `target` and none to `value`. Lets a
+    layer read its weights from the stacked parameter (a free remat residual) while its
+    gradient flows to a per-layer slice (whose transpose is a concatenation)."""
     return value
 
 
-def _value_with_gradient_to_fwd(target, value):
-    return value, None
-
-
-def _value_with_gradient_to_bwd(_, g):
-    return g, None
-
-
-_value_with_gradient_to.defvjp(_value_with_gradient_to_fwd, _value_with_gradient_to_bwd)
+@_value_with_gradient_to.defjvp
+def _value_with_gradient_to_jvp(primals, tangents):
+    return primals[1], tangents[0]
 
 
 def run_layers(layer: Callable[[Any, Mapping[str, jax.Array]], Any], carry: Any,
