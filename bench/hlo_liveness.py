@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import re
 from typing import Any
 
@@ -141,7 +142,7 @@ def peak_live(text: str) -> dict[str, Any]:
                                                 if b is not None])
             else:
                 mapped = None
-            counter = iter(range(10 ** 9))
+            counter = itertools.count()
 
             def make(node, alias):
                 if isinstance(node, list):
@@ -201,7 +202,11 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=20)
     args = ap.parse_args()
     with open(args.hlo) as f:
-        print(format_live(peak_live(f.read()), args.top))
+        text = f.read()
+    try:
+        print(format_live(peak_live(text), args.top))
+    except ValueError as e:
+        raise SystemExit(f"{args.hlo}: {e}") from None
 
 
 if __name__ == "__main__":

@@ -278,8 +278,8 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
     layer_params = (cfg.num_params(include_embedding=False) - E) / Lr / tp
     layers = (2 * layer_params * (4 + b) + layer_params * 4) if mesh_shape["fsdp"] > 1 else 0.0
     gradients = (1 + gradcache + (mesh_shape["fsdp"] > 1)) * param_bytes
-    if not cfg.scan_layers and not gradcache:
-        gradients -= param_bytes * layer_params * Lr * tp / cfg.num_params(include_embedding=True)
+    if not cfg.scan_layers and not gradcache:  # the layers' share of the parameters
+        gradients -= param_bytes * (cfg.num_params(include_embedding=False) - E) / cfg.num_params()
     out_dim = cfg.output_dim
     loss = (shape.n * (1 + shape.group) * out_dim * 4 * 4
             + shape.n * shape.n * (1 + shape.group) * 4 * 3
