@@ -16,7 +16,7 @@ trace (`jax.profiler.ProfileData`) and attributed with the compiled program's HL
   * phase: forward (with GradCache, both of its passes' forwards; with kept chunks, their
     layers re-run from the saved inputs), backward (instructions JAX emitted for a
     transpose, i.e. a VJP), recompute (the forward of a rematerialised layer re-run for its
-    backward), optimizer (the update branch of the step's `lax.cond`), other (the
+    backward; a fusion that also computes ops of the backward counts as backward), optimizer (the update branch of the step's `lax.cond`), other (the
     gradient norm, the finiteness check, metrics, and copies XLA inserted without a JAX op:
     read the copy/slice column over all phases). The loss and the embedding lookup are
     differentiated, so they count as forward and backward.
@@ -61,7 +61,8 @@ _COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 def parse_hlo(text: str) -> dict[str, dict[str, Any]]:
     """instruction name -> {opcode, ops (opcodes in the computations it calls, one nesting level
     deep), target (its custom-call target), inner_targets (custom-call targets in those
-    computations), op_name (the JAX op from its metadata)}."""
+    computations), op_name (the JAX op from its metadata), inner_op_names (the JAX ops of the
+    instructions in those computations)}."""
     comps: dict[str, list[tuple[str, str, str]]] = {}
     cur = None
     for line in text.splitlines():
@@ -82,6 +83,7 @@ def parse_hlo(text: str) -> dict[str, dict[str, Any]]:
             op_name = re.search(r'op_name="([^"]*)"', rest)
             inner: set[str] = set()
             targets: set[str] = set()  # custom calls inside (e.g. a cuBLAS GEMM in a dynamic-slice fusion)
+            inner_names: set[str] = set()
             bodies = list(calls)
             for c in calls:  # one level of nesting (fusions in fusions)
                 for _, op, r in comps.get(c, ()):
@@ -91,8 +93,10 @@ def parse_hlo(text: str) -> dict[str, dict[str, Any]]:
                 for _, op, r in comps.get(c, ()):
                     inner.add(op)
                     targets.update(re.findall(r'custom_call_target="([^"]+)"', r))
+                    inner_names.update(re.findall(r'op_name="([^"]*)"', r))
             out[name] = {"opcode": opcode, "ops": inner, "target": target.group(1) if target else "",
-                         "inner_targets": targets, "op_name": op_name.group(1) if op_name else ""}
+                         "inner_targets": targets, "op_name": op_name.group(1) if op_name else "",
+                         "inner_op_names": inner_names}
     return out
 
 
@@ -148,11 +152,9 @@ def kind_of(info: dict[str, Any] | None, name: str) -> str:
     return "other"
 
 
-def phase_of(info: dict[str, Any] | None) -> str:
-    """One of PHASES, from the JAX op name in the instruction's metadata."""
-    if info is None or not info["op_name"]:
+def _phase_of_name(n: str) -> str:
+    if not n:
         return "other"
-    n = info["op_name"]
     if "/cond/branch_1" in n:  # the step's update branch (`lax.cond` on finite loss and gradients)
         return "optimizer"
     if "rematted_computation" in n:
@@ -162,6 +164,25 @@ def phase_of(info: dict[str, Any] | None) -> str:
     if "jvp(" in n or "/while/" in n:  # differentiated, or in a loop (layers; GradCache's passes)
         return "forward"
     return "other"
+
+
+_PASS_ORDER = ("forward", "recompute", "backward")
+
+
+def phase_of(info: dict[str, Any] | None) -> str:
+    """One of PHASES, from the JAX op name in the instruction's metadata.
+
+    A fusion named after a forward or recomputed op that also computes a later pass's op
+    counts as the latest of them (recompute after forward, backward after both): XLA fuses
+    a norm's recomputed sum of squares into the kernel of the norm backward's own row sum,
+    and that kernel's time is the backward pass's."""
+    if info is None:
+        return "other"
+    phase = _phase_of_name(info["op_name"])
+    if phase in _PASS_ORDER:
+        inner = {_phase_of_name(n) for n in info.get("inner_op_names", ())} & set(_PASS_ORDER)
+        phase = max(inner | {phase}, key=_PASS_ORDER.index)
+    return phase
 
 
 def _device_events(path: str, module: str | None) -> tuple[dict[str, float], str]:

@@ -63,6 +63,23 @@ def test_kinds_of_gpu_instructions():
   ROOT %multiply.1 = bf16[8]{0} multiply(%p0, %logistic.1)
 }
 
+%fused_norm_reduce (p0: f32[4,8], p1: f32[4,8]) -> (f32[4], f32[4]) {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[4,8]{1,0} parameter(1)
+  %c = f32[] constant(0)
+  %sq = f32[4,8]{1,0} multiply(%p0, %p0), metadata={op_name="jit(step)/transpose(jvp())/checkpoint/rematted_computation/mul"}
+  %r0 = f32[4]{0} reduce(%sq, %c), dimensions={1}, to_apply=%add, metadata={op_name="jit(step)/transpose(jvp())/checkpoint/rematted_computation/reduce_sum"}
+  %xg = f32[4,8]{1,0} multiply(%p0, %p1), metadata={op_name="jit(step)/transpose(jvp())/checkpoint/mul"}
+  %r1 = f32[4]{0} reduce(%xg, %c), dimensions={1}, to_apply=%add, metadata={op_name="jit(step)/transpose(jvp())/checkpoint/reduce_sum"}
+  ROOT %t = (f32[4]{0}, f32[4]{0}) tuple(%r0, %r1)
+}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
 %dynamic-slice-fusion (p0: bf16[4,8,8], p1: bf16[8,8], p2: s32[]) -> bf16[8,8] {
   %p0 = bf16[4,8,8]{2,1,0} parameter(0)
   %p1 = bf16[8,8]{1,0} parameter(1)
@@ -86,6 +103,8 @@ ENTRY %main (a: bf16[4,8], b: bf16[1,8], i: s32[], x: bf16[8]) -> bf16[4,8] {
   %w = bf16[4,8,8]{2,1,0} parameter(4)
   %fusion.11 = bf16[8,8]{1,0} fusion(%w, %a, %i), kind=kCustom, calls=%dynamic-slice-fusion
   %custom-call.5 = bf16[4,8]{1,0} custom-call(%a, %x), custom_call_target="__cudnn$norm"
+  %f = f32[4,8]{1,0} parameter(5)
+  %fusion.12 = (f32[4]{0}, f32[4]{0}) fusion(%f, %f), kind=kInput, calls=%fused_norm_reduce, metadata={op_name="jit(step)/transpose(jvp())/checkpoint/rematted_computation/reduce_sum"}
   ROOT %fusion.9 = bf16[4,8]{1,0} fusion(%a, %b, %i), kind=kLoop, calls=%fused_dus, metadata={op_name="jit(step)/transpose(jvp())/while/body/checkpoint/rematted_computation/mlp/dot_general"}
 }
 """)
@@ -96,9 +115,13 @@ ENTRY %main (a: bf16[4,8], b: bf16[1,8], i: s32[], x: bf16[8]) -> bf16[4,8] {
                      "all-reduce-start.2": "collective", "fusion.9": "copy/slice",
                      "fusion.11": "matmul",  # a cuBLAS GEMM reading its operand through a dynamic slice
                      "custom-call.5": "other"}
-    phases = {n: step_profile.phase_of(hlo[n]) for n in ("custom-call.3", "custom-call.4", "fusion.7", "fusion.9")}
+    phases = {n: step_profile.phase_of(hlo[n])
+              for n in ("custom-call.3", "custom-call.4", "fusion.7", "fusion.9", "fusion.12")}
     assert phases == {"custom-call.3": "backward", "custom-call.4": "forward", "fusion.7": "optimizer",
-                      "fusion.9": "recompute"}
+                      "fusion.9": "recompute",
+                      # named after its recomputed sum of squares, but also the norm backward's row sum
+                      "fusion.12": "backward"}
+    assert step_profile.kind_of(hlo["fusion.12"], "fusion.12") == "reduction"
     assert step_profile.kind_of(None, "gemm_fusion_dot.3") == "matmul"
     # kernels of asynchronous fusions, named at run time after no instruction of the HLO text
     assert step_profile.kind_of(None, "loop_dynamic_slice_fusion.10") == "copy/slice"
