@@ -16,10 +16,11 @@ trace (`jax.profiler.ProfileData`) and attributed with the compiled program's HL
   * phase: forward (with GradCache, both of its passes' forwards; with kept chunks, their
     layers re-run from the saved inputs), backward (instructions JAX emitted for a
     transpose, i.e. a VJP), recompute (the forward of a rematerialised layer re-run for its
-    backward; a fusion that also computes ops of the backward counts as backward), optimizer (the update branch of the step's `lax.cond`), other (the
-    gradient norm, the finiteness check, metrics, and copies XLA inserted without a JAX op:
-    read the copy/slice column over all phases). The loss and the embedding lookup are
-    differentiated, so they count as forward and backward.
+    backward; a fusion that also computes ops of the backward counts as backward), optimizer
+    (the update branch of the step's `lax.cond`), other (the gradient norm, the finiteness
+    check, metrics, and copies XLA inserted without a JAX op: read the copy/slice column over
+    all phases). The loss and the embedding lookup are differentiated, so they count as
+    forward and backward.
 
 Sums are device busy time; with several streams (async collectives, host copies) they may
 exceed the wall time. The wall time is that of the traced call, inside the trace; the gap
