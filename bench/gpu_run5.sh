@@ -12,8 +12,13 @@
 # Next: RUNS="unrolled rl6u rl4u dotsunrolled" (about 5 minutes): unrolled layers no longer
 # keep a float32 copy of every layer's weights for the backward pass (4.7 GiB at 1.5b in the
 # H200 programs; `plan` now estimates 38.9 GiB with 6 rematted layers, 40.6 with 4), so fewer
-# layers need remat within 40 GiB; then RUNS="compile tritonany"
-# (about 7 minutes; compile prints qzhou-jax unrolled beside it).
+# layers need remat within 40 GiB; then RUNS="gc8dotsu compile tritonany" (about 9 minutes;
+# compile prints qzhou-jax unrolled beside it). gc8dotsu: the GradCache paper batch with
+# unrolled "dots" layers in the second pass, which then runs each layer forward and backward
+# once, as kept chunks do, without their 2 GiB each (`plan` estimate 59.7 GiB, which counts a
+# float32 gradient per chunk besides the accumulator that the program may not hold);
+# gc4dotsu if it does not fit. fusedgemm: tritonany with cuDNN GEMM fusions as a third
+# candidate for the autotuner (Hopper, cuDNN 9).
 # Run on 2026-11-26 (H200): RUNS="rl14 dots full unrolled dsfusion dotsunrolled", the same
 # with XLA_FLAGS=--xla_gpu_enable_command_buffer= (before profiles compiled that way
 # themselves), then RUNS="peak rl14 unrolled anchor512 rl12u rl10u".
@@ -22,7 +27,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd) || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 cd "$ROOT/bench" || exit 1
-rm -rf /tmp/prof /tmp/keep   # nothing left over from an earlier run on a warm machine
+W=/tmp/qzhou_gpu_run5; rm -rf "$W"   # scratch: nothing left over from an earlier run on a warm machine
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__)" | tee -a "$OUT/gpu.txt"
 BUDGET=${BUDGET:-580}   # seconds for the whole script; a run starts only if its limit fits
@@ -30,8 +35,8 @@ t() { local s=$1; shift; if [ $((SECONDS + s)) -gt "$BUDGET" ]; then echo "### s
       echo "### $*"; timeout -k 10 "$s" python3 train_step.py "$@" 2>&1 | grep --line-buffered -v -i warning; }
 # keep the summaries and the optimized HLO, not the traces; packed into one file at the end
 # (a device call returns at most 8 files)
-keep() { [ -f "/tmp/prof/$1/summary.json" ] || return 0; mkdir -p "/tmp/keep/$1"
-         cp "/tmp/prof/$1/summary.json" "/tmp/prof/$1/step.hlo.txt" "/tmp/keep/$1/"; }
+keep() { [ -f "$W/prof/$1/summary.json" ] || return 0; mkdir -p "$W/keep/$1"
+         cp "$W/prof/$1/summary.json" "$W/prof/$1/step.hlo.txt" "$W/keep/$1/"; }
 M="--preset ${PRESET:-qwen2.5-1.5b} --attention-impl cudnn"
 L256="$M --queries 16 --hard-negatives 3 --seq 256 --no-torch --steps 5 --warmup 1"
 GC="$M --queries 256 --hard-negatives 4 --seq 512 --no-torch --steps 1 --warmup 0"
@@ -40,31 +45,35 @@ RUNS=${RUNS:-rl14 dots full anchor512 unrolled dsfusion keep20}
 for r in $RUNS; do
   case $r in
     peak) echo "### matmul_peak.py"; timeout -k 10 60 python3 matmul_peak.py 2>&1 | grep -v -i warning ;;
-    rl14) t 90 $L256 --remat full --remat-layers 14 --profile /tmp/prof/rl14; keep rl14 ;;
-    dots) t 90 $L256 --remat dots --profile /tmp/prof/dots; keep dots ;;
-    full) t 90 $L256 --remat full --profile /tmp/prof/full; keep full ;;
+    rl14) t 90 $L256 --remat full --remat-layers 14 --profile $W/prof/rl14; keep rl14 ;;
+    dots) t 90 $L256 --remat dots --profile $W/prof/dots; keep dots ;;
+    full) t 90 $L256 --remat full --profile $W/prof/full; keep full ;;
     # DESIGN.md section 4's third anchor, not yet recorded: 1.5b 16 x (1+3) x 512 against
     # PyTorch eager with HF gradient checkpointing (DESIGN: 32.2k tokens/s, 78 GiB).
     anchor512) t 170 $M --queries 16 --hard-negatives 3 --seq 512 --remat full --torch-checkpointing \
                  --no-compile --steps 3 --warmup 1 ;;
-    unrolled) t 140 $L256 --remat full --remat-layers 14 --no-scan --profile /tmp/prof/rl14_unrolled
+    unrolled) t 140 $L256 --remat full --remat-layers 14 --no-scan --profile $W/prof/rl14_unrolled
               keep rl14_unrolled ;;
     # XLA may pick Triton GEMMs that read silu(gate) * up in their prologue (no [tokens, 8960]
     # product written and read back: up to about 7 ms of the 22 ms SwiGLU takes per step)
     tritonany) echo "### XLA_FLAGS=--xla_gpu_triton_gemm_any=true"
                XLA_FLAGS=--xla_gpu_triton_gemm_any=true t 120 $L256 --remat full --remat-layers 14 --no-scan \
-                 --profile /tmp/prof/rl14u_tritonany; keep rl14u_tritonany ;;
+                 --profile $W/prof/rl14u_tritonany; keep rl14u_tritonany ;;
+    fusedgemm) echo "### XLA_FLAGS=--xla_gpu_triton_gemm_any=true --xla_gpu_cudnn_gemm_fusion_level=2"
+               XLA_FLAGS="--xla_gpu_triton_gemm_any=true --xla_gpu_cudnn_gemm_fusion_level=2" t 240 $L256 --remat full \
+                 --remat-layers 6 --no-scan --profile $W/prof/rl6u_fusedgemm; keep rl6u_fusedgemm ;;
+    gc[0-9]*dotsu) c=${r#gc}; t 170 $GC --chunk-size "${c%dotsu}" --remat dots --no-scan ;;
     # the goal's reference on the same card: torch.compile's first step took 221 s on an H100
     compile) t 420 $M --queries 16 --hard-negatives 3 --seq 256 --remat full --remat-layers 14 --no-scan \
                --no-eager --steps 5 --warmup 1 ;;
     rl[0-9]*u) n=${r#rl}; t 90 $L256 --remat full --remat-layers "${n%u}" --no-scan ;;
     dsfusion) echo "### XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true"
               XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true t 90 $L256 --remat full --remat-layers 14 \
-                --profile /tmp/prof/rl14_dsfusion; keep rl14_dsfusion ;;
-    dotsunrolled) t 140 $L256 --remat dots --no-scan --profile /tmp/prof/dots_unrolled; keep dots_unrolled ;;
+                --profile $W/prof/rl14_dsfusion; keep rl14_dsfusion ;;
+    dotsunrolled) t 140 $L256 --remat dots --no-scan --profile $W/prof/dots_unrolled; keep dots_unrolled ;;
     keep20) t 100 $GC --chunk-size 8 --remat full --keep-chunks 20 ;;
     *) echo "### unknown run $r" ;;
   esac 2>&1 | tee -a "$OUT/runs.txt"
 done
-[ -d /tmp/keep ] && tar -C /tmp/keep -czf "$OUT/profiles.tar.gz" .
+[ -d "$W/keep" ] && tar -C "$W/keep" -czf "$OUT/profiles.tar.gz" .
 echo "### done in $SECONDS s" | tee -a "$OUT/gpu.txt"

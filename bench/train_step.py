@@ -164,9 +164,10 @@ def run_jax(cfg, batch, args):
 
 
 def remat_desc(cfg: ModelConfig) -> str:
+    layers = "" if cfg.scan_layers else ", unrolled"
     if cfg.remat == "none" or cfg.remat_layers in (None, cfg.num_hidden_layers):
-        return cfg.remat
-    return f"{cfg.remat} on {cfg.remat_layers} of {cfg.num_hidden_layers} layers"
+        return cfg.remat + layers
+    return f"{cfg.remat} on {cfg.remat_layers} of {cfg.num_hidden_layers} layers{layers}"
 
 
 def main() -> None:

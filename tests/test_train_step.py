@@ -151,10 +151,11 @@ def test_gradcache_equals_full_batch_other_tasks(task):
     _assert_grads_close(grads, ref_grads)
 
 
-@pytest.mark.parametrize("remat", [dict(remat="full", remat_layers=1), dict(remat="mlp"), dict(remat="dots")])
+@pytest.mark.parametrize("remat", [dict(remat="full", remat_layers=1), dict(remat="mlp"), dict(remat="dots"),
+                                   dict(remat="full", remat_layers=1, scan_layers=False)])
 def test_remat_settings_give_the_same_step(remat, reference):
-    """Layer-wise remat (with and without GradCache, on a sharded mesh) changes what the
-    backward pass recomputes, not the gradients."""
+    """Layer-wise remat (with and without GradCache, on a sharded mesh, scanned and unrolled)
+    changes what the backward pass recomputes, not the gradients."""
     params, batch, (ref_loss, ref_grads) = reference
     cfg = CFG.replace(**remat)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
