@@ -29,6 +29,10 @@ the program without command buffers (CUDA graphs): XLA's are traced as one event
 (`command_buffer_N`), which names no instruction. That program launches its kernels one by
 one, so compare the untraced step time that the benchmark prints.
 
+`summary.json` (in `out_dir`) also sums the time by JAX op name (`by_op`): unrolled layers and
+the steps of a scan share their op names, so one entry gathers, say, every layer's SwiGLU
+backward.
+
 Kernels that the trace names after no instruction of the HLO text (XLA names some of the
 kernels of asynchronous fusions at run time) are classified by their name alone, with phase
 "other"; the summary gives their share (`unmatched_s`).
@@ -244,8 +248,12 @@ def profile_call(run: Callable[[], Any], hlo_text: str, out_dir: str | None = No
             continue
         k, p = kind_of(info, name), phase_of(info)
         table[(p, k)] += sec / calls
-        ops.append((sec / calls, name, k, p, (info or {}).get("op_name", "")[-120:]))
+        ops.append((sec / calls, name, k, p, (info or {}).get("op_name", "")))
     ops.sort(reverse=True)
+    by_op: dict[tuple[str, str, str], list] = collections.defaultdict(lambda: [0.0, 0])
+    for sec, _, k, p, o in ops:  # unrolled layers and scanned steps share their JAX op names
+        by_op[(o, k, p)][0] += sec
+        by_op[(o, k, p)][1] += 1
     busy = sum(table.values())
     summary = {
         "wall_s": wall, "busy_s": busy, "source": source, "module": module, "trace": traces[-1],
@@ -254,7 +262,9 @@ def profile_call(run: Callable[[], Any], hlo_text: str, out_dir: str | None = No
         "by_kind": {k: sum(v for (p, kk), v in table.items() if kk == k) for k in KINDS},
         "by_phase": {p: sum(v for (pp, k), v in table.items() if pp == p) for p in PHASES},
         "table": {f"{p}/{k}": v for (p, k), v in sorted(table.items())},
-        "top": [dict(seconds=s, op=n, kind=k, phase=p, op_name=o) for s, n, k, p, o in ops[:200]],
+        "top": [dict(seconds=s, op=n, kind=k, phase=p, op_name=o[-120:]) for s, n, k, p, o in ops[:200]],
+        "by_op": [dict(seconds=v[0], kernels=v[1], kind=k, phase=p, op_name=o)
+                  for (o, k, p), v in sorted(by_op.items(), key=lambda item: -item[1][0])],
     }
     _write(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
     return summary
@@ -268,7 +278,8 @@ def _write(path: str, text: str) -> None:
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    """The breakdown as text: kinds by phase (ms and % of busy time), then the top instructions."""
+    """The breakdown as text: kinds by phase (ms and % of busy time), the top instructions,
+    then the JAX ops other than matmuls that took the most time over all their kernels."""
     busy = s["busy_s"] or 1e-30
     lines = [f"profile: wall {s['wall_s'] * 1e3:.1f} ms per traced call (tracing adds launch overhead), "
              f"device busy {s['busy_s'] * 1e3:.1f} ms "
@@ -290,4 +301,9 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append("top instructions (ms per call, kind, phase, JAX op):")
     for t in s["top"][:15]:
         lines.append(f"  {t['seconds'] * 1e3:8.2f}  {t['op']:32s} {t['kind']:12s} {t['phase']:10s} {t['op_name']}")
+    if s.get("by_op"):
+        lines.append("top JAX ops other than matmuls (ms summed over their kernels, kernels, kind, phase, JAX op):")
+        for t in [t for t in s["by_op"] if t["kind"] != "matmul"][:15]:
+            lines.append(f"  {t['seconds'] * 1e3:8.2f}  {t['kernels']:5d}  {t['kind']:12s} {t['phase']:10s} "
+                         f"{t['op_name'][-100:]}")
     return "\n".join(lines)

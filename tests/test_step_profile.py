@@ -42,8 +42,12 @@ def test_traced_train_step_is_attributed(tmp_path):
         assert s["by_phase"][phase] > 0, phase
     assert s["by_kind"]["matmul"] > 0 and s["table"].get("optimizer/matmul", 0) == 0
     assert (tmp_path / "summary.json").exists() and (tmp_path / "step.hlo.txt").exists()
+    assert sum(t["seconds"] for t in s["by_op"]) == pytest.approx(s["busy_s"])
+    assert len({(t["op_name"], t["kind"], t["phase"]) for t in s["by_op"]}) == len(s["by_op"])
+    assert any(t["kernels"] > 1 and "checkpoint" in t["op_name"] for t in s["by_op"]), \
+        "the instructions of one JAX op are summed"
     text = step_profile.format_summary(s)
-    assert "| forward |" in text and "top instructions" in text
+    assert "| forward |" in text and "top instructions" in text and "top JAX ops" in text
 
 
 def test_kinds_of_gpu_instructions():
