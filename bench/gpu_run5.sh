@@ -17,8 +17,9 @@
 # unrolled "dots" layers in the second pass, which then runs each layer forward and backward
 # once, as kept chunks do, without their 2 GiB each (`plan` estimate 59.7 GiB, which counts a
 # float32 gradient per chunk besides the accumulator that the program may not hold);
-# gc4dotsu if it does not fit. fusedgemm: tritonany with cuDNN GEMM fusions as a third
-# candidate for the autotuner (Hopper, cuDNN 9).
+# gc4dotsu if it does not fit. dotmerge: gate and up as one GEMM (XLA's dot merger).
+# fusedgemm: tritonany with cuDNN GEMM fusions as a third candidate for the autotuner
+# (Hopper, cuDNN 9).
 # Run on 2026-11-26 (H200): RUNS="rl14 dots full unrolled dsfusion dotsunrolled", the same
 # with XLA_FLAGS=--xla_gpu_enable_command_buffer= (before profiles compiled that way
 # themselves), then RUNS="peak rl14 unrolled anchor512 rl12u rl10u".
@@ -62,6 +63,14 @@ for r in $RUNS; do
     fusedgemm) echo "### XLA_FLAGS=--xla_gpu_triton_gemm_any=true --xla_gpu_cudnn_gemm_fusion_level=2"
                XLA_FLAGS="--xla_gpu_triton_gemm_any=true --xla_gpu_cudnn_gemm_fusion_level=2" t 240 $L256 --remat full \
                  --remat-layers 6 --no-scan --profile $W/prof/rl6u_fusedgemm; keep rl6u_fusedgemm ;;
+    # XLA's dot merger joins GEMMs that share an operand only when one of them is small (its
+    # operands and result under --xla_gpu_dot_merger_threshold_mb, 32 by default), so gate and
+    # up stay two GEMMs in each direction: their weight-gradient GEMMs
+    # (a [1536, 8960] result, contracting 20480 tokens) ran at 727 TFLOP/s on the H200, the
+    # forward ones at 767 (profile of full on 14 of 28, unrolled)
+    dotmerge) echo "### XLA_FLAGS=--xla_gpu_dot_merger_threshold_mb=2048"
+              XLA_FLAGS=--xla_gpu_dot_merger_threshold_mb=2048 t 120 $L256 --remat full --remat-layers 6 --no-scan \
+                --profile $W/prof/rl6u_dotmerge; keep rl6u_dotmerge ;;
     gc[0-9]*dotsu) c=${r#gc}; t 170 $GC --chunk-size "${c%dotsu}" --remat dots --no-scan ;;
     # the goal's reference on the same card: torch.compile's first step took 221 s on an H100
     compile) t 420 $M --queries 16 --hard-negatives 3 --seq 256 --remat full --remat-layers 14 --no-scan \
