@@ -9,17 +9,19 @@
 # PyTorch eager with gradient checkpointing), and the GradCache paper batch with 20 kept
 # chunks under the default allocator, which failed from fragmentation when preallocation
 # was off (not yet rerun).
-# Next: RUNS="unrolled rl6u rl4u dotsunrolled" (about 5 minutes): unrolled layers no longer
+# Next (a session's 15 minutes of device time leave about 560 s of runs after the machine
+# starts): BUDGET=560 RUNS="rl6up rl4u dotsu dotmerge tritonany". Unrolled layers no longer
 # keep a float32 copy of every layer's weights for the backward pass (4.7 GiB at 1.5b in the
-# H200 programs; `plan` now estimates 38.9 GiB with 6 rematted layers, 40.6 with 4), so fewer
-# layers need remat within 40 GiB; then RUNS="gc8dotsu compile tritonany" (about 9 minutes;
-# compile prints qzhou-jax unrolled beside it). gc8dotsu: the GradCache paper batch with
-# unrolled "dots" layers in the second pass, which then runs each layer forward and backward
-# once, as kept chunks do, without their 2 GiB each (`plan` estimate 59.7 GiB, which counts a
-# float32 gradient per chunk besides the accumulator that the program may not hold);
-# gc4dotsu if it does not fit. dotmerge: gate and up as one GEMM (XLA's dot merger).
-# fusedgemm: tritonany with cuDNN GEMM fusions as a third candidate for the autotuner
-# (Hopper, cuDNN 9).
+# H200 programs; `plan` now estimates 38.9 GiB with 6 rematted layers, 40.6 with 4, 43.9
+# with none), so fewer layers need remat within 40 GiB. rl6up: 6 rematted layers, profiled;
+# rl4u (4) and dotsu (none): not profiled. dotmerge (gate and up as one GEMM, through XLA's
+# dot merger) and tritonany: 6 rematted layers, profiled. Then, if time is left: gc8dotsu,
+# the GradCache paper batch with unrolled "dots" layers in the second pass, which then runs
+# each layer forward and backward once, as kept chunks do, without their 2 GiB each (`plan`
+# estimate 59.7 GiB, which counts a float32 gradient per chunk besides the accumulator that
+# the program may not hold; gc4dotsu if it does not fit). Later: fusedgemm (tritonany with
+# cuDNN GEMM fusions as a third candidate for the autotuner; Hopper, cuDNN 9) and compile
+# (torch.compile on the same card, up to 7 minutes).
 # Run on 2026-11-26 (H200): RUNS="rl14 dots full unrolled dsfusion dotsunrolled", the same
 # with XLA_FLAGS=--xla_gpu_enable_command_buffer= (before profiles compiled that way
 # themselves), then RUNS="peak rl14 unrolled anchor512 rl12u rl10u".
@@ -58,8 +60,8 @@ for r in $RUNS; do
     # XLA may pick Triton GEMMs that read silu(gate) * up in their prologue (no [tokens, 8960]
     # product written and read back: up to about 7 ms of the 22 ms SwiGLU takes per step)
     tritonany) echo "### XLA_FLAGS=--xla_gpu_triton_gemm_any=true"
-               XLA_FLAGS=--xla_gpu_triton_gemm_any=true t 120 $L256 --remat full --remat-layers 14 --no-scan \
-                 --profile $W/prof/rl14u_tritonany; keep rl14u_tritonany ;;
+               XLA_FLAGS=--xla_gpu_triton_gemm_any=true t 120 $L256 --remat full --remat-layers 6 --no-scan \
+                 --profile $W/prof/rl6u_tritonany; keep rl6u_tritonany ;;
     fusedgemm) echo "### XLA_FLAGS=--xla_gpu_triton_gemm_any=true --xla_gpu_cudnn_gemm_fusion_level=2"
                XLA_FLAGS="--xla_gpu_triton_gemm_any=true --xla_gpu_cudnn_gemm_fusion_level=2" t 240 $L256 --remat full \
                  --remat-layers 6 --no-scan --profile $W/prof/rl6u_fusedgemm; keep rl6u_fusedgemm ;;
@@ -76,9 +78,12 @@ for r in $RUNS; do
     compile) t 420 $M --queries 16 --hard-negatives 3 --seq 256 --remat full --remat-layers 14 --no-scan \
                --no-eager --steps 5 --warmup 1 ;;
     rl[0-9]*u) n=${r#rl}; t 90 $L256 --remat full --remat-layers "${n%u}" --no-scan ;;
+    rl[0-9]*up) n=${r#rl}; n=${n%up}; t 140 $L256 --remat full --remat-layers "$n" --no-scan \
+                  --profile "$W/prof/rl${n}_unrolled"; keep "rl${n}_unrolled" ;;
     dsfusion) echo "### XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true"
               XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true t 90 $L256 --remat full --remat-layers 14 \
                 --profile $W/prof/rl14_dsfusion; keep rl14_dsfusion ;;
+    dotsu) t 90 $L256 --remat dots --no-scan ;;
     dotsunrolled) t 140 $L256 --remat dots --no-scan --profile $W/prof/dots_unrolled; keep dots_unrolled ;;
     keep20) t 100 $GC --chunk-size 8 --remat full --keep-chunks 20 ;;
     *) echo "### unknown run $r" ;;
