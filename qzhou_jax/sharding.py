@@ -120,6 +120,9 @@ def logical_to_spec(axes: Sequence[str | None], mesh: Mesh, rules: Mapping[str, 
         chosen = []
         size = 1
         for mesh_axis in _mesh_axes_for(logical, rules):
+            if mesh_axis not in mesh.axis_names and mesh_axis not in MESH_AXES:
+                raise ValueError(f"sharding rule {logical!r} -> {mesh_axis!r}: not a mesh axis "
+                                 f"(the mesh has {tuple(mesh.axis_names)})")
             n = mesh.shape.get(mesh_axis, 1)
             if n == 1 or mesh_axis in used:
                 continue
@@ -132,6 +135,68 @@ def logical_to_spec(axes: Sequence[str | None], mesh: Mesh, rules: Mapping[str, 
     while spec and spec[-1] is None:
         spec.pop()
     return PartitionSpec(*spec)
+
+
+def unsplit_dimensions(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                       rules: Mapping[str, Any] | None = None) -> list[tuple[int, str, str]]:
+    """(dimension, logical axis, mesh axis) for each mesh axis (size > 1) that the rules ask
+    to split an array over but that `logical_to_spec` leaves out because it does not divide
+    the dimension: the array is then held whole over that mesh axis."""
+    rules = DEFAULT_RULES if rules is None else rules
+    spec = logical_to_spec(axes, mesh, rules, shape)
+    used = {a for entry in spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry)}
+    out = []
+    for i, logical in enumerate(axes):
+        for mesh_axis in _mesh_axes_for(logical, rules):
+            if mesh.shape.get(mesh_axis, 1) > 1 and mesh_axis not in used:
+                out.append((i, logical, mesh_axis))
+                used.add(mesh_axis)
+    return out
+
+
+def check_split(arrays: Mapping[str, tuple[Sequence[int], Sequence[str | None]]], mesh: Mesh,
+                rules: Mapping[str, Any] | None = None, *, bytes_per_element: int = 16,
+                what: str = "train state", min_excess_bytes: int = 256 << 20,
+                max_excess_ratio: float = 0.1) -> None:
+    """Fail early when sharding leaves large arrays whole on every device.
+
+    `arrays` maps a name to (shape, logical axes). A mesh axis that does not divide the
+    dimension the rules split over it is dropped from that array's spec (`logical_to_spec`):
+    right for small tensors (2 KV heads over tensor=4), a silent out-of-memory for large ones
+    (a 3584-wide embedding over fsdp=12 leaves a 7B model whole on every device). Raises
+    ValueError naming the arrays, dimensions and axis sizes when the bytes held on each device
+    beyond an even split exceed both `min_excess_bytes` and `max_excess_ratio` of that split.
+    Mapping a logical axis to None in the rules replicates it on purpose (not reported).
+    """
+    ideal = excess = 0.0
+    offenders = []
+    for name, (shape, axes) in arrays.items():
+        nbytes = math.prod(shape) * bytes_per_element
+        spec = logical_to_spec(axes, mesh, rules, shape)
+        held = math.prod(mesh.shape[a] for entry in spec if entry is not None
+                         for a in ((entry,) if isinstance(entry, str) else entry))
+        missing = unsplit_dimensions(axes, shape, mesh, rules)
+        want = held * math.prod(mesh.shape[a] for _, _, a in missing)
+        ideal += nbytes / want
+        if missing:
+            extra = nbytes / held - nbytes / want
+            excess += extra
+            offenders.append((extra, name, tuple(shape), missing))
+    if excess <= min_excess_bytes or excess <= max_excess_ratio * ideal:
+        return
+    gib = 1 << 30
+    sizes = ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
+    lines = [f"{what}: {(ideal + excess) / gib:.2f} GiB per device instead of {ideal / gib:.2f} GiB on the mesh "
+             f"({sizes}): these arrays are held whole over a mesh axis that does not divide them"]
+    for extra, name, shape, missing in sorted(offenders, reverse=True)[:8]:
+        why = "; ".join(f"dim {i} ({logical!r}, {shape[i]}) is not divisible by {a}={mesh.shape[a]}"
+                        for i, logical, a in missing)
+        lines.append(f"  {name} {list(shape)}: +{extra / gib:.2f} GiB per device: {why}")
+    if len(offenders) > 8:
+        lines.append(f"  ... and {len(offenders) - 8} more")
+    lines.append("Choose mesh axis sizes that divide these dimensions, or map the logical axis to None "
+                 "in the sharding rules to replicate it on purpose.")
+    raise ValueError("\n".join(lines))
 
 
 def named_sharding(axes: Sequence[str | None], mesh: Mesh, rules: Mapping[str, Any] | None = None,

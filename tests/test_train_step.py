@@ -14,7 +14,7 @@ from qzhou_jax.config import ModelConfig
 from qzhou_jax.model import create_model, embed
 from qzhou_jax.train import (LossConfig, TrainConfig, Trainer, check_batch, learning_rate_schedule,
                              loss_and_grads, make_optimizer, param_shardings, shard_batch, single_device_mesh,
-                             weight_decay_mask)
+                             train_state_shardings, weight_decay_mask)
 
 CFG = ModelConfig.preset("tiny", compute_dtype="float32", vocab_size=256)  # 4 q heads, 2 kv heads
 MESHES = {
@@ -132,6 +132,29 @@ def test_sharded_trainer_step_matches_single_device_and_shards_optimizer_state()
 
 
 # ------------------------------------------------------------------ GradCache
+def test_a_mesh_that_leaves_large_parameters_whole_fails_with_the_numbers():
+    """A mesh axis that does not divide the dimension the rules split over it is dropped from
+    that array's spec: fine for 2 KV heads over tensor=4, an out-of-memory for a 3584-wide
+    7B model over fsdp=6 (every device would hold all of it). Abstract: nothing is allocated."""
+    tx = make_optimizer(TrainConfig())
+    seven_b, one_5b = ModelConfig.preset("qwen2.5-7b"), ModelConfig.preset("qwen2.5-1.5b")
+    with pytest.raises(ValueError, match=r"(?s)105\.36 GiB per device instead of 17\.56 GiB.*"
+                                         r"embed_tokens \[152064, 3584\].*dim 1 \('embed', 3584\) is not "
+                                         r"divisible by fsdp=6"):
+        train_state_shardings(seven_b, tx, sharding.make_mesh({"fsdp": 6}, jax.devices()[:6]))
+    with pytest.raises(ValueError, match=r"layers/q_kernel .*dim 2 \('q_heads', 12\) is not divisible by tensor=8"):
+        train_state_shardings(one_5b, tx, sharding.make_mesh({"fsdp": 1, "tensor": 8}))
+    # dividing meshes, and KV heads (2) replicated over tensor=4, pass
+    train_state_shardings(seven_b, tx, sharding.make_mesh({"fsdp": 8}))
+    train_state_shardings(one_5b, tx, sharding.make_mesh({"fsdp": 2, "tensor": 4}))
+    # replicating on purpose through the rules passes
+    rules = dict(sharding.DEFAULT_RULES, q_heads=None, kv_heads=None)
+    train_state_shardings(one_5b, tx, sharding.make_mesh({"fsdp": 1, "tensor": 8}), rules)
+    # a rule naming a mesh axis that does not exist is an error, not a silent replication
+    with pytest.raises(ValueError, match=r"sharding rule 'embed' -> 'fsdpp': not a mesh axis"):
+        param_shardings(CFG, sharding.make_mesh(MESHES["fsdp8"]), dict(sharding.DEFAULT_RULES, embed="fsdpp"))
+
+
 @pytest.mark.parametrize("chunk_size", [1, 2, 4])
 def test_gradcache_equals_full_batch(chunk_size, reference):
     params, batch, (ref_loss, ref_grads) = reference
@@ -252,6 +275,17 @@ def test_malformed_batches():
         check_batch(dict(batch, scores=np.zeros(8, np.float32)), "sts")
     with pytest.raises(ValueError, match="task"):
         check_batch(batch, "ranking")
+    # keys the task does not read are errors, not silently dropped: a retrieval batch padded
+    # with valid=0 rows would train on them, and a misspelt key loses its data
+    with pytest.raises(ValueError, match=r"retrieval batch: 'valid' \(rows to ignore\) is only supported for sts"):
+        check_batch(dict(batch, valid=np.ones(8, bool)), "retrieval")
+    with pytest.raises(ValueError, match=r"sts batch: unknown keys \['vaild'\]"):
+        check_batch(dict(_batch("sts"), vaild=np.ones(8, bool)), "sts")
+    check_batch(dict(_batch("sts"), valid=np.ones(8, bool)), "sts")
+    labels = _batch("classification")
+    mesh = single_device_mesh()
+    with pytest.raises(ValueError, match=r"batch\['q_labels'\]: expected numbers, got an array of <U1"):
+        shard_batch(dict(labels, q_labels=np.array(list("abcdefgh"))), mesh, task="classification")
 
 
 def test_nan_loss_stops_before_the_parameters_change():
@@ -283,6 +317,14 @@ def test_schedules_and_weight_decay_mask():
         TrainConfig(schedule="step")
     with pytest.raises(ValueError, match="warmup_steps"):
         TrainConfig(warmup_steps=10, total_steps=5)
+    # a NaN or inf setting would write NaN into the parameters on the first step, past the
+    # step's finiteness check (which looks at the loss and the gradient norm)
+    for name, value in [("weight_decay", float("nan")), ("weight_decay", float("inf")), ("eps", float("nan")),
+                        ("clip_norm", float("nan")), ("lr", float("inf")), ("b1", "0.9")]:
+        with pytest.raises(ValueError, match=f"train.{name}: expected a finite number"):
+            TrainConfig(**{name: value})
+    with pytest.raises(ValueError, match="loss.false_negative_margin: expected a finite number or None"):
+        LossConfig(false_negative_margin=float("nan"))
 
 
 def test_weight_decay_skips_norms_and_biases():

@@ -53,7 +53,11 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+        for name in ("lr", "final_lr_ratio", "weight_decay", "b1", "b2", "eps", "clip_norm"):
+            v = getattr(self, name)  # NaN or inf here would reach the parameters unnoticed
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+                raise ValueError(f"train.{name}: expected a finite number, got {v!r}")
+        if self.lr <= 0:
             raise ValueError(f"train.lr: expected a positive number, got {self.lr!r}")
         for name in ("warmup_steps", "total_steps", "chunk_size", "seed"):
             v = getattr(self, name)

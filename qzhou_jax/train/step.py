@@ -98,6 +98,9 @@ class LossConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
                 raise ValueError(f"loss.{name}: expected a positive number, got {v!r}")
+        m = self.false_negative_margin
+        if m is not None and not (isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m)):
+            raise ValueError(f"loss.false_negative_margin: expected a finite number or None (off), got {m!r}")
 
 
 class TrainState(NamedTuple):
@@ -342,7 +345,12 @@ def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> dict:
 
 def train_state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
                           rules: Mapping[str, Any] | None = None) -> TrainState:
-    """Shardings of the whole state: optimizer moments sharded exactly like their parameters."""
+    """Shardings of the whole state: optimizer moments sharded exactly like their parameters.
+
+    Raises ValueError (`sharding.check_split`) when the mesh leaves large parameters whole on
+    every device (a mesh axis that does not divide the dimension the rules split over it)."""
+    sharding.check_split({p: (s.shape, s.axes) for p, s in param_specs(cfg).items()}, mesh, rules,
+                         bytes_per_element=16, what="train state (float32 parameters, gradients, Adam moments)")
     p_sh = param_shardings(cfg, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_opt = jax.eval_shape(tx.init, abstract_params(cfg))
@@ -417,6 +425,14 @@ def check_batch(batch: Mapping[str, Any], task: str, mesh: Mesh | None = None,
     missing = [k for k in _REQUIRED[task] if k not in batch]
     if missing:
         raise ValueError(f"{task} batch: missing {missing} (has {sorted(batch)})")
+    known = {k for t in TASKS for k in _REQUIRED[t] + _OPTIONAL[t]}
+    unknown = sorted(k for k in batch if k not in known)
+    if unknown:
+        raise ValueError(f"{task} batch: unknown keys {unknown} (a {task} batch holds {list(_REQUIRED[task])}"
+                         f"{' and optionally ' + str(list(_OPTIONAL[task])) if _OPTIONAL[task] else ''})")
+    if "valid" in batch and "valid" not in _OPTIONAL[task]:
+        raise ValueError(f"{task} batch: 'valid' (rows to ignore) is only supported for sts batches; here padded "
+                         f"rows would be trained on as queries and as every other query's negatives")
     shape = {k: tuple(np.shape(batch[k])) for k in _REQUIRED[task] + _OPTIONAL[task] if k in batch}
     for side in ("q", "p"):
         ids, mask = shape[f"{side}_ids"], shape[f"{side}_mask"]
@@ -469,6 +485,9 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, rules: Mapping[str, Any] |
             v = v.astype(np.int32)
         elif np.issubdtype(v.dtype, np.floating):
             v = v.astype(np.float32)
+        elif v.dtype != np.bool_:
+            raise ValueError(f"batch[{k!r}]: expected numbers, got an array of {v.dtype} "
+                             f"(class labels are integer ids: map names to ids first)")
         target = sharding.batch_sharding(mesh, v.ndim, rules)
         if jax.process_count() > 1:
             out[k] = jax.make_array_from_process_local_data(target, v)
