@@ -177,6 +177,21 @@ def test_invalid_utf8_names_the_line(tmp_path):
         JsonlSource(path, "classification")
 
 
+def test_eval_and_encode_readers_take_a_bom_and_name_the_line_of_bad_utf8(tmp_path):
+    from qzhou_jax.data.jsonl import read_texts
+    from qzhou_jax.eval.data import load_pairs
+
+    path = tmp_path / "sts.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text1": "a", "text2": "b", "score": 1}\r\n\r\n{"text1": "c", "text2": "d", "score": 2}')
+    assert load_pairs(str(path), "sts").values == [1.0, 2.0]
+    texts = tmp_path / "texts.jsonl"
+    texts.write_bytes(b'\xef\xbb\xbf"first"\n{"text": "second"}\n')
+    assert read_texts(texts) == ["first", "second"]
+    texts.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(RecordError, match=f"{texts}:2: not valid UTF-8"):
+        read_texts(texts)
+
+
 def test_reads_from_threads(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": f"text {i} " * (i % 50 + 1), "label": str(i % 7)}
                                               for i in range(400)])
@@ -310,6 +325,9 @@ def test_beir_source_small(tmp_path):
     assert open_source({"task": "retrieval", "path": folder})[1] == src[1]
     assert load_qrels(folder, "train") == {"q2": {"3": 1}, "q1": {"d1": 1, "d2": 2}, "q3": {"d2": 0}}
     assert load_queries(folder)["q4"] == "not in qrels"
+    tsv = folder / "qrels" / "train.tsv"  # a BOM (spreadsheet exports) and CRLF line ends
+    tsv.write_bytes(b"\xef\xbb\xbf" + tsv.read_bytes().replace(b"\n", b"\r\n"))
+    assert load_qrels(folder, "train") == {"q2": {"3": 1}, "q1": {"d1": 1, "d2": 2}, "q3": {"d2": 0}}
     assert load_corpus(folder / "corpus.jsonl", keep={"3"}) == {"3": {"title": "", "text": "Text three."}}
     assert doc_text({"title": "T", "text": ""}) == "T"
 

@@ -130,6 +130,7 @@ def world(tmp_path_factory):
             topic_of[n] = (k + 1 + j) % K if j else k
         rr.append({"query": q, "positive": pos, "negative": neg})
     rr.append({"query": "no negatives", "positive": ["x"], "negative": []})  # dropped, as in mteb
+    rr.append({"query": "no positives", "positive": [], "negative": ["y"]})  # dropped, as in mteb
     w["rerank"] = rr
     jsonl("rerank.jsonl", rr)
     # summarization
@@ -294,7 +295,7 @@ def test_retrieval_beir_equals_mteb(world):
 
 
 def test_reranking_records_equal_mteb(world):
-    rr = [r for r in world["rerank"] if r["negative"]]
+    rr = [r for r in world["rerank"] if r["negative"] and r["positive"]]
     rows, qrels, top = [], {}, {}
     for i, r in enumerate(rr):
         qid = f"query{i}"

@@ -148,6 +148,47 @@ def test_every_batch_is_from_one_dataset_and_host_slices_partition_it():
             np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), value, err_msg=key)
 
 
+def test_random_negatives_are_never_the_rows_own_positives():
+    """Without hard negatives, other records' positives fill the group; queries that share a
+    document (most BEIR training sets) must not get it as a negative."""
+    from qzhou_jax.data.batches import BatchBuilder, BatchSpec
+    from qzhou_jax.data.records import RetrievalRecord
+    from qzhou_jax.data.sources import ListSource
+    from qzhou_jax.tokenizer import Tokenizer
+
+    tok = Tokenizer(os.path.join(os.path.dirname(__import__("qzhou_jax").__file__), "assets", "tokenizer"))
+    shared = [RetrievalRecord(f"q{i}", (f"doc{i % 3}", f"doc{(i + 1) % 3}")) for i in range(12)]
+    records = shared + [RetrievalRecord(f"r{i}", (f"other{i}",)) for i in range(4)]
+    spec = BatchSpec("retrieval", batch_size=16, hard_negatives=3, query_max_length=16, passage_max_length=16)
+    builder = BatchBuilder(ListSource(records, name="shared"), spec, tok, seed=0)
+    for step in range(20):
+        _, p_texts, _ = builder._texts(step, range(16), 0)
+        for r, rec in enumerate(records):
+            negs = p_texts[4 * r + 1:4 * r + 4]
+            assert not set(negs) & set(rec.pos) and len(set(negs)) == 3, (step, rec, negs)
+    few = [RetrievalRecord(f"q{i}", ("same",)) for i in range(3)] + [RetrievalRecord("x", ("other",))]
+    builder = BatchBuilder(ListSource(few, name="few"), spec, tok, seed=0)
+    _, p_texts, _ = builder._texts(0, [3], 0)  # fewer distinct texts than negatives: repeats
+    assert p_texts == ["other", "same", "same", "same"]
+    assert builder._texts(0, [0], 0)[1] == ["same", "other", "other", "other"]
+    builder = BatchBuilder(ListSource(few[:3], name="same"), spec, tok, seed=0)
+    with pytest.raises(ValueError, match=r"data.datasets \(same\): found 0 of the 3 random negatives"):
+        builder._texts(0, [0], 0)  # every other record's positive is its own
+
+
+def test_cutting_long_texts_before_tokenizing_never_changes_the_tokens():
+    from qzhou_jax.data.batches import _encode
+
+    class Words:  # one token per space-separated word, truncated like the HF tokenizer
+        def encode(self, texts):
+            return [[len(w) for w in t.split()][:64] for t in texts]
+
+    natural = " ".join(["word"] * 500)  # 5 characters a token: the cut is harmless
+    rulers = " ".join(["=" * 40] * 50)  # 41 characters a token: the cut would lose tokens
+    for text in (natural, rulers, "short"):
+        assert _encode(Words(), [text], 32)[0][:32] == Words().encode([text])[0][:32]
+
+
 # --------------------------------------------------------------- bad input
 def test_config_errors_name_the_key_before_any_device_work(tmp_path, monkeypatch):
     import qzhou_jax.sharding as sh

@@ -122,11 +122,8 @@ class BatchBuilder:
                 k = spec.hard_negatives
                 if len(negs) > k:
                     negs = [negs[j] for j in sorted(rng.choice(len(negs), k, replace=False))]
-                while len(negs) < k:  # random negatives: other records' positives
-                    j = int(rng.integers(len(src)))
-                    if j != i:
-                        other = src[j].pos
-                        negs.append(other[int(rng.integers(len(other)))])
+                if len(negs) < k:
+                    negs += self._random_negatives(rec, i, k - len(negs), negs, rng)
                 p_instr = instr if spec.symmetric else None
                 p_texts.extend(format_prompt(t, p_instr) for t in [pos] + negs)
             elif spec.task == "sts":
@@ -144,13 +141,41 @@ class BatchBuilder:
                 extra["q_labels"].append(int(self.labels.labels[i]))
         return q_texts, p_texts, extra
 
+    RANDOM_NEGATIVE_TRIES = 64
+
+    def _random_negatives(self, rec, i: int, count: int, taken: Sequence[str], rng) -> list[str]:
+        """`count` other records' positives as negatives for record `i`: never one of its own
+        positives (queries sharing a document are common in BEIR training sets: the loss
+        would push a text below itself), and distinct from each other and from its hard
+        negatives while the draws allow (a source with fewer distinct positives repeats some)."""
+        src, own, out = self.source, set(rec.pos), []
+        seen = set(taken)
+        tries = count * self.RANDOM_NEGATIVE_TRIES
+        for attempt in range(tries):
+            if len(out) == count:
+                break
+            j = int(rng.integers(len(src)))
+            if j == i:
+                continue
+            other = src[j].pos
+            text = other[int(rng.integers(len(other)))]
+            if text in own or (text in seen and attempt < tries // 2):
+                continue
+            out.append(text)
+            seen.add(text)
+        if len(out) < count:
+            raise ValueError(f"data.datasets ({self.name}): found {len(out)} of the {count} random negatives "
+                             f"needed for record {i} in {tries} draws: the other records' positives are "
+                             f"(nearly) all this record's own positives; add records or lower hard_negatives")
+        return out
+
     def build(self, step: int, rows: Sequence[int], row0: int) -> dict[str, np.ndarray]:
         """The batch arrays for sampler indices `rows` (global rows row0, row0 + 1, ...)."""
         spec = self.spec
         q_texts, p_texts, extra = self._texts(step, rows, row0)
         tok = self.tokenizer
-        q_ids, q_mask = tok.pad(tok.encode(_clip(q_texts, spec.query_max_length)), length=spec.query_max_length)
-        p_ids, p_mask = tok.pad(tok.encode(_clip(p_texts, spec.passage_max_length)), length=spec.passage_max_length)
+        q_ids, q_mask = tok.pad(_encode(tok, q_texts, spec.query_max_length), length=spec.query_max_length)
+        p_ids, p_mask = tok.pad(_encode(tok, p_texts, spec.passage_max_length), length=spec.passage_max_length)
         batch = {"q_ids": q_ids, "q_mask": q_mask, "p_ids": p_ids, "p_mask": p_mask}
         if spec.task == "sts":
             batch["scores"] = np.asarray(extra["scores"], np.float32)
@@ -163,9 +188,15 @@ class BatchBuilder:
 CHARS_PER_TOKEN_BOUND = 16
 
 
-def _clip(texts: list[str], max_tokens: int) -> list[str]:
-    """Cut texts to 16 characters per allowed token before tokenizing: text past that is
-    cut off by the token limit anyway (BPE tokens of natural text average 1.5 to 5
-    characters), and tokenizing it is most of a batch's cost for long documents."""
+def _encode(tok: Tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
+    """Token ids of `texts`, tokenizing at most 16 characters per allowed token: text past
+    that is cut off by the token limit anyway (BPE tokens of natural text average 1.5 to 5
+    characters), and tokenizing it is most of a batch's cost for long documents. A cut
+    text that then does not exceed `max_tokens` (long whitespace or separator runs merge
+    into long tokens) is tokenized whole, so the cut never changes the result."""
     limit = CHARS_PER_TOKEN_BOUND * max_tokens
-    return [t if len(t) <= limit else t[:limit] for t in texts]
+    ids = tok.encode([t if len(t) <= limit else t[:limit] for t in texts])
+    short = [i for i, t in enumerate(texts) if len(t) > limit and len(ids[i]) <= max_tokens]
+    for i, whole in zip(short, tok.encode([texts[i] for i in short]) if short else []):
+        ids[i] = whole
+    return ids

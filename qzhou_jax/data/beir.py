@@ -21,6 +21,7 @@ import math
 import os
 from typing import Any, Collection, Iterator
 
+from qzhou_jax.data.jsonl import iter_lines
 from qzhou_jax.data.records import RecordError, RetrievalRecord, iter_rows
 from qzhou_jax.data.sources import ListSource
 
@@ -126,39 +127,37 @@ def load_queries(path: str | os.PathLike, keep: Collection[str] | None = None) -
 
 def _read_qrels(path: str) -> list[tuple[str, str, str, float]]:
     """(where, query id, doc id, score) per data line; header optional; (query, doc) pairs unique."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
     rows: list[tuple[str, str, str, float]] = []
     seen: dict[tuple[str, str], int] = {}
     first = True
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
+    for lineno, raw in iter_lines(path):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise RecordError(f"{where}: not valid UTF-8 (byte {e.start})") from None
+        cols = line.split("\t")
+        if len(cols) != 3:
+            raise RecordError(f"{where}: expected 3 tab-separated columns (query-id, corpus-id, score), "
+                              f"got {len(cols)}")
+        qid, did, score = (c.strip() for c in cols)
+        try:
+            value = float(score)
+        except ValueError:
+            if first:  # the header line (query-id, corpus-id, score)
+                first = False
                 continue
-            cols = line.split("\t")
-            where = f"{path}:{lineno}"
-            if len(cols) != 3:
-                raise RecordError(f"{where}: expected 3 tab-separated columns (query-id, corpus-id, score), "
-                                  f"got {len(cols)}")
-            qid, did, score = (c.strip() for c in cols)
-            try:
-                value = float(score)
-            except ValueError:
-                if first:  # the header line (query-id, corpus-id, score)
-                    first = False
-                    continue
-                raise RecordError(f"{where}: field 'score': not a number: {score!r}") from None
-            if not math.isfinite(value):
-                raise RecordError(f"{where}: field 'score': not a finite number: {score!r}")
-            if not qid or not did:
-                raise RecordError(f"{where}: field {'query-id' if not qid else 'corpus-id'!r}: empty id")
-            if (qid, did) in seen:
-                raise RecordError(f"{where}: duplicate qrel for query {qid!r} and document {did!r} "
-                                  f"(first at line {seen[qid, did]})")
-            first = False
-            seen[qid, did] = lineno
-            rows.append((where, qid, did, value))
+            raise RecordError(f"{where}: field 'score': not a number: {score!r}") from None
+        if not math.isfinite(value):
+            raise RecordError(f"{where}: field 'score': not a finite number: {score!r}")
+        if not qid or not did:
+            raise RecordError(f"{where}: field {'query-id' if not qid else 'corpus-id'!r}: empty id")
+        if (qid, did) in seen:
+            raise RecordError(f"{where}: duplicate qrel for query {qid!r} and document {did!r} "
+                              f"(first at line {seen[qid, did]})")
+        first = False
+        seen[qid, did] = lineno
+        rows.append((where, qid, did, value))
     return rows
 
 

@@ -11,19 +11,35 @@ class RecordError(ValueError):
     """A bad input record; the message names file, line and field."""
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object) for every non-blank line."""
+def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw bytes) for every non-blank line; a leading UTF-8 BOM is dropped."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            if line.strip():
+                yield lineno, line
+
+
+def decode_json_line(line: bytes, where: str) -> Any:
+    """``json.loads`` of one line, with errors as RecordError naming ``where``."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(f"{where}: not valid UTF-8 (byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) for every non-blank line."""
+    for lineno, line in iter_lines(path):
+        yield lineno, decode_json_line(line, f"{os.fspath(path)}:{lineno}")
 
 
 def read_texts(path: str | os.PathLike, field: str = "text") -> list[str]:

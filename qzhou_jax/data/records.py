@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Union
 
-from qzhou_jax.data.jsonl import RecordError
+from qzhou_jax.data.jsonl import RecordError, decode_json_line, iter_lines
 
 __all__ = [
     "FAMILIES", "DEFAULT_FIELDS", "RecordError", "RetrievalRecord", "PairRecord", "ClassificationRecord",
@@ -294,32 +294,13 @@ def iter_rows(path: str | os.PathLike, errors: BadRecords | None = None) -> Iter
     A line that is not JSON (or not UTF-8) raises ``RecordError("file:line: not valid JSON ...")``, or is
     counted in ``errors`` and skipped when ``errors.skip`` is set.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
     errors = errors or BadRecords()
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
-                line = line[3:]
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{lineno}", decode_json_line(line, f"{path}:{lineno}")
-            except RecordError as e:
-                errors.handle(e)
-
-
-def decode_json_line(line: bytes, where: str) -> Any:
-    """``json.loads`` of one line, with errors as RecordError naming ``where``."""
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise RecordError(f"{where}: not valid UTF-8 (byte {e.start})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RecordError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for lineno, line in iter_lines(path):
+        where = f"{os.fspath(path)}:{lineno}"
+        try:
+            yield where, decode_json_line(line, where)
+        except RecordError as e:
+            errors.handle(e)
 
 
 def write_records(path: str | os.PathLike, records: Iterable[Record], overwrite: bool = False) -> int:

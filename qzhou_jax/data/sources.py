@@ -20,9 +20,9 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from qzhou_jax.data.jsonl import decode_json_line
 from qzhou_jax.data.records import (
-    DEFAULT_FIELDS, FAMILIES, RECORD_TYPES, BadRecords, Record, RecordError,
-    decode_json_line, parse_record, resolve_fields,
+    DEFAULT_FIELDS, FAMILIES, RECORD_TYPES, BadRecords, Record, RecordError, parse_record, resolve_fields,
 )
 
 __all__ = ["Source", "JsonlSource", "ListSource", "open_source", "label_index"]

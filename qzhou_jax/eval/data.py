@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
 from qzhou_jax.data.jsonl import RecordError, iter_jsonl
+
+log = logging.getLogger(__name__)
 
 # canonical field -> names accepted in files, first match wins (a task's `fields` goes first)
 DEFAULT_FIELDS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -155,7 +158,7 @@ def load_retrieval_records(path: str, fields: Mapping[str, str] | None = None,
     doc_ids, docs = [], []
     qrels: dict[str, dict[str, int]] = {}
     candidates: dict[str, list[str]] = {}
-    lines = 0
+    lines = dropped = 0
     for lineno, obj in iter_jsonl(path):
         lines += 1
         where = f"{path}:{lineno}"
@@ -165,11 +168,12 @@ def load_retrieval_records(path: str, fields: Mapping[str, str] | None = None,
         instr = _get(obj, names["instruction"], where, required=False)
         if instr is not None:
             instr = _str(instr, names["instruction"][0], where)
+        if reranking and not (pos and neg):  # mteb drops such records too: nothing to rank
+            dropped += 1
+            continue
         if not pos:
             raise RecordError(f"{where}: no positive passages (field {names['pos'][0]!r} is empty)")
         if reranking:
-            if not neg:  # mteb drops such records too: nothing to rank against
-                continue
             qid = f"query{len(query_ids)}"
             ids = [f"apositive_{qid}_{i:05d}" for i in range(len(pos))] + \
                   [f"negative_{qid}_{i:05d}" for i in range(len(neg))]
@@ -194,6 +198,9 @@ def load_retrieval_records(path: str, fields: Mapping[str, str] | None = None,
     _nonempty(path, lines)
     if not query_ids:
         raise RecordError(f"{path}: no record has both positive and negative passages (nothing to rerank)")
+    if dropped:
+        log.warning("%s: %d of %d records dropped: no positive or no negative passages (nothing to rerank)",
+                    path, dropped, lines)
     return RetrievalData(query_ids, queries, instructions, doc_ids, docs, qrels,
                          candidates if reranking else None, [path])
 
