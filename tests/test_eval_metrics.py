@@ -72,6 +72,11 @@ def test_top_k_matches_a_full_sort_with_id_tie_break():
         np.testing.assert_array_equal(idx[r], order)
         np.testing.assert_allclose(val[r], full[r][order], rtol=1e-12)
     assert list(M.id_order(["b", "a", "ab", "Z"])) == [3, 1, 2, 0]
+    # many identical documents straddling the cut: the highest ids make it, whatever the blocking
+    d = np.repeat(rng.standard_normal((1, 8)), 40, axis=0).astype(np.float32)
+    for doc_block in (7, 16, 64):
+        idx, _ = M.top_k(q[:2], d, 5, M.id_order(ids[:40]), doc_block=doc_block)
+        assert [[ids[j] for j in row] for row in idx] == [["d9", "d8", "d7", "d6", "d5"]] * 2
 
 
 def test_correlations_equal_scipy_with_ties():

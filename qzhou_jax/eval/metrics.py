@@ -246,6 +246,22 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.where(norm == 0, 1.0, norm)
 
 
+def _select(values: np.ndarray, ranks: np.ndarray, k: int) -> np.ndarray:
+    """Column positions of each row's `k` best entries by (value, rank) descending, in no
+    particular order. Equal values straddling the cut are decided by rank, so which of
+    several identical documents make the top k does not depend on the blocking."""
+    n = values.shape[1]
+    if k >= n:
+        return np.broadcast_to(np.arange(n), values.shape)
+    part = np.argpartition(-values, k - 1, axis=1)[:, :k]
+    kth = np.take_along_axis(values, part, axis=1).min(axis=1)
+    ties = np.flatnonzero((values >= kth[:, None]).sum(axis=1) > k)
+    for r in ties:  # rare: exact ties at the cut (duplicate documents)
+        cand = np.flatnonzero(values[r] >= kth[r])
+        part[r] = cand[np.lexsort((-ranks[r, cand], -values[r, cand]))[:k]]
+    return part
+
+
 def top_k(queries: np.ndarray, docs: np.ndarray, k: int, doc_rank: np.ndarray, query_block: int = 256,
           doc_block: int = 32768) -> tuple[np.ndarray, np.ndarray]:
     """The `k` most cosine-similar documents per query: (indices, scores), each [nq, min(k, nd)],
@@ -265,13 +281,12 @@ def top_k(queries: np.ndarray, docs: np.ndarray, k: int, doc_rank: np.ndarray, q
         best_v = np.zeros((len(q), 0), np.float64)
         for d0 in range(0, nd, doc_block):
             s = q @ unit_rows(docs[d0:d0 + doc_block]).T
-            kk = min(k, s.shape[1])
-            part = np.argpartition(-s, kk - 1, axis=1)[:, :kk] if kk < s.shape[1] else np.broadcast_to(
-                np.arange(s.shape[1]), s.shape)
-            best_i = np.concatenate([best_i, part + d0], axis=1)
+            ids = np.broadcast_to(np.arange(d0, d0 + s.shape[1]), s.shape)
+            part = _select(s, doc_rank[ids], k)
+            best_i = np.concatenate([best_i, np.take_along_axis(ids, part, axis=1)], axis=1)
             best_v = np.concatenate([best_v, np.take_along_axis(s, part, axis=1)], axis=1)
             if best_i.shape[1] > k:
-                keep = np.argpartition(-best_v, k - 1, axis=1)[:, :k]
+                keep = _select(best_v, doc_rank[best_i], k)
                 best_i = np.take_along_axis(best_i, keep, axis=1)
                 best_v = np.take_along_axis(best_v, keep, axis=1)
         for r in range(len(q)):  # final order: score descending, then id descending
