@@ -28,7 +28,12 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from qzhou_jax.eval.encoder import Encoder
     from qzhou_jax.tokenizer import Tokenizer
 
-    texts = read_texts(args.input, args.field)  # validate input before loading the model
+    texts = read_texts(args.input, args.field)  # validate input and output before loading the model
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--output {args.output}: no such folder {folder}")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"--output {args.output}: folder {folder} is not writable")
     overrides = {"compute_dtype": args.dtype} if args.dtype else {}
     model = load_pretrained(args.model, **overrides)
     tokenizer = Tokenizer(model.tokenizer_path, max_length=args.max_length)
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, PermissionError) as e:
         print(f"qzhou-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

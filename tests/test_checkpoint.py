@@ -4,11 +4,13 @@ changes, training checkpoints, and clear errors that leave nothing behind."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import logging
 import os
 import shutil
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +102,25 @@ def test_hf_orbax_hf_round_trip_is_bit_exact(tmp_path, mesh8, tied, sharded, dty
     assert os.path.isfile(tmp_path / "back" / "tokenizer.json")
 
 
+def test_mixed_dtype_source_keeps_every_value(tmp_path, caplog):
+    """float32 norms beside bfloat16 matrices: cast to bfloat16 the norms would be rounded."""
+    from safetensors.torch import load_file, save_file
+
+    src = make_hf(tmp_path / "hf", dtype=torch.bfloat16)
+    weights = load_file(os.path.join(src, "model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    for name in [n for n in weights if "norm" in n]:
+        weights[name] = 1 + 0.01 * torch.randn(weights[name].shape, generator=gen, dtype=torch.float32)
+    save_file(weights, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING):
+        summary = conv.hf_to_orbax(src, tmp_path / "orbax")
+    assert summary["source_dtype"] == "float32" and "mixes floating dtypes" in caplog.text
+    conv.orbax_to_hf(tmp_path / "orbax", tmp_path / "back")
+    back = tensors(tmp_path / "back")
+    for name, a in tensors(src).items():
+        assert back[name].dtype == np.float32 and back[name].tobytes() == a.astype(np.float32).tobytes(), name
+
+
 def test_causal_lm_source_with_lm_head_loads(tmp_path, caplog):
     src = make_hf(tmp_path / "hf", tied=False, causal_lm=True)
     names = TensorStore(src).names()
@@ -155,6 +176,18 @@ def test_export_loads_in_transformers_and_sentence_transformers(tmp_path, mesh8)
     cos = np.sum(st_emb * our_emb, axis=1) / (np.linalg.norm(st_emb, axis=1) * np.linalg.norm(our_emb, axis=1))
     assert np.all(cos >= 0.99999), cos
     np.testing.assert_allclose(np.linalg.norm(st_emb, axis=1), 1.0, atol=1e-5)
+
+    # Matryoshka: the export's truncate_dim gives sentence-transformers our embedding_dim
+    from qzhou_jax.checkpoint.export import write_sentence_transformers
+
+    cfg16 = dataclasses.replace(cfg, embedding_dim=16)
+    write_sentence_transformers(export, cfg16, 256)
+    st16 = SentenceTransformer(export, device="cpu", local_files_only=True)
+    st_emb = st16.encode(texts, prompt_name="query", convert_to_numpy=True, batch_size=8)
+    our_emb = np.asarray(embed(params, cfg16, jnp.asarray(q_ids), jnp.asarray(q_mask)))
+    assert st_emb.shape == our_emb.shape == (3, 16)
+    cos = np.sum(st_emb * our_emb, axis=1) / (np.linalg.norm(st_emb, axis=1) * np.linalg.norm(our_emb, axis=1))
+    assert np.all(cos >= 0.99999), cos
 
 
 # ------------------------------------------------------------------ meshes
@@ -278,7 +311,7 @@ def test_shape_disagrees_with_config(tmp_path, good_hf):
     assert_nothing_left(tmp_path / "out")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "corrupt_header", "empty"])
+@pytest.mark.parametrize("damage", ["truncated", "corrupt_header", "empty", "list_header", "negative_offset"])
 def test_corrupt_or_truncated_safetensors(tmp_path, good_hf, damage):
     src = _copy(good_hf, tmp_path)
     path = os.path.join(src, "model.safetensors")
@@ -289,9 +322,21 @@ def test_corrupt_or_truncated_safetensors(tmp_path, good_hf, damage):
         with open(path, "r+b") as f:
             f.seek(8)
             f.write(b"\x00garbage{{{")
+    elif damage in ("list_header", "negative_offset"):
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header, data = json.loads(f.read(n)), f.read()
+        if damage == "list_header":
+            header = [header]
+        else:
+            name = next(k for k in header if k != "__metadata__")
+            header[name]["data_offsets"] = [-4, header[name]["data_offsets"][1] - header[name]["data_offsets"][0] - 4]
+        raw = json.dumps(header).encode()
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw + data)
     else:
         os.truncate(path, 3)
-    with pytest.raises(ValueError, match=r"model\.safetensors.*(truncated|corrupt)") as e:
+    with pytest.raises(ValueError, match=r"model\.safetensors.*(truncated|corrupt|bad header entry)") as e:
         conv.hf_to_orbax(src, tmp_path / "out")
     assert path in str(e.value)
     assert_nothing_left(tmp_path / "out")
@@ -323,6 +368,13 @@ def test_existing_output_and_overwrite(tmp_path, good_hf):
     with pytest.raises(OutputExistsError, match="not a model folder"):
         conv.orbax_to_hf(out, other, overwrite=True)
     assert (other / "todo.txt").read_text() == "keep me"
+    # ... nor a training run's checkpoints folder (it holds a qzhou_config.json too)
+    run = tmp_path / "run_checkpoints"
+    (run / "8").mkdir(parents=True)
+    (run / "qzhou_config.json").write_text("{}")
+    with pytest.raises(OutputExistsError, match=r"holds training checkpoints \(step folders 8\)"):
+        conv.orbax_to_hf(out, run, overwrite=True)
+    assert sorted(os.listdir(run)) == ["8", "qzhou_config.json"]
 
 
 def test_interrupted_conversion_leaves_nothing(tmp_path, good_hf, monkeypatch):

@@ -91,3 +91,12 @@ def test_encode_missing_model_folder(tmp_path, capsys):
     rc = cli.main(["encode", "--model", str(tmp_path / "nope"), "--input", str(inp),
                    "--output", str(tmp_path / "o.npy")])
     assert rc == 2 and "nope" in capsys.readouterr().err
+
+
+
+def test_encode_missing_output_folder_stops_before_loading_the_model(tmp_path, capsys):
+    inp = _write(tmp_path / "in.jsonl", ['"plain string"'])
+    rc = cli.main(["encode", "--model", str(tmp_path / "nope"), "--input", str(inp),
+                   "--output", str(tmp_path / "missing" / "o.npy")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--output {tmp_path / 'missing' / 'o.npy'}: no such folder" in err and "nope" not in err

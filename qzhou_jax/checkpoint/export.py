@@ -135,6 +135,12 @@ def _check_output(out: str, overwrite: bool) -> None:
             os.path.exists(os.path.join(out, f)) for f in _MODEL_FOLDER_FILES):
         raise OutputExistsError(
             f"{out}: exists and is not a model folder (no config.json or QZHOU_CHECKPOINT); refusing to replace it")
+    steps = sorted(n for n in os.listdir(out) if n.isdigit() and os.path.isdir(os.path.join(out, n))) \
+        if os.path.isdir(out) else []
+    if steps:
+        raise OutputExistsError(
+            f"{out}: holds training checkpoints (step folders {', '.join(steps[:4])}{' ...' if len(steps) > 4 else ''})"
+            f"; refusing to replace it")
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -230,9 +236,6 @@ def write_sentence_transformers(folder: str, cfg: ModelConfig, max_seq_length: i
     if cfg.normalize:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
         os.makedirs(os.path.join(folder, "2_Normalize"), exist_ok=True)
-    if cfg.embedding_dim is not None:
-        log.warning("embedding_dim=%d (Matryoshka truncation) is not represented in the sentence-transformers "
-                    "files; pass truncate_dim=%d when loading", cfg.embedding_dim, cfg.embedding_dim)
     write_json(os.path.join(folder, "modules.json"), modules)
     write_json(os.path.join(folder, "sentence_bert_config.json"),
                {"max_seq_length": int(max_seq_length), "do_lower_case": False})
@@ -250,13 +253,19 @@ def write_sentence_transformers(folder: str, cfg: ModelConfig, max_seq_length: i
     versions = {"sentence_transformers": "5.1.0"}
     with contextlib.suppress(importlib.metadata.PackageNotFoundError):
         versions["transformers"] = importlib.metadata.version("transformers")
-    write_json(os.path.join(folder, "config_sentence_transformers.json"), {
+    st_config = {
         "model_type": "SentenceTransformer",
         "__version__": versions,
         "prompts": {"query": query_prompt(query_instruction or DEFAULT_QUERY_INSTRUCTION), "document": ""},
         "default_prompt_name": None,
         "similarity_fn_name": "cosine",
-    })
+    }
+    if cfg.embedding_dim is not None:
+        # Matryoshka: sentence-transformers >= 6 truncates to this (releases before it ignore
+        # the key: pass truncate_dim= when loading). It truncates after its Normalize module,
+        # so its vectors have norms <= 1: the cosine similarities equal ours.
+        st_config["truncate_dim"] = int(cfg.embedding_dim)
+    write_json(os.path.join(folder, "config_sentence_transformers.json"), st_config)
 
 
 # -------------------------------------------------------------------- folders

@@ -178,10 +178,30 @@ def load_params(store: TensorStore, cfg: ModelConfig, mesh: Mesh | None = None,
 
 
 def source_dtype(store: TensorStore) -> str:
-    """The checkpoint's floating dtype as a ModelConfig dtype name (from embed_tokens)."""
-    name = detect_prefix(store.names()) + "embed_tokens.weight"
-    dtype = np.dtype(store.dtype(name)) if hasattr(store, "dtype") else np.asarray(store.get(name)).dtype
-    return {np.dtype(jnp.bfloat16): "bfloat16", np.dtype(np.float16): "float16"}.get(dtype, "float32")
+    """The checkpoint's floating dtype as a ModelConfig dtype name.
+
+    A checkpoint whose tensors mix dtypes (float32 norms beside bfloat16 matrices, as some
+    mixed-precision trainers save) gives float32, which holds each of them exactly; casting
+    all to one of the narrower dtypes would round the others."""
+    names = store.names()
+    prefix = detect_prefix(names)
+    names = [n for n in names if n.startswith(prefix) and not n.endswith("lm_head.weight")]
+
+    def dtype_of(name):
+        return np.dtype(store.dtype(name)) if hasattr(store, "dtype") else np.asarray(store.get(name)).dtype
+
+    kinds = {np.dtype(jnp.bfloat16): "bfloat16", np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"}
+    found: dict[str, int] = {}
+    for name in names:
+        dtype = dtype_of(name)
+        if dtype.kind == "f" or dtype == np.dtype(jnp.bfloat16):
+            key = kinds.get(dtype, "float32")
+            found[key] = found.get(key, 0) + 1
+    if len(found) > 1:
+        log.warning("the checkpoint mixes floating dtypes (%s tensors): its parameters are kept as float32, "
+                    "which holds each of them exactly", ", ".join(f"{n} {k}" for k, n in sorted(found.items())))
+        return "float32"
+    return next(iter(found), "float32")
 
 
 def load_hf_params(path: str | os.PathLike, mesh: Mesh | None = None, rules: Mapping[str, Any] | None = None,

@@ -51,6 +51,9 @@ class SafeFile:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise SafetensorsError(f"{self.path}: corrupt safetensors header ({e})") from None
+            if not isinstance(header, dict):
+                raise SafetensorsError(f"{self.path}: corrupt safetensors header (a JSON {type(header).__name__}, "
+                                       f"not an object)")
         self.metadata = header.pop("__metadata__", None) or {}
         self._start = 8 + n
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
@@ -61,6 +64,8 @@ class SafeFile:
                 begin, end = (int(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise SafetensorsError(f"{self.path}: tensor {name!r}: bad header entry {info!r}") from None
+            if begin < 0 or min(shape, default=0) < 0:
+                raise SafetensorsError(f"{self.path}: tensor {name!r}: bad header entry {info!r}")
             if end - begin != math.prod(shape) * dtype.itemsize:
                 raise SafetensorsError(f"{self.path}: tensor {name!r}: byte range does not match shape {shape}")
             if self._start + end > size:
