@@ -45,13 +45,15 @@ options (environment variable in brackets):
   --dry-run            print the gcloud commands instead of running them
   -h, --help           this text
 
-The run's out_dir (checkpoints, metrics) should be a gs:// path or another location that
-outlives the VMs, so that a recreated slice resumes from it. Data paths must be readable
-from every worker (gs://, or copied by --setup-cmd).
+The run's out_dir (checkpoints, metrics) must be one folder shared by every worker that
+outlives the VMs, so that a recreated slice resumes from it: a shared filesystem (NFS /
+Filestore, or a gcsfuse-mounted bucket) mounted by --setup-cmd; gs:// URLs are refused.
+Data paths must be readable from every worker.
 
 examples:
   launch/tpu_pod.sh run --name qz-7b --zone us-east5-a --type v5p-64 \
-      --config configs/stage1-qwen2.5-7b.yaml --set out_dir=gs://my-bucket/runs/stage1-7b
+      --setup-cmd 'sudo mkdir -p /mnt/runs && sudo mount -o rw,intr 10.0.0.2:/runs /mnt/runs' \
+      --config configs/stage1-qwen2.5-7b.yaml --set out_dir=/mnt/runs/stage1-7b
   launch/tpu_pod.sh logs --name qz-7b --zone us-east5-a
   launch/tpu_pod.sh down --name qz-7b --zone us-east5-a
 EOF
@@ -232,7 +234,9 @@ cmd_setup() {
     printf 'PY=%q\nJAX_VERSION=%q\n' "$python" "$jax_version"
     if [[ -n "$setup_cmd" ]]; then printf '%s\n' "$setup_cmd"; fi
     cat <<'EOF'
-rm -rf ~/qzhou-jax && mkdir -p ~/qzhou-jax && tar -xzf ~/qzhou-jax.tgz -C ~/qzhou-jax
+# replace the code, keep runs/ (a relative out_dir's checkpoints on a one-host slice)
+mkdir -p ~/qzhou-jax && find ~/qzhou-jax -mindepth 1 -maxdepth 1 ! -name runs -exec rm -rf {} +
+tar -xzf ~/qzhou-jax.tgz -C ~/qzhou-jax
 [ -x ~/qzhou-venv/bin/python ] || "$PY" -m venv ~/qzhou-venv
 ~/qzhou-venv/bin/pip install -q -U pip
 ~/qzhou-venv/bin/pip install -q -e "$HOME/qzhou-jax[tpu]" "jax==$JAX_VERSION" "jaxlib==$JAX_VERSION"

@@ -43,15 +43,7 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path):
 
     cfg_path = tmp_path / "two.yaml"
     cfg_path.write_text(yaml.safe_dump(config(tmp_path / "two", 6)))
-    port = free_port()
-    procs = []
-    for i in range(2):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-               "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
-               "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        procs.append(subprocess.Popen([sys.executable, "-m", "qzhou_jax.cli", "train", "--config", str(cfg_path)],
-                                      env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+    procs = _launch(cfg_path, tmp_path, free_port())
     outs = []
     for p in procs:
         try:
@@ -74,6 +66,56 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path):
     assert resumed.status == "completed" and [h["step"] for h in resumed.history] == [6, 7]
     for h in resumed.history:
         np.testing.assert_allclose(h["loss"], ref[h["step"]], rtol=1e-5, err_msg=f"step {h['step']}")
+
+
+def _launch(cfg_path, cwd, port, log_dir=None, **extra_env):
+    procs = []
+    for i in range(2):
+        env = {**os.environ, **extra_env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+               "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
+               "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        out = open(os.path.join(log_dir, f"p{i}.log"), "w") if log_dir else subprocess.PIPE
+        procs.append(subprocess.Popen([sys.executable, "-m", "qzhou_jax.cli", "train", "--config", str(cfg_path)],
+                                      env=env, cwd=str(cwd), stdout=out, stderr=subprocess.STDOUT, text=True))
+        if log_dir:
+            out.close()  # the child has its own descriptor
+    return procs
+
+
+def test_sigterm_to_one_process_saves_every_process_at_the_same_step(tmp_path):
+    """A preemption notice reaches one host: JAX's preemption sync point (its own SIGTERM
+    handler, which the loop must not replace) makes both processes save the same step and
+    exit with 75. With a Python handler in each process, the signalled one stopped alone
+    and both crashed in the next collective."""
+    import signal
+    import time
+
+    cfg = config(tmp_path / "run", 400)
+    cfg["checkpoint"] = {"every": 1000, "keep": 2}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    marker = tmp_path / "preempted"  # what launch/slurm_gpu.sbatch reads besides srun's status
+    procs = _launch(tmp_path / "run.yaml", tmp_path, free_port(), log_dir=str(tmp_path),
+                    QZ_PREEMPTED_MARKER=str(marker))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    try:
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), \
+                (tmp_path / "p0.log").read_text()[-3000:]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=max(1, deadline - time.time())) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = [(tmp_path / f"p{i}.log").read_text() for i in range(2)]
+    assert codes == [75, 75], logs[1][-3000:]
+    saved = [d for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit()]
+    assert len(saved) == 1 and 3 <= int(saved[0]) < 400
+    for log in logs:
+        assert f"preempted: checkpoint for step {saved[0]} written" in log
+    assert marker.read_text() == f"{saved[0]}\n"
 
 
 @pytest.mark.parametrize("processes", [2, 4])

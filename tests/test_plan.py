@@ -308,6 +308,7 @@ def test_slurm_script_environment(tmp_path):
         "nvidia-smi": '#!/usr/bin/env bash\nfor i in 0 1; do echo "GPU $i"; done\n',
         "qzhou-jax": '#!/usr/bin/env bash\necho "id=$JAX_PROCESS_ID n=$JAX_NUM_PROCESSES '
                      'coord=$JAX_COORDINATOR_ADDRESS local=$JAX_LOCAL_DEVICE_IDS args=$*" >> "$STUB_LOG"\n'
+                     '[[ -n "${STUB_MARK:-}" ]] && touch "$QZ_PREEMPTED_MARKER"\n'
                      '[[ $JAX_PROCESS_ID == 0 ]] && exit ${STUB_RC:-0}; exit 0\n',
     }
     for name, text in files.items():
@@ -328,8 +329,14 @@ def test_slurm_script_environment(tmp_path):
     r = _sh([LAUNCH / "slurm_gpu.sbatch", "--config", "c.yaml"], env=env)
     assert r.returncode == 0 and "scontrol requeue 4321" in log.read_text()
     assert "local=0,1 args=train --config c.yaml" in log.read_text()
+    # the trainer saved for a preemption but srun reports a killed task's 137: still requeued
     log.unlink()
-    env.update(SLURM_RESTART_COUNT="1", STUB_RC="3")
+    env.update(STUB_RC="137", STUB_MARK="1", TMPDIR=str(tmp_path))
+    r = _sh([LAUNCH / "slurm_gpu.sbatch", "--config", "c.yaml"], env=env)
+    assert r.returncode == 0 and "scontrol requeue 4321" in log.read_text(), r.stderr
+    assert not list(tmp_path.glob("qzhou-preempted-*"))
+    log.unlink()
+    env.update(SLURM_RESTART_COUNT="1", STUB_RC="3", STUB_MARK="")
     r = _sh([LAUNCH / "slurm_gpu.sbatch", "--config", "c.yaml"], env=env)
     assert r.returncode == 3 and "args=train --config c.yaml --resume" in log.read_text()
 

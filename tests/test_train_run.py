@@ -73,6 +73,62 @@ def test_sigterm_then_resume_gives_identical_losses(tmp_path, uninterrupted):
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(cfg.output_dir, "tensorboard")))
 
 
+def test_sigterm_outside_the_steps_ends_preempted_and_resumes(tmp_path, monkeypatch):
+    """SIGTERM during the evaluation before training stops it after the current task (no
+    checkpoint: nothing new to save); SIGTERM in the last step writes the final checkpoint
+    and leaves the final evaluation and export to the rerun. Both exit as preempted (75),
+    which the launchers requeue, instead of being killed (143)."""
+    from qzhou_jax.eval import run as eval_run
+
+    real, calls = eval_run.evaluate_task, []
+
+    def sigterm_in_first_task(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(eval_run, "evaluate_task", sigterm_in_first_task)
+    data = dict(run_dict(tmp_path, steps=4), eval={"tasks": "{assets}/demo/tasks.yaml", "max_length": 32})
+    first = train(load_run_config(data=data))
+    assert first.status == "preempted" and first.step == 0 and len(first.evals["before"]) == 1
+    assert not [d for d in os.listdir(first.checkpoint_dir) if d.isdigit()]
+    no_before = load_run_config(data=data, overrides=["eval.before=false"])
+    second = train(no_before, resume=True, hooks=[sigterm_at(4)])
+    assert second.status == "preempted" and second.step == 4 and "after" not in second.evals
+    assert "4" in os.listdir(second.checkpoint_dir)
+    third = train(no_before, resume=True)
+    assert third.status == "completed" and third.step == 4 and third.history == []
+    assert list(first.evals["before"]) == ["demo-retrieval"]
+    assert list(third.evals["after"]) == ["demo-retrieval", "demo-sts", "demo-classification"]
+
+
+def test_a_non_finite_step_is_caught_before_a_checkpoint_records_it(tmp_path, monkeypatch):
+    """checkpoint.every not a multiple of log.every: the step's metrics are checked before
+    the save, so no checkpoint holds a state whose step disagrees with its data position."""
+    from qzhou_jax.train.step import Trainer
+
+    real = Trainer.step_fn
+
+    def nan_at_step_4(self, task):
+        fn = real(self, task)
+
+        def step(state, batch):
+            at = int(state.step)  # the state is donated to the step
+            new, metrics = fn(state, batch)
+            if at == 4:
+                metrics = dict(metrics, loss=metrics["loss"] * float("nan"), finite=metrics["finite"] * 0)
+            return new, metrics
+        return step
+
+    monkeypatch.setattr(Trainer, "step_fn", nan_at_step_4)
+    data = run_dict(tmp_path, steps=8)
+    data.update(checkpoint={"every": 5, "keep": 2}, log=dict(data["log"], every=3))
+    with pytest.raises(FloatingPointError, match="step 4"):
+        train(load_run_config(data=data))
+    assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+
+
 def test_resume_on_another_mesh_and_worker_count(tmp_path, uninterrupted):
     cfg = load_run_config(data=run_dict(tmp_path))
     first = train(cfg, hooks=[sigterm_at(4)])
@@ -199,7 +255,9 @@ def test_config_errors_name_the_key_before_any_device_work(tmp_path, monkeypatch
 
     for bad, key in (({"train": {"lr": "fast"}}, "train.lr"), ({"trian": {}}, "trian"),
                      ({"data": {"datasets": [{"name": "x", "task": "nope", "path": "x"}]}}, "data.datasets[0].task"),
-                     ({"checkpoint": {"every": 1.5}}, "checkpoint.every")):
+                     ({"checkpoint": {"every": 1.5}}, "checkpoint.every"),
+                     ({"out_dir": "gs://bucket/run"}, "out_dir: 'gs://bucket/run' is a URL"),
+                     ({"checkpoint": {"dir": "gs://bucket/ckpt"}}, "checkpoint.dir: 'gs://bucket/ckpt' is a URL")):
         raw = run_dict(tmp_path)
         for k, v in bad.items():
             raw[k] = {**raw.get(k, {}), **v} if isinstance(raw.get(k), dict) else v

@@ -123,19 +123,23 @@ def evaluate_task(spec: TaskSpec, encoder: Any, *, model: Any = None, progress: 
 
 def evaluate(specs: Sequence[TaskSpec], encoder: Any, *, model: Any = None, progress: bool = False,
              results_dir: str | os.PathLike | None = None, use_instructions: bool = True,
-             log: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+             log: Callable[[str], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate every task with `encoder` (anything with `encode(texts, instruction=None,
     progress=False) -> [n, dim]`, normally `qzhou_jax.eval.encoder.Encoder`).
 
     Returns {task name: result} in the order of `specs`. `model` (a path or a mapping) is
     recorded in each result; with `results_dir`, each task's file is written there as soon
     as the task finishes (`<task>.json`, atomically). `use_instructions=False` encodes
-    every text without an instruction (records' own instructions included).
+    every text without an instruction (records' own instructions included). `should_stop`
+    is asked before each task: when it returns True the tasks done so far are returned.
     """
     for spec in specs:  # missing files fail before any encoding
         spec.check_files()
     results: dict[str, dict[str, Any]] = {}
     for spec in specs:
+        if should_stop is not None and should_stop():
+            break
         if log is not None:
             log(f"evaluating {spec.name} ({spec.type}, split {spec.split})")
         results[spec.name] = evaluate_task(spec, encoder, model=model, progress=progress,

@@ -37,6 +37,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.evals:
         print(json.dumps({k: {t: r.get("main_score") for t, r in v.items()} for k, v in result.evals.items()},
                          indent=1), file=sys.stderr)
+    if result.status == "preempted" and os.environ.get("QZ_PREEMPTED_MARKER"):
+        # for launchers: srun may report another task's status (launch/slurm_gpu.sbatch)
+        with open(os.environ["QZ_PREEMPTED_MARKER"], "w") as f:
+            f.write(f"{result.step}\n")
     return PREEMPTED_EXIT_CODE if result.status == "preempted" else 0
 
 

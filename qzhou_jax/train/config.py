@@ -52,6 +52,15 @@ def expand_path(path: str) -> str:
     return os.path.expanduser(os.path.expandvars(path.replace("{assets}", ASSETS)))
 
 
+def _local_path(value: str | None, path: str) -> None:
+    """Run outputs are written with the filesystem's own calls: a URL would become a local
+    folder named after it (`gs:/bucket/...`) and be lost with the machine."""
+    if isinstance(value, str) and "://" in value:
+        raise ConfigError(f"{path}: {value!r} is a URL; run outputs need a filesystem path that every "
+                          f"process can read and write and that outlives the machines (a shared mount: "
+                          f"NFS / Filestore, or a bucket mounted with gcsfuse)")
+
+
 def _positive(value: Any, path: str) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ConfigError(f"{path}: expected a positive integer, got {value!r}")
@@ -185,6 +194,7 @@ class CheckpointConfig:
     def __post_init__(self):
         _positive(self.every, "every")
         _positive(self.keep, "keep")
+        _local_path(self.dir, "dir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +249,7 @@ class RunConfig:
     compilation_cache_dir: str | None = "~/.cache/qzhou-jax/xla"
 
     def __post_init__(self):
+        _local_path(self.out_dir, "out_dir")
         object.__setattr__(self, "_model", model_config(self.model, self.init_from))
         try:
             check_keep_chunks(self._model, self.train.keep_chunks)  # type: ignore[attr-defined]

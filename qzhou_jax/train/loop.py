@@ -16,7 +16,10 @@ What a run does, in order:
    `checkpoint.every` steps and at the end.
 4. SIGTERM (preemption): the current step finishes, a checkpoint is written and waited
    for, and the run returns status "preempted" (the command exits with code 75:
-   rerun it with --resume). With several processes, JAX's preemption sync point makes
+   rerun it with --resume). Before the first step (indexing, restore, the evaluation
+   before training) the run stops without a new checkpoint; after the last one, the final
+   checkpoint is written and the final evaluation and export are left to the rerun.
+   With several processes, JAX's preemption sync point (its own SIGTERM handler) makes
    every process save at the same step.
 5. At the end the parameters are exported as a HF + sentence-transformers folder
    (<out_dir>/hf) when `export_hf` is set.
@@ -65,12 +68,19 @@ class RunResult:
 
 
 class _Preemption:
-    """SIGTERM sets a flag that the loop checks after each step (single-process runs)."""
+    """SIGTERM sets a flag that the run checks after each step and between evaluation tasks.
+
+    Single-process runs only: with several processes, `jax.distributed.initialize()` has
+    installed JAX's own SIGTERM handler, which the preemption sync point
+    (`RunCheckpoints.reached_preemption`) relies on to make every process stop at the same
+    step; a Python handler would replace it, and processes stopping at different steps
+    deadlock or crash in their next collective."""
 
     def __init__(self, enabled: bool):
         self.flag = False
         self._old = None
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.enabled = (enabled and jax.process_count() == 1
+                        and threading.current_thread() is threading.main_thread())
 
     def __enter__(self):
         if self.enabled:
@@ -106,7 +116,8 @@ def tokenizer_path(cfg: RunConfig) -> str:
     return path
 
 
-def _evaluate(cfg: RunConfig, params: Any, tokenizer_dir: str, mesh: Any) -> dict:
+def _evaluate(cfg: RunConfig, params: Any, tokenizer_dir: str, mesh: Any,
+              preempt: _Preemption | None = None) -> dict:
     from qzhou_jax.eval.encoder import Encoder
     from qzhou_jax.eval.run import evaluate
     from qzhou_jax.eval.tasks import load_task_specs
@@ -115,7 +126,7 @@ def _evaluate(cfg: RunConfig, params: Any, tokenizer_dir: str, mesh: Any) -> dic
     specs = load_task_specs(expand_path(cfg.eval.tasks))
     tok = Tokenizer(tokenizer_dir, max_length=cfg.eval.max_length)
     encoder = Encoder(params, cfg.model_config, tok, batch_size=cfg.eval.batch_size, mesh=mesh)
-    return evaluate(specs, encoder)
+    return evaluate(specs, encoder, should_stop=(lambda: preempt.flag) if preempt is not None else None)
 
 
 def main_scores(results: Mapping[str, Any]) -> dict[str, float]:
@@ -141,8 +152,6 @@ def train(cfg: RunConfig, resume: bool = False, *, hooks: Sequence[Callable[[int
     """Run (or resume) the training run `cfg`. `hooks(step, metrics)` are called after each
     step's metrics are fetched; `stop_after` ends the loop early after that many steps
     (no final save: for tests and debugging)."""
-    from qzhou_jax.data.pipeline import TrainData
-
     from qzhou_jax.train.config import check_init_from
 
     t_start = time.perf_counter()
@@ -151,15 +160,27 @@ def train(cfg: RunConfig, resume: bool = False, *, hooks: Sequence[Callable[[int
         from qzhou_jax.train.config import expand_path
 
         jax.config.update("jax_compilation_cache_dir", expand_path(cfg.compilation_cache_dir))
+    sharding.maybe_initialize_distributed()
+    # SIGTERM from here on (indexing, restore, compile, evaluation) ends the run with status
+    # "preempted" (exit code 75, which the launchers requeue) instead of killing it.
+    with _Preemption(cfg.checkpoint.save_on_preemption) as preempt:
+        return _run(cfg, resume, hooks, stop_after, preempt, t_start)
+
+
+def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], None]], stop_after: int | None,
+         preempt: _Preemption, t_start: float) -> RunResult:
+    from qzhou_jax.data.pipeline import TrainData
+
     model_cfg = cfg.model_config
     out_dir = cfg.output_dir
     tok_dir = tokenizer_path(cfg)
     tokenizer = Tokenizer(tok_dir, max_length=max(max(s["query_max_length"], s["passage_max_length"])
                                                    for s in map(cfg.data.resolved, cfg.data.datasets)))
-
-    sharding.maybe_initialize_distributed()
     main = jax.process_index() == 0
     data = TrainData.from_config(cfg, tokenizer)
+    if preempt.flag:  # SIGTERM while the datasets were indexed: stop before any device work
+        log.warning("preempted before the first step; rerun with --resume")
+        return RunResult("preempted", 0, [], {}, out_dir, cfg.checkpoint_dir, seconds=time.perf_counter() - t_start)
     mesh = sharding.make_mesh(cfg.mesh)
     for spec, ds in zip(data.specs, cfg.data.datasets):  # fail before compiling with the numbers
         shapes = {"q_ids": (spec.batch_size, spec.query_max_length),
@@ -204,7 +225,7 @@ def train(cfg: RunConfig, resume: bool = False, *, hooks: Sequence[Callable[[int
             log.info("dataset %(name)s: %(task)s, %(records)d records, batch %(batch_size)d, "
                      "p=%(probability).3f", row)
     if cfg.eval.tasks and cfg.eval.before and start_step == 0:
-        result.evals["before"] = _evaluate(cfg, trainer.params, tok_dir, mesh)
+        result.evals["before"] = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt)
         logger.write(0, main_scores(result.evals["before"]), prefix="eval")
 
     peak = peak_flops(jax.devices()[0], cfg.log.peak_tflops)
@@ -254,59 +275,68 @@ def train(cfg: RunConfig, resume: bool = False, *, hooks: Sequence[Callable[[int
         ckpts.save(at, trainer.state, data.state(at), force=force)
         last_saved = at
 
-    with _Preemption(cfg.checkpoint.save_on_preemption) as preempt:
-        try:
-            for item in data.iterator(start_step):
-                step = item.step
-                batch = trainer.prepare(item.batch, item.task)
-                trainer.state, metrics = trainer.step_fn(item.task)(trainer.state, batch)
-                shapes = {k: tuple(v.shape) for k, v in batch.items()}
-                window["flops"] += step_flops(model_cfg, shapes)
-                window["tokens"] += int(np.prod(shapes["q_ids"])) + int(np.prod(shapes["p_ids"]))
-                pending.append((step, item.task, item.dataset, metrics))
-                done = step + 1
-                if progress is not None:
-                    progress.update(1)
-                if done % cfg.log.every == 0 or done == cfg.train.total_steps:
-                    flush()
-                if cfg.eval.tasks and cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.total_steps:
-                    flush()
-                    res = _evaluate(cfg, trainer.params, tok_dir, mesh)
-                    result.evals[f"step_{done}"] = res
-                    logger.write(done, main_scores(res), prefix="eval")
-                result.step = done
-                stop = preempt.flag or (jax.process_count() > 1 and ckpts.reached_preemption(done))
-                if stop and cfg.checkpoint.save_on_preemption:
-                    flush()
-                    save(done, force=True)
-                    ckpts.wait()
-                    result.status = "preempted"
-                    log.warning("preempted: checkpoint for step %d written to %s; rerun with --resume",
-                                done, ckpts.directory)
-                    break
-                if done % cfg.checkpoint.every == 0:
-                    save(done)
-                if stop_after is not None and done >= stop_after:
-                    flush()
-                    result.status = "stopped"
-                    break
-            flush()
-            if result.status == "completed":
-                save(result.step, force=True)
-        finally:
+    multi = jax.process_count() > 1
+    if preempt.flag:  # SIGTERM before the first step: nothing new to save
+        result.status = "preempted"
+        log.warning("preempted before the first step; rerun with --resume")
+    try:
+        for item in () if preempt.flag else data.iterator(start_step):
+            step = item.step
+            batch = trainer.prepare(item.batch, item.task)
+            trainer.state, metrics = trainer.step_fn(item.task)(trainer.state, batch)
+            shapes = {k: tuple(v.shape) for k, v in batch.items()}
+            window["flops"] += step_flops(model_cfg, shapes)
+            window["tokens"] += int(np.prod(shapes["q_ids"])) + int(np.prod(shapes["p_ids"]))
+            pending.append((step, item.task, item.dataset, metrics))
+            done = step + 1
             if progress is not None:
-                progress.close()
-            ckpts.close()
+                progress.update(1)
+            if done % cfg.log.every == 0 or done == cfg.train.total_steps:
+                flush()
+            if (cfg.eval.tasks and cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.total_steps
+                    and not preempt.flag):
+                flush()
+                res = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt)
+                result.evals[f"step_{done}"] = res
+                logger.write(done, main_scores(res), prefix="eval")
+            result.step = done
+            stop = ckpts.reached_preemption(done) if multi else preempt.flag
+            if stop and cfg.checkpoint.save_on_preemption:
+                flush()
+                save(done, force=True)
+                ckpts.wait()
+                result.status = "preempted"
+                log.warning("preempted: checkpoint for step %d written to %s; rerun with --resume",
+                            done, ckpts.directory)
+                break
+            if done % cfg.checkpoint.every == 0:
+                flush()  # a non-finite step raises here, before a checkpoint could record it
+                save(done)
+            if stop_after is not None and done >= stop_after:
+                flush()
+                result.status = "stopped"
+                break
+        flush()
+        if result.status == "completed":
+            save(result.step, force=True)
+    finally:
+        if progress is not None:
+            progress.close()
+        ckpts.close()
 
     if main:
         passes = ", ".join(f"{k} {v:.2f}" for k, v in data.plan.epochs_seen(result.step).items())
         log.info("passes over each dataset after %d steps: %s", result.step, passes)
     if result.status == "completed":
-        if cfg.eval.tasks:
-            result.evals["after"] = _evaluate(cfg, trainer.params, tok_dir, mesh)
+        if cfg.eval.tasks and not preempt.flag:
+            result.evals["after"] = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt)
             logger.write(result.step, main_scores(result.evals["after"]), prefix="eval")
-        if cfg.export_hf:
+        if cfg.export_hf and not preempt.flag:
             result.hf_dir = _export(cfg, trainer, tok_dir)
+        if preempt.flag:  # the last checkpoint is written: a rerun with --resume evaluates and exports
+            result.status = "preempted"
+            log.warning("preempted after the last step (checkpoint %d written); rerun with --resume to finish "
+                        "the evaluation and export", result.step)
     logger.close()
     result.seconds = time.perf_counter() - t_start
     return result
