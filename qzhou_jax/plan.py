@@ -243,11 +243,23 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
     layers no longer make (`qwen2.run_layers`): within +0.3 GiB of those differences,
     which are derived, not measured.
     """
+    from qzhou_jax import sharding
+
     mesh_shape = dict(mesh.shape)
     dp = mesh_shape["data"] * mesh_shape["fsdp"]
-    tp = mesh_shape["tensor"]
+
+    def split(shape, axes, over=("tensor",)) -> int:
+        """How many ways the rules split an array over the mesh axes `over` (a dimension a
+        mesh axis does not divide stays whole: 12 heads over tensor=8 are not split)."""
+        spec = sharding.logical_to_spec(axes, mesh, rules, shape)
+        used = [a for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)]
+        return math.prod(mesh_shape[a] for a in used if a in over)
+
     E, F, Lr = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    H, K, D = cfg.num_attention_heads / tp, cfg.num_key_value_heads / tp, cfg.head_dim
+    D = cfg.head_dim
+    H = cfg.num_attention_heads / split((cfg.num_attention_heads,), ("act_heads",))
+    K = cfg.num_key_value_heads / split((cfg.num_key_value_heads,), ("act_kv_heads",))
+    tp = split((F,), ("act_mlp",))  # the MLP's split (F / tp per device)
     b = 2 if cfg.compute_dtype in ("bfloat16", "float16") else 4
     gradcache = 0 < chunk < shape.n
     n_pass = chunk if gradcache else shape.n
@@ -275,7 +287,10 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
     q_kept, q_work = side(n_pass, shape.q_len)
     p_kept, p_work = side(n_pass * shape.group, shape.p_len)
     activations = q_kept + p_kept + max(q_work, p_work)
-    layer_params = (cfg.num_params(include_embedding=False) - E) / Lr / tp
+    from qzhou_jax.model.qwen2 import param_specs
+
+    layer_params = sum(math.prod(p.shape) / split(p.shape, p.axes) for name, p in param_specs(cfg).items()
+                       if name.startswith("layers/")) / Lr  # gathered over fsdp, split over tensor
     layers = (2 * layer_params * (4 + b) + layer_params * 4) if mesh_shape["fsdp"] > 1 else 0.0
     gradients = (1 + gradcache + (mesh_shape["fsdp"] > 1)) * param_bytes
     if not cfg.scan_layers and not gradcache:  # the layers' share of the parameters

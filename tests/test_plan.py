@@ -175,6 +175,20 @@ def test_cpu_compiled_plan_matches_state_shards(tmp_path, capsys):
     assert step["model_flops"] > 0 and step["estimate"]["peak"] > 0
 
 
+def test_estimate_holds_heads_that_tensor_does_not_split(tmp_path):
+    """6 heads over tensor=4 stay whole on each device (the rules leave a dimension the axis
+    does not divide unsplit), and so do their float32 attention scores: the estimate counted
+    a quarter of them and came out at a third of the compiled program's peak."""
+    for heads, kv in ((6, 2), (8, 4)):
+        model = dict(preset="tiny", hidden_size=16 * heads, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=heads, num_key_value_heads=kv, compute_dtype="float32", remat="full")
+        run = dict(TINY, model=model, mesh={"data": 1, "fsdp": 1, "tensor": 4}, train={"chunk_size": 0},
+                   data=dict(TINY["data"], batch_size=4, hard_negatives=1, query_max_length=16,
+                             passage_max_length=512))
+        (step,) = plan_mod.make_plan(load_run_config(_yaml(tmp_path, run)), parse_target("cpu:4", memory_gib=64)).steps
+        assert 0.85 < step.estimate["peak"] / step.peak_bytes < 1.2, (heads, step.estimate, step.peak_bytes)
+
+
 def test_does_not_fit_suggests(tmp_path, capsys):
     cfg = _yaml(tmp_path, {**TINY, "model": {"preset": "tiny", "remat": "none"}, "train": {"chunk_size": 0},
                            "mesh": {"data": 2, "fsdp": -1, "tensor": 1}})
