@@ -6,6 +6,7 @@ parity with HF transformers on the same device. Prints one line per check; exits
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import common  # noqa: F401
@@ -19,11 +20,13 @@ from qzhou_jax.model import embed, forward
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("layers", nargs="?", type=int, default=4, help="layers of the Qwen2.5-0.5B-shaped model")
+    args = ap.parse_args()
     print(f"device {common.device_name()}, jax {jax.__version__}")
     failures = 0
     rng = np.random.default_rng(0)
-    cfg = ModelConfig.preset("qwen2.5-0.5b", num_hidden_layers=4 if len(sys.argv) < 2 else int(sys.argv[1]),
-                             compute_dtype="bfloat16")
+    cfg = ModelConfig.preset("qwen2.5-0.5b", num_hidden_layers=args.layers, compute_dtype="bfloat16")
     hf = common.hf_random_model(cfg, "float32", attn="sdpa")
     weights = common.torch_state_to_numpy(hf)
     params = load_params(DictStore(weights), cfg)
@@ -60,6 +63,15 @@ def main() -> int:
     ok = cos >= 0.999
     failures += not ok
     print(f"{'ok ' if ok else 'FAIL'} cudnn vs xla embeddings: min cosine {cos:.6f}")
+    # left padding: cuDNN masks by length, so the model right-aligns each row around it
+    left_ids, left_mask = np.zeros_like(ids), np.zeros_like(mask)
+    for r, n in enumerate(lengths):
+        left_ids[r, 256 - n:], left_mask[r, 256 - n:] = ids[r, :n], 1
+    e_l = np.asarray(jax.jit(lambda p: embed(p, c_c, left_ids, left_mask))(params))
+    cos = np.sum(e_x * e_l, -1).min()
+    ok = cos >= 0.999
+    failures += not ok
+    print(f"{'ok ' if ok else 'FAIL'} cudnn left-padded vs xla right-padded embeddings: min cosine {cos:.6f}")
     loss = lambda c: jax.jit(jax.grad(lambda p: jnp.sum(embed(p, c, ids, mask)[:, :8] ** 2)))  # noqa: E731
     g_x = jax.tree.leaves(loss(c_x)(params))
     g_c = jax.tree.leaves(loss(c_c)(params))

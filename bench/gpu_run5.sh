@@ -10,7 +10,7 @@
 # chunks under the default allocator, which failed from fragmentation when preallocation
 # was off (not yet rerun).
 # Next (a session's 15 minutes of device time leave about 560 s of runs after the machine
-# starts): BUDGET=560 RUNS="rl6up rl4u dotsu dotmerge tritonany". Unrolled layers no longer
+# starts): BUDGET=560 RUNS="check rl6up rl4u dotsu dotmerge tritonany". Unrolled layers no longer
 # keep a float32 copy of every layer's weights for the backward pass (4.7 GiB at 1.5b in the
 # H200 programs; `plan` now estimates 38.9 GiB with 6 rematted layers, 40.6 with 4, 43.9
 # with none), so fewer layers need remat within 40 GiB. rl6up: 6 rematted layers, profiled;
@@ -48,6 +48,9 @@ RUNS=${RUNS:-rl14 dots full anchor512 unrolled dsfusion keep20}
 for r in $RUNS; do
   case $r in
     peak) echo "### matmul_peak.py"; timeout -k 10 60 python3 matmul_peak.py 2>&1 | grep -v -i warning ;;
+    # numerical checks: cuDNN vs XLA attention, HF parity, and cuDNN on left-padded rows
+    # (right-aligned around cuDNN's length masks since 2026-11-27; not yet run on a GPU)
+    check) echo "### gpu_check.py"; timeout -k 10 120 python3 gpu_check.py 2 2>&1 | grep -v -i warning ;;
     rl14) t 90 $L256 --remat full --remat-layers 14 --profile $W/prof/rl14; keep rl14 ;;
     dots) t 90 $L256 --remat dots --profile $W/prof/dots; keep dots ;;
     full) t 90 $L256 --remat full --profile $W/prof/full; keep full ;;

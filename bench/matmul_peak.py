@@ -9,6 +9,8 @@ one product per call, and PyTorch's cuBLAS rate for the same products, to check 
 
 from __future__ import annotations
 
+import argparse
+
 import common  # noqa: F401  (sets env, sys.path)
 import jax
 import jax.numpy as jnp
@@ -43,6 +45,7 @@ def torch_tflops(m: int, n: int) -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     print(f"device {common.device_name()}")
     print(common.row(["[m, m] @ [m, n]", "JAX chain of 10 (TFLOP/s)", "JAX one per call", "PyTorch"]))
     print(common.row(["---"] * 4))

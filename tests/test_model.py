@@ -60,6 +60,28 @@ REMAT_CASES = [dict(scan_layers=False), dict(remat="full"), dict(remat="dots"),
                dict(remat="full", remat_layers=0), dict(remat="full", remat_layers=4)]
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_cudnn_length_masking_takes_either_padding_side(monkeypatch, causal):
+    """cuDNN masks keys by sequence length (right padding); left-padded rows are rotated to
+    the front and back. Here the same `dot_product_attention` call runs with XLA's
+    implementation, which applies the lengths the same way (no cuDNN on CPU)."""
+    real = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: real(*a, **{**k, "implementation": "xla"}))
+    hf = tiny_hf_model(causal=causal)
+    cfg, params = params_from_torch(hf, compute_dtype="float32", attention_impl="cudnn")
+    _check_parity(hf, cfg, params, "left")
+    if causal:
+        return
+    ids, mask = random_batch(np.random.default_rng(3), 97, [16, 9, 3, 12], 16, "left")
+    ref_cfg = params_from_torch(hf, compute_dtype="float32")[0]
+
+    def grads(c):
+        return jax.jit(jax.grad(lambda p: jnp.sum(embed(p, c, jnp.asarray(ids), jnp.asarray(mask)) ** 3)))(params)
+
+    for a, b in zip(jax.tree.leaves(grads(ref_cfg)), jax.tree.leaves(grads(cfg))):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
 def test_remat_and_scan_do_not_change_gradients():
     hf = tiny_hf_model(layers=4)
     ids, mask = random_batch(np.random.default_rng(2), 97, [10, 6, 8], 10)

@@ -161,8 +161,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: Mo
     causal = cfg.attention == "causal"
     valid = mask.astype(bool)
     if cfg.attention_impl == "cudnn":
-        # cuDNN masks padding by sequence length, which assumes right padding (the
-        # tokenizer's default); padded query rows are ignored by pooling.
+        # cuDNN masks padding by sequence length, which assumes right padding: the model's
+        # entry points right-align every row first (`_right_align`); padded query rows are
+        # ignored by pooling.
         lengths = jnp.sum(valid, axis=-1).astype(jnp.int32)
         return jax.nn.dot_product_attention(
             q, k, v, scale=D ** -0.5, is_causal=causal, query_seq_lengths=lengths,
@@ -248,6 +249,19 @@ def remat_groups(cfg: ModelConfig) -> tuple[int, int]:
 def positions_from_mask(mask: jax.Array) -> jax.Array:
     """0, 1, 2, ... over the real tokens of each row, whichever side the padding is on."""
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _align_offsets(mask: jax.Array) -> jax.Array:
+    """Per row, the index of the first real token (0 for an empty row)."""
+    return jnp.argmax(mask.astype(bool), axis=-1).astype(jnp.int32)
+
+
+def _right_align(x: jax.Array, offsets: jax.Array, undo: bool = False) -> jax.Array:
+    """Rotate each row of x [batch, seq, ...] left by its offset, so that a left-padded row's
+    tokens start at 0 (`undo`: rotate back). Right-padded rows (offset 0) are unchanged."""
+    S = x.shape[1]
+    idx = (jnp.arange(S, dtype=jnp.int32)[None, :] + (-offsets if undo else offsets)[:, None]) % S
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 def merge_rows(arrays: Sequence[jax.Array], parts: int) -> jax.Array:
@@ -358,6 +372,13 @@ def _embed_tokens(embed_tokens: jax.Array, cfg: ModelConfig, inputs: Sequence[tu
     def positions(inp) -> jax.Array:
         return inp[2] if len(inp) > 2 and inp[2] is not None else positions_from_mask(inp[1])
 
+    if cfg.attention_impl == "cudnn":  # cuDNN's length masks need each row's tokens first
+        aligned = []
+        for inp in inputs:
+            off = _align_offsets(inp[1])
+            aligned.append((_right_align(inp[0], off), _right_align(inp[1], off), _right_align(positions(inp), off)))
+        inputs = aligned
+
     xs, ctx = [], []
     for idx in groups:
         ids = merge_rows([inputs[i][0] for i in idx], parts)
@@ -382,7 +403,8 @@ def _final(final_norm: jax.Array, cfg: ModelConfig, inputs: Sequence[tuple], gro
     for idx, x in zip(groups, xs):
         h = rms_norm(x, final_norm, cfg.rms_norm_eps)
         for i, part in zip(idx, split_rows(h, [inputs[i][0].shape[0] for i in idx], parts)):
-            out[i] = part
+            out[i] = _right_align(part, _align_offsets(inputs[i][1]), undo=True) \
+                if cfg.attention_impl == "cudnn" else part
     return out
 
 
