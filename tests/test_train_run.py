@@ -51,12 +51,14 @@ def uninterrupted(tmp_path_factory):
     return train(load_run_config(data=run_dict(out)))
 
 
-def test_sigterm_then_resume_gives_identical_losses(tmp_path, uninterrupted):
+def test_sigterm_then_resume_gives_identical_losses(tmp_path, uninterrupted, caplog):
     cfg = load_run_config(data=run_dict(tmp_path))
     first = train(cfg, hooks=[sigterm_at(3)])
     assert first.status == "preempted" and first.step == 3
     assert 3 in os.listdir(cfg.checkpoint_dir) or "3" in os.listdir(cfg.checkpoint_dir)
-    second = train(cfg, resume=True)
+    with caplog.at_level("WARNING"):
+        second = train(cfg, resume=True)
+    assert "differs from the last start" not in caplog.text
     assert second.status == "completed" and second.step == 8
     full = losses(uninterrupted)
     got = {**losses(first), **losses(second)}
@@ -129,13 +131,17 @@ def test_a_non_finite_step_is_caught_before_a_checkpoint_records_it(tmp_path, mo
     assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
 
 
-def test_resume_on_another_mesh_and_worker_count(tmp_path, uninterrupted):
+def test_resume_on_another_mesh_and_worker_count(tmp_path, uninterrupted, caplog):
     cfg = load_run_config(data=run_dict(tmp_path))
     first = train(cfg, hooks=[sigterm_at(4)])
     assert first.status == "preempted"
     moved = load_run_config(data=run_dict(tmp_path, workers=2),
                             overrides=["mesh.data=2", "mesh.fsdp=4"])
-    second = train(moved, resume=True)
+    with caplog.at_level("WARNING"):
+        second = train(moved, resume=True)
+    assert "the run config differs from the last start's" in caplog.text
+    assert "data.workers: 0 -> 2; mesh.data: -1 -> 2; mesh.fsdp: 1 -> 4" in caplog.text
+    assert os.path.isfile(os.path.join(moved.checkpoint_dir, "run_config.previous.yaml"))
     assert second.status == "completed"
     full = losses(uninterrupted)
     for s, v in losses(second).items():

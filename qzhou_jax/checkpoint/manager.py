@@ -56,6 +56,14 @@ class RunCheckpoints:
             import yaml
 
             path = os.path.join(self.directory, "run_config.yaml")
+            if os.path.isfile(path):  # a restart: say what changed since the last start
+                with open(path, encoding="utf-8") as f:
+                    before = yaml.safe_load(f) or {}
+                changed = _changes(before, dict(run_config))
+                if changed:
+                    log.warning("%s: the run config differs from the last start's (now kept as "
+                                "run_config.previous.yaml): %s", self.directory, "; ".join(changed))
+                    os.replace(path, os.path.join(self.directory, "run_config.previous.yaml"))
             tmp = f"{path}.tmp{os.getpid()}"
             with open(tmp, "w", encoding="utf-8") as f:
                 yaml.safe_dump(run_config, f, sort_keys=False)
@@ -102,6 +110,16 @@ class RunCheckpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _changes(before: Any, after: Any, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every leaf that differs between two nested config dicts."""
+    if isinstance(before, Mapping) and isinstance(after, Mapping):
+        out = []
+        for k in list(before) + [k for k in after if k not in before]:
+            out += _changes(before.get(k), after.get(k), f"{prefix}{k}.")
+        return out
+    return [] if before == after else [f"{prefix[:-1]}: {before!r} -> {after!r}"]
 
 
 def abstract_train_state(cfg: ModelConfig, tx: Any, shardings: Any) -> Any:
