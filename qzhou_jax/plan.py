@@ -251,8 +251,7 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
     def split(shape, axes, over=("tensor",)) -> int:
         """How many ways the rules split an array over the mesh axes `over` (a dimension a
         mesh axis does not divide stays whole: 12 heads over tensor=8 are not split)."""
-        spec = sharding.logical_to_spec(axes, mesh, rules, shape)
-        used = [a for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)]
+        used = sharding.spec_axes(sharding.logical_to_spec(axes, mesh, rules, shape))
         return math.prod(mesh_shape[a] for a in used if a in over)
 
     E, F, Lr = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers

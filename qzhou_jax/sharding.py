@@ -137,14 +137,18 @@ def logical_to_spec(axes: Sequence[str | None], mesh: Mesh, rules: Mapping[str, 
     return PartitionSpec(*spec)
 
 
+def spec_axes(spec: PartitionSpec) -> list[str]:
+    """The mesh axes a PartitionSpec splits over, in order."""
+    return [a for entry in spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry)]
+
+
 def unsplit_dimensions(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
                        rules: Mapping[str, Any] | None = None) -> list[tuple[int, str, str]]:
     """(dimension, logical axis, mesh axis) for each mesh axis (size > 1) that the rules ask
     to split an array over but that `logical_to_spec` leaves out because it does not divide
     the dimension: the array is then held whole over that mesh axis."""
     rules = DEFAULT_RULES if rules is None else rules
-    spec = logical_to_spec(axes, mesh, rules, shape)
-    used = {a for entry in spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry)}
+    used = set(spec_axes(logical_to_spec(axes, mesh, rules, shape)))
     out = []
     for i, logical in enumerate(axes):
         for mesh_axis in _mesh_axes_for(logical, rules):
@@ -172,9 +176,7 @@ def check_split(arrays: Mapping[str, tuple[Sequence[int], Sequence[str | None]]]
     offenders = []
     for name, (shape, axes) in arrays.items():
         nbytes = math.prod(shape) * bytes_per_element
-        spec = logical_to_spec(axes, mesh, rules, shape)
-        held = math.prod(mesh.shape[a] for entry in spec if entry is not None
-                         for a in ((entry,) if isinstance(entry, str) else entry))
+        held = math.prod(mesh.shape[a] for a in spec_axes(logical_to_spec(axes, mesh, rules, shape)))
         missing = unsplit_dimensions(axes, shape, mesh, rules)
         want = held * math.prod(mesh.shape[a] for _, _, a in missing)
         ideal += nbytes / want
