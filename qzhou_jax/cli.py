@@ -72,11 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     from qzhou_jax.data.cli import add_data_parser
     from qzhou_jax.eval.cli import add_eval_parser
     from qzhou_jax.plan import add_plan_parser
+    from qzhou_jax.synth.cli import add_synth_parser
     from qzhou_jax.train.cli import add_train_parser
 
     add_eval_parser(sub)
     add_plan_parser(sub)
     add_data_parser(sub)
+    add_synth_parser(sub)
     add_train_parser(sub)
     return p
 

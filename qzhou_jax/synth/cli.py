@@ -1,0 +1,325 @@
+"""`qzhou-jax synth`: LLM synthesis, hard-negative mining and cleaning of training records.
+
+LLM synthesis (any OpenAI-compatible chat endpoint: vLLM, SGLang, TGI or a hosted API):
+    qzhou-jax synth paraphrase --task retrieval|sts|classification --input R.jsonl --output P.jsonl \\
+        --llm-url http://localhost:8000/v1 --llm-model Qwen2.5-72B-Instruct
+    qzhou-jax synth augment   --input R.jsonl --output A.jsonl --llm-url ... --llm-model ...
+    qzhou-jax synth negatives --input R.jsonl --output N.jsonl --share 0.3 --llm-url ... --llm-model ...
+
+With an embedding model (a folder `qzhou-jax encode` takes):
+    qzhou-jax synth mine         --model M --input N.jsonl --output T.jsonl [--ranks 10 30] [--num-negatives 4]
+    qzhou-jax synth score-filter --model M --input R.jsonl --output F.jsonl --min-score 0.3 | --drop-fraction 0.05
+
+Without a model:
+    qzhou-jax synth dedup         --task retrieval --input A.jsonl B.jsonl --output A2.jsonl B2.jsonl
+    qzhou-jax synth decontaminate --task retrieval --input T.jsonl --output T2.jsonl --against EVAL_DIR ...
+
+SPEC's recipe: paraphrase and augment retrieval data (paraphrase NLI and classification data too),
+give about 30% of the records without hard negatives LLM-written ones (`negatives --share 0.3`),
+mine the rest from ranks 10-30 (`mine` fills the records still without negatives), drop pairs the
+model scores low, deduplicate across all files, and drop records close to evaluation data.
+
+Inputs are record files in the training format (`--fields` maps other field names), or BEIR
+folders for retrieval (mining then searches the folder's whole corpus). Outputs are
+written under a temporary name and renamed when complete; an existing output is kept unless
+--overwrite. LLM jobs record progress in OUTPUT.partial as they go: after a stop, rerun the same
+command with --resume. The LLM key is read from the environment variable --llm-key-env names
+(default OPENAI_API_KEY), never from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from qzhou_jax.data.records import DEFAULT_FIELDS, FAMILIES, BadRecords, write_records
+
+log = logging.getLogger("qzhou_jax.synth")
+
+
+def _fields(args: argparse.Namespace, family: str):
+    from qzhou_jax.data.cli import parse_fields
+
+    return parse_fields(args.fields, DEFAULT_FIELDS[family], family)
+
+
+def _report(what: str, stats: dict[str, Any]) -> None:
+    print(f"{what}: {json.dumps(stats, ensure_ascii=False)}", file=sys.stderr)
+
+
+def _check_output(path: str, overwrite: bool) -> None:
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"{path}: output exists (pass --overwrite to replace it)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such folder for the output")
+
+
+def _llm_job(args: argparse.Namespace, job) -> int:
+    from qzhou_jax.synth.llm import ChatClient, LLMError
+    from qzhou_jax.synth.runner import SynthesisStopped, synthesize
+
+    extra = None
+    if args.extra_body:
+        try:
+            extra = json.loads(args.extra_body)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--extra-body: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(extra, dict):
+            raise ValueError("--extra-body: expected a JSON object, e.g. '{\"top_p\": 0.9}'")
+    client = ChatClient(args.llm_url, args.llm_model, api_key_env=args.llm_key_env or None,
+                        temperature=args.temperature, max_tokens=args.max_tokens, timeout=args.timeout,
+                        retries=args.retries, extra_body=extra)
+    try:
+        stats = synthesize(job, args.input, args.output, client, fields=_fields(args, job.family),
+                           max_tries=args.max_tries, workers=args.workers, resume=args.resume,
+                           overwrite=args.overwrite, limit=args.limit, skip_bad_records=args.skip_bad_records,
+                           progress=not args.quiet, split=args.split)
+    except (SynthesisStopped, LLMError) as e:
+        print(f"qzhou-jax synth {args.synth_command}: {e}", file=sys.stderr)
+        return 1
+    stats["llm_calls"], stats["llm_retries"] = client.calls, client.retried
+    _report(f"wrote {args.output}", stats)
+    return 0
+
+
+def cmd_paraphrase(args: argparse.Namespace) -> int:
+    from qzhou_jax.synth.jobs import Paraphrase
+
+    return _llm_job(args, Paraphrase(args.task, length_tolerance=args.length_tolerance))
+
+
+def cmd_augment(args: argparse.Namespace) -> int:
+    from qzhou_jax.synth.jobs import Augment
+
+    return _llm_job(args, Augment(length_tolerance=args.length_tolerance))
+
+
+def cmd_negatives(args: argparse.Namespace) -> int:
+    from qzhou_jax.synth.jobs import Negatives
+    from qzhou_jax.synth.runner import share_selector
+
+    select = share_selector(args.share, args.seed)
+    job = Negatives(args.num_negatives, length_tolerance=args.length_tolerance, select=select,
+                    selection=f"share {args.share} of records without negatives, seed {args.seed}")
+    return _llm_job(args, job)
+
+
+def _encode_fn(args: argparse.Namespace):
+    import jax
+
+    from qzhou_jax import sharding
+    from qzhou_jax.checkpoint import load_pretrained
+    from qzhou_jax.eval.encoder import Encoder
+    from qzhou_jax.tokenizer import Tokenizer
+
+    mesh = None
+    if jax.local_device_count() > 1 and jax.process_count() == 1:
+        mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices())
+    overrides = {"compute_dtype": args.dtype} if args.dtype else {}
+    model = load_pretrained(args.model, mesh=mesh, **overrides)
+    tokenizer = Tokenizer(model.tokenizer_path, max_length=args.max_length)
+    encoder = Encoder(model.params, model.config, tokenizer, batch_size=args.batch_size, mesh=mesh)
+    return lambda texts, instruction: encoder.encode(texts, instruction=instruction, progress=not args.quiet)
+
+
+def _read(args: argparse.Namespace, family: str):
+    from qzhou_jax.synth.runner import read_records
+
+    errors = BadRecords(skip=args.skip_bad_records)
+    records = read_records(args.input, family, _fields(args, family), errors, split=args.split)
+    errors.warn(args.input, log)
+    return records
+
+
+def cmd_mine(args: argparse.Namespace) -> int:
+    from qzhou_jax.data.jsonl import read_texts
+    from qzhou_jax.synth.mine import mine_negatives
+
+    _check_output(args.output, args.overwrite)
+    records = _read(args, "retrieval")
+    corpus = None
+    if args.corpus:
+        corpus = read_texts(args.corpus, args.corpus_field)
+    elif os.path.isdir(args.input):  # a BEIR folder: mine from its whole corpus
+        from qzhou_jax.data.beir import beir_files, doc_text, load_corpus
+
+        corpus = [doc_text(d) for d in load_corpus(beir_files(args.input, args.split)[0]).values()]
+    encode = _encode_fn(args)
+    out, stats = mine_negatives(records, encode, ranks=tuple(args.ranks), num_negatives=args.num_negatives,
+                                corpus=corpus, fill=args.fill, seed=args.seed, max_score_ratio=args.max_score_ratio,
+                                instruction=args.instruction)
+    stats["written"] = write_records(args.output, out, overwrite=args.overwrite)
+    _report(f"wrote {args.output}", stats)
+    return 0
+
+
+def cmd_score_filter(args: argparse.Namespace) -> int:
+    from qzhou_jax.synth.mine import score_filter
+
+    _check_output(args.output, args.overwrite)
+    records = _read(args, "retrieval")
+    out, stats = score_filter(records, _encode_fn(args), min_score=args.min_score, drop_fraction=args.drop_fraction,
+                              instruction=args.instruction)
+    stats["written"] = write_records(args.output, out, overwrite=args.overwrite)
+    _report(f"wrote {args.output}", stats)
+    return 0
+
+
+def cmd_dedup(args: argparse.Namespace) -> int:
+    from qzhou_jax.synth.filters import dedup
+    from qzhou_jax.synth.runner import read_records
+
+    if len(args.input) != len(args.output):
+        raise ValueError(f"--output: one per --input ({len(args.input)} inputs, {len(args.output)} outputs)")
+    if len({os.path.abspath(p) for p in args.output}) != len(args.output):
+        raise ValueError("--output: the same file is named twice")
+    for path in args.output:
+        _check_output(path, args.overwrite)
+    fields = _fields(args, args.task)
+    datasets = []
+    for path in args.input:  # every input is read and checked before anything is written
+        errors = BadRecords(skip=args.skip_bad_records)
+        datasets.append(read_records(path, args.task, fields, errors))
+        errors.warn(path, log)
+    out, stats = dedup(datasets)
+    for path, records, s in zip(args.output, out, stats["datasets"]):
+        write_records(path, records, overwrite=args.overwrite)
+        s["output"] = path
+    _report("dedup", stats)
+    return 0
+
+
+def cmd_decontaminate(args: argparse.Namespace) -> int:
+    from qzhou_jax.synth.filters import EvalIndex, decontaminate, eval_texts
+
+    _check_output(args.output, args.overwrite)
+    records = _read(args, args.task)
+    index = EvalIndex(eval_texts(args.against), ngram=args.ngram, cjk_ngram=args.cjk_ngram)
+    if not index.texts:
+        raise ValueError(f"--against {' '.join(args.against)}: no texts found")
+    out, stats = decontaminate(records, index)
+    stats["written"] = write_records(args.output, out, overwrite=args.overwrite)
+    _report(f"wrote {args.output}", stats)
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, task: bool = True) -> None:
+    if task:
+        p.add_argument("--task", required=True, choices=list(FAMILIES), help="record family of the input")
+    p.add_argument("--input", required=True,
+                   help="record file (JSONL in the training format), or a BEIR folder (retrieval)")
+    p.add_argument("--split", default="train", help="BEIR folders: the qrels split to read (default train)")
+    p.add_argument("--output", required=True, help="record file to write (must not exist unless --overwrite)")
+    p.add_argument("--fields", nargs="+", action="extend", metavar="OURS=THEIRS",
+                   help="field names in the input, e.g. query=anchor pos=positive")
+    p.add_argument("--skip-bad-records", action="store_true", help="skip and count bad records instead of stopping")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _llm_args(p: argparse.ArgumentParser, tolerance: float) -> None:
+    g = p.add_argument_group("LLM endpoint")
+    g.add_argument("--llm-url", required=True, help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+    g.add_argument("--llm-model", required=True, help="model name the endpoint serves")
+    g.add_argument("--llm-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the API key (default OPENAI_API_KEY; '' for none)")
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--max-tokens", type=int, default=2048, help="longest answer, in the LLM's tokens")
+    g.add_argument("--extra-body", default=None,
+                   help="JSON object merged into each request; null removes a field, e.g. "
+                        "'{\"max_tokens\": null, \"max_completion_tokens\": 4096}'")
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    g.add_argument("--retries", type=int, default=6, help="retries of a failed request (backoff doubles)")
+    g.add_argument("--workers", type=int, default=16, help="requests in flight")
+    g.add_argument("--max-tries", type=int, default=20, help="answers asked per text before giving up (SPEC: 20)")
+    g.add_argument("--length-tolerance", type=float, default=tolerance,
+                   help=f"allowed length change, a fraction (default {tolerance})")
+    g.add_argument("--limit", type=int, default=None, help="only the first N input records (to try prompts)")
+    g.add_argument("--resume", action="store_true", help="continue the run recorded in OUTPUT.partial")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("embedding model")
+    g.add_argument("--model", required=True, help="model folder (HF safetensors or qzhou-jax Orbax, with tokenizer)")
+    g.add_argument("--max-length", type=int, default=512, help="tokens per text (default 512)")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype")
+    g.add_argument("--instruction", default=None,
+                   help="instruction to encode the queries of records without one with (QZhou's "
+                        "'Instruct: ...\\nQuery: ...'); the records themselves are written unchanged")
+
+
+def add_synth_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `synth` and its commands to a CLI's subparsers."""
+    s = subparsers.add_parser("synth", help="LLM synthesis, hard-negative mining, dedup and decontamination",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = s.add_subparsers(dest="synth_command", required=True)
+
+    p = sub.add_parser("paraphrase", help="LLM paraphrases of retrieval pairs, scored pairs or labelled texts")
+    _common(p)
+    _llm_args(p, 0.15)
+    p.set_defaults(func=cmd_paraphrase)
+
+    a = sub.add_parser("augment", help="new (query, positive, hard negative) triplets in each record's field")
+    _common(a, task=False)
+    _llm_args(a, 0.20)
+    a.set_defaults(func=cmd_augment, task="retrieval")
+
+    n = sub.add_parser("negatives", help="LLM-written hard negatives for a share of the records without any")
+    _common(n, task=False)
+    _llm_args(n, 0.20)
+    n.add_argument("--num-negatives", type=int, default=4, help="negatives per chosen record (default 4)")
+    n.add_argument("--share", type=float, default=1.0,
+                   help="fraction of the records without negatives to write them for (SPEC: about 0.3); "
+                        "the others are passed through for `synth mine`")
+    n.add_argument("--seed", type=int, default=0, help="which records the share picks")
+    n.set_defaults(func=cmd_negatives, task="retrieval")
+
+    m = sub.add_parser("mine", help="hard negatives from an embedding model's ranks (SPEC: 10 to 30)")
+    _common(m, task=False)
+    _model_args(m)
+    m.add_argument("--corpus", default=None,
+                   help="JSONL of passages to mine from (default: a BEIR input's whole corpus, else every "
+                        "positive and negative of the input)")
+    m.add_argument("--corpus-field", default="text", help="field of --corpus holding the text (default text)")
+    m.add_argument("--ranks", type=int, nargs=2, default=[10, 30], metavar=("FIRST", "LAST"),
+                   help="ranks to draw from, 1-based and inclusive, after removing the query's positives")
+    m.add_argument("--num-negatives", type=int, default=4)
+    m.add_argument("--fill", action="store_true",
+                   help="also top up records that have fewer than --num-negatives (default: only records with none)")
+    m.add_argument("--max-score-ratio", type=float, default=None,
+                   help="drop candidates scoring above this fraction of the positive's score (e.g. 0.95)")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=cmd_mine, task="retrieval")
+
+    f = sub.add_parser("score-filter", help="drop (query, positive) pairs an embedding model scores low")
+    _common(f, task=False)
+    _model_args(f)
+    g = f.add_mutually_exclusive_group(required=True)
+    g.add_argument("--min-score", type=float, default=None, help="drop positives below this cosine")
+    g.add_argument("--drop-fraction", type=float, default=None, help="drop this fraction of lowest-scoring records")
+    f.set_defaults(func=cmd_score_filter, task="retrieval")
+
+    d = sub.add_parser("dedup", help="drop records seen before, across all the files given, in order")
+    d.add_argument("--task", required=True, choices=list(FAMILIES))
+    d.add_argument("--input", required=True, nargs="+", help="record files, in priority order")
+    d.add_argument("--output", required=True, nargs="+", help="one output per input, same order")
+    d.add_argument("--fields", nargs="+", action="extend", metavar="OURS=THEIRS")
+    d.add_argument("--skip-bad-records", action="store_true")
+    d.add_argument("--overwrite", action="store_true")
+    d.set_defaults(func=cmd_dedup)
+
+    c = sub.add_parser("decontaminate", help="drop records that overlap evaluation data")
+    _common(c)
+    c.add_argument("--against", required=True, nargs="+",
+                   help="evaluation JSONL files, or folders (every .jsonl below them, e.g. BEIR folders)")
+    c.add_argument("--ngram", type=int, default=13, help="shared run length in words (default 13)")
+    c.add_argument("--cjk-ngram", type=int, default=26,
+                   help="shared run length in characters for Chinese, Japanese, Korean text (default 26)")
+    c.set_defaults(func=cmd_decontaminate)
+    return s

@@ -1,0 +1,178 @@
+"""Cleaning without a model (SPEC section 4): global deduplication, and removing training records
+too close to evaluation data.
+
+Texts are compared after ``checks.normalize`` (NFKC, case-folded, punctuation dropped, words and
+CJK characters as units).
+
+- ``dedup``: across every file given, a record whose key (retrieval: query and positives; sts: both
+  texts and the score; classification: text and label) was seen before is dropped; inside retrieval
+  records, negatives that repeat the query, a positive or another negative are dropped too (a
+  positive listed as a negative trains the model against itself).
+- ``decontaminate``: a record is dropped when any of its texts equals an evaluation text, or shares
+  a run of ``ngram`` units with one: 13 words by default (the usual choice for decontamination),
+  26 characters for Chinese, Japanese and Korean text (``cjk_ngram``: a CJK character carries about
+  half a word). Whole-text matches count only for evaluation texts of at least ``min_words`` words
+  (4) or ``min_cjk_chars`` CJK characters (5): a one-word title or a two-character name would remove
+  every training text that happens to equal it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any, Iterable, Iterator, Sequence
+
+from qzhou_jax.data.jsonl import iter_jsonl
+from qzhou_jax.data.records import ClassificationRecord, PairRecord, Record, RetrievalRecord
+from qzhou_jax.synth import checks
+
+__all__ = ["dedup", "EvalIndex", "eval_texts", "decontaminate"]
+
+ID_FIELDS = frozenset({"_id", "id", "qid", "pid", "docid", "doc_id", "query_id", "query-id", "corpus-id",
+                       "corpus_id", "label", "score"})
+
+
+def _key(record: Record) -> tuple:
+    if isinstance(record, RetrievalRecord):
+        return ("r", checks.normalize(record.query), tuple(sorted(checks.normalize(p) for p in record.pos)))
+    if isinstance(record, PairRecord):
+        return ("s", checks.normalize(record.text1), checks.normalize(record.text2), record.score)
+    return ("c", checks.normalize(record.text), record.label)
+
+
+def _clean_negatives(record: RetrievalRecord) -> tuple[RetrievalRecord, int]:
+    taken = {checks.normalize(t) for t in (record.query, *record.pos)}
+    keep = []
+    for n in record.neg:
+        key = checks.normalize(n)
+        if key not in taken:
+            taken.add(key)
+            keep.append(n)
+    if len(keep) == len(record.neg):
+        return record, 0
+    return RetrievalRecord(record.query, record.pos, tuple(keep), record.instruction), len(record.neg) - len(keep)
+
+
+def dedup(datasets: Sequence[Iterable[Record]]) -> tuple[list[list[Record]], dict[str, Any]]:
+    """Each dataset without the records seen earlier in it or in an earlier dataset. Counts per dataset."""
+    seen: set[tuple] = set()
+    labels: dict[str, set[str]] = {}
+    out, per = [], []
+    for records in datasets:
+        kept: list[Record] = []
+        c = Counter()
+        for r in records:
+            c["read"] += 1
+            key = _key(r)
+            if key in seen:
+                c["duplicates"] += 1
+                continue
+            seen.add(key)
+            if isinstance(r, RetrievalRecord):
+                r, n = _clean_negatives(r)
+                c["negatives_dropped"] += n
+            elif isinstance(r, ClassificationRecord):
+                labels.setdefault(key[1], set()).add(r.label)
+            kept.append(r)
+        c["written"] = len(kept)
+        out.append(kept)
+        per.append(dict(c))
+    conflicts = sum(1 for v in labels.values() if len(v) > 1)
+    return out, {"datasets": per, "texts_with_several_labels": conflicts}
+
+
+def _strings(obj: Any) -> Iterator[str]:
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            if k not in ID_FIELDS:
+                yield from _strings(v)
+
+
+def eval_texts(paths: Sequence[str]) -> Iterator[str]:
+    """Every string of every JSON line of the given files, or of every .jsonl file below a given
+    folder (a BEIR folder's corpus and queries), ids and labels excepted."""
+    for path in paths:
+        if os.path.isdir(path):
+            files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(".jsonl"))
+            if not files:
+                raise FileNotFoundError(f"{path}: no .jsonl files in this folder")
+        elif os.path.isfile(path):
+            files = [path]
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+        for f in files:
+            for _, obj in iter_jsonl(f):
+                yield from _strings(obj)
+
+
+_CJK_SCRIPTS = frozenset({"HAN", "KANA", "HANGUL"})
+
+
+class EvalIndex:
+    """Normalized evaluation texts and their runs of ``ngram`` words (``cjk_ngram`` CJK characters)."""
+
+    def __init__(self, texts: Iterable[str], ngram: int = 13, cjk_ngram: int = 26, min_words: int = 4,
+                 min_cjk_chars: int = 5):
+        if ngram < 1 or cjk_ngram < 1:
+            raise ValueError(f"--ngram / --cjk-ngram: expected positive lengths, got {ngram} and {cjk_ngram}")
+        self.ngram, self.cjk_ngram = int(ngram), int(cjk_ngram)
+        self.exact: set[int] = set()
+        self.grams: set[int] = set()  # hashes of the runs (64-bit; a collision is vanishingly rare)
+        self.texts = 0
+        for t in texts:
+            u = checks.units(t)
+            if not u:
+                continue
+            self.texts += 1
+            cjk = checks.script(t) in _CJK_SCRIPTS
+            if len(u) >= (min_cjk_chars if cjk else min_words):
+                self.exact.add(hash(" ".join(u)))
+            self.grams.update(self._grams(u, self.cjk_ngram if cjk else self.ngram))
+
+    def _n(self, text: str) -> int:
+        return self.cjk_ngram if checks.script(text) in _CJK_SCRIPTS else self.ngram
+
+    @staticmethod
+    def _grams(u: list[str], n: int) -> Iterator[int]:
+        return (hash(" ".join(u[i:i + n])) for i in range(len(u) - n + 1))
+
+    def hit(self, text: str) -> bool:
+        u = checks.units(text)
+        if not u:
+            return False
+        return hash(" ".join(u)) in self.exact or any(g in self.grams for g in self._grams(u, self._n(text)))
+
+
+def _fields(record: Record) -> Iterator[tuple[str, str]]:
+    if isinstance(record, RetrievalRecord):
+        yield "query", record.query
+        for p in record.pos:
+            yield "pos", p
+        for n in record.neg:
+            yield "neg", n
+    elif isinstance(record, PairRecord):
+        yield "text1", record.text1
+        yield "text2", record.text2
+    else:
+        yield "text", record.text
+
+
+def decontaminate(records: Iterable[Record], index: EvalIndex) -> tuple[list[Record], dict[str, Any]]:
+    """The records none of whose texts is close to an evaluation text; counts by the field that hit."""
+    kept: list[Record] = []
+    hits: Counter = Counter()
+    n = 0
+    for r in records:
+        n += 1
+        field = next((name for name, text in _fields(r) if index.hit(text)), None)
+        if field is None:
+            kept.append(r)
+        else:
+            hits[field] += 1
+    return kept, {"read": n, "dropped": n - len(kept), "dropped_by_field": dict(hits), "eval_texts": index.texts,
+                  "ngram": index.ngram, "cjk_ngram": index.cjk_ngram}

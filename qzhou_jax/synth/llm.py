@@ -1,0 +1,142 @@
+"""A chat-completions client for any OpenAI-compatible endpoint (vLLM, SGLang, TGI, hosted APIs).
+
+Synthesis only needs "messages in, text out", so the client is that callable:
+``ChatClient(...)(messages) -> str``. Anything with the same call shape (a local model wrapped
+in a function, a test's fake) can take its place.
+
+Transient failures (connection errors, dropped connections, timeouts, HTTP 408/409/429/5xx) are
+retried with exponential backoff, honouring ``Retry-After``. Anything else raises ``LLMError`` with
+the status and the start of the server's answer. ``fatal`` tells the caller whether another
+prompt could succeed: a prompt over the model's context (HTTP 400) or an answer without content
+is not fatal (that try fails, the run goes on); a bad key or model name (401/403/404) and an
+endpoint that stayed down through every retry are. ``extra_body`` is merged into each request;
+a ``None`` value removes a field (``{"temperature": None, "max_tokens": None,
+"max_completion_tokens": 4096}`` for endpoints that refuse the classic sampling fields).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+__all__ = ["LLM", "LLMError", "ChatClient"]
+
+Message = Mapping[str, str]
+LLM = Callable[[Sequence[Message]], str]
+
+_RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+_FATAL_STATUS = {401, 402, 403, 404, 405}
+
+
+class LLMError(RuntimeError):
+    """The endpoint refused or answered something that is not a chat completion.
+
+    ``kind`` is a short category for counts ("HTTP 400", "answer without content"); ``fatal`` is
+    True when no other prompt can succeed either."""
+
+    def __init__(self, message: str, *, fatal: bool = False, kind: str = "error"):
+        super().__init__(message)
+        self.fatal = fatal
+        self.kind = kind
+
+
+@dataclass
+class ChatClient:
+    """POST {base_url}/chat/completions; returns the first choice's message content.
+
+    ``api_key_env`` names the environment variable holding the key (read at each call, so a key is
+    never stored in configs or logs); no variable or an empty one sends no Authorization header,
+    as local servers expect.
+    """
+
+    base_url: str
+    model: str
+    api_key_env: str | None = "OPENAI_API_KEY"
+    temperature: float = 0.8
+    max_tokens: int = 2048
+    timeout: float = 120.0
+    retries: int = 6
+    backoff: float = 2.0
+    extra_body: Mapping[str, Any] | None = None
+
+    def __post_init__(self):
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"--llm-url: expected an http(s) URL such as http://localhost:8000/v1, "
+                             f"got {self.base_url!r}")
+        if not self.model:
+            raise ValueError("--llm-model: the model name the endpoint serves is required")
+        if self.retries < 0 or self.timeout <= 0:
+            raise ValueError(f"retries must be >= 0 and timeout > 0, got {self.retries} and {self.timeout}")
+        self.url = self.base_url.rstrip("/") + "/chat/completions"
+        self.calls = 0
+        self.retried = 0
+        self._lock = threading.Lock()
+
+    def _request(self, messages: Sequence[Message]) -> urllib.request.Request:
+        body = {"model": self.model, "messages": [dict(m) for m in messages],
+                "temperature": self.temperature, "max_tokens": self.max_tokens, **(self.extra_body or {})}
+        body = {k: v for k, v in body.items() if v is not None}
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env, "") if self.api_key_env else ""
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return urllib.request.Request(self.url, data=json.dumps(body).encode("utf-8"), headers=headers, method="POST")
+
+    def _wait(self, attempt: int, retry_after: str | None) -> None:
+        delay = self.backoff * 2 ** attempt * (0.5 + random.random() / 2)
+        if retry_after:
+            try:
+                delay = max(delay, float(retry_after))
+            except ValueError:
+                pass
+        time.sleep(min(delay, 300.0))
+        with self._lock:
+            self.retried += 1
+
+    def __call__(self, messages: Sequence[Message]) -> str:
+        with self._lock:
+            self.calls += 1
+        last = ""
+        for attempt in range(self.retries + 1):
+            retry_after = None
+            try:
+                with urllib.request.urlopen(self._request(messages), timeout=self.timeout) as resp:
+                    raw = resp.read()
+                return self._content(raw)
+            except urllib.error.HTTPError as e:
+                detail = e.read()[:300].decode("utf-8", "replace")
+                last = f"HTTP {e.code} from {self.url}: {detail}"
+                if e.code not in _RETRY_STATUS:
+                    raise LLMError(last, fatal=e.code in _FATAL_STATUS, kind=f"HTTP {e.code}") from None
+                retry_after = e.headers.get("Retry-After") if e.headers else None
+            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError,
+                    http.client.HTTPException) as e:
+                last = f"{self.url}: {getattr(e, 'reason', e)}"
+            if attempt < self.retries:
+                self._wait(attempt, retry_after)
+        raise LLMError(f"gave up after {self.retries + 1} tries: {last}", fatal=True, kind="endpoint unavailable")
+
+    def _content(self, raw: bytes) -> str:
+        try:
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LLMError(f"{self.url}: answer is not JSON: {raw[:200]!r}", kind="answer is not JSON") from None
+        try:
+            choice = obj["choices"][0]
+            content = choice["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise LLMError(f"{self.url}: answer has no choices[0].message.content: {str(obj)[:300]}",
+                           kind="answer without content") from None
+        if not isinstance(content, str) or not content.strip():
+            raise LLMError(f"{self.url}: empty answer (finish_reason {choice.get('finish_reason')!r})",
+                           kind="answer without content")
+        return content
