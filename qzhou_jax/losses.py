@@ -18,6 +18,11 @@ Retrieval (InfoNCE with in-batch, hard and query-query negatives, tau = 0.02)::
     With false_negative_margin = m, every candidate c != d_i+ with s(q_i,c) > s(q_i,d_i+) + m
     is dropped from the denominator (a likely false negative).
 
+    With text keys (equal keys = identical input texts), a candidate passage identical to
+    d_i+ (another query's copy of the same positive, a hard negative equal to it) and a query
+    identical to q_i or to d_i+ are dropped too: their embedding is the positive's (or the
+    query's own), and keeping them pushes a text away from itself.
+
 STS / NLI (CoSENT, tau_c = temperature, default 0.05 i.e. scale 20)::
 
     L_cos = log( 1 + sum_{(i,j): y_i > y_j} exp( (cos_j - cos_i) / tau_c ) ),  cos_i = s(a_i, b_i)
@@ -110,39 +115,73 @@ def _check_pair(x, y, xname: str, yname: str) -> tuple[jax.Array, jax.Array]:
     return x, y
 
 
+def _text_keys(q_keys, pos_keys, neg_keys, n: int, k: int):
+    given = [x is not None for x in (q_keys, pos_keys, neg_keys)]
+    if not any(given):
+        return None
+    _check(all(given), "q_keys", "q_keys, pos_keys and neg_keys go together (text keys of every row)")
+    q_keys, pos_keys, neg_keys = (jnp.asarray(x) for x in (q_keys, pos_keys, neg_keys))
+    _check(q_keys.shape == (n,), "q_keys", f"expected shape [{n}], got {tuple(q_keys.shape)}")
+    _check(pos_keys.shape == (n,), "pos_keys", f"expected shape [{n}], got {tuple(pos_keys.shape)}")
+    _check(neg_keys.shape == (n, k), "neg_keys", f"expected shape [{n}, {k}], got {tuple(neg_keys.shape)}")
+    return q_keys, pos_keys, neg_keys
+
+
 def infonce_retrieval(q, pos, neg=None, *, temperature=0.02, in_batch_negatives=True,
-                      hard_negatives=True, query_negatives=True,
-                      false_negative_margin=None) -> tuple[jax.Array, dict]:
+                      hard_negatives=True, query_negatives=True, false_negative_margin=None,
+                      q_keys=None, pos_keys=None, neg_keys=None) -> tuple[jax.Array, dict]:
     """Retrieval InfoNCE (L_ret).
 
     q, pos: [n, d] queries and their positives; neg: [n, k, d] hard negatives (k may be 0)
-    or None. Returns (mean loss, {"accuracy", "pos_sim", "neg_sim"}).
+    or None. q_keys [n], pos_keys [n], neg_keys [n, k] (all or none): integer keys of the
+    input texts, equal for identical texts; candidates identical to the row's positive or
+    query are then left out. Returns (mean loss, {"accuracy", "pos_sim", "neg_sim"}, plus
+    "duplicates", the mean number of candidates left out per row, when keys are given).
     """
     _check_temperature(temperature)
     q, pos = _check_pair(q, pos, "q", "pos")
     n, d = q.shape
     neg = _as_negatives(neg, n, d)
     k = neg.shape[1]
+    keys = _text_keys(q_keys, pos_keys, neg_keys, n, k)
     row = jnp.arange(n)[:, None]
+    others = row != jnp.arange(n)[None, :]
 
     pos_sim = jnp.sum(q * pos, axis=-1)
-    sims, valid = [], []
+    sims, valid, same = [], [], []
     if in_batch_negatives:
         sims.append(_sim(q, pos))  # the diagonal is the positive itself, already in column 0
-        valid.append(row != jnp.arange(n)[None, :])
+        valid.append(others)
+        if keys is not None:
+            same.append(keys[1][None, :] == keys[1][:, None])
     if hard_negatives and k > 0:
         if in_batch_negatives:
             sims.append(_sim(q, neg.reshape(n * k, d)))  # column c belongs to query c // k
+            if keys is not None:
+                same.append(keys[2].reshape(1, n * k) == keys[1][:, None])
         else:
             sims.append(jnp.einsum("nd,nkd->nk", q, neg, precision=_HI))
+            if keys is not None:
+                same.append(keys[2] == keys[1][:, None])
         valid.append(jnp.ones(sims[-1].shape, bool))
     if query_negatives:
         sims.append(_sim(q, q))
-        valid.append(row != jnp.arange(n)[None, :])
+        valid.append(others)
+        if keys is not None:
+            same.append((keys[0][None, :] == keys[0][:, None]) | (keys[0][None, :] == keys[1][:, None]))
     if not sims:
         sims, valid = [jnp.zeros((n, 0), jnp.float32)], [jnp.zeros((n, 0), bool)]
-    return _masked_infonce(pos_sim, jnp.concatenate(sims, axis=1), jnp.concatenate(valid, axis=1),
-                           temperature, false_negative_margin)
+    valid = jnp.concatenate(valid, axis=1)
+    dropped = None
+    if keys is not None and same:
+        same = jnp.concatenate(same, axis=1)
+        dropped = valid & same
+        valid = valid & ~same
+    loss, metrics = _masked_infonce(pos_sim, jnp.concatenate(sims, axis=1), valid, temperature, false_negative_margin)
+    if keys is not None:
+        metrics["duplicates"] = (jnp.sum(dropped.astype(jnp.float32)) / n if dropped is not None
+                                 else jnp.zeros((), jnp.float32))
+    return loss, metrics
 
 
 def cosent(a, b, scores, *, temperature=0.05, valid=None) -> tuple[jax.Array, dict]:

@@ -41,17 +41,20 @@ def _ref_infonce(anchors, positives, candidates_of, tau):
     return np.mean(losses), {"accuracy": np.mean(hits), "pos_sim": np.mean(pos_sims), "neg_sim": neg_sim}
 
 
-def ref_retrieval(q, pos, neg, tau, in_batch, hard, qneg, margin):
+def ref_retrieval(q, pos, neg, tau, in_batch, hard, qneg, margin, keys=None):
+    """keys = (q_keys, pos_keys, neg_keys): candidates whose key equals the row's positive's
+    (passages, queries) or the row's query's (queries) are left out."""
     n, k = q.shape[0], (0 if neg is None else neg.shape[1])
+    qk, pk, nk = keys if keys is not None else (np.arange(n), -1 - np.arange(n), -100 - np.arange(n * k).reshape(n, k))
 
     def candidates_of(i, s_pos):
         c = []
         if in_batch:
-            c += [pos[j] for j in range(n) if j != i]
+            c += [pos[j] for j in range(n) if j != i and pk[j] != pk[i]]
         if hard:
-            c += [neg[j, l] for j in (range(n) if in_batch else [i]) for l in range(k)]
+            c += [neg[j, l] for j in (range(n) if in_batch else [i]) for l in range(k) if nk[j, l] != pk[i]]
         if qneg:
-            c += [q[j] for j in range(n) if j != i]
+            c += [q[j] for j in range(n) if j != i and qk[j] != qk[i] and qk[j] != pk[i]]
         if margin is not None:
             c = [v for v in c if q[i].astype(np.float64) @ v.astype(np.float64) <= s_pos + margin]
         return c
@@ -122,6 +125,46 @@ def test_retrieval_without_hard_negatives(neg_kind):
     ref_loss, ref_metrics = ref_retrieval(q, pos, None, 0.1, True, True, True, None)
     _close(loss, ref_loss)
     _check_metrics(metrics, ref_metrics)
+
+
+@pytest.mark.parametrize("in_batch,hard,qneg", list(itertools.product([True, False], repeat=3)))
+def test_retrieval_leaves_out_identical_texts(in_batch, hard, qneg):
+    """Rows 0 and 3 share their positive text (and so its embedding), row 5's query repeats
+    row 1's, a hard negative of row 2 is row 4's positive, one of row 4's own negatives is
+    its positive, and row 2's query is row 0's positive text (a symmetric task)."""
+    rng = np.random.default_rng(3)
+    n, k, d = 6, 2, 16
+    q, pos, neg = _unit(rng, n, d), _unit(rng, n, d), _unit(rng, n, k, d)
+    qk, pk, nk = np.arange(n) * 10, np.arange(n) * 10 + 1, (np.arange(n * k) * 10 + 2).reshape(n, k)
+    pos[3], pk[3] = pos[0], pk[0]
+    q[5], qk[5] = q[1], qk[1]
+    neg[2, 1], nk[2, 1] = pos[4], pk[4]
+    neg[4, 0], nk[4, 0] = pos[4], pk[4]
+    q[2], qk[2] = pos[0], pk[0]
+    kw = dict(in_batch_negatives=in_batch, hard_negatives=hard, query_negatives=qneg)
+    loss, metrics = infonce_retrieval(q, pos, neg, q_keys=qk, pos_keys=pk, neg_keys=nk, **kw)
+    ref_loss, ref_metrics = ref_retrieval(q, pos, neg, 0.02, in_batch, hard, qneg, None, keys=(qk, pk, nk))
+    _close(loss, ref_loss)
+    _check_metrics({key: v for key, v in metrics.items() if key != "duplicates"}, ref_metrics)
+    plain, _ = infonce_retrieval(q, pos, neg, **kw)
+    ref_plain, _ = ref_retrieval(q, pos, neg, 0.02, in_batch, hard, qneg, None)
+    _close(plain, ref_plain)
+    if in_batch or hard or qneg:  # the scenario leaves something out in every configuration
+        assert ref_loss < ref_plain and float(metrics["duplicates"]) > 0
+
+
+def test_retrieval_text_keys_count_left_out_candidates():
+    rng = np.random.default_rng(4)
+    n, k, d = 4, 1, 8
+    q, pos, neg = _unit(rng, n, d), _unit(rng, n, d), _unit(rng, n, k, d)
+    qk, pk, nk = np.arange(n), np.arange(n) + 10, np.arange(n).reshape(n, k) + 20
+    pk[1] = pk[0]  # rows 0 and 1 share a positive: each leaves out the other's
+    _, metrics = infonce_retrieval(q, pos, neg, q_keys=qk, pos_keys=pk, neg_keys=nk)
+    assert float(metrics["duplicates"]) == 2 / n
+    with pytest.raises(ValueError, match="go together"):
+        infonce_retrieval(q, pos, neg, q_keys=qk)
+    with pytest.raises(ValueError, match="neg_keys"):
+        infonce_retrieval(q, pos, neg, q_keys=qk, pos_keys=pk, neg_keys=nk[:, :0])
 
 
 def test_retrieval_margin_masks_candidates():

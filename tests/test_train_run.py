@@ -238,6 +238,24 @@ def test_random_negatives_are_never_the_rows_own_positives():
         builder._texts(0, [0], 0)  # every other record's positive is its own
 
 
+def test_retrieval_batches_carry_keys_of_their_texts():
+    from qzhou_jax.data.batches import BatchBuilder, BatchSpec, text_keys
+    from qzhou_jax.data.records import RetrievalRecord
+    from qzhou_jax.data.sources import ListSource
+    from qzhou_jax.tokenizer import Tokenizer
+
+    tok = Tokenizer(os.path.join(os.path.dirname(__import__("qzhou_jax").__file__), "assets", "tokenizer"))
+    records = [RetrievalRecord("q a", ("doc",), ("n1",)), RetrievalRecord("q b", ("doc",), ("n2",)),
+               RetrievalRecord("q a", ("other",), ("doc",), instruction="Find it")]
+    spec = BatchSpec("retrieval", batch_size=3, hard_negatives=1, query_max_length=16, passage_max_length=16)
+    batch = BatchBuilder(ListSource(records, name="dups"), spec, tok, seed=0).build(0, range(3), 0)
+    q, p = batch["q_keys"], batch["p_keys"].reshape(3, 2)
+    assert q.dtype == np.int32 and p.dtype == np.int32
+    assert p[0, 0] == p[1, 0] == p[2, 1] and len({p[0, 0], p[0, 1], p[1, 1], p[2, 0]}) == 4
+    assert q[0] != q[2]  # same query text, but the instruction makes a different input
+    assert q[0] == text_keys(["q a"])[0] and q[2] == text_keys(["Instruct: Find it\nQuery: q a"])[0]
+
+
 def test_cutting_long_texts_before_tokenizing_never_changes_the_tokens():
     from qzhou_jax.data.batches import _encode
 

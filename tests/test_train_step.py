@@ -288,6 +288,38 @@ def test_malformed_batches():
         shard_batch(dict(labels, q_labels=np.array(list("abcdefgh"))), mesh, task="classification")
 
 
+def _batch_with_copies():
+    """Rows 0 and 1 share a positive (same tokens, same key); row 2's first hard negative
+    repeats row 3's positive; row 5's query repeats row 4's."""
+    batch = _batch()
+    p_ids, p_mask = batch["p_ids"].reshape(8, 3, -1), batch["p_mask"].reshape(8, 3, -1)
+    p_ids[1, 0], p_mask[1, 0] = p_ids[0, 0], p_mask[0, 0]
+    p_ids[2, 1], p_mask[2, 1] = p_ids[3, 0], p_mask[3, 0]
+    batch["q_ids"][5], batch["q_mask"][5] = batch["q_ids"][4], batch["q_mask"][4]
+    p_keys = np.arange(24, dtype=np.int32).reshape(8, 3) + 100
+    p_keys[1, 0], p_keys[2, 1] = p_keys[0, 0], p_keys[3, 0]
+    q_keys = np.arange(8, dtype=np.int32)
+    q_keys[5] = q_keys[4]
+    return dict(batch, q_keys=q_keys, p_keys=p_keys.reshape(-1))
+
+
+def test_identical_texts_are_left_out_on_every_mesh_and_with_gradcache():
+    params, batch = _params(), _batch_with_copies()
+    check_batch(batch, "retrieval")
+    ref_loss, ref_grads = _grads_on(single_device_mesh(), params, batch)
+    off = LossConfig(mask_duplicate_texts=False)
+    plain_loss, _ = _grads_on(single_device_mesh(), params, batch, loss_cfg=off)
+    without_keys, _ = _grads_on(single_device_mesh(), params, {k: v for k, v in batch.items() if "keys" not in k})
+    assert plain_loss == without_keys and ref_loss < plain_loss - 0.01
+    loss, grads = _grads_on(sharding.make_mesh(MESHES["data2_fsdp4"]), params, batch, chunk_size=2)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    _assert_grads_close(grads, ref_grads)
+    with pytest.raises(ValueError, match="q_keys and p_keys"):
+        check_batch({k: v for k, v in batch.items() if k != "p_keys"}, "retrieval")
+    with pytest.raises(ValueError, match=r"p_keys must have shape \(24,\)"):
+        check_batch(dict(batch, p_keys=batch["p_keys"][:8]), "retrieval")
+
+
 def test_nan_loss_stops_before_the_parameters_change():
     params, batch = _params(), _batch()
     params["embed_tokens"][batch["q_ids"][0, 0]] = np.nan  # a token of the batch embeds to NaN

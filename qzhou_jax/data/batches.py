@@ -13,12 +13,16 @@ Per task (g = 1 + hard negatives):
 - sts: text1 / text2 and the gold score; the instruction on both sides when symmetric.
 - classification (example-based triplets, SPEC section 4): the anchor text, another text
   of its label as positive, k texts of other labels as negatives, and every row's label.
-Every side is padded (right) to the dataset's fixed length.
+Every side is padded (right) to the dataset's fixed length. Retrieval batches also carry
+`q_keys` / `p_keys`: a 32-bit hash of each input text as the model sees it (instruction
+included), so the loss can leave out candidates identical to a row's positive or query
+(two queries citing one document in a batch, a hard negative repeating the positive).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -177,12 +181,22 @@ class BatchBuilder:
         q_ids, q_mask = tok.pad(_encode(tok, q_texts, spec.query_max_length), length=spec.query_max_length)
         p_ids, p_mask = tok.pad(_encode(tok, p_texts, spec.passage_max_length), length=spec.passage_max_length)
         batch = {"q_ids": q_ids, "q_mask": q_mask, "p_ids": p_ids, "p_mask": p_mask}
-        if spec.task == "sts":
+        if spec.task == "retrieval":
+            batch["q_keys"] = text_keys(q_texts)
+            batch["p_keys"] = text_keys(p_texts)
+        elif spec.task == "sts":
             batch["scores"] = np.asarray(extra["scores"], np.float32)
         elif spec.task == "classification":
             batch["q_labels"] = np.asarray(extra["q_labels"], np.int32)
             batch["p_labels"] = np.asarray(extra["p_labels"], np.int32)
         return batch
+
+
+def text_keys(texts: Sequence[str]) -> np.ndarray:
+    """int32 keys of texts, equal for identical texts (BLAKE2b, so the same on every host; two
+    different texts share a key with probability 2^-32)."""
+    return np.array([int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=4).digest(), "little",
+                                    signed=True) for t in texts], np.int32)
 
 
 CHARS_PER_TOKEN_BOUND = 16

@@ -10,7 +10,9 @@ bucket length::
                                          row i*g + 0 is query i's positive,
                                          rows i*g + 1 .. i*g + g-1 its hard negatives
 
-    retrieval       g = 1 + k (k >= 0 hard negatives per query)
+    retrieval       g = 1 + k (k >= 0 hard negatives per query), optionally
+                    q_keys [n] int, p_keys [n * g] int   keys of the input texts (equal keys:
+                                         identical texts), for LossConfig.mask_duplicate_texts
     sts             g = 1 (p row i is the second text of pair i), plus
                     scores  [n] float   gold similarity (only the order matters, CoSENT)
                     valid   [n] bool    optional: False rows are padding, left out of the loss
@@ -73,7 +75,7 @@ _REQUIRED = {
     "sts": _SIDES + ("scores",),
     "classification": _SIDES + ("q_labels", "p_labels"),
 }
-_OPTIONAL = {"retrieval": (), "sts": ("valid",), "classification": ()}
+_OPTIONAL = {"retrieval": ("q_keys", "p_keys"), "sts": ("valid",), "classification": ()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +85,9 @@ class LossConfig:
     temperature: InfoNCE tau for retrieval and classification (0.02 in the paper).
     cosent_temperature: CoSENT tau_c (open in the paper; 0.05 is CoSENT's usual scale 20).
     The three switches select the retrieval denominator's parts; false_negative_margin
-    drops candidates scoring above the positive + margin (None: off).
+    drops candidates scoring above the positive + margin (None: off). mask_duplicate_texts
+    drops candidates whose input text is identical to the row's positive (or query), using
+    the batch's text keys (``q_keys``/``p_keys``, which the data pipeline always writes).
     """
 
     temperature: float = 0.02
@@ -92,6 +96,7 @@ class LossConfig:
     hard_negatives: bool = True
     query_negatives: bool = True
     false_negative_margin: float | None = None
+    mask_duplicate_texts: bool = True
 
     def __post_init__(self):
         for name in ("temperature", "cosent_temperature"):
@@ -124,10 +129,15 @@ def task_loss(q_emb: jax.Array, p_emb: jax.Array, batch: Mapping[str, Any], task
     g = p_emb.shape[0] // n
     if task == "retrieval":
         grouped = p_emb.reshape(n, g, d)
+        keys = {}
+        if loss_cfg.mask_duplicate_texts and "q_keys" in batch:
+            p_keys = batch["p_keys"].reshape(n, g)
+            keys = {"q_keys": batch["q_keys"], "pos_keys": p_keys[:, 0], "neg_keys": p_keys[:, 1:]}
         return losses.infonce_retrieval(
             q_emb, grouped[:, 0], grouped[:, 1:], temperature=loss_cfg.temperature,
             in_batch_negatives=loss_cfg.in_batch_negatives, hard_negatives=loss_cfg.hard_negatives,
-            query_negatives=loss_cfg.query_negatives, false_negative_margin=loss_cfg.false_negative_margin)
+            query_negatives=loss_cfg.query_negatives, false_negative_margin=loss_cfg.false_negative_margin,
+            **keys)
     if task == "sts":
         return losses.cosent(q_emb, p_emb, batch["scores"], temperature=loss_cfg.cosent_temperature,
                              valid=batch.get("valid"))
@@ -447,7 +457,9 @@ def check_batch(batch: Mapping[str, Any], task: str, mesh: Mesh | None = None,
     g = rows // n
     if task == "sts" and g != 1:
         raise ValueError(f"sts batch: expected one second text per pair ({n} rows), got {rows} p_ids rows")
-    per_row = {"scores": n, "valid": n, "q_labels": n, "p_labels": rows}
+    per_row = {"scores": n, "valid": n, "q_labels": n, "p_labels": rows, "q_keys": n, "p_keys": rows}
+    if ("q_keys" in shape) != ("p_keys" in shape):
+        raise ValueError(f"{task} batch: q_keys and p_keys (text keys of every row) go together")
     for key, want in per_row.items():
         if key in shape and shape[key] != (want,):
             raise ValueError(f"{task} batch: {key} must have shape ({want},), got {shape[key]}")
