@@ -85,6 +85,9 @@ def test_parse_reply():
     assert parse_reply(thinking, ("query", "positive"))[0] == {"query": "q", "positive": "p"}
     assert parse_reply('{"query": "draft"} final: {"query": "q", "positive": "p"}', ("query", "positive"))[0] == {
         "query": "q", "positive": "p"}
+    assert parse_reply('{"positive": "Title\nBody."}', ("positive",))[0] == {"positive": "Title\nBody."}  # raw line break
+    assert parse_reply('{"query": "<<<\nq\n>>>"}', ("query",))[0] == {"query": "q"}  # the prompt's markers copied
+    assert parse_reply('{"query": "a >>> b"}', ("query",))[1] == "query contains the prompt's <<< >>> markers"
 
 
 # --- jobs -------------------------------------------------------------------------------------
@@ -365,8 +368,9 @@ def test_chat_client_retries_and_errors(llm_server, monkeypatch):
     with pytest.raises(LLMError, match="HTTP 400 .*bad model"):
         client(msgs)
     handler.script = [(503, "busy", {})] * 3
-    with pytest.raises(LLMError, match="gave up after 3 tries: HTTP 503"):
+    with pytest.raises(LLMError, match="gave up after 3 tries: HTTP 503") as e:
         client(msgs)
+    assert not e.value.fatal  # the server may fail on this prompt alone: the run counts failures in a row
     handler.script = [(200, '{"choices": []}', {})]
     with pytest.raises(LLMError, match="no choices"):
         client(msgs)
@@ -394,6 +398,47 @@ def test_chat_client_retries_and_errors(llm_server, monkeypatch):
         ChatClient("localhost:8000", "m")
 
 
+def test_chat_client_cancel_ends_the_backoff(llm_server):
+    import time
+
+    url, handler = llm_server
+    client = ChatClient(url, "m", backoff=30.0, retries=3, api_key_env=None)
+    handler.script = [(503, "busy", {})] * 4
+    threading.Timer(0.3, client.cancel).start()
+    t0 = time.perf_counter()
+    with pytest.raises(LLMError, match="cancelled") as e:
+        client([{"role": "user", "content": "hi"}])
+    assert e.value.fatal and time.perf_counter() - t0 < 5
+
+
+def test_ctrl_c_stops_at_once_and_keeps_finished_records(tmp_path):
+    import _thread
+    import time
+
+    class Slow(FakeLLM):
+        fired = False
+
+        def __call__(self, messages):
+            with self.lock:
+                fire = len(self.calls) >= 6 and not self.fired
+                self.fired = self.fired or fire
+            if fire:
+                _thread.interrupt_main()  # Ctrl-C while records are in flight
+            time.sleep(0.05)
+            return super().__call__(messages)
+
+    src = retrieval_file(tmp_path, n=40)
+    out = tmp_path / "out.jsonl"
+    t0 = time.perf_counter()
+    with pytest.raises(SynthesisStopped, match="interrupted") as e:
+        synthesize(Paraphrase("retrieval"), src, out, Slow(), workers=2)
+    assert e.value.interrupted and time.perf_counter() - t0 < 10
+    done = read_out(str(out) + ".partial")[1:]
+    assert 3 <= len(done) < 40
+    stats = synthesize(Paraphrase("retrieval"), src, out, FakeLLM(), workers=2, resume=True)
+    assert stats["accepted"] == 40
+
+
 def test_cli_paraphrase_through_http(llm_server, tmp_path, capsys):
     url, _ = llm_server
     src = write_jsonl(tmp_path / "sts.jsonl", [{"s1": sentence(i), "s2": sentence(50 + i), "y": i / 10}
@@ -409,6 +454,9 @@ def test_cli_paraphrase_through_http(llm_server, tmp_path, capsys):
     assert '"llm_calls": 5' in capsys.readouterr().err
     assert cli.main(["synth", "paraphrase", "--task", "sts", "--input", str(src), "--output", str(out),
                      "--llm-url", url, "--llm-model", "m"]) == 2  # output exists
+    assert cli.main(["synth", "paraphrase", "--task", "sts", "--input", str(src), "--output", str(tmp_path),
+                     "--llm-url", url, "--llm-model", "m", "--overwrite"]) == 2
+    assert "is a folder" in capsys.readouterr().err
 
 
 # --- mining and score filtering ---------------------------------------------------------------
@@ -454,6 +502,17 @@ def test_mine_never_takes_a_positive_of_the_same_query():
     out, stats = mine_negatives(records, FakeEncoder(), corpus=corpus, ranks=(1, 20), num_negatives=20)
     positives = {f"doc {k}" for k in range(11, 26)}
     assert all(not set(r.neg) & positives for r in out) and stats["mined"] == 15 * 20
+
+
+def test_mine_searches_deeper_for_a_query_with_many_positives():
+    corpus = [f"doc {k}" for k in range(1, 60)]
+    records = [RetrievalRecord("continue", (f"doc {k}",)) for k in range(1, 46)]  # 45 positives of one query
+    enc = FakeEncoder()
+    out, stats = mine_negatives(records, enc, corpus=corpus, ranks=(1, 20), num_negatives=20)
+    rest = {f"doc {k}" for k in range(46, 60)}  # the 14 documents no record cites
+    assert all(set(r.neg) == rest for r in out) and stats["short"] == 45
+    assert stats["distinct_queries"] == 1 and stats["searched_deeper"] == 1
+    assert enc.calls[0] == (1, None)  # the repeated query is encoded once
 
 
 def test_mine_draws_from_the_rank_window():
@@ -513,6 +572,14 @@ def test_cli_mine_and_score_filter_with_a_model(tiny_model_dir, tmp_path, capsys
         assert len(m["neg"]) == 4 and row["pos"][0] not in m["neg"]
         assert set(m["neg"]) <= {r["pos"][0] for r in rows} | {"already here"}
     assert '"mined": 156' in capsys.readouterr().err
+    # settings are checked before the model loads
+    assert cli.main(["synth", "mine", "--model", str(tmp_path / "no-model"), "--input", str(src),
+                     "--output", str(tmp_path / "x.jsonl"), "--ranks", "0", "5"]) == 2
+    assert "--ranks" in capsys.readouterr().err
+    # a --corpus with titles reads them as BEIR documents: title + newline + text
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"title": "T", "text": rows[1]["pos"][0]}, {"text": "plain"}])
+    from qzhou_jax.synth.cli import _corpus
+    assert _corpus(str(corpus), "text", "train") == ["T\n" + rows[1]["pos"][0], "plain"]
     filt = tmp_path / "filtered.jsonl"
     assert cli.main(["synth", "score-filter", "--model", str(tiny_model_dir), "--input", str(src),
                      "--output", str(filt), "--drop-fraction", "0.25", "--max-length", "64", "--quiet"]) == 0
@@ -534,6 +601,11 @@ def test_dedup_across_files():
     assert len(c) == 2 and stats["texts_with_several_labels"] == 1
     (s,), _ = dedup([[PairRecord("a", "b", 1.0), PairRecord("b", "a", 1.0), PairRecord("A", "b", 1.0)]])
     assert len(s) == 2  # the swapped pair is a different training pair
+    # a negative that is a positive of another record with the same query (in any file) goes too
+    (r1, r2), _ = dedup([[RetrievalRecord("q", ("p1",), ("p2", "n"))], [RetrievalRecord("Q", ("p2",), ("p1",))]])
+    assert r1 == [RetrievalRecord("q", ("p1",), ("n",))] and r2 == [RetrievalRecord("Q", ("p2",), ())]
+    (c,), _ = dedup([[PairRecord("C++", "x", 1.0), PairRecord("C#", "x", 1.0)]])
+    assert len(c) == 2
 
 
 def test_decontaminate(tmp_path):
@@ -557,6 +629,16 @@ def test_decontaminate(tmp_path):
     assert zh.hit("据报道，国家卫生健康委员会今天发布了关于流感疫苗接种的最新指导意见，请关注")
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         list(eval_texts([str(tmp_path / "nope")]))
+    # a BEIR folder with qrels: only the split's queries and their relevant documents, not the
+    # whole corpus (which the training split shares)
+    (beir / "qrels").mkdir()
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td2\t1\n")
+    write_jsonl(beir / "corpus.jsonl", [{"_id": "d1", "title": "Zinc", "text": long_doc},
+                                        {"_id": "d2", "text": "Vitamin C does not prevent colds in most people."}])
+    texts = sorted(eval_texts([str(beir)]))
+    assert texts == ["Does zinc shorten the common cold?", "Vitamin C does not prevent colds in most people."]
+    kept, _ = decontaminate(records, EvalIndex(texts))
+    assert records[1] in kept  # the long document is the corpus's, not the test split's
 
 
 def test_cli_dedup_and_decontaminate(tmp_path, capsys):
@@ -623,5 +705,7 @@ def test_read_records_from_a_beir_folder(tmp_path):
     with pytest.raises(ValueError, match="BEIR"):
         read_records(str(tmp_path), "sts")
     before = file_sha256(str(tmp_path))
+    (tmp_path / "out.jsonl.partial").write_text("progress")  # an output inside the folder: not input
+    assert file_sha256(str(tmp_path)) == before
     (tmp_path / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td2\t1\n")
     assert file_sha256(str(tmp_path)) != before

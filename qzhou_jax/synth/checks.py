@@ -17,6 +17,7 @@ count, so "Hello, world!" and "hello world" are the same text.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 import unicodedata
 
@@ -29,7 +30,7 @@ _FULL_WIDTH_END = re.compile(r"[。！？；\n]+")
 _LATIN_END = re.compile(r"[.!?;]+(?=\s|$)")
 _ABBREVIATIONS = frozenset(
     "mr mrs ms dr prof sr jr st vs etc eg ie al fig no vol approx inc ltd co corp dept est".split())
-_PUNCT = frozenset(".,!?;:'\"`´“”‘’«»「」『』，。！？；：、…·・()[]{}（）【】《》〈〉")
+_PUNCT = str.maketrans({ch: " " for ch in ".,!?;:'\"`´“”‘’«»「」『』，。！？；：、…·・()[]{}（）【】《》〈〉"})
 
 # paragraphs (several sentences) may keep more of their source than single sentences
 SENTENCE_DIFFERENCE = 0.30
@@ -43,8 +44,7 @@ def units(text: str) -> list[str]:
 
 def normalize(text: str) -> str:
     """The duplicate key: NFKC, case-folded, sentence punctuation and quotes dropped, whitespace collapsed."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return " ".join("".join(" " if ch in _PUNCT else ch for ch in text).split())
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().translate(_PUNCT).split())
 
 
 def length_ratio(new: str, reference: str) -> float:
@@ -92,6 +92,7 @@ def min_difference(source: str) -> float:
     return SENTENCE_DIFFERENCE if sentence_count(source) <= 1 else PARAGRAPH_DIFFERENCE
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _script_of(ch: str) -> str | None:
     if not ch.isalpha():
         return None

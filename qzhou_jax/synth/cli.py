@@ -52,6 +52,8 @@ def _report(what: str, stats: dict[str, Any]) -> None:
 
 
 def _check_output(path: str, overwrite: bool) -> None:
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a folder; --output names the record file to write")
     if os.path.exists(path) and not overwrite:
         raise ValueError(f"{path}: output exists (pass --overwrite to replace it)")
     folder = os.path.dirname(os.path.abspath(path))
@@ -78,10 +80,10 @@ def _llm_job(args: argparse.Namespace, job) -> int:
         stats = synthesize(job, args.input, args.output, client, fields=_fields(args, job.family),
                            max_tries=args.max_tries, workers=args.workers, resume=args.resume,
                            overwrite=args.overwrite, limit=args.limit, skip_bad_records=args.skip_bad_records,
-                           progress=not args.quiet, split=args.split)
+                           progress=not args.quiet, split=args.split, max_failures=args.max_failures)
     except (SynthesisStopped, LLMError) as e:
         print(f"qzhou-jax synth {args.synth_command}: {e}", file=sys.stderr)
-        return 1
+        return 130 if getattr(e, "interrupted", False) else 1
     stats["llm_calls"], stats["llm_retries"] = client.calls, client.retried
     _report(f"wrote {args.output}", stats)
     return 0
@@ -136,19 +138,37 @@ def _read(args: argparse.Namespace, family: str):
     return records
 
 
-def cmd_mine(args: argparse.Namespace) -> int:
-    from qzhou_jax.data.jsonl import read_texts
-    from qzhou_jax.synth.mine import mine_negatives
+def _corpus(path: str, field: str, split: str) -> list[str]:
+    """Passages of a BEIR folder or a JSONL file; objects with a title read as BEIR's documents
+    (title + newline + text), so they match positives read from BEIR folders."""
+    from qzhou_jax.data.beir import beir_files, doc_text, load_corpus
+    from qzhou_jax.data.jsonl import RecordError, iter_jsonl
 
+    if os.path.isdir(path):
+        return [doc_text(d) for d in load_corpus(beir_files(path, split)[0]).values()]
+    texts = []
+    for lineno, obj in iter_jsonl(path):
+        value = obj if isinstance(obj, str) else obj.get(field) if isinstance(obj, dict) else None
+        if not isinstance(value, str):
+            raise RecordError(f"{path}:{lineno}: field {field!r} must be a string")
+        title = obj.get("title") if isinstance(obj, dict) else None
+        texts.append(doc_text({"title": title, "text": value}) if isinstance(title, str) else value)
+    if not texts:
+        raise RecordError(f"{path}: no passages")
+    return texts
+
+
+def cmd_mine(args: argparse.Namespace) -> int:
+    from qzhou_jax.synth.mine import check_mine_args, mine_negatives
+
+    check_mine_args(tuple(args.ranks), args.num_negatives, args.max_score_ratio)
     _check_output(args.output, args.overwrite)
     records = _read(args, "retrieval")
     corpus = None
     if args.corpus:
-        corpus = read_texts(args.corpus, args.corpus_field)
+        corpus = _corpus(args.corpus, args.corpus_field, args.split)
     elif os.path.isdir(args.input):  # a BEIR folder: mine from its whole corpus
-        from qzhou_jax.data.beir import beir_files, doc_text, load_corpus
-
-        corpus = [doc_text(d) for d in load_corpus(beir_files(args.input, args.split)[0]).values()]
+        corpus = _corpus(args.input, "text", args.split)
     encode = _encode_fn(args)
     out, stats = mine_negatives(records, encode, ranks=tuple(args.ranks), num_negatives=args.num_negatives,
                                 corpus=corpus, fill=args.fill, seed=args.seed, max_score_ratio=args.max_score_ratio,
@@ -159,8 +179,9 @@ def cmd_mine(args: argparse.Namespace) -> int:
 
 
 def cmd_score_filter(args: argparse.Namespace) -> int:
-    from qzhou_jax.synth.mine import score_filter
+    from qzhou_jax.synth.mine import check_filter_args, score_filter
 
+    check_filter_args(args.min_score, args.drop_fraction)
     _check_output(args.output, args.overwrite)
     records = _read(args, "retrieval")
     out, stats = score_filter(records, _encode_fn(args), min_score=args.min_score, drop_fraction=args.drop_fraction,
@@ -199,7 +220,7 @@ def cmd_decontaminate(args: argparse.Namespace) -> int:
 
     _check_output(args.output, args.overwrite)
     records = _read(args, args.task)
-    index = EvalIndex(eval_texts(args.against), ngram=args.ngram, cjk_ngram=args.cjk_ngram)
+    index = EvalIndex(eval_texts(args.against, split=args.against_split), ngram=args.ngram, cjk_ngram=args.cjk_ngram)
     if not index.texts:
         raise ValueError(f"--against {' '.join(args.against)}: no texts found")
     out, stats = decontaminate(records, index)
@@ -237,6 +258,8 @@ def _llm_args(p: argparse.ArgumentParser, tolerance: float) -> None:
     g.add_argument("--retries", type=int, default=6, help="retries of a failed request (backoff doubles)")
     g.add_argument("--workers", type=int, default=16, help="requests in flight")
     g.add_argument("--max-tries", type=int, default=20, help="answers asked per text before giving up (SPEC: 20)")
+    g.add_argument("--max-failures", type=int, default=None,
+                   help="failed requests in a row that stop the run (endpoint down; default max(20, 2 x workers))")
     g.add_argument("--length-tolerance", type=float, default=tolerance,
                    help=f"allowed length change, a fraction (default {tolerance})")
     g.add_argument("--limit", type=int, default=None, help="only the first N input records (to try prompts)")
@@ -284,8 +307,8 @@ def add_synth_parser(subparsers: Any) -> argparse.ArgumentParser:
     _common(m, task=False)
     _model_args(m)
     m.add_argument("--corpus", default=None,
-                   help="JSONL of passages to mine from (default: a BEIR input's whole corpus, else every "
-                        "positive and negative of the input)")
+                   help="passages to mine from: a JSONL file (a 'title' field is joined as BEIR does) or a BEIR "
+                        "folder (default: a BEIR input's whole corpus, else every positive and negative of the input)")
     m.add_argument("--corpus-field", default="text", help="field of --corpus holding the text (default text)")
     m.add_argument("--ranks", type=int, nargs=2, default=[10, 30], metavar=("FIRST", "LAST"),
                    help="ranks to draw from, 1-based and inclusive, after removing the query's positives")
@@ -317,7 +340,9 @@ def add_synth_parser(subparsers: Any) -> argparse.ArgumentParser:
     c = sub.add_parser("decontaminate", help="drop records that overlap evaluation data")
     _common(c)
     c.add_argument("--against", required=True, nargs="+",
-                   help="evaluation JSONL files, or folders (every .jsonl below them, e.g. BEIR folders)")
+                   help="evaluation JSONL files (every string in them), BEIR folders (the --against-split "
+                        "queries and their relevant documents) or other folders (every .jsonl below them)")
+    c.add_argument("--against-split", default="test", help="qrels split of BEIR folders in --against (default test)")
     c.add_argument("--ngram", type=int, default=13, help="shared run length in words (default 13)")
     c.add_argument("--cjk-ngram", type=int, default=26,
                    help="shared run length in characters for Chinese, Japanese, Korean text (default 26)")

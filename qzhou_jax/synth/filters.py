@@ -1,13 +1,13 @@
 """Cleaning without a model (SPEC section 4): global deduplication, and removing training records
 too close to evaluation data.
 
-Texts are compared after ``checks.normalize`` (NFKC, case-folded, punctuation dropped, words and
-CJK characters as units).
+Texts are compared after ``checks.normalize`` (NFKC, case-folded, sentence punctuation dropped).
 
 - ``dedup``: across every file given, a record whose key (retrieval: query and positives; sts: both
   texts and the score; classification: text and label) was seen before is dropped; inside retrieval
-  records, negatives that repeat the query, a positive or another negative are dropped too (a
-  positive listed as a negative trains the model against itself).
+  records, negatives that repeat the query, another negative, or a positive of any record with the
+  same query (in any of the files) are dropped too: a positive listed as a negative trains the
+  model against itself.
 - ``decontaminate``: a record is dropped when any of its texts equals an evaluation text, or shares
   a run of ``ngram`` units with one: 13 words by default (the usual choice for decontamination),
   26 characters for Chinese, Japanese and Korean text (``cjk_ngram``: a CJK character carries about
@@ -18,9 +18,14 @@ CJK characters as units).
 
 from __future__ import annotations
 
+import array
+import hashlib
+import logging
 import os
 from collections import Counter
 from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
 
 from qzhou_jax.data.jsonl import iter_jsonl
 from qzhou_jax.data.records import ClassificationRecord, PairRecord, Record, RetrievalRecord
@@ -28,20 +33,27 @@ from qzhou_jax.synth import checks
 
 __all__ = ["dedup", "EvalIndex", "eval_texts", "decontaminate"]
 
+log = logging.getLogger(__name__)
+
 ID_FIELDS = frozenset({"_id", "id", "qid", "pid", "docid", "doc_id", "query_id", "query-id", "corpus-id",
                        "corpus_id", "label", "score"})
 
 
-def _key(record: Record) -> tuple:
+def _digest(*parts: str) -> bytes:
+    """16 bytes standing for a tuple of strings (keys of millions of records stay small)."""
+    return hashlib.blake2b("\x00".join(parts).encode("utf-8"), digest_size=16).digest()
+
+
+def _key(record: Record) -> tuple[str, bytes]:
     if isinstance(record, RetrievalRecord):
-        return ("r", checks.normalize(record.query), tuple(sorted(checks.normalize(p) for p in record.pos)))
+        return "r", _digest(checks.normalize(record.query), *sorted(checks.normalize(p) for p in record.pos))
     if isinstance(record, PairRecord):
-        return ("s", checks.normalize(record.text1), checks.normalize(record.text2), record.score)
-    return ("c", checks.normalize(record.text), record.label)
+        return "s", _digest(checks.normalize(record.text1), checks.normalize(record.text2), repr(record.score))
+    return "c", _digest(checks.normalize(record.text), record.label)
 
 
-def _clean_negatives(record: RetrievalRecord) -> tuple[RetrievalRecord, int]:
-    taken = {checks.normalize(t) for t in (record.query, *record.pos)}
+def _clean_negatives(record: RetrievalRecord, positives: set[str]) -> tuple[RetrievalRecord, int]:
+    taken = {checks.normalize(record.query)} | positives
     keep = []
     for n in record.neg:
         key = checks.normalize(n)
@@ -55,8 +67,14 @@ def _clean_negatives(record: RetrievalRecord) -> tuple[RetrievalRecord, int]:
 
 def dedup(datasets: Sequence[Iterable[Record]]) -> tuple[list[list[Record]], dict[str, Any]]:
     """Each dataset without the records seen earlier in it or in an earlier dataset. Counts per dataset."""
+    datasets = [list(d) for d in datasets]
+    positives_of: dict[str, set[str]] = {}  # normalized query -> normalized positives, over every dataset
+    for records in datasets:
+        for r in records:
+            if isinstance(r, RetrievalRecord):
+                positives_of.setdefault(checks.normalize(r.query), set()).update(checks.normalize(p) for p in r.pos)
     seen: set[tuple] = set()
-    labels: dict[str, set[str]] = {}
+    labels: dict[bytes, set[str]] = {}
     out, per = [], []
     for records in datasets:
         kept: list[Record] = []
@@ -69,10 +87,10 @@ def dedup(datasets: Sequence[Iterable[Record]]) -> tuple[list[list[Record]], dic
                 continue
             seen.add(key)
             if isinstance(r, RetrievalRecord):
-                r, n = _clean_negatives(r)
+                r, n = _clean_negatives(r, positives_of[checks.normalize(r.query)])
                 c["negatives_dropped"] += n
             elif isinstance(r, ClassificationRecord):
-                labels.setdefault(key[1], set()).add(r.label)
+                labels.setdefault(_digest(checks.normalize(r.text)), set()).add(r.label)
             kept.append(r)
         c["written"] = len(kept)
         out.append(kept)
@@ -93,10 +111,27 @@ def _strings(obj: Any) -> Iterator[str]:
                 yield from _strings(v)
 
 
-def eval_texts(paths: Sequence[str]) -> Iterator[str]:
-    """Every string of every JSON line of the given files, or of every .jsonl file below a given
-    folder (a BEIR folder's corpus and queries), ids and labels excepted."""
+def _beir_split_texts(folder: str, split: str) -> Iterator[str]:
+    """The queries of a BEIR split and the documents relevant to them (title and text)."""
+    from qzhou_jax.data.beir import beir_files, load_corpus, load_qrels, load_queries
+
+    corpus_path, queries_path, qrels_path = beir_files(folder, split)
+    qrels = load_qrels(qrels_path, split)
+    docs = {d for rel in qrels.values() for d, score in rel.items() if score > 0}
+    yield from load_queries(queries_path, keep=set(qrels)).values()
+    for doc in load_corpus(corpus_path, keep=docs).values():
+        yield from (t for t in (doc.get("title"), doc.get("text")) if t)
+
+
+def eval_texts(paths: Sequence[str], split: str = "test") -> Iterator[str]:
+    """Evaluation texts: every string of every JSON line of the given files (ids, labels and
+    scores excepted); for a BEIR folder (one with a qrels/ folder), the queries of ``split`` and
+    the documents relevant to them, not the whole corpus (train and test splits often share it);
+    for any other folder, every .jsonl file below it."""
     for path in paths:
+        if os.path.isdir(path) and os.path.isdir(os.path.join(path, "qrels")):
+            yield from _beir_split_texts(path, split)
+            continue
         if os.path.isdir(path):
             files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(".jsonl"))
             if not files:
@@ -121,8 +156,9 @@ class EvalIndex:
         if ngram < 1 or cjk_ngram < 1:
             raise ValueError(f"--ngram / --cjk-ngram: expected positive lengths, got {ngram} and {cjk_ngram}")
         self.ngram, self.cjk_ngram = int(ngram), int(cjk_ngram)
-        self.exact: set[int] = set()
-        self.grams: set[int] = set()  # hashes of the runs (64-bit; a collision is vanishingly rare)
+        # 64-bit hashes of whole texts and of their runs (a collision is vanishingly rare), kept
+        # as sorted numpy arrays: 8 bytes a run, not a Python object each
+        exact, grams = array.array("q"), array.array("q")
         self.texts = 0
         for t in texts:
             u = checks.units(t)
@@ -131,8 +167,10 @@ class EvalIndex:
             self.texts += 1
             cjk = checks.script(t) in _CJK_SCRIPTS
             if len(u) >= (min_cjk_chars if cjk else min_words):
-                self.exact.add(hash(" ".join(u)))
-            self.grams.update(self._grams(u, self.cjk_ngram if cjk else self.ngram))
+                exact.append(hash(" ".join(u)))
+            grams.extend(self._grams(u, self.cjk_ngram if cjk else self.ngram))
+        self.exact = np.unique(np.frombuffer(exact, np.int64)) if exact else np.zeros(0, np.int64)
+        self.grams = np.unique(np.frombuffer(grams, np.int64)) if grams else np.zeros(0, np.int64)
 
     def _n(self, text: str) -> int:
         return self.cjk_ngram if checks.script(text) in _CJK_SCRIPTS else self.ngram
@@ -141,11 +179,20 @@ class EvalIndex:
     def _grams(u: list[str], n: int) -> Iterator[int]:
         return (hash(" ".join(u[i:i + n])) for i in range(len(u) - n + 1))
 
+    @staticmethod
+    def _contains(sorted_keys: np.ndarray, keys: list[int]) -> bool:
+        if not keys or not len(sorted_keys):
+            return False
+        keys_arr = np.array(keys, np.int64)
+        pos = np.minimum(np.searchsorted(sorted_keys, keys_arr), len(sorted_keys) - 1)
+        return bool(np.any(sorted_keys[pos] == keys_arr))
+
     def hit(self, text: str) -> bool:
         u = checks.units(text)
         if not u:
             return False
-        return hash(" ".join(u)) in self.exact or any(g in self.grams for g in self._grams(u, self._n(text)))
+        return (self._contains(self.exact, [hash(" ".join(u))])
+                or self._contains(self.grams, list(self._grams(u, self._n(text)))))
 
 
 def _fields(record: Record) -> Iterator[tuple[str, str]]:
@@ -174,5 +221,9 @@ def decontaminate(records: Iterable[Record], index: EvalIndex) -> tuple[list[Rec
             kept.append(r)
         else:
             hits[field] += 1
+    if n and not kept:
+        log.warning("decontaminate: every record was dropped: is the training data the evaluation data, "
+                    "or do both come from one corpus (for a BEIR folder, only the --against-split queries "
+                    "and their relevant documents count)?")
     return kept, {"read": n, "dropped": n - len(kept), "dropped_by_field": dict(hits), "eval_texts": index.texts,
                   "ngram": index.ngram, "cjk_ngram": index.cjk_ngram}

@@ -44,9 +44,10 @@ _THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 def parse_reply(reply: str, keys: Sequence[str]) -> tuple[dict[str, str] | None, str | None]:
     """The JSON object in an LLM reply with a non-empty string under each key: (fields, None), or
     (None, reason). Code fences, a reasoning model's <think> block and text around the object are
-    tolerated; when several objects appear, the last one with all the keys is taken."""
+    tolerated, and so are raw line breaks inside strings; when several objects appear, the last
+    one with all the keys is taken. The prompt's <<< >>> text markers around a value are removed."""
     text = _THINK.sub("", reply)
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(strict=False)
     found: list[dict] = []
     pos = text.find("{")
     while pos >= 0:
@@ -64,9 +65,15 @@ def parse_reply(reply: str, keys: Sequence[str]) -> tuple[dict[str, str] | None,
     out = {}
     for key in keys:
         value = obj.get(key)
-        if not isinstance(value, str) or not value.strip():
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("<<<") and value.endswith(">>>"):
+                value = value[3:-3].strip()
+        if not isinstance(value, str) or not value:
             return None, f"answer has no text under {key!r}"
-        out[key] = value.strip()
+        if "<<<" in value or ">>>" in value:
+            return None, f"{key} contains the prompt's <<< >>> markers"
+        out[key] = value
     return out, None
 
 

@@ -7,11 +7,14 @@ in a function, a test's fake) can take its place.
 Transient failures (connection errors, dropped connections, timeouts, HTTP 408/409/429/5xx) are
 retried with exponential backoff, honouring ``Retry-After``. Anything else raises ``LLMError`` with
 the status and the start of the server's answer. ``fatal`` tells the caller whether another
-prompt could succeed: a prompt over the model's context (HTTP 400) or an answer without content
-is not fatal (that try fails, the run goes on); a bad key or model name (401/403/404) and an
-endpoint that stayed down through every retry are. ``extra_body`` is merged into each request;
-a ``None`` value removes a field (``{"temperature": None, "max_tokens": None,
-"max_completion_tokens": 4096}`` for endpoints that refuse the classic sampling fields).
+prompt could succeed: a bad key or model name (401/403/404) is fatal; a prompt over the model's
+context (HTTP 400), an answer without content, or a request that kept failing through every
+retry (the server may fail on that prompt alone) are not: the caller counts failures in a row to
+tell an endpoint that is down. ``cancel()`` ends the backoff waits at once (a stopping run).
+
+``extra_body`` is merged into each request; a ``None`` value removes a field (``{"temperature":
+None, "max_tokens": None, "max_completion_tokens": 4096}`` for endpoints that refuse the classic
+sampling fields).
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import os
 import random
 import socket
 import threading
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -80,6 +82,11 @@ class ChatClient:
         self.calls = 0
         self.retried = 0
         self._lock = threading.Lock()
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop waiting between retries: pending and later calls raise a fatal LLMError."""
+        self._cancelled.set()
 
     def _request(self, messages: Sequence[Message]) -> urllib.request.Request:
         body = {"model": self.model, "messages": [dict(m) for m in messages],
@@ -98,7 +105,8 @@ class ChatClient:
                 delay = max(delay, float(retry_after))
             except ValueError:
                 pass
-        time.sleep(min(delay, 300.0))
+        if self._cancelled.wait(min(delay, 300.0)):
+            raise LLMError("cancelled", fatal=True, kind="cancelled")
         with self._lock:
             self.retried += 1
 
@@ -107,6 +115,8 @@ class ChatClient:
             self.calls += 1
         last = ""
         for attempt in range(self.retries + 1):
+            if self._cancelled.is_set():
+                raise LLMError("cancelled", fatal=True, kind="cancelled")
             retry_after = None
             try:
                 with urllib.request.urlopen(self._request(messages), timeout=self.timeout) as resp:
@@ -123,7 +133,7 @@ class ChatClient:
                 last = f"{self.url}: {getattr(e, 'reason', e)}"
             if attempt < self.retries:
                 self._wait(attempt, retry_after)
-        raise LLMError(f"gave up after {self.retries + 1} tries: {last}", fatal=True, kind="endpoint unavailable")
+        raise LLMError(f"gave up after {self.retries + 1} tries: {last}", kind="no answer after retries")
 
     def _content(self, raw: bytes) -> str:
         try:

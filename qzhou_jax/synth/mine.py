@@ -29,9 +29,11 @@ import numpy as np
 from qzhou_jax.data.records import RetrievalRecord
 from qzhou_jax.synth import checks
 
-__all__ = ["search", "mine_negatives", "positive_scores", "score_filter", "EncodeFn"]
+__all__ = ["search", "mine_negatives", "positive_scores", "score_filter", "check_mine_args", "check_filter_args",
+           "EncodeFn"]
 
 EncodeFn = Callable[[Sequence[str], "str | None"], np.ndarray]
+SEARCH_MARGIN = 32  # ranks searched past the window's end, for a query's own texts to drop out of
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -135,6 +137,25 @@ def positive_scores(records: Sequence[RetrievalRecord], encode: EncodeFn, query_
     return out
 
 
+def check_mine_args(ranks: tuple[int, int], num_negatives: int, max_score_ratio: float | None) -> None:
+    """The mining settings' errors, before any model is loaded."""
+    lo, hi = int(ranks[0]), int(ranks[1])
+    if not 1 <= lo <= hi:
+        raise ValueError(f"--ranks: expected 1 <= FIRST <= LAST, got {lo} {hi}")
+    if num_negatives < 1:
+        raise ValueError(f"--num-negatives: expected at least 1, got {num_negatives}")
+    if max_score_ratio is not None and not 0 < max_score_ratio:
+        raise ValueError(f"--max-score-ratio: expected a positive number, got {max_score_ratio}")
+
+
+def check_filter_args(min_score: float | None, drop_fraction: float | None) -> None:
+    """The score filter's settings' errors, before any model is loaded."""
+    if (min_score is None) == (drop_fraction is None):
+        raise ValueError("give exactly one of --min-score and --drop-fraction")
+    if drop_fraction is not None and not 0.0 <= drop_fraction < 1.0:
+        raise ValueError(f"--drop-fraction: expected a fraction in [0, 1), got {drop_fraction}")
+
+
 def mine_negatives(records: Sequence[RetrievalRecord], encode: EncodeFn, *, ranks: tuple[int, int] = (10, 30),
                    num_negatives: int = 4, corpus: Sequence[str] | None = None, fill: bool = False, seed: int = 0,
                    max_score_ratio: float | None = None, query_block: int = 1024,
@@ -145,13 +166,8 @@ def mine_negatives(records: Sequence[RetrievalRecord], encode: EncodeFn, *, rank
     ``num_negatives``, topped up to that many). Others are returned unchanged. ``instruction`` is
     used to encode the queries of records without their own.
     """
+    check_mine_args(ranks, num_negatives, max_score_ratio)
     lo, hi = int(ranks[0]), int(ranks[1])
-    if not 1 <= lo <= hi:
-        raise ValueError(f"--ranks: expected 1 <= FIRST <= LAST, got {lo} {hi}")
-    if num_negatives < 1:
-        raise ValueError(f"--num-negatives: expected at least 1, got {num_negatives}")
-    if max_score_ratio is not None and not 0 < max_score_ratio:
-        raise ValueError(f"--max-score-ratio: expected a positive number, got {max_score_ratio}")
     records = list(records)
     chosen = [i for i, r in enumerate(records) if (len(r.neg) < num_negatives if fill else not r.neg)]
     stats: dict[str, Any] = {"records": len(records), "selected": len(chosen), "mined": 0, "short": 0}
@@ -168,17 +184,38 @@ def mine_negatives(records: Sequence[RetrievalRecord], encode: EncodeFn, *, rank
             keys.append(key)
     stats["corpus"] = len(texts)
     sel = [records[i] for i in chosen]
-    q_emb = _encode_queries(sel, encode, instruction)
+    # each distinct query (with its instruction) is encoded and searched once
+    slot: dict[tuple[str, str | None], int] = {}
+    row_query = [slot.setdefault((r.query, r.instruction or instruction), len(slot)) for r in sel]
+    firsts = {q: r for r, q in zip(sel, row_query)}
+    distinct = [firsts[q] for q in range(len(slot))]
+    q_emb = _encode_queries(distinct, encode, instruction)
     d_emb = encode(texts, None)
     # every positive of the same query counts as its own (data often holds one record per
     # (query, positive) pair): none of them may come back as a negative
     positives_of: dict[str, set[str]] = defaultdict(set)
     for r in records:
         positives_of[checks.normalize(r.query)].update(checks.normalize(p) for p in r.pos)
-    excluded = [positives_of[checks.normalize(r.query)] | {checks.normalize(t) for t in (r.query, *r.neg)}
-                for r in sel]
-    k = min(len(texts), hi + max(len(e) for e in excluded))
+    left_out = [positives_of[checks.normalize(r.query)] | {checks.normalize(r.query)} for r in distinct]
+    excluded = [left_out[q] | {checks.normalize(t) for t in r.neg} for r, q in zip(sel, row_query)]
+    # search a fixed depth; the few queries whose left-out texts reach into the window (a query
+    # with many positives) are searched again, deeper
+    k = min(len(texts), hi + SEARCH_MARGIN)
     idx, val = search(q_emb, d_emb, k, query_block=query_block)
+    idx, val = list(idx), list(val)
+    deeper = sorted({q for r, q in enumerate(row_query)
+                     if k < len(texts) and sum(keys[j] not in excluded[r] for j in idx[q]) < hi})
+    if deeper:
+        deep = set(deeper)
+        k2 = min(len(texts), hi + max(len(excluded[r]) for r, q in enumerate(row_query) if q in deep))
+        idx2, val2 = search(q_emb[deeper], d_emb, k2, query_block=query_block)
+        for q, i2, v2 in zip(deeper, idx2, val2):
+            idx[q], val[q] = i2, v2
+    stats["distinct_queries"] = len(distinct)
+    stats["searched_deeper"] = len(deeper)
+    idx = [idx[q] for q in row_query]
+    val = [val[q] for q in row_query]
+    q_emb = q_emb[row_query]
     pos_best = None
     if max_score_ratio is not None:
         pos_best = np.array([s.max() for s in positive_scores(sel, encode, q_emb)])
@@ -206,10 +243,7 @@ def score_filter(records: Sequence[RetrievalRecord], encode: EncodeFn, *, min_sc
     """Drop positives the model scores below ``min_score`` (a record left without positives is
     dropped), or the ``drop_fraction`` of records whose best positive scores lowest. Exactly one of
     the two is given. Counts include the score distribution to choose a threshold from."""
-    if (min_score is None) == (drop_fraction is None):
-        raise ValueError("give exactly one of --min-score and --drop-fraction")
-    if drop_fraction is not None and not 0.0 <= drop_fraction < 1.0:
-        raise ValueError(f"--drop-fraction: expected a fraction in [0, 1), got {drop_fraction}")
+    check_filter_args(min_score, drop_fraction)
     scores = positive_scores(records, encode, instruction=instruction)
     best = np.array([s.max() for s in scores])
     stats: dict[str, Any] = {"records": len(records),

@@ -14,17 +14,17 @@ order, under a temporary name renamed when complete; the partial file is then re
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import sys
 import threading
 import time
 from collections import Counter
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from qzhou_jax.data.records import (BadRecords, PairRecord, Record, RetrievalRecord, iter_rows, parse_record,
                                     write_records)
@@ -40,7 +40,12 @@ _PERCENT = re.compile(r"\d+(\.\d+)?%")
 
 
 class SynthesisStopped(RuntimeError):
-    """A run stopped part way (the endpoint gave up, a bug); its progress file is kept for --resume."""
+    """A run stopped part way (the endpoint is down, Ctrl-C, a bug); its progress file is kept for
+    --resume. ``interrupted`` is True for Ctrl-C."""
+
+    def __init__(self, message: str, interrupted: bool = False):
+        super().__init__(message)
+        self.interrupted = interrupted
 
 
 def read_records(path: str, family: str, fields: Mapping[str, str] | None = None,
@@ -76,11 +81,14 @@ def record_texts(record: Record) -> tuple[str, ...]:
     return (record.text,)
 
 
-def file_sha256(path: str) -> str:
-    """SHA-256 of a file, or of a folder's files (names and contents, in name order)."""
+def file_sha256(path: str, split: str = "train") -> str:
+    """SHA-256 of a file, or of the files a BEIR folder's ``split`` reads (corpus, queries, qrels)."""
     h = hashlib.sha256()
-    files = [path] if not os.path.isdir(path) else sorted(
-        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    files = [path]
+    if os.path.isdir(path):
+        from qzhou_jax.data.beir import beir_files
+
+        files = list(beir_files(path, split))
     for name in files:
         if name != path:
             h.update(os.path.relpath(name, path).encode("utf-8") + b"\0")
@@ -186,6 +194,8 @@ class _Run:
         try:
             answer = llm(messages)
         except LLMError as e:
+            if self.stop.is_set():
+                raise _Cancelled() from None
             with self.lock:
                 self.failures += 1
                 too_many = self.failures >= self.max_failures
@@ -241,6 +251,8 @@ def synthesize(job: Job, input_path: str, output: str, llm: LLM, *, fields: Mapp
     if limit is not None and limit < 1:
         raise ValueError(f"--limit: expected a positive count, got {limit}")
     output = os.fspath(output)
+    if os.path.isdir(output):
+        raise ValueError(f"{output}: is a folder; --output names the record file to write")
     if os.path.exists(output) and not overwrite:
         raise ValueError(f"{output}: output exists (pass --overwrite to replace it)")
     folder = os.path.dirname(os.path.abspath(output))
@@ -252,7 +264,7 @@ def synthesize(job: Job, input_path: str, output: str, llm: LLM, *, fields: Mapp
     if limit is not None:
         records = records[:limit]
     header = {HEADER_KEY: 1, "job": job.name, "task": job.family, "options": job.options(),
-              "input": os.path.abspath(input_path), "input_sha256": file_sha256(input_path),
+              "input": os.path.abspath(input_path), "input_sha256": file_sha256(input_path, split),
               "fields": dict(fields or {}), "split": split, "limit": limit, "max_tries": max_tries}
     partial = output + ".partial"
     done: dict[int, dict] = {}
@@ -279,56 +291,65 @@ def synthesize(job: Job, input_path: str, output: str, llm: LLM, *, fields: Mapp
         bar = tqdm(total=total, initial=len(done), unit="record", file=sys.stderr, desc=job.name)
     t0 = time.perf_counter()
     run = _Run(max_failures=max_failures or max(20, 2 * workers))
-    pool = cf.ThreadPoolExecutor(max_workers=workers)
-    pending: set[cf.Future] = set()
+    tasks: queue.Queue = queue.Queue()
+    results: queue.Queue = queue.Queue()
+    for i in todo:
+        tasks.put(i)
+
+    def worker() -> None:
+        while not run.stop.is_set():
+            try:
+                i = tasks.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results.put((_work(job, records[i], i, llm, seen, max_tries, run), None))
+            except BaseException as e:  # noqa: BLE001  (handed to the main thread)
+                results.put((None, e))
+
+    # daemon threads: a stopping run never waits for a request in flight
+    threads = [threading.Thread(target=worker, daemon=True, name=f"synth-{n}")
+               for n in range(min(workers, len(todo)))]
     with open(partial, "a", encoding="utf-8") as f:
 
-        def keep(futures) -> BaseException | None:
-            """Write every finished record; return the first error."""
-            error = None
-            for fut in futures:
-                if not fut.done() or fut.cancelled():
-                    continue
-                exc = fut.exception()
-                if exc is not None:
-                    error = error or (None if isinstance(exc, _Cancelled) else exc)
-                    continue
-                item = fut.result()
-                f.write(json.dumps(item, ensure_ascii=False) + "\n")
-                done[item["i"]] = item
-                if bar is not None:
-                    bar.update(1)
+        def keep(item: dict) -> None:
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
             f.flush()
-            return error
+            done[item["i"]] = item
+            if bar is not None:
+                bar.update(1)
 
         try:
-            queue: Iterator[int] = iter(todo)
-            while True:
-                for i in queue:
-                    pending.add(pool.submit(_work, job, records[i], i, llm, seen, max_tries, run))
-                    if len(pending) >= 2 * workers:
-                        break
-                if not pending:
-                    break
-                finished, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                error = keep(finished)
-                if error is not None:
+            for t in threads:
+                t.start()
+            for _ in range(len(todo)):
+                item, error = results.get()
+                if error is not None and not isinstance(error, _Cancelled):
                     raise error
+                if item is not None:
+                    keep(item)
         except BaseException as e:
             run.stop.set()  # running records stop at their next try; queued ones never start
-            for fut in pending:
-                fut.cancel()
-            keep(pending)
-            pool.shutdown(wait=False, cancel_futures=True)
+            cancel = getattr(llm, "cancel", None)
+            if callable(cancel):
+                cancel()
+            while True:  # records that finished meanwhile are kept too
+                try:
+                    item, _ = results.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    keep(item)
             if bar is not None:
                 bar.close()
             msg = (f"stopped with {len(done)} of {total} records done; their answers are kept in {partial}: "
                    f"rerun with --resume to continue")
+            if isinstance(e, KeyboardInterrupt):
+                raise SynthesisStopped(f"interrupted\n{msg}", interrupted=True) from None
             if isinstance(e, Exception):
                 raise SynthesisStopped(f"{e}\n{msg}") from e
             log.warning(msg)
             raise
-    pool.shutdown()
     if bar is not None:
         bar.close()
 
