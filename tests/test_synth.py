@@ -608,6 +608,24 @@ def test_dedup_across_files():
     assert len(c) == 2
 
 
+def test_run_hashes_are_the_polynomial_hash_of_each_run():
+    from qzhou_jax.synth.filters import run_hashes
+
+    mul, mod = 0x9E3779B97F4A7C15, 1 << 64
+
+    def direct(words):
+        h = 0
+        for w in words:
+            h = (h * mul + (hash(w) % mod)) % mod
+        return h
+
+    words = [f"w{i % 50}" for i in range(3000)]  # longer than the cached powers: they grow
+    got = run_hashes(words, 13).view(np.uint64)
+    assert len(got) == 3000 - 12 and len(run_hashes(words[:12], 13)) == 0
+    assert all(int(got[i]) == direct(words[i:i + 13]) for i in range(0, len(got), 37))
+    assert got[0] == got[50] and got[0] != got[1]  # equal runs, equal hashes
+
+
 def test_decontaminate(tmp_path):
     beir = tmp_path / "beir"
     beir.mkdir()

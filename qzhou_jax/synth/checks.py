@@ -16,13 +16,14 @@ count, so "Hello, world!" and "hello world" are the same text.
 
 from __future__ import annotations
 
+import collections
 import difflib
 import functools
 import re
 import unicodedata
 
 __all__ = ["units", "normalize", "length_ratio", "difference", "sentence_count", "min_difference",
-           "script", "same_script"]
+           "script", "script_of_units", "same_script"]
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af\u3100-\u312f\u31f0-\u31ff"
 _UNIT = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+")
@@ -107,17 +108,27 @@ def _script_of(ch: str) -> str | None:
     return first  # LATIN, CYRILLIC, GREEK, ARABIC, HEBREW, HANGUL, DEVANAGARI, THAI, ...
 
 
+@functools.lru_cache(maxsize=1 << 18)
+def _unit_script(unit: str) -> str | None:
+    s = _script_of(unit[0])  # a unit is one CJK character or a run of one script's letters
+    if s is None:  # a leading digit or underscore: the first letter decides
+        s = next((x for x in map(_script_of, unit) if x is not None), None)
+    return s
+
+
 def script(text: str) -> str | None:
     """The writing system of most units ('LATIN', 'HAN', 'CYRILLIC', ...); None without letters.
 
     A word and a CJK character count once each. Japanese counts as 'KANA' when it has kana at all
     (its kanji would otherwise outvote them).
     """
-    counts: dict[str, int] = {}
-    for unit in units(text):
-        s = next((x for x in map(_script_of, unit) if x is not None), None)
-        if s is not None:
-            counts[s] = counts.get(s, 0) + 1
+    return script_of_units(units(text))
+
+
+def script_of_units(text_units: list[str]) -> str | None:
+    """``script`` of a text already cut into ``units``."""
+    counts = collections.Counter(map(_unit_script, text_units))
+    counts.pop(None, None)
     if not counts:
         return None
     if counts.get("KANA", 0) and counts.get("KANA", 0) + counts.get("HAN", 0) >= max(counts.values()):

@@ -146,6 +146,35 @@ def eval_texts(paths: Sequence[str], split: str = "test") -> Iterator[str]:
 
 
 _CJK_SCRIPTS = frozenset({"HAN", "KANA", "HANGUL"})
+_MUL = 0x9E3779B97F4A7C15  # odd, so invertible modulo 2^64
+_INV = pow(_MUL, -1, 1 << 64)
+_POWERS: dict[int, np.ndarray] = {}
+
+
+def _powers(base: int, length: int) -> np.ndarray:
+    """base^0 .. base^(length-1) modulo 2^64 (uint64 arithmetic wraps), cached and grown."""
+    have = _POWERS.get(base)
+    if have is None or len(have) < length:
+        size = max(length, 2 * len(have) if have is not None else 1024)
+        steps = np.full(size, base, np.uint64)
+        steps[0] = 1
+        with np.errstate(over="ignore"):
+            have = np.cumprod(steps, dtype=np.uint64)
+        _POWERS[base] = have
+    return have[:length]
+
+
+def run_hashes(text_units: list[str], n: int) -> np.ndarray:
+    """64-bit hashes of every run of ``n`` consecutive units, vectorized: the run i..i+n-1 hashes to
+    sum_j h(u_j) * MUL^(i+n-1-j) modulo 2^64, from one cumulative sum (a polynomial rolling hash)."""
+    m = len(text_units) - n + 1
+    if m <= 0:
+        return np.zeros(0, np.int64)
+    x = np.fromiter(map(hash, text_units), np.int64, len(text_units)).view(np.uint64)
+    with np.errstate(over="ignore"):
+        q = np.concatenate([np.zeros(1, np.uint64), np.cumsum(x * _powers(_INV, len(x)), dtype=np.uint64)])
+        runs = (q[n:] - q[:m]) * _powers(_MUL, len(x))[n - 1:]
+    return runs.view(np.int64)
 
 
 class EvalIndex:
@@ -165,34 +194,27 @@ class EvalIndex:
             if not u:
                 continue
             self.texts += 1
-            cjk = checks.script(t) in _CJK_SCRIPTS
+            cjk = checks.script_of_units(u) in _CJK_SCRIPTS
             if len(u) >= (min_cjk_chars if cjk else min_words):
                 exact.append(hash(" ".join(u)))
-            grams.extend(self._grams(u, self.cjk_ngram if cjk else self.ngram))
+            grams.extend(run_hashes(u, self.cjk_ngram if cjk else self.ngram).tolist())
         self.exact = np.unique(np.frombuffer(exact, np.int64)) if exact else np.zeros(0, np.int64)
         self.grams = np.unique(np.frombuffer(grams, np.int64)) if grams else np.zeros(0, np.int64)
 
-    def _n(self, text: str) -> int:
-        return self.cjk_ngram if checks.script(text) in _CJK_SCRIPTS else self.ngram
-
     @staticmethod
-    def _grams(u: list[str], n: int) -> Iterator[int]:
-        return (hash(" ".join(u[i:i + n])) for i in range(len(u) - n + 1))
-
-    @staticmethod
-    def _contains(sorted_keys: np.ndarray, keys: list[int]) -> bool:
-        if not keys or not len(sorted_keys):
+    def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> bool:
+        if not len(keys) or not len(sorted_keys):
             return False
-        keys_arr = np.array(keys, np.int64)
-        pos = np.minimum(np.searchsorted(sorted_keys, keys_arr), len(sorted_keys) - 1)
-        return bool(np.any(sorted_keys[pos] == keys_arr))
+        pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+        return bool(np.any(sorted_keys[pos] == keys))
 
     def hit(self, text: str) -> bool:
         u = checks.units(text)
         if not u:
             return False
-        return (self._contains(self.exact, [hash(" ".join(u))])
-                or self._contains(self.grams, list(self._grams(u, self._n(text)))))
+        n = self.cjk_ngram if checks.script_of_units(u) in _CJK_SCRIPTS else self.ngram
+        return (self._contains(self.exact, np.array([hash(" ".join(u))], np.int64))
+                or self._contains(self.grams, run_hashes(u, n)))
 
 
 def _fields(record: Record) -> Iterator[tuple[str, str]]:
