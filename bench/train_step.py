@@ -53,7 +53,10 @@ def workload(cfg: ModelConfig, queries: int, group: int, seq: int, seed: int = 0
 
     q_ids, q_mask = side(queries)
     p_ids, p_mask = side(queries * group)
-    return dict(q_ids=q_ids, q_mask=q_mask, p_ids=p_ids, p_mask=p_mask)
+    # text keys as the data pipeline writes them (all distinct: random rows), so the timed
+    # step includes the duplicate masks; the PyTorch side reads only ids and masks
+    keys = np.arange(queries * (1 + group), dtype=np.int32)
+    return dict(q_ids=q_ids, q_mask=q_mask, p_ids=p_ids, p_mask=p_mask, q_keys=keys[:queries], p_keys=keys[queries:])
 
 
 def torch_step_fn(model, batch, group: int, temperature: float, compile_model: bool, lr: float):
@@ -63,7 +66,7 @@ def torch_step_fn(model, batch, group: int, temperature: float, compile_model: b
 
     dev = common.torch_device()
     cuda = dev == "cuda"
-    t = {k: torch.tensor(v, dtype=torch.long, device=dev) for k, v in batch.items()}
+    t = {k: torch.tensor(v, dtype=torch.long, device=dev) for k, v in batch.items() if k.endswith(("_ids", "_mask"))}
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, **({"fused": True} if cuda else {}))
     fwd = torch.compile(model) if compile_model else model
 

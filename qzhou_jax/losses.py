@@ -18,10 +18,11 @@ Retrieval (InfoNCE with in-batch, hard and query-query negatives, tau = 0.02)::
     With false_negative_margin = m, every candidate c != d_i+ with s(q_i,c) > s(q_i,d_i+) + m
     is dropped from the denominator (a likely false negative).
 
-    With text keys (equal keys = identical input texts), a candidate passage identical to
-    d_i+ (another query's copy of the same positive, a hard negative equal to it) and a query
-    identical to q_i or to d_i+ are dropped too: their embedding is the positive's (or the
-    query's own), and keeping them pushes a text away from itself.
+    With text keys (equal keys = identical model inputs), every candidate identical to d_i+
+    or to q_i is dropped too: another query's copy of the same positive, a hard negative equal
+    to it, a passage equal to the query (symmetric data, swapped pairs), a repeated query.
+    Their embedding is the positive's or the query's own, and keeping them pushes a text away
+    from itself.
 
 STS / NLI (CoSENT, tau_c = temperature, default 0.05 i.e. scale 20)::
 
@@ -116,6 +117,8 @@ def _check_pair(x, y, xname: str, yname: str) -> tuple[jax.Array, jax.Array]:
 
 
 def _text_keys(q_keys, pos_keys, neg_keys, n: int, k: int):
+    if neg_keys is None and k == 0 and q_keys is not None:
+        neg_keys = jnp.zeros((n, 0), jnp.int32)
     given = [x is not None for x in (q_keys, pos_keys, neg_keys)]
     if not any(given):
         return None
@@ -133,9 +136,9 @@ def infonce_retrieval(q, pos, neg=None, *, temperature=0.02, in_batch_negatives=
     """Retrieval InfoNCE (L_ret).
 
     q, pos: [n, d] queries and their positives; neg: [n, k, d] hard negatives (k may be 0)
-    or None. q_keys [n], pos_keys [n], neg_keys [n, k] (all or none): integer keys of the
-    input texts, equal for identical texts; candidates identical to the row's positive or
-    query are then left out. Returns (mean loss, {"accuracy", "pos_sim", "neg_sim"}, plus
+    or None. q_keys [n], pos_keys [n], neg_keys [n, k] (all or none; neg_keys may be left out
+    when k == 0): integer keys of the model inputs, equal for identical inputs; candidates
+    identical to the row's positive or query are then left out. Returns (mean loss, {"accuracy", "pos_sim", "neg_sim"}, plus
     "duplicates", the mean number of candidates left out per row, when keys are given).
     """
     _check_temperature(temperature)
@@ -153,16 +156,17 @@ def infonce_retrieval(q, pos, neg=None, *, temperature=0.02, in_batch_negatives=
         sims.append(_sim(q, pos))  # the diagonal is the positive itself, already in column 0
         valid.append(others)
         if keys is not None:
-            same.append(keys[1][None, :] == keys[1][:, None])
+            same.append((keys[1][None, :] == keys[1][:, None]) | (keys[1][None, :] == keys[0][:, None]))
     if hard_negatives and k > 0:
         if in_batch_negatives:
             sims.append(_sim(q, neg.reshape(n * k, d)))  # column c belongs to query c // k
             if keys is not None:
-                same.append(keys[2].reshape(1, n * k) == keys[1][:, None])
+                flat = keys[2].reshape(1, n * k)
+                same.append((flat == keys[1][:, None]) | (flat == keys[0][:, None]))
         else:
             sims.append(jnp.einsum("nd,nkd->nk", q, neg, precision=_HI))
             if keys is not None:
-                same.append(keys[2] == keys[1][:, None])
+                same.append((keys[2] == keys[1][:, None]) | (keys[2] == keys[0][:, None]))
         valid.append(jnp.ones(sims[-1].shape, bool))
     if query_negatives:
         sims.append(_sim(q, q))

@@ -93,6 +93,9 @@ class StepShape:
         dtypes = dict.fromkeys(shapes, jnp.int32)
         if self.task == "sts":
             shapes["scores"], dtypes["scores"] = (self.n,), jnp.float32
+        elif self.task == "retrieval":  # text keys, as the data pipeline writes them
+            shapes["q_keys"], dtypes["q_keys"] = (self.n,), jnp.int32
+            shapes["p_keys"], dtypes["p_keys"] = (self.n * self.group,), jnp.int32
         elif self.task == "classification":
             shapes["q_labels"], dtypes["q_labels"] = (self.n,), jnp.int32
             shapes["p_labels"], dtypes["p_labels"] = (self.n * self.group,), jnp.int32

@@ -43,16 +43,17 @@ def _ref_infonce(anchors, positives, candidates_of, tau):
 
 def ref_retrieval(q, pos, neg, tau, in_batch, hard, qneg, margin, keys=None):
     """keys = (q_keys, pos_keys, neg_keys): candidates whose key equals the row's positive's
-    (passages, queries) or the row's query's (queries) are left out."""
+    or the row's query's are left out."""
     n, k = q.shape[0], (0 if neg is None else neg.shape[1])
     qk, pk, nk = keys if keys is not None else (np.arange(n), -1 - np.arange(n), -100 - np.arange(n * k).reshape(n, k))
 
     def candidates_of(i, s_pos):
         c = []
         if in_batch:
-            c += [pos[j] for j in range(n) if j != i and pk[j] != pk[i]]
+            c += [pos[j] for j in range(n) if j != i and pk[j] not in (pk[i], qk[i])]
         if hard:
-            c += [neg[j, l] for j in (range(n) if in_batch else [i]) for l in range(k) if nk[j, l] != pk[i]]
+            c += [neg[j, l] for j in (range(n) if in_batch else [i]) for l in range(k)
+                  if nk[j, l] not in (pk[i], qk[i])]
         if qneg:
             c += [q[j] for j in range(n) if j != i and qk[j] != qk[i] and qk[j] != pk[i]]
         if margin is not None:
@@ -131,7 +132,8 @@ def test_retrieval_without_hard_negatives(neg_kind):
 def test_retrieval_leaves_out_identical_texts(in_batch, hard, qneg):
     """Rows 0 and 3 share their positive text (and so its embedding), row 5's query repeats
     row 1's, a hard negative of row 2 is row 4's positive, one of row 4's own negatives is
-    its positive, and row 2's query is row 0's positive text (a symmetric task)."""
+    its positive, row 2's query is row 0's positive text (a symmetric task), and row 1's
+    second hard negative is its own query."""
     rng = np.random.default_rng(3)
     n, k, d = 6, 2, 16
     q, pos, neg = _unit(rng, n, d), _unit(rng, n, d), _unit(rng, n, k, d)
@@ -141,6 +143,7 @@ def test_retrieval_leaves_out_identical_texts(in_batch, hard, qneg):
     neg[2, 1], nk[2, 1] = pos[4], pk[4]
     neg[4, 0], nk[4, 0] = pos[4], pk[4]
     q[2], qk[2] = pos[0], pk[0]
+    neg[1, 1], nk[1, 1] = q[1], qk[1]
     kw = dict(in_batch_negatives=in_batch, hard_negatives=hard, query_negatives=qneg)
     loss, metrics = infonce_retrieval(q, pos, neg, q_keys=qk, pos_keys=pk, neg_keys=nk, **kw)
     ref_loss, ref_metrics = ref_retrieval(q, pos, neg, 0.02, in_batch, hard, qneg, None, keys=(qk, pk, nk))
@@ -163,6 +166,11 @@ def test_retrieval_text_keys_count_left_out_candidates():
     assert float(metrics["duplicates"]) == 2 / n
     with pytest.raises(ValueError, match="go together"):
         infonce_retrieval(q, pos, neg, q_keys=qk)
+    # a swapped pair (A -> B, B -> A): each row's in-batch candidate is its own query
+    a, b = _unit(rng, 1, d)[0], _unit(rng, 1, d)[0]
+    loss, metrics = infonce_retrieval(np.stack([a, b]), np.stack([b, a]), None, q_keys=np.array([1, 2]),
+                                      pos_keys=np.array([2, 1]), query_negatives=False)
+    assert float(metrics["duplicates"]) == 1.0 and float(metrics["accuracy"]) == 1.0 and float(loss) < 1e-6
     with pytest.raises(ValueError, match="neg_keys"):
         infonce_retrieval(q, pos, neg, q_keys=qk, pos_keys=pk, neg_keys=nk[:, :0])
 

@@ -167,8 +167,9 @@ def test_cpu_compiled_plan_matches_state_shards(tmp_path, capsys):
     assert d["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and d["fits"]
     assert step["method"] == "compiled" and step["fit"] == "yes"
     # XLA:CPU does not pad: the compiled arguments are exactly the train state shard
-    # (computed from the shardings) plus this device's batch rows.
-    batch = 4 * 2 * (32 * 32 + 32 * 4 * 64) // 8
+    # (computed from the shardings) plus this device's batch rows (int32 ids and masks, and the
+    # text keys: one per query and per passage).
+    batch = (4 * 2 * (32 * 32 + 32 * 4 * 64) + 4 * (32 + 32 * 4)) // 8
     assert step["argument_bytes"] == step["state_bytes"] + batch
     assert step["peak_bytes"] == (step["argument_bytes"] + step["output_bytes"] - step["alias_bytes"]
                                   + step["temp_bytes"] + step["code_bytes"])

@@ -70,8 +70,13 @@ def test_sigterm_then_resume_gives_identical_losses(tmp_path, uninterrupted, cap
         assert got[s] == full[s], f"step {s}: {got[s]} != {full[s]}"
     # metrics.jsonl reads as one run: every step once
     with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
-        steps = [json.loads(line)["step"] for line in f if "train/loss" in line]
-    assert steps == list(range(1, 9))
+        rows = [json.loads(line) for line in f if "train/loss" in line]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    # each row carries its task's own metrics under the task's name
+    for r in rows:
+        task = r["train/task"]
+        assert f"train/{task}/{'pair_accuracy' if task == 'sts' else 'accuracy'}" in r, r
+        assert (f"train/{task}/duplicates" in r) == (task == "retrieval"), r
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(cfg.output_dir, "tensorboard")))
 
 
@@ -239,7 +244,7 @@ def test_random_negatives_are_never_the_rows_own_positives():
 
 
 def test_retrieval_batches_carry_keys_of_their_texts():
-    from qzhou_jax.data.batches import BatchBuilder, BatchSpec, text_keys
+    from qzhou_jax.data.batches import BatchBuilder, BatchSpec, sequence_keys
     from qzhou_jax.data.records import RetrievalRecord
     from qzhou_jax.data.sources import ListSource
     from qzhou_jax.tokenizer import Tokenizer
@@ -253,7 +258,14 @@ def test_retrieval_batches_carry_keys_of_their_texts():
     assert q.dtype == np.int32 and p.dtype == np.int32
     assert p[0, 0] == p[1, 0] == p[2, 1] and len({p[0, 0], p[0, 1], p[1, 1], p[2, 0]}) == 4
     assert q[0] != q[2]  # same query text, but the instruction makes a different input
-    assert q[0] == text_keys(["q a"])[0] and q[2] == text_keys(["Instruct: Find it\nQuery: q a"])[0]
+    assert q[0] == sequence_keys(tok.encode(["q a"]), 16)[0]
+    assert q[2] == sequence_keys(tok.encode(["Instruct: Find it\nQuery: q a"]), 16)[0]
+    # questions cut off the same long context are one input to the model: one key
+    context = "word " * 200
+    long = [RetrievalRecord(context + "first question?", ("p1",)), RetrievalRecord(context + "second?", ("p2",))]
+    batch = BatchBuilder(ListSource(long, name="rc"), spec, tok, seed=0).build(0, range(2), 0)
+    np.testing.assert_array_equal(batch["q_ids"][0], batch["q_ids"][1])
+    assert batch["q_keys"][0] == batch["q_keys"][1]
 
 
 def test_cutting_long_texts_before_tokenizing_never_changes_the_tokens():

@@ -14,9 +14,10 @@ Per task (g = 1 + hard negatives):
 - classification (example-based triplets, SPEC section 4): the anchor text, another text
   of its label as positive, k texts of other labels as negatives, and every row's label.
 Every side is padded (right) to the dataset's fixed length. Retrieval batches also carry
-`q_keys` / `p_keys`: a 32-bit hash of each input text as the model sees it (instruction
-included), so the loss can leave out candidates identical to a row's positive or query
-(two queries citing one document in a batch, a hard negative repeating the positive).
+`q_keys` / `p_keys`: a 32-bit hash of each row's token ids as the model sees them (prompt
+included, after truncation), so the loss can leave out candidates identical to a row's
+positive or query (two queries citing one document, a hard negative repeating the
+positive, a passage equal to the query, questions cut off the same long context).
 """
 
 from __future__ import annotations
@@ -178,12 +179,14 @@ class BatchBuilder:
         spec = self.spec
         q_texts, p_texts, extra = self._texts(step, rows, row0)
         tok = self.tokenizer
-        q_ids, q_mask = tok.pad(_encode(tok, q_texts, spec.query_max_length), length=spec.query_max_length)
-        p_ids, p_mask = tok.pad(_encode(tok, p_texts, spec.passage_max_length), length=spec.passage_max_length)
+        q_seqs = _encode(tok, q_texts, spec.query_max_length)
+        p_seqs = _encode(tok, p_texts, spec.passage_max_length)
+        q_ids, q_mask = tok.pad(q_seqs, length=spec.query_max_length)
+        p_ids, p_mask = tok.pad(p_seqs, length=spec.passage_max_length)
         batch = {"q_ids": q_ids, "q_mask": q_mask, "p_ids": p_ids, "p_mask": p_mask}
         if spec.task == "retrieval":
-            batch["q_keys"] = text_keys(q_texts)
-            batch["p_keys"] = text_keys(p_texts)
+            batch["q_keys"] = sequence_keys(q_seqs, spec.query_max_length)
+            batch["p_keys"] = sequence_keys(p_seqs, spec.passage_max_length)
         elif spec.task == "sts":
             batch["scores"] = np.asarray(extra["scores"], np.float32)
         elif spec.task == "classification":
@@ -192,11 +195,13 @@ class BatchBuilder:
         return batch
 
 
-def text_keys(texts: Sequence[str]) -> np.ndarray:
-    """int32 keys of texts, equal for identical texts (BLAKE2b, so the same on every host; two
-    different texts share a key with probability 2^-32)."""
-    return np.array([int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=4).digest(), "little",
-                                    signed=True) for t in texts], np.int32)
+def sequence_keys(seqs: Sequence[Sequence[int]], max_length: int) -> np.ndarray:
+    """int32 keys of token id sequences as the model sees them (cut to `max_length`), equal
+    for identical inputs (BLAKE2b, so the same on every host; two different inputs share a
+    key with probability 2^-32)."""
+    return np.array([int.from_bytes(hashlib.blake2b(np.asarray(s[:max_length], np.int32).tobytes(),
+                                                    digest_size=4).digest(), "little", signed=True)
+                     for s in seqs], np.int32)
 
 
 CHARS_PER_TOKEN_BOUND = 16

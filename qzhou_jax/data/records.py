@@ -26,7 +26,7 @@ from qzhou_jax.data.jsonl import RecordError, decode_json_line, iter_lines
 __all__ = [
     "FAMILIES", "DEFAULT_FIELDS", "RecordError", "RetrievalRecord", "PairRecord", "ClassificationRecord",
     "Record", "RECORD_TYPES", "BadRecords", "parse_record", "resolve_fields", "record_to_dict",
-    "family_of", "iter_rows", "write_records",
+    "family_of", "iter_rows", "check_output_path", "write_records",
 ]
 
 FAMILIES = ("retrieval", "sts", "classification")  # the train step's task names
@@ -303,6 +303,20 @@ def iter_rows(path: str | os.PathLike, errors: BadRecords | None = None) -> Iter
             errors.handle(e)
 
 
+def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> str:
+    """An output file path that can be written: not a folder, not existing unless ``overwrite``, in
+    an existing folder. Checked before any work, so a long job does not fail at its end."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a folder; --output names the file to write")
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"{path}: output exists (pass --overwrite to replace it)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such folder for the output")
+    return path
+
+
 def write_records(path: str | os.PathLike, records: Iterable[Record], overwrite: bool = False) -> int:
     """Write records as JSONL in our format; returns the count.
 
@@ -310,12 +324,8 @@ def write_records(path: str | os.PathLike, records: Iterable[Record], overwrite:
     (a bad input record raising half way) leaves no output file. An existing ``path`` is an error unless
     ``overwrite``.
     """
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise ValueError(f"{path}: output exists (pass --overwrite to replace it)")
+    path = check_output_path(path, overwrite)
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: no such folder for the output")
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     n = 0
     try:

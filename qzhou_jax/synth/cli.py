@@ -36,7 +36,7 @@ import os
 import sys
 from typing import Any
 
-from qzhou_jax.data.records import DEFAULT_FIELDS, FAMILIES, BadRecords, write_records
+from qzhou_jax.data.records import DEFAULT_FIELDS, FAMILIES, BadRecords, check_output_path, write_records
 
 log = logging.getLogger("qzhou_jax.synth")
 
@@ -49,16 +49,6 @@ def _fields(args: argparse.Namespace, family: str):
 
 def _report(what: str, stats: dict[str, Any]) -> None:
     print(f"{what}: {json.dumps(stats, ensure_ascii=False)}", file=sys.stderr)
-
-
-def _check_output(path: str, overwrite: bool) -> None:
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: is a folder; --output names the record file to write")
-    if os.path.exists(path) and not overwrite:
-        raise ValueError(f"{path}: output exists (pass --overwrite to replace it)")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: no such folder for the output")
 
 
 def _llm_job(args: argparse.Namespace, job) -> int:
@@ -162,7 +152,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
     from qzhou_jax.synth.mine import check_mine_args, mine_negatives
 
     check_mine_args(tuple(args.ranks), args.num_negatives, args.max_score_ratio)
-    _check_output(args.output, args.overwrite)
+    check_output_path(args.output, args.overwrite)
     records = _read(args, "retrieval")
     corpus = None
     if args.corpus:
@@ -182,7 +172,7 @@ def cmd_score_filter(args: argparse.Namespace) -> int:
     from qzhou_jax.synth.mine import check_filter_args, score_filter
 
     check_filter_args(args.min_score, args.drop_fraction)
-    _check_output(args.output, args.overwrite)
+    check_output_path(args.output, args.overwrite)
     records = _read(args, "retrieval")
     out, stats = score_filter(records, _encode_fn(args), min_score=args.min_score, drop_fraction=args.drop_fraction,
                               instruction=args.instruction)
@@ -200,7 +190,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     if len({os.path.abspath(p) for p in args.output}) != len(args.output):
         raise ValueError("--output: the same file is named twice")
     for path in args.output:
-        _check_output(path, args.overwrite)
+        check_output_path(path, args.overwrite)
     fields = _fields(args, args.task)
     datasets = []
     for path in args.input:  # every input is read and checked before anything is written
@@ -218,7 +208,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
 def cmd_decontaminate(args: argparse.Namespace) -> int:
     from qzhou_jax.synth.filters import EvalIndex, decontaminate, eval_texts
 
-    _check_output(args.output, args.overwrite)
+    check_output_path(args.output, args.overwrite)
     records = _read(args, args.task)
     index = EvalIndex(eval_texts(args.against, split=args.against_split), ngram=args.ngram, cjk_ngram=args.cjk_ngram)
     if not index.texts:

@@ -26,8 +26,8 @@ import time
 from collections import Counter
 from typing import Any, Mapping
 
-from qzhou_jax.data.records import (BadRecords, PairRecord, Record, RetrievalRecord, iter_rows, parse_record,
-                                    write_records)
+from qzhou_jax.data.records import (BadRecords, PairRecord, Record, RetrievalRecord, check_output_path, iter_rows,
+                                    parse_record, write_records)
 from qzhou_jax.synth import checks
 from qzhou_jax.synth.jobs import Job, parse_reply
 from qzhou_jax.synth.llm import LLM, LLMError
@@ -250,14 +250,7 @@ def synthesize(job: Job, input_path: str, output: str, llm: LLM, *, fields: Mapp
         raise ValueError(f"--max-tries and --workers must be at least 1, got {max_tries} and {workers}")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit: expected a positive count, got {limit}")
-    output = os.fspath(output)
-    if os.path.isdir(output):
-        raise ValueError(f"{output}: is a folder; --output names the record file to write")
-    if os.path.exists(output) and not overwrite:
-        raise ValueError(f"{output}: output exists (pass --overwrite to replace it)")
-    folder = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: no such folder for the output")
+    output = check_output_path(output, overwrite)
     errors = BadRecords(skip=skip_bad_records)
     records = read_records(input_path, job.family, fields, errors, split=split)
     errors.warn(input_path, log)

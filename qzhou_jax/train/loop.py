@@ -258,6 +258,9 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
         if peak:
             rates["mfu"] = window["flops"] / dt / (n_dev * peak)
         summary = {k: last[k] for k in ("loss", "grad_norm", "lr") if k in last}
+        # the task's own metrics (accuracy, similarities, duplicates left out) under its name
+        summary.update({f"{last['task']}/{k}": v for k, v in last.items()
+                        if k not in summary and k not in ("step", "task", "dataset")})
         summary.update(rates, task=last["task"], dataset=last["dataset"])
         logger.write(last["step"] + 1, summary)
         if progress is not None:
