@@ -22,7 +22,8 @@ Retrieval (InfoNCE with in-batch, hard and query-query negatives, tau = 0.02)::
     or to q_i is dropped too: another query's copy of the same positive, a hard negative equal
     to it, a passage equal to the query (symmetric data, swapped pairs), a repeated query.
     Their embedding is the positive's or the query's own, and keeping them pushes a text away
-    from itself.
+    from itself. So is the positive d_j+ of a row j whose query equals q_i: a query with
+    several relevant passages (one record per pair) must not push its own positives away.
 
 STS / NLI (CoSENT, tau_c = temperature, default 0.05 i.e. scale 20)::
 
@@ -138,7 +139,8 @@ def infonce_retrieval(q, pos, neg=None, *, temperature=0.02, in_batch_negatives=
     q, pos: [n, d] queries and their positives; neg: [n, k, d] hard negatives (k may be 0)
     or None. q_keys [n], pos_keys [n], neg_keys [n, k] (all or none; neg_keys may be left out
     when k == 0): integer keys of the model inputs, equal for identical inputs; candidates
-    identical to the row's positive or query are then left out. Returns (mean loss, {"accuracy", "pos_sim", "neg_sim"}, plus
+    identical to the row's positive or query, and other rows' positives of the same query,
+    are then left out. Returns (mean loss, {"accuracy", "pos_sim", "neg_sim"}, plus
     "duplicates", the mean number of candidates left out per row, when keys are given).
     """
     _check_temperature(temperature)
@@ -156,7 +158,10 @@ def infonce_retrieval(q, pos, neg=None, *, temperature=0.02, in_batch_negatives=
         sims.append(_sim(q, pos))  # the diagonal is the positive itself, already in column 0
         valid.append(others)
         if keys is not None:
-            same.append((keys[1][None, :] == keys[1][:, None]) | (keys[1][None, :] == keys[0][:, None]))
+            # another copy of the positive, a positive equal to the query, or another positive
+            # of the same query (a query with several relevant passages, one row per pair)
+            same.append((keys[1][None, :] == keys[1][:, None]) | (keys[1][None, :] == keys[0][:, None])
+                        | (keys[0][None, :] == keys[0][:, None]))
     if hard_negatives and k > 0:
         if in_batch_negatives:
             sims.append(_sim(q, neg.reshape(n * k, d)))  # column c belongs to query c // k

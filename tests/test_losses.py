@@ -43,14 +43,14 @@ def _ref_infonce(anchors, positives, candidates_of, tau):
 
 def ref_retrieval(q, pos, neg, tau, in_batch, hard, qneg, margin, keys=None):
     """keys = (q_keys, pos_keys, neg_keys): candidates whose key equals the row's positive's
-    or the row's query's are left out."""
+    or the row's query's are left out, and so are the positives of rows with the same query."""
     n, k = q.shape[0], (0 if neg is None else neg.shape[1])
     qk, pk, nk = keys if keys is not None else (np.arange(n), -1 - np.arange(n), -100 - np.arange(n * k).reshape(n, k))
 
     def candidates_of(i, s_pos):
         c = []
         if in_batch:
-            c += [pos[j] for j in range(n) if j != i and pk[j] not in (pk[i], qk[i])]
+            c += [pos[j] for j in range(n) if j != i and pk[j] not in (pk[i], qk[i]) and qk[j] != qk[i]]
         if hard:
             c += [neg[j, l] for j in (range(n) if in_batch else [i]) for l in range(k)
                   if nk[j, l] not in (pk[i], qk[i])]
@@ -173,6 +173,25 @@ def test_retrieval_text_keys_count_left_out_candidates():
     assert float(metrics["duplicates"]) == 1.0 and float(metrics["accuracy"]) == 1.0 and float(loss) < 1e-6
     with pytest.raises(ValueError, match="neg_keys"):
         infonce_retrieval(q, pos, neg, q_keys=qk, pos_keys=pk, neg_keys=nk[:, :0])
+
+
+def test_retrieval_keeps_other_positives_of_the_same_query():
+    """A query with two relevant passages, one record per pair (SciFact-style): neither row
+    pushes the query away from its other positive; hard negatives of either row still count."""
+    rng = np.random.default_rng(5)
+    n, k, d = 4, 1, 8
+    q, pos, neg = _unit(rng, n, d), _unit(rng, n, d), _unit(rng, n, k, d)
+    qk, pk, nk = np.arange(n), np.arange(n) + 10, np.arange(n).reshape(n, k) + 20
+    q[1], qk[1] = q[0], qk[0]
+    loss, metrics = infonce_retrieval(q, pos, neg, q_keys=qk, pos_keys=pk, neg_keys=nk, query_negatives=False)
+    # rows 0 and 1 each leave out the other's positive, nothing else
+    assert float(metrics["duplicates"]) == 2 / n
+    by_hand = []
+    for i in range(n):
+        cands = [pos[j] for j in range(n) if j != i and not (i < 2 and j < 2)] + list(neg.reshape(n * k, d))
+        logits = np.array([q[i] @ pos[i]] + [q[i] @ c for c in cands], np.float64) / 0.02
+        by_hand.append(np.logaddexp.reduce(logits) - logits[0])
+    _close(loss, np.mean(by_hand))
 
 
 def test_retrieval_margin_masks_candidates():

@@ -86,8 +86,8 @@ class LossConfig:
     cosent_temperature: CoSENT tau_c (open in the paper; 0.05 is CoSENT's usual scale 20).
     The three switches select the retrieval denominator's parts; false_negative_margin
     drops candidates scoring above the positive + margin (None: off). mask_duplicate_texts
-    drops candidates whose input text is identical to the row's positive (or query), using
-    the batch's text keys (``q_keys``/``p_keys``, which the data pipeline always writes).
+    drops candidates whose input text is identical to the row's positive (or query), and
+    other rows' positives of the same query, using the batch's text keys (``q_keys``/``p_keys``, which the data pipeline always writes).
     """
 
     temperature: float = 0.02
