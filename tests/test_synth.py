@@ -675,6 +675,16 @@ def test_cli_dedup_and_decontaminate(tmp_path, capsys):
     assert cli.main(["synth", "decontaminate", "--task", "classification", "--input", str(oa), "--output", str(out),
                      "--against", str(ev)]) == 0
     assert read_out(out) == [{"text": "Good movie", "label": "pos"}]
+    assert cli.main(["synth", "decontaminate", "--task", "classification", "--input", str(oa), "--output", str(out),
+                     "--against", str(ev), "--workers", "2", "--overwrite"]) == 0
+    assert read_out(out) == [{"text": "Good movie", "label": "pos"}]
+    # an output that is a later input would be replaced before it is read; in place is fine
+    assert cli.main(["synth", "dedup", "--task", "classification", "--input", str(a), str(b),
+                     "--output", str(b), str(ob), "--overwrite"]) == 2
+    assert "also a later --input" in capsys.readouterr().err
+    assert cli.main(["synth", "dedup", "--task", "classification", "--input", str(oa), str(b),
+                     "--output", str(oa), str(ob), "--overwrite"]) == 0
+    assert len(read_out(oa)) == 2 and read_out(ob) == [{"text": "fine", "label": "pos"}]
 
 
 def test_decontaminate_real_chinese_data(shared_data):
@@ -688,7 +698,10 @@ def test_decontaminate_real_chinese_data(shared_data):
     shared = {i for i, r in enumerate(rows) if any(t.strip() in dev_sentences for t in [r["query"], *r["pos"], *r["neg"]])}
     listed = {int(x) for x in open(folder / "rows_overlapping_stsb_zh_dev_test.txt")}
     records = [RetrievalRecord(r["query"], tuple(r["pos"]), tuple(r["neg"])) for r in rows]
-    kept, stats = decontaminate(records, EvalIndex(eval_texts([str(p) for p in dev])))
+    index = EvalIndex(eval_texts([str(p) for p in dev]))
+    kept, stats = decontaminate(records, index)
+    in_workers, stats2 = decontaminate(records, index, workers=2)  # forked processes, chunks in flight
+    assert [id(r) for r in in_workers] == [id(r) for r in kept] and stats2 == stats
     kept_ids = {id(r) for r in kept}
     dropped = {i for i, r in enumerate(records) if id(r) not in kept_ids}
     assert len(shared) > 500 and shared <= dropped  # every exact overlap found

@@ -182,39 +182,51 @@ def cmd_score_filter(args: argparse.Namespace) -> int:
 
 
 def cmd_dedup(args: argparse.Namespace) -> int:
-    from qzhou_jax.synth.filters import dedup
-    from qzhou_jax.synth.runner import read_records
+    from qzhou_jax.synth.filters import Dedup
+    from qzhou_jax.synth.runner import iter_records
 
     if len(args.input) != len(args.output):
         raise ValueError(f"--output: one per --input ({len(args.input)} inputs, {len(args.output)} outputs)")
-    if len({os.path.abspath(p) for p in args.output}) != len(args.output):
+    outputs = [os.path.abspath(p) for p in args.output]
+    if len(set(outputs)) != len(outputs):
         raise ValueError("--output: the same file is named twice")
-    for path in args.output:
+    inputs = [os.path.abspath(p) for p in args.input]
+    for i, path in enumerate(args.output):
         check_output_path(path, args.overwrite)
+        if outputs[i] in inputs[i + 1:]:
+            raise ValueError(f"--output {path}: also a later --input, which would be replaced before it is read")
     fields = _fields(args, args.task)
-    datasets = []
-    for path in args.input:  # every input is read and checked before anything is written
+    d = Dedup()
+    # first pass: every input is read and checked before anything is written, and the positives
+    # of every query are collected; the second pass streams each input to its output
+    for path in args.input:
         errors = BadRecords(skip=args.skip_bad_records)
-        datasets.append(read_records(path, args.task, fields, errors))
+        d.scan(iter_records(path, args.task, fields, errors))
         errors.warn(path, log)
-    out, stats = dedup(datasets)
-    for path, records, s in zip(args.output, out, stats["datasets"]):
-        write_records(path, records, overwrite=args.overwrite)
+    for path, out in zip(args.input, args.output):
+        write_records(out, d.filter(iter_records(path, args.task, fields, BadRecords(skip=True))),
+                      overwrite=args.overwrite)
+    stats = d.summary()
+    for path, s in zip(args.output, stats["datasets"]):
         s["output"] = path
     _report("dedup", stats)
     return 0
 
 
 def cmd_decontaminate(args: argparse.Namespace) -> int:
-    from qzhou_jax.synth.filters import EvalIndex, decontaminate, eval_texts
+    from qzhou_jax.synth.filters import EvalIndex, decontaminated, eval_texts
+    from qzhou_jax.synth.runner import iter_records
 
     check_output_path(args.output, args.overwrite)
-    records = _read(args, args.task)
     index = EvalIndex(eval_texts(args.against, split=args.against_split), ngram=args.ngram, cjk_ngram=args.cjk_ngram)
     if not index.texts:
         raise ValueError(f"--against {' '.join(args.against)}: no texts found")
-    out, stats = decontaminate(records, index)
-    stats["written"] = write_records(args.output, out, overwrite=args.overwrite)
+    errors = BadRecords(skip=args.skip_bad_records)
+    records = iter_records(args.input, args.task, _fields(args, args.task), errors, split=args.split)
+    stats: dict[str, Any] = {}
+    stats["written"] = write_records(args.output, decontaminated(records, index, stats, workers=args.workers),
+                                     overwrite=args.overwrite)
+    errors.warn(args.input, log)
     _report(f"wrote {args.output}", stats)
     return 0
 
@@ -336,5 +348,7 @@ def add_synth_parser(subparsers: Any) -> argparse.ArgumentParser:
     c.add_argument("--ngram", type=int, default=13, help="shared run length in words (default 13)")
     c.add_argument("--cjk-ngram", type=int, default=26,
                    help="shared run length in characters for Chinese, Japanese, Korean text (default 26)")
+    c.add_argument("--workers", type=int, default=1,
+                   help="processes checking records (default 1; the input is streamed, memory stays flat)")
     c.set_defaults(func=cmd_decontaminate)
     return s

@@ -22,7 +22,7 @@ import array
 import hashlib
 import logging
 import os
-from collections import Counter
+from collections import Counter, deque
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -31,7 +31,7 @@ from qzhou_jax.data.jsonl import iter_jsonl
 from qzhou_jax.data.records import ClassificationRecord, PairRecord, Record, RetrievalRecord
 from qzhou_jax.synth import checks
 
-__all__ = ["dedup", "EvalIndex", "eval_texts", "decontaminate"]
+__all__ = ["Dedup", "dedup", "EvalIndex", "eval_texts", "decontaminated", "decontaminate"]
 
 log = logging.getLogger(__name__)
 
@@ -44,59 +44,80 @@ def _digest(*parts: str) -> bytes:
     return hashlib.blake2b("\x00".join(parts).encode("utf-8"), digest_size=16).digest()
 
 
-def _key(record: Record) -> tuple[str, bytes]:
+def _key(record: Record) -> bytes:
     if isinstance(record, RetrievalRecord):
-        return "r", _digest(checks.normalize(record.query), *sorted(checks.normalize(p) for p in record.pos))
+        return _digest("r", checks.normalize(record.query), *sorted(checks.normalize(p) for p in record.pos))
     if isinstance(record, PairRecord):
-        return "s", _digest(checks.normalize(record.text1), checks.normalize(record.text2), repr(record.score))
-    return "c", _digest(checks.normalize(record.text), record.label)
+        return _digest("s", checks.normalize(record.text1), checks.normalize(record.text2), repr(record.score))
+    return _digest("c", checks.normalize(record.text), record.label)
 
 
-def _clean_negatives(record: RetrievalRecord, positives: set[str]) -> tuple[RetrievalRecord, int]:
-    taken = {checks.normalize(record.query)} | positives
-    keep = []
-    for n in record.neg:
-        key = checks.normalize(n)
-        if key not in taken:
-            taken.add(key)
-            keep.append(n)
-    if len(keep) == len(record.neg):
-        return record, 0
-    return RetrievalRecord(record.query, record.pos, tuple(keep), record.instruction), len(record.neg) - len(keep)
+class Dedup:
+    """Global deduplication of several datasets in priority order, in two passes so that memory holds
+    16-byte digests, not records (11M records: about 1 GB): ``scan`` every dataset first (the
+    positives of every query, wherever they are listed), then ``filter`` each dataset in turn.
+    ``summary()`` has the counts per filtered dataset."""
+
+    def __init__(self):
+        self.query_positive: set[bytes] = set()  # digests of (normalized query, normalized positive)
+        self.seen: set[bytes] = set()
+        self.label_of: dict[bytes, str] = {}
+        self.relabelled: set[bytes] = set()
+        self.counts: list[Counter] = []
+
+    def scan(self, records: Iterable[Record]) -> None:
+        for r in records:
+            if isinstance(r, RetrievalRecord):
+                q = checks.normalize(r.query)
+                self.query_positive.update(_digest("qp", q, checks.normalize(p)) for p in r.pos)
+
+    def _clean_negatives(self, record: RetrievalRecord) -> tuple[RetrievalRecord, int]:
+        """Without negatives that repeat the query, an earlier negative, or a positive of the query."""
+        q = checks.normalize(record.query)
+        taken = {q}
+        keep = []
+        for n in record.neg:
+            key = checks.normalize(n)
+            if key not in taken and _digest("qp", q, key) not in self.query_positive:
+                taken.add(key)
+                keep.append(n)
+        if len(keep) == len(record.neg):
+            return record, 0
+        return RetrievalRecord(record.query, record.pos, tuple(keep), record.instruction), len(record.neg) - len(keep)
+
+    def filter(self, records: Iterable[Record]) -> Iterator[Record]:
+        """The records of one dataset not seen earlier in it or in a dataset filtered before."""
+        c = Counter()
+        self.counts.append(c)
+        for r in records:
+            c["read"] += 1
+            key = _key(r)
+            if key in self.seen:
+                c["duplicates"] += 1
+                continue
+            self.seen.add(key)
+            if isinstance(r, RetrievalRecord):
+                r, n = self._clean_negatives(r)
+                c["negatives_dropped"] += n
+            elif isinstance(r, ClassificationRecord):
+                text = _digest(checks.normalize(r.text))
+                if self.label_of.setdefault(text, r.label) != r.label:
+                    self.relabelled.add(text)
+            c["written"] += 1
+            yield r
+
+    def summary(self) -> dict[str, Any]:
+        return {"datasets": [dict(c) for c in self.counts], "texts_with_several_labels": len(self.relabelled)}
 
 
 def dedup(datasets: Sequence[Iterable[Record]]) -> tuple[list[list[Record]], dict[str, Any]]:
     """Each dataset without the records seen earlier in it or in an earlier dataset. Counts per dataset."""
     datasets = [list(d) for d in datasets]
-    positives_of: dict[str, set[str]] = {}  # normalized query -> normalized positives, over every dataset
+    d = Dedup()
     for records in datasets:
-        for r in records:
-            if isinstance(r, RetrievalRecord):
-                positives_of.setdefault(checks.normalize(r.query), set()).update(checks.normalize(p) for p in r.pos)
-    seen: set[tuple] = set()
-    labels: dict[bytes, set[str]] = {}
-    out, per = [], []
-    for records in datasets:
-        kept: list[Record] = []
-        c = Counter()
-        for r in records:
-            c["read"] += 1
-            key = _key(r)
-            if key in seen:
-                c["duplicates"] += 1
-                continue
-            seen.add(key)
-            if isinstance(r, RetrievalRecord):
-                r, n = _clean_negatives(r, positives_of[checks.normalize(r.query)])
-                c["negatives_dropped"] += n
-            elif isinstance(r, ClassificationRecord):
-                labels.setdefault(_digest(checks.normalize(r.text)), set()).add(r.label)
-            kept.append(r)
-        c["written"] = len(kept)
-        out.append(kept)
-        per.append(dict(c))
-    conflicts = sum(1 for v in labels.values() if len(v) > 1)
-    return out, {"datasets": per, "texts_with_several_labels": conflicts}
+        d.scan(records)
+    out = [list(d.filter(records)) for records in datasets]
+    return out, d.summary()
 
 
 def _strings(obj: Any) -> Iterator[str]:
@@ -231,21 +252,86 @@ def _fields(record: Record) -> Iterator[tuple[str, str]]:
         yield "text", record.text
 
 
-def decontaminate(records: Iterable[Record], index: EvalIndex) -> tuple[list[Record], dict[str, Any]]:
-    """The records none of whose texts is close to an evaluation text; counts by the field that hit."""
-    kept: list[Record] = []
-    hits: Counter = Counter()
-    n = 0
+def _first_hit(record: Record, index: EvalIndex) -> str | None:
+    """The name of the record's first field close to an evaluation text, or None."""
+    return next((name for name, text in _fields(record) if index.hit(text)), None)
+
+
+_WORKER_INDEX: EvalIndex | None = None  # the index forked worker processes inherit
+
+
+def _hits_of_chunk(chunk: list[Record]) -> list[str | None]:
+    return [_first_hit(r, _WORKER_INDEX) for r in chunk]
+
+
+def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+    chunk: list[Record] = []
     for r in records:
+        chunk.append(r)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _hits(records: Iterable[Record], index: EvalIndex, workers: int,
+          chunk_size: int) -> Iterator[tuple[Record, str | None]]:
+    """(record, first hit or None) in input order; with ``workers > 1``, checked by forked processes a
+    chunk at a time, at most 2 chunks per worker in flight (memory stays bounded on any input size).
+    Fork, not spawn: the workers share the parent's index and its str hashes (Python salts ``hash``
+    per process)."""
+    if workers <= 1:
+        for r in records:
+            yield r, _first_hit(r, index)
+        return
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        raise ValueError("--workers > 1 needs the fork start method (Linux or macOS); use --workers 1")
+    global _WORKER_INDEX
+    _WORKER_INDEX = index
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            pending: deque = deque()
+            for chunk in _chunks(records, chunk_size):
+                pending.append((chunk, pool.apply_async(_hits_of_chunk, (chunk,))))
+                while len(pending) >= 2 * workers:
+                    done, result = pending.popleft()
+                    yield from zip(done, result.get())
+            while pending:
+                done, result = pending.popleft()
+                yield from zip(done, result.get())
+    finally:
+        _WORKER_INDEX = None
+
+
+def decontaminated(records: Iterable[Record], index: EvalIndex, stats: dict[str, Any], workers: int = 1,
+                   chunk_size: int = 256) -> Iterator[Record]:
+    """The records none of whose texts is close to an evaluation text, streamed in input order;
+    ``stats`` gets the counts (by the field that hit) when the stream is exhausted."""
+    if workers < 1:
+        raise ValueError(f"--workers: expected at least 1, got {workers}")
+    hits: Counter = Counter()
+    n = kept = 0
+    stats.update(read=0, dropped=0, dropped_by_field={}, eval_texts=index.texts, ngram=index.ngram,
+                 cjk_ngram=index.cjk_ngram)
+    for record, field in _hits(records, index, workers, chunk_size):
         n += 1
-        field = next((name for name, text in _fields(r) if index.hit(text)), None)
         if field is None:
-            kept.append(r)
+            kept += 1
+            yield record
         else:
             hits[field] += 1
+    stats.update(read=n, dropped=n - kept, dropped_by_field=dict(hits))
     if n and not kept:
         log.warning("decontaminate: every record was dropped: is the training data the evaluation data, "
                     "or do both come from one corpus (for a BEIR folder, only the --against-split queries "
                     "and their relevant documents count)?")
-    return kept, {"read": n, "dropped": n - len(kept), "dropped_by_field": dict(hits), "eval_texts": index.texts,
-                  "ngram": index.ngram, "cjk_ngram": index.cjk_ngram}
+
+
+def decontaminate(records: Iterable[Record], index: EvalIndex, workers: int = 1) -> tuple[list[Record], dict[str, Any]]:
+    """``decontaminated`` as a list, with its counts."""
+    stats: dict[str, Any] = {}
+    kept = list(decontaminated(records, index, stats, workers))
+    return kept, stats

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from qzhou_jax.data.records import (BadRecords, PairRecord, Record, RetrievalRecord, check_output_path, iter_rows,
                                     parse_record, write_records)
@@ -32,7 +32,7 @@ from qzhou_jax.synth import checks
 from qzhou_jax.synth.jobs import Job, parse_reply
 from qzhou_jax.synth.llm import LLM, LLMError
 
-__all__ = ["SynthesisStopped", "read_records", "synthesize", "share_selector", "record_texts", "file_sha256"]
+__all__ = ["SynthesisStopped", "iter_records", "read_records", "synthesize", "share_selector", "record_texts", "file_sha256"]
 
 log = logging.getLogger(__name__)
 HEADER_KEY = "qzhou_jax_synth"
@@ -48,10 +48,11 @@ class SynthesisStopped(RuntimeError):
         self.interrupted = interrupted
 
 
-def read_records(path: str, family: str, fields: Mapping[str, str] | None = None,
-                 errors: BadRecords | None = None, split: str = "train") -> list[Record]:
-    """Every record of a JSONL record file (our format, or ``fields`` mapping our names to the file's),
-    or of a BEIR folder (retrieval: one record per query with its relevant documents, for ``split``)."""
+def iter_records(path: str, family: str, fields: Mapping[str, str] | None = None,
+                 errors: BadRecords | None = None, split: str = "train") -> Iterator[Record]:
+    """The records of a JSONL record file (our format, or ``fields`` mapping our names to the file's),
+    or of a BEIR folder (retrieval: one record per query with its relevant documents, for ``split``),
+    one at a time; raises at the end when there were none."""
     if os.path.isdir(path):
         from qzhou_jax.data.beir import BeirSource
 
@@ -60,17 +61,27 @@ def read_records(path: str, family: str, fields: Mapping[str, str] | None = None
         if fields:
             raise ValueError(f"{path}: --fields does not apply to BEIR folders")
         source = BeirSource(path, split=split)
-        return [source[i] for i in range(len(source))]
+        for i in range(len(source)):
+            yield source[i]
+        return
     errors = errors or BadRecords()
-    out = []
+    n = 0
     for where, obj in iter_rows(path, errors):
         try:
-            out.append(parse_record(obj, family, fields, where))
+            record = parse_record(obj, family, fields, where)
         except ValueError as e:
             errors.handle(e)
-    if not out:
+            continue
+        n += 1
+        yield record
+    if not n:
         raise ValueError(f"{path}: no {family} records")
-    return out
+
+
+def read_records(path: str, family: str, fields: Mapping[str, str] | None = None,
+                 errors: BadRecords | None = None, split: str = "train") -> list[Record]:
+    """Every record of ``path`` (see ``iter_records``), as a list."""
+    return list(iter_records(path, family, fields, errors, split))
 
 
 def record_texts(record: Record) -> tuple[str, ...]:
