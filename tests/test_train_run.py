@@ -6,14 +6,13 @@ import json
 import os
 import signal
 
-import jax
 import numpy as np
 import pytest
 
 from qzhou_jax.cli import main as cli_main
 from qzhou_jax.config import ConfigError
 from qzhou_jax.data.pipeline import TrainData
-from qzhou_jax.data.sampler import BatchPlan, DatasetEntry, mixture_probabilities
+from qzhou_jax.data.sampler import BatchPlan, DatasetEntry
 from qzhou_jax.train.config import load_run_config
 from qzhou_jax.train.loop import train
 
