@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+    except (ValueError, OSError) as e:  # bad input, a missing file, a folder that cannot be written
         print(f"qzhou-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

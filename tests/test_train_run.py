@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -99,6 +100,8 @@ def test_sigterm_outside_the_steps_ends_preempted_and_resumes(tmp_path, monkeypa
     first = train(load_run_config(data=data))
     assert first.status == "preempted" and first.step == 0 and len(first.evals["before"]) == 1
     assert not [d for d in os.listdir(first.checkpoint_dir) if d.isdigit()]
+    metrics = tmp_path / "metrics.jsonl"  # the cut-short evaluation is not logged as step 0's
+    assert not metrics.exists() or "eval/" not in metrics.read_text()
     no_before = load_run_config(data=data, overrides=["eval.before=false"])
     second = train(no_before, resume=True, hooks=[sigterm_at(4)])
     assert second.status == "preempted" and second.step == 4 and "after" not in second.evals
@@ -151,6 +154,27 @@ def test_resume_on_another_mesh_and_worker_count(tmp_path, uninterrupted, caplog
     for s, v in losses(second).items():
         np.testing.assert_allclose(v, full[s], rtol=2e-5, err_msg=f"step {s}")
     assert [h["dataset"] for h in second.history] == [h["dataset"] for h in uninterrupted.history[4:]]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax, after the failed restore
+def test_resume_falls_back_from_an_unreadable_checkpoint(tmp_path, uninterrupted, caplog):
+    """A newest step folder damaged after its commit (a lost file on a network mount): the resume
+    takes the previous step, renames the damaged folder out of the way and reproduces the run. A
+    config that fails every step (another model shape) raises, naming the step, and renames nothing."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted.out_dir, out)
+    ckpt = out / "checkpoints"
+    assert {"4", "8"} <= set(os.listdir(ckpt))
+    other_model = load_run_config(data=run_dict(out), overrides=["model.num_hidden_layers=3"])
+    with pytest.raises(ValueError, match=r"checkpoints/8: checkpoint 8 could not be restored.*model and optimizer"):
+        train(other_model, resume=True)
+    assert {"4", "8"} <= set(os.listdir(ckpt)) and "8.unreadable" not in os.listdir(ckpt)
+    (ckpt / "8" / "data" / "metadata").unlink()
+    with caplog.at_level("WARNING"):
+        resumed = train(load_run_config(data=run_dict(out)), resume=True)
+    assert "checkpoints/8: unreadable (FileNotFoundError" in caplog.text and "resuming from step 4" in caplog.text
+    assert (ckpt / "8.unreadable").is_dir() and (ckpt / "8").is_dir()  # the rerun saved step 8 again
+    assert resumed.status == "completed" and losses(resumed) == {s: v for s, v in losses(uninterrupted).items() if s >= 4}
 
 
 def test_existing_checkpoints_need_resume(tmp_path, uninterrupted):
@@ -339,3 +363,64 @@ def test_train_command_and_stage2_init_from(tmp_path):
     # stage 2 starts from stage 1's parameters, whether given as its checkpoints or its export
     np.testing.assert_allclose(firsts["ckpt"], firsts["hf"], rtol=1e-5)
     assert abs(firsts["ckpt"] - firsts["random"]) > 1e-4
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_exits_75(tmp_path):
+    """Slurm's --signal and a VM shutdown signal every process of the job, grain's loader
+    workers included. A worker killed while handing over a batch left the trainer blocked
+    forever in the loader's shutdown, after its checkpoint but before exit 75 (no requeue)."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    raw = run_dict(tmp_path / "run", steps=400, workers=2)
+    raw["checkpoint"] = {"every": 1000, "keep": 2}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log = open(tmp_path / "train.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "qzhou_jax.cli", "train", "--config", str(tmp_path / "run.yaml")],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and metrics.read_text().count("train/loss") >= 3:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its loader workers alike
+        rc = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert rc == 75, (tmp_path / "train.log").read_text()[-3000:]
+    assert [d for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit()]
+
+
+def test_loader_workers_leave_sigterm_to_the_trainer():
+    """The deterministic half of the test above: grain's worker processes survive a SIGTERM (the
+    trainer stops them), and the iterator goes on and closes."""
+    import multiprocessing
+    import time
+
+    from qzhou_jax.data.pipeline import close_iterator
+    from qzhou_jax.tokenizer import Tokenizer
+    from qzhou_jax.train.loop import tokenizer_path
+
+    cfg = load_run_config(data=run_dict("/tmp/unused", steps=40, workers=2))
+    data = TrainData.from_config(cfg, Tokenizer(tokenizer_path(cfg), max_length=32), 0, 1)
+    before = set(multiprocessing.active_children())
+    it = data.iterator(0)
+    assert next(it).step == 0
+    workers = [p for p in multiprocessing.active_children() if p not in before]
+    assert workers
+    for p in workers:
+        os.kill(p.pid, signal.SIGTERM)
+    time.sleep(1.0)
+    assert all(p.is_alive() for p in workers)
+    assert [next(it).step for _ in range(3)] == [1, 2, 3]
+    close_iterator(it, timeout=60)
+    assert not any(p.is_alive() for p in workers)

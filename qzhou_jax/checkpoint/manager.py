@@ -98,6 +98,56 @@ class RunCheckpoints:
         state = type(target)(**restored["state"])
         return state, dict(restored["data"]), step
 
+    def restore_newest_readable(self, target: Any) -> tuple[Any, dict, int]:
+        """``restore`` of the newest checkpoint that reads.
+
+        A step folder damaged after it was committed (a non-atomic rename on a gcsfuse/NFS mount, a
+        lost file) makes the restore raise. A single process then tries the older steps, newest first;
+        once one reads, the newer unreadable folders are renamed ``<step>.unreadable`` (kept for
+        inspection, out of Orbax's way) and a warning names each. When no step reads, nothing is
+        renamed and the newest step's error is raised (a changed model config fails every step alike).
+        Several processes do not fall back (they would have to agree on the step): the error names the
+        folder to move aside."""
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint to resume from")
+        failed: list[tuple[int, str]] = []
+        for step in steps:
+            try:
+                restored = self.restore(target, step)
+            except Exception as e:  # Orbax / TensorStore raise many types; any means "unreadable"
+                reason = _first_line(e)
+                if jax.process_count() > 1 or step == steps[-1]:
+                    path = os.path.join(self.directory, str(steps[0]))
+                    hint = (f"; if its files are damaged, move it aside (mv {path} {path}.unreadable) on the "
+                            "shared storage and resume from the previous step" if len(steps) > 1 else "")
+                    first = failed[0][1] if failed else reason
+                    raise ValueError(f"{path}: checkpoint {steps[0]} could not be restored: {first} (does the "
+                                     f"model and optimizer config match the checkpoint's?){hint}") from e
+                failed.append((step, reason))
+                log.warning("%s/%d: checkpoint unreadable (%s); trying the previous one", self.directory, step,
+                            reason)
+                self._reopen()
+                continue
+            for bad, reason in failed:
+                path = os.path.join(self.directory, str(bad))
+                os.replace(path, f"{path}.unreadable")
+                log.warning("%s: unreadable (%s), renamed %s.unreadable; resuming from step %d", path, reason,
+                            path, step)
+            if failed:
+                self._reopen()  # the manager's list of steps
+            return restored
+        raise AssertionError("unreachable")
+
+    def _reopen(self) -> None:
+        """A fresh manager on the same folder (after a failed restore, or steps moved aside)."""
+        options = self.manager._options  # noqa: SLF001 (the same options as at construction)
+        try:
+            self.manager.close()
+        except Exception:  # a manager whose restore failed may not close cleanly
+            pass
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
     def reached_preemption(self, step: int) -> bool:
         """Whether a preemption notice reached this job (multi-process: all processes agree
         on the step, through JAX's coordination service). Call it only in multi-process
@@ -110,6 +160,13 @@ class RunCheckpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    """The start of an error's message (TensorStore's run to pages)."""
+    text = (str(error).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0]
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _changes(before: Any, after: Any, prefix: str = "") -> list[str]:

@@ -16,7 +16,10 @@ keeps byte offsets, so a host reads only its records' lines). The train step tur
 host-local slices into global arrays (`jax.make_array_from_process_local_data`).
 
 grain runs the loading: `workers` > 0 builds batches in that many worker processes,
-`prefetch` batches are prepared ahead by threads.
+`prefetch` batches are prepared ahead by threads. Worker processes ignore SIGTERM and SIGINT:
+a preemption signals the whole process group, and a worker killed in the middle of handing
+over a batch would leave the trainer blocked on a half-written queue message when it closes
+the loader; the trainer stops them itself (``close_iterator``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,29 @@ class Item:
     task: str
     dataset: str
     batch: dict[str, np.ndarray]
+
+
+def _worker_ignores_stop_signals(worker_index: int, worker_count: int) -> None:
+    """grain worker init: leave SIGTERM / SIGINT to the trainer, which stops the workers."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def close_iterator(it: Iterator[Any], timeout: float = 60.0) -> None:
+    """Stop a loader iterator's worker processes, waiting at most ``timeout`` seconds (a worker
+    killed from outside can leave grain's shutdown blocked; the run must still end)."""
+    close = getattr(it, "close", None)
+    if close is None:
+        return
+    import threading
+
+    t = threading.Thread(target=close, name="close-data-loader", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        log.warning("the data loader's worker processes did not stop within %.0f s; leaving them", timeout)
 
 
 class DataStateError(ValueError):
@@ -83,9 +109,12 @@ class TrainData:
             process_index, process_count = jax.process_index(), jax.process_count()
         data = run_cfg.data
         sources, specs, weights = [], [], []
-        for ds in data.datasets:
+        for i, ds in enumerate(data.datasets):
             r = data.resolved(ds)
-            sources.append(open_source(ds.source_spec(data.skip_bad_records)))
+            try:
+                sources.append(open_source(ds.source_spec(data.skip_bad_records)))
+            except FileNotFoundError as e:  # name the config key too, as every other config error does
+                raise FileNotFoundError(f"data.datasets[{i}] ({ds.name}): {e}") from None
             specs.append(BatchSpec(ds.task, r["batch_size"], r["hard_negatives"], r["query_max_length"],
                                    r["passage_max_length"], ds.instruction, ds.is_symmetric))
             weights.append(ds.weight)
@@ -128,7 +157,8 @@ class TrainData:
 
             if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
                 flags.FLAGS.mark_as_parsed()
-            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers),
+                                worker_init_fn=_worker_ignores_stop_signals)
         return iter(it)
 
     # ----------------------------------------------------------------- state

@@ -35,6 +35,7 @@ import dataclasses
 import logging
 import os
 import signal
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -129,6 +130,16 @@ def _evaluate(cfg: RunConfig, params: Any, tokenizer_dir: str, mesh: Any,
     return evaluate(specs, encoder, should_stop=(lambda: preempt.flag) if preempt is not None else None)
 
 
+def _log_eval(logger: MetricsLog, step: int, results: Mapping[str, Any], preempt: _Preemption) -> None:
+    """Log an evaluation's main scores, unless SIGTERM cut it short (a partial row would read as
+    the evaluation of that step; the rerun evaluates again where it can)."""
+    if preempt.flag:
+        log.warning("the evaluation at step %d was cut short by SIGTERM after %d task(s); not logged", step,
+                    len(results))
+        return
+    logger.write(step, main_scores(results), prefix="eval")
+
+
 def main_scores(results: Mapping[str, Any]) -> dict[str, float]:
     return {name: float(r["main_score"]) for name, r in results.items() if "main_score" in r}
 
@@ -167,12 +178,23 @@ def train(cfg: RunConfig, resume: bool = False, *, hooks: Sequence[Callable[[int
         return _run(cfg, resume, hooks, stop_after, preempt, t_start)
 
 
+def _check_writable(path: str, what: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot write there ({e.strerror or e})") from None
+
+
 def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], None]], stop_after: int | None,
          preempt: _Preemption, t_start: float) -> RunResult:
-    from qzhou_jax.data.pipeline import TrainData
+    from qzhou_jax.data.pipeline import TrainData, close_iterator
 
     model_cfg = cfg.model_config
     out_dir = cfg.output_dir
+    for what, path in (("out_dir", out_dir), ("checkpoint.dir", cfg.checkpoint_dir)):
+        _check_writable(path, what)  # before indexing the datasets, which can take minutes
     tok_dir = tokenizer_path(cfg)
     tokenizer = Tokenizer(tok_dir, max_length=max(max(s["query_max_length"], s["passage_max_length"])
                                                    for s in map(cfg.data.resolved, cfg.data.datasets)))
@@ -203,7 +225,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
     if resume and ckpts.latest_step() is not None:
         tx = make_optimizer(cfg.train)
         target = abstract_train_state(model_cfg, tx, train_state_shardings(model_cfg, tx, mesh))
-        state, data_state, saved = ckpts.restore(target)
+        state, data_state, saved = ckpts.restore_newest_readable(target)
         start_step = data.check_state(data_state)
         if int(state.step) != start_step:
             raise ValueError(f"{ckpts.directory}/{saved}: train state at step {int(state.step)} but data at "
@@ -226,7 +248,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
                      "p=%(probability).3f", row)
     if cfg.eval.tasks and cfg.eval.before and start_step == 0:
         result.evals["before"] = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt)
-        logger.write(0, main_scores(result.evals["before"]), prefix="eval")
+        _log_eval(logger, 0, result.evals["before"], preempt)
 
     peak = peak_flops(jax.devices()[0], cfg.log.peak_tflops)
     n_dev = jax.device_count()
@@ -282,8 +304,9 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
     if preempt.flag:  # SIGTERM before the first step: nothing new to save
         result.status = "preempted"
         log.warning("preempted before the first step; rerun with --resume")
+    batches = iter(()) if preempt.flag else data.iterator(start_step)
     try:
-        for item in () if preempt.flag else data.iterator(start_step):
+        for item in batches:
             step = item.step
             batch = trainer.prepare(item.batch, item.task)
             trainer.state, metrics = trainer.step_fn(item.task)(trainer.state, batch)
@@ -301,7 +324,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
                 flush()
                 res = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt)
                 result.evals[f"step_{done}"] = res
-                logger.write(done, main_scores(res), prefix="eval")
+                _log_eval(logger, done, res, preempt)
             result.step = done
             stop = ckpts.reached_preemption(done) if multi else preempt.flag
             if stop and cfg.checkpoint.save_on_preemption:
@@ -323,6 +346,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
         if result.status == "completed":
             save(result.step, force=True)
     finally:
+        close_iterator(batches)
         if progress is not None:
             progress.close()
         ckpts.close()
@@ -333,7 +357,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
     if result.status == "completed":
         if cfg.eval.tasks and not preempt.flag:
             result.evals["after"] = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt)
-            logger.write(result.step, main_scores(result.evals["after"]), prefix="eval")
+            _log_eval(logger, result.step, result.evals["after"], preempt)
         if cfg.export_hf and not preempt.flag:
             result.hf_dir = _export(cfg, trainer, tok_dir)
         if preempt.flag:  # the last checkpoint is written: a rerun with --resume evaluates and exports
