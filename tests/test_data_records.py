@@ -138,7 +138,7 @@ def test_last_line_without_newline_crlf_and_bom(tmp_path):
 
 
 BAD_LINES = [  # (line, field named in the message or None, words in the message)
-    ('{"text1": "a", "text2": "b", "score": 1', None, "not valid JSON"),
+    ('{"text1": "a", "text2": "b", "score": 1', None, "not valid JSON (Expecting ',' delimiter at column 40)"),
     ('{"text1": "a", "score": 1}', "text2", "missing"),
     ('{"text1": "", "text2": "b", "score": 1}', "text1", "empty text"),
     ('{"text1": "a", "text2": "b", "score": "high"}', "score", "not a number"),

@@ -52,6 +52,10 @@ def test_nli_integer_conventions():
     assert clue == [1.0, 2.0, 0.0]  # 0 neutral, 1 entailment, 2 contradiction
     assert [r.score for r in nli_to_scored_pairs([{"premise": "p", "hypothesis": "h", "label": "1"}],
                                                  int_labels="snli", both_directions=False)] == [1.0]
+    floats = [{"premise": "p", "hypothesis": "h", "label": k} for k in (0.0, 2.0)]  # a float-typed label column
+    assert [r.score for r in nli_to_scored_pairs(floats, int_labels="snli", both_directions=False)] == [2.0, 0.0]
+    with pytest.raises(RecordError, match="unknown NLI label 1.5"):
+        list(nli_to_scored_pairs([{"premise": "p", "hypothesis": "h", "label": 1.5}], int_labels="snli"))
     with pytest.raises(RecordError, match="row 1: field 'label': integer label 0 is ambiguous"):
         list(nli_to_scored_pairs(rows))
     with pytest.raises(ValueError, match="int_labels must be one of"):
@@ -59,7 +63,7 @@ def test_nli_integer_conventions():
 
 
 @pytest.mark.parametrize("label,what", [("maybe", "unknown NLI label 'maybe'"), ("-", "no gold label"),
-                                        (-1, "no gold label"), (3, "unknown NLI label 3")])
+                                        (-1, "no gold label"), (-1.0, "no gold label"), (3, "unknown NLI label 3")])
 def test_nli_bad_labels(tmp_path, label, what):
     path = write_jsonl(tmp_path / "nli.jsonl", [{"premise": "p", "hypothesis": "h", "label": "neutral"},
                                                 {"premise": "p", "hypothesis": "h", "label": label}])
@@ -133,6 +137,11 @@ def test_conversation_to_retrieval():
     out = list(conversation_to_retrieval([openai, sharegpt]))
     assert out == [RetrievalRecord("hi?", ("hello",)), RetrievalRecord("2+2?", ("4",)), RetrievalRecord("q", ("a",))]
     assert len(list(conversation_to_retrieval([openai], first_turn_only=True))) == 1
+    tools = {"messages": [{"role": "user", "content": "weather in Paris?"},
+                          {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
+                          {"role": "tool", "tool_call_id": "1", "content": "{\"temp\": 21}"},
+                          {"role": "assistant", "content": "It is 21 degrees."}]}
+    assert list(conversation_to_retrieval([tools])) == [RetrievalRecord("weather in Paris?", ("It is 21 degrees.",))]
     bad = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}
     with pytest.raises(RecordError, match="row 1: field 'messages': item 1: whitespace-only text"):
         list(conversation_to_retrieval([bad]))
@@ -156,6 +165,28 @@ def test_reading_comprehension_to_retrieval():
     unanswerable = {"context": "C", "question": "Q", "answer": {"text": [], "answer_start": []}}
     assert list(reading_comprehension_to_retrieval([unanswerable], errors=errors)) == []
     assert errors.count == 1 and "field 'answer': no answer" in errors.examples[0]
+
+
+def test_reading_comprehension_cuts_long_contexts_around_the_answer():
+    """A context past the query token limit would lose the prompt and the question in training;
+    max_context_chars keeps a window around the answer (SQuAD's answer_start when it points at
+    the answer, else its first occurrence), and the beginning when the answer is not there."""
+    context = "".join(f"第{i}句话。" for i in range(100)) + "答案在这里。" + "".join(f"后{i}。" for i in range(100))
+    rows = [{"context": context, "question": "答案在哪里？", "answer": "答案在这里"},
+            {"context": "x" * 500 + "ANSWER" + "y" * 500 + "ANSWER", "question": "Q",
+             "answer": {"text": ["ANSWER"], "answer_start": [1006]}},
+            {"context": "z" * 500, "question": "Q", "answer": "not in it"},
+            {"context": "short", "question": "Q", "answer": "s"}]
+    stats = {}
+    out = list(reading_comprehension_to_retrieval(rows, max_context_chars=50, stats=stats))
+    first = out[0].query
+    assert first.endswith(RC_PROMPT + "答案在哪里？") and "答案在这里" in first
+    assert len(first) == 50 + len(RC_PROMPT + "答案在哪里？")
+    assert out[1].query == "y" * 44 + "ANSWER" + RC_PROMPT + "Q"  # the occurrence answer_start names
+    assert out[2].query == "z" * 50 + RC_PROMPT + "Q" and out[3].query == "short" + RC_PROMPT + "Q"
+    assert stats == {"contexts_cut": 3, "answer_outside_window": 1}
+    with pytest.raises(ValueError, match="max_context_chars"):
+        list(reading_comprehension_to_retrieval(rows, max_context_chars=0))
 
 
 def test_claim_evidence_to_retrieval():

@@ -266,6 +266,31 @@ def test_random_negatives_are_never_the_rows_own_positives():
         builder._texts(0, [0], 0)  # every other record's positive is its own
 
 
+def test_classification_batches_never_pair_a_text_with_itself():
+    """Noisy classification data: a (text, label) row repeated, and one text filed under two
+    labels. Positives always differ from the anchor's text, negatives never are the anchor's
+    text and are distinct; the repeated row is left out (as anchor and as candidate)."""
+    from qzhou_jax.data.batches import BatchBuilder, BatchSpec
+    from qzhou_jax.data.records import ClassificationRecord
+    from qzhou_jax.data.sources import ListSource
+    from qzhou_jax.tokenizer import Tokenizer
+
+    tok = Tokenizer(os.path.join(os.path.dirname(__import__("qzhou_jax").__file__), "assets", "tokenizer"))
+    records = [ClassificationRecord("dup", "A"), ClassificationRecord("dup", "A"), ClassificationRecord("a2", "A"),
+               ClassificationRecord("both", "A"), ClassificationRecord("both", "B"), ClassificationRecord("b1", "B"),
+               ClassificationRecord("b2", "B"), ClassificationRecord("c1", "C"), ClassificationRecord("c2", "C")]
+    spec = BatchSpec("classification", batch_size=8, hard_negatives=3, query_max_length=16, passage_max_length=16)
+    builder = BatchBuilder(ListSource(records, name="noisy"), spec, tok, seed=0)
+    assert builder.labels.duplicates == 1 and builder.size == 8 and 1 not in builder.labels.anchors
+    for step in range(50):
+        q_texts, p_texts, extra = builder._texts(step, range(8), 0)
+        for r, anchor in enumerate(q_texts):
+            pos, negs = p_texts[4 * r], p_texts[4 * r + 1:4 * r + 4]
+            assert pos != anchor and anchor not in negs and len(set(negs)) == 3, (step, anchor, pos, negs)
+            assert extra["p_labels"][4 * r] == extra["q_labels"][r]
+            assert extra["q_labels"][r] not in extra["p_labels"][4 * r + 1:4 * r + 4]
+
+
 def test_retrieval_batches_carry_keys_of_their_texts():
     from qzhou_jax.data.batches import BatchBuilder, BatchSpec, sequence_keys
     from qzhou_jax.data.records import RetrievalRecord
@@ -324,6 +349,20 @@ def test_config_errors_name_the_key_before_any_device_work(tmp_path, monkeypatch
         with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
             load_run_config(path)
         assert cli_main(["train", "--config", str(path)]) == 2
+
+
+def test_unwritable_out_dir_and_missing_dataset_name_the_key(tmp_path, capsys):
+    import yaml
+
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(run_dict(tmp_path / "afile" / "run", steps=2)))
+    assert cli_main(["train", "--config", str(tmp_path / "a.yaml")]) == 2
+    assert f"out_dir {tmp_path}/afile/run: cannot write there ({tmp_path}/afile is a file" in capsys.readouterr().err
+    raw = run_dict(tmp_path / "run", steps=2)
+    raw["data"]["datasets"][1]["path"] = str(tmp_path / "nope.jsonl")
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(raw))
+    assert cli_main(["train", "--config", str(tmp_path / "b.yaml")]) == 2
+    assert f"data.datasets[1] (sts): {tmp_path}/nope.jsonl: no such file" in capsys.readouterr().err
 
 
 def test_bad_record_stops_with_file_line_or_is_skipped(tmp_path, capsys):

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from qzhou_jax.data.sampler import row_rng
+from qzhou_jax.data.sources import text_key
 from qzhou_jax.tokenizer import Tokenizer, format_prompt
 
 
@@ -51,21 +52,34 @@ class BatchSpec:
 
 class LabelIndex:
     """Records grouped by label, for drawing positives (same label) and negatives (others).
-    Anchors are the records whose label has at least two texts."""
 
-    def __init__(self, labels: np.ndarray, name: str):
-        self.labels = np.asarray(labels, np.int64)
-        order = np.argsort(self.labels, kind="stable")
+    With ``text_keys`` (one key per record, equal for equal texts), a text counts once per label:
+    a repeated (text, label) row is left out, so no anchor is its own positive; negatives are
+    distinct texts, never the anchor's own text (one text filed under two labels in noisy data).
+    Anchors are the kept records whose label has at least two distinct texts."""
+
+    NEGATIVE_TRIES = 64
+
+    def __init__(self, labels: np.ndarray, name: str, text_keys: np.ndarray | None = None):
+        self.labels, self.name = np.asarray(labels, np.int64), name
+        n = len(self.labels)
+        self.keys = np.arange(n, dtype=np.int64) if text_keys is None else np.asarray(text_keys, np.int64)
+        if self.keys.shape != (n,):
+            raise ValueError(f"dataset {name!r}: {len(self.keys)} text keys for {n} records")
+        # the first record of each distinct (label, text), in record order
+        pairs = np.stack([self.labels, self.keys], axis=1)
+        self.kept = np.sort(np.unique(pairs, axis=0, return_index=True)[1]) if n else np.zeros(0, np.int64)
+        self.duplicates = int(n - len(self.kept))
+        order = self.kept[np.argsort(self.labels[self.kept], kind="stable")]
         uniq, starts, counts = np.unique(self.labels[order], return_index=True, return_counts=True)
         self.members = {int(u): order[s:s + c] for u, s, c in zip(uniq, starts, counts)}
         if len(uniq) < 2:
             raise ValueError(f"dataset {name!r}: classification needs at least two labels, found {len(uniq)}")
-        keep = counts[np.searchsorted(uniq, self.labels)] >= 2
-        self.anchors = np.nonzero(keep)[0]
+        self.anchors = self.kept[counts[np.searchsorted(uniq, self.labels[self.kept])] >= 2]
         if len(self.anchors) == 0:
-            raise ValueError(f"dataset {name!r}: no label has two texts (a positive needs another text of "
-                             "the same label)")
-        self.dropped = int(len(self.labels) - len(self.anchors))
+            raise ValueError(f"dataset {name!r}: no label has two distinct texts (a positive needs another "
+                             "text of the same label)")
+        self.dropped = int(len(self.kept) - len(self.anchors))  # the only text of their label
 
     def positive(self, i: int, rng: np.random.Generator) -> int:
         same = self.members[int(self.labels[i])]
@@ -73,12 +87,25 @@ class LabelIndex:
         return j if j != i else int(same[-1])  # uniform over the label's other texts
 
     def negatives(self, i: int, k: int, rng: np.random.Generator) -> list[int]:
+        """k records of other labels, uniform over their distinct texts: never the anchor's text, and
+        distinct from each other while the draws allow (a tiny dataset may repeat some)."""
+        label, key, pool = self.labels[i], self.keys[i], self.kept
         out: list[int] = []
-        label, n = self.labels[i], len(self.labels)
-        while len(out) < k:
-            j = int(rng.integers(n))
-            if self.labels[j] != label:
-                out.append(j)
+        taken: set[int] = set()
+        tries = k * self.NEGATIVE_TRIES
+        for attempt in range(tries):
+            if len(out) == k:
+                break
+            j = int(pool[rng.integers(len(pool))])
+            kj = int(self.keys[j])
+            if self.labels[j] == label or kj == key or (kj in taken and attempt < tries // 2):
+                continue
+            out.append(j)
+            taken.add(kj)
+        if len(out) < k:
+            raise ValueError(f"dataset {self.name!r}: found {len(out)} of {k} negatives for record {i} in {tries} "
+                             "draws: (nearly) every "
+                             "text of another label is this record's own text; add data or lower hard_negatives")
         return out
 
 
@@ -94,7 +121,10 @@ class BatchBuilder:
             labels = getattr(source, "labels", None)
             if labels is None:
                 labels = self._read_labels()
-            self.labels = LabelIndex(labels, self.name)
+            keys = getattr(source, "text_keys", None)
+            if keys is None:  # a source that does not index its texts: read them once
+                keys = np.array([text_key(self.source[i].text) for i in range(len(self.source))], np.int64)
+            self.labels = LabelIndex(labels, self.name, keys)
 
     def _read_labels(self) -> np.ndarray:
         names: dict[str, int] = {}

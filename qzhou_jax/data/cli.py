@@ -67,6 +67,10 @@ def cmd_transform(args: argparse.Namespace) -> int:
         kwargs.update(num_negatives=args.num_negatives, seed=args.seed, stats=stats)
     elif args.kind == "claim-evidence":
         kwargs.update(stats=stats)
+    elif args.kind == "reading-comprehension":
+        kwargs.update(max_context_chars=args.max_context_chars, stats=stats)
+    if args.max_context_chars is not None and args.kind != "reading-comprehension":
+        raise ValueError("--max-context-chars applies to reading-comprehension only")
     if family == "retrieval":
         kwargs.update(instruction=args.instruction)
     elif args.instruction is not None:
@@ -75,13 +79,16 @@ def cmd_transform(args: argparse.Namespace) -> int:
         raise ValueError("--one-direction applies to nli and binary-labels only")
     if not os.path.isfile(args.input):
         raise FileNotFoundError(f"{args.input}: no such file")
-    rows = _counted(iter_rows(args.input, errors))
+    not_json = BadRecords(skip=args.skip_bad_records)  # lines that are not JSON, counted as rows too
+    rows = _counted(iter_rows(args.input, not_json))
     n = write_records(args.output, fn(rows, **kwargs), overwrite=args.overwrite)
+    not_json.warn(args.input, log)
     errors.warn(args.input, log)
     extra = "".join(f", {k.replace('_', ' ')}: {_fmt(v)}" for k, v in stats.items() if k != "records")
-    skipped = f", {errors.count} bad rows skipped" if errors.count else ""
-    print(f"wrote {args.output}: {n} {family} records from {rows.count} input rows{skipped}{extra}",
-          file=sys.stderr)
+    bad = not_json.count + errors.count
+    skipped = f", {bad} bad rows skipped" if bad else ""
+    print(f"wrote {args.output}: {n} {family} records from {rows.count + not_json.count} input rows"
+          f"{skipped}{extra}", file=sys.stderr)
     return 0
 
 
@@ -166,6 +173,10 @@ def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "(SNLI, MultiNLI, XNLI), clue = neutral/entailment/contradiction (CLUE OCNLI, CMNLI)")
     t.add_argument("--one-direction", action="store_true",
                    help="nli, binary-labels: do not also emit the swapped pair")
+    t.add_argument("--max-context-chars", type=int, default=None,
+                   help="reading-comprehension: cut longer contexts to this many characters around the answer, "
+                        "so that the question survives the query token limit (256 tokens: about 300 Chinese "
+                        "characters, leaving room for the instruction and the question)")
     t.add_argument("--instruction", default=None, help="retrieval outputs: instruction for records without one")
     t.add_argument("--skip-bad-records", action="store_true", help="skip and count bad rows instead of stopping")
     t.add_argument("--overwrite", action="store_true", help="replace an existing output file")

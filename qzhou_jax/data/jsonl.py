@@ -31,7 +31,7 @@ def decode_json_line(line: bytes, where: str) -> Any:
     except UnicodeDecodeError as e:
         raise RecordError(f"{where}: not valid UTF-8 (byte {e.start})") from None
     try:
-        return json.loads(text)
+        return json.loads(text.rstrip("\r\n"))  # so that a cut-off line's error column is on the line
     except json.JSONDecodeError as e:
         raise RecordError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
 

@@ -95,6 +95,9 @@ class TrainData:
             if b.labels is not None and b.labels.dropped:
                 log.warning("dataset %s: %d records are the only text of their label and are not used as anchors",
                             b.name, b.labels.dropped)
+            if b.labels is not None and b.labels.duplicates:
+                log.warning("dataset %s: %d records repeat an earlier (text, label) record and are left out",
+                            b.name, b.labels.duplicates)
         self.plan = BatchPlan(entries, total_steps, seed, alpha, eta)
 
     @classmethod

@@ -12,6 +12,7 @@ re-read from disk on access, which is what grain's random-access model wants.
 from __future__ import annotations
 
 import array
+import hashlib
 import logging
 import operator
 import os
@@ -25,7 +26,7 @@ from qzhou_jax.data.records import (
     DEFAULT_FIELDS, FAMILIES, RECORD_TYPES, BadRecords, Record, RecordError, parse_record, resolve_fields,
 )
 
-__all__ = ["Source", "JsonlSource", "ListSource", "open_source", "label_index"]
+__all__ = ["Source", "JsonlSource", "ListSource", "open_source", "label_index", "text_key"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,12 @@ def _index(i: Any, n: int) -> int:
     if not 0 <= j < n:
         raise IndexError(f"index {i} out of range for a source of {n} records")
     return j
+
+
+def text_key(text: str) -> int:
+    """A 64-bit key of a text, the same in every process (BLAKE2b): classification sources keep one
+    per record so that batches never pair a text with itself (repeated rows, one text under two labels)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
 def label_index(labels: Iterable[str]) -> tuple[np.ndarray, list[str]]:
@@ -82,6 +89,7 @@ class JsonlSource:
         self.fields = resolve_fields(DEFAULT_FIELDS[family], fields, family)
         self.name = name or os.path.splitext(os.path.basename(self.path))[0]
         self.labels: np.ndarray | None = None
+        self.text_keys: np.ndarray | None = None
         self.label_names: list[str] | None = None
         self._abspath = os.path.abspath(self.path)
         self._file = None
@@ -96,6 +104,7 @@ class JsonlSource:
             raise FileNotFoundError(f"{self.path}: no such file")
         starts = array.array("q")
         labels: list[str] = []
+        keys = array.array("q")
         end = 0
         with open(self.path, "rb") as f:
             st = os.fstat(f.fileno())
@@ -116,6 +125,7 @@ class JsonlSource:
                 end = pos
                 if self.family == "classification":
                     labels.append(record.label)
+                    keys.append(text_key(record.text))
         self._stat = (st.st_size, st.st_mtime_ns)
         self.skipped = errors.count
         errors.warn(self.path, log)
@@ -128,6 +138,7 @@ class JsonlSource:
         self._bounds[-1] = end
         if self.family == "classification":
             self.labels, self.label_names = label_index(labels)
+            self.text_keys = np.frombuffer(keys, dtype=np.int64).copy()
 
     @property
     def offsets(self) -> np.ndarray:
@@ -211,8 +222,10 @@ class ListSource:
         self.skipped = 0
         self.labels: np.ndarray | None = None
         self.label_names: list[str] | None = None
+        self.text_keys: np.ndarray | None = None
         if family == "classification":
             self.labels, self.label_names = label_index(r.label for r in records)
+            self.text_keys = np.array([text_key(r.text) for r in records], np.int64)
 
     @classmethod
     def from_dicts(cls, rows: Iterable[Any], family: str, fields: Mapping[str, str] | None = None,

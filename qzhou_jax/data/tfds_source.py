@@ -22,7 +22,7 @@ import numpy as np
 from qzhou_jax.data.records import (
     DEFAULT_FIELDS, FAMILIES, BadRecords, Record, RecordError, parse_record, resolve_fields,
 )
-from qzhou_jax.data.sources import _index, label_index
+from qzhou_jax.data.sources import _index, label_index, text_key
 
 __all__ = ["TfdsSource", "import_tfds", "to_python"]
 
@@ -84,6 +84,7 @@ class TfdsSource:
         self._where = f"tfds:{name}/{split}"
         self._ds = None
         self.labels: np.ndarray | None = None
+        self.text_keys: np.ndarray | None = None
         self.label_names: list[str] | None = None
         self._class_names = self._label_class_names()
         self._scan(BadRecords(skip=skip_bad_records))
@@ -122,7 +123,7 @@ class TfdsSource:
     def _scan(self, errors: BadRecords) -> None:
         n = len(self._source())
         good = np.empty(n, dtype=np.int64)
-        labels = []
+        labels, keys = [], []
         count = 0
         for k in range(n):
             try:
@@ -134,6 +135,7 @@ class TfdsSource:
             count += 1
             if self.family == "classification":
                 labels.append(record.label)
+                keys.append(text_key(record.text))
         self.skipped = errors.count
         errors.warn(self._where, log)
         if count == 0:
@@ -143,6 +145,7 @@ class TfdsSource:
         self._len = count
         if self.family == "classification":
             self.labels, self.label_names = label_index(labels)
+            self.text_keys = np.array(keys, np.int64)
 
     def __len__(self) -> int:
         return self._len

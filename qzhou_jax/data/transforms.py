@@ -88,11 +88,13 @@ NLI_INT_LABELS = {"snli": ("entailment", "neutral", "contradiction"),
 def _nli_score(value: Any, row: _Row, name: str, int_labels: str | None) -> float:
     if isinstance(value, str) and value.strip().lower() in NLI_SCORES:
         return NLI_SCORES[value.strip().lower()]
-    if isinstance(value, str) and value.strip() == "-" or (isinstance(value, int) and value == -1):
+    if isinstance(value, str) and value.strip() == "-" or (isinstance(value, (int, float)) and value == -1):
         raise row.error(name, f"no gold label ({value!r}: the annotators did not agree)")
     as_int = None
     if isinstance(value, int) and not isinstance(value, bool):
         as_int = value
+    elif isinstance(value, float) and value.is_integer():  # 1.0: a label column exported as floats
+        as_int = int(value)
     elif isinstance(value, str) and value.strip().isdigit():
         as_int = int(value.strip())
     if as_int is not None and 0 <= as_int <= 2:
@@ -325,7 +327,9 @@ def conversation_to_retrieval(records: Iterable[Any], fields: Mapping[str, str] 
     ``messages`` (or, when that field is absent and not remapped, ``conversations``) is a list of turns in
     the OpenAI form ``{"role": "user"|"assistant"|"system", "content": ...}`` or the ShareGPT form
     ``{"from": "human"|"gpt", "value": ...}``. A user turn immediately followed by an assistant turn makes
-    a record; system and tool turns are skipped. ``first_turn_only`` keeps only the first exchange.
+    a record; system and tool turns are skipped, and so are assistant tool calls (``content`` null with
+    ``tool_calls``): the user turn pairs with the reply that follows the tool's answer.
+    ``first_turn_only`` keeps only the first exchange.
     A conversation without any exchange is an error.
     """
     f = resolve_fields(CONVERSATION_FIELDS, fields, "conversations")
@@ -347,6 +351,9 @@ def conversation_to_retrieval(records: Iterable[Any], fields: Mapping[str, str] 
             role, content = _turn(turn, k, row, name)
             if role not in _USER_ROLES | _ASSISTANT_ROLES | _OTHER_ROLES:
                 raise row.error(name, f"turn {k}: unknown role {role!r}")
+            if role in _ASSISTANT_ROLES and content is None and isinstance(turn, Mapping) and (
+                    turn.get("tool_calls") or turn.get("function_call")):
+                continue  # a tool call: the reply to the user comes after the tool's answer
             if role in _ASSISTANT_ROLES and previous is not None and previous[0] in _USER_ROLES:
                 query = check_text(previous[1], row, name, item=k - 1)
                 answer = check_text(content, row, name, item=k)
@@ -366,17 +373,45 @@ READING_COMPREHENSION_FIELDS = {"context": "context", "question": "question", "a
 RC_PROMPT = "\n请阅读上述文章，回答下列问题："
 
 
+def _context_window(context: str, answer: str, start: int | None, size: int) -> tuple[str, bool]:
+    """At most ``size`` characters of ``context`` around the answer (at ``start`` when that is where
+    it is, else its first occurrence); the beginning when the answer is not in the context.
+    Returns (window, whether the answer is inside it)."""
+    if len(context) <= size:
+        return context, True
+    if start is None or context[start:start + len(answer)] != answer:
+        start = context.find(answer) if answer else -1
+    if start < 0:
+        return context[:size], False
+    lo = max(0, min(start + len(answer) // 2 - size // 2, len(context) - size))
+    return context[lo:lo + size], lo <= start and start + len(answer) <= lo + size
+
+
 def reading_comprehension_to_retrieval(records: Iterable[Any], fields: Mapping[str, str] | None = None,
-                                       instruction: str | None = None,
-                                       errors: BadRecords | None = None) -> Iterator[RetrievalRecord]:
+                                       instruction: str | None = None, errors: BadRecords | None = None,
+                                       max_context_chars: int | None = None,
+                                       stats: dict | None = None) -> Iterator[RetrievalRecord]:
     """(context, question, answer) -> query = context + RC_PROMPT + question, positive = the answer.
 
     ``RC_PROMPT`` is "\\n请阅读上述文章，回答下列问题：" ("read the passage above and answer the question
     below"), as in the QZhou report. The answer may be a string, a list of strings, or SQuAD's
     ``{"text": [...], "answer_start": [...]}``; distinct answers become the positives. A row without
     an answer (SQuAD 2.0's unanswerable questions) is an error, or skipped with ``errors``.
+
+    Training cuts a query at its token limit from the end, which would drop the prompt and the
+    question of a long context (two questions on one context then become one input). With
+    ``max_context_chars``, a longer context is cut to a window of that many characters around the
+    (first) answer, so the question always survives; choose it from the query token limit (Qwen
+    tokenizes about 1.4 Chinese characters or 4 English characters per token). ``stats`` counts
+    "contexts_cut" and "answer_outside_window" (the answer was not found verbatim in the context).
     """
     f = resolve_fields(READING_COMPREHENSION_FIELDS, fields, "reading comprehension rows")
+    if max_context_chars is not None and max_context_chars < 1:
+        raise ValueError(f"max_context_chars: expected a positive number of characters, got {max_context_chars}")
+    counts = stats if stats is not None else {}
+    if max_context_chars is not None:
+        counts.setdefault("contexts_cut", 0)
+        counts.setdefault("answer_outside_window", 0)
 
     def one(obj, where):
         row = _Row(obj, where)
@@ -385,13 +420,20 @@ def reading_comprehension_to_retrieval(records: Iterable[Any], fields: Mapping[s
         if name not in row.obj:
             raise row.missing(name)
         answer = row.obj[name]
+        starts = None
         if isinstance(answer, Mapping):  # SQuAD: {"text": [...], "answer_start": [...]}
             if "text" not in answer:
                 raise row.error(name, "an answer object needs a 'text' list (SQuAD form)")
+            starts = answer.get("answer_start")
             answer = answer["text"]
         if isinstance(answer, (list, tuple)) and not answer:
             raise row.error(name, "no answer (unanswerable question)")
         answers = row.texts_of(answer, name, required=True)
+        if max_context_chars is not None and len(context) > max_context_chars:
+            first = starts[0] if isinstance(starts, (list, tuple)) and starts and isinstance(starts[0], int) else None
+            context, inside = _context_window(context, answers[0], first, max_context_chars)
+            counts["contexts_cut"] += 1
+            counts["answer_outside_window"] += not inside
         return [RetrievalRecord(context + RC_PROMPT + question, tuple(dict.fromkeys(answers)), (), instruction)]
 
     return _each(records, errors, one)

@@ -75,7 +75,9 @@ class DatasetConfig:
     fields: our field name -> the name in the data (e.g. {query: anchor, pos: positive}).
     instruction: QZhou's prompt; queries only for retrieval, both sides when `symmetric`
     (default: true for sts and classification, SPEC section 2). For retrieval a record's own
-    `instruction` field wins. Unset sizes and lengths come from the `data` section.
+    `instruction` field wins. Unset sizes and lengths come from the `data` section, except
+    that sts and classification datasets cut both sides at one length (their query length)
+    unless `passage_max_length` is set: a pair and its swapped copy see the same texts.
     weight: replaces the n^alpha mixture weight of this dataset.
     """
 
@@ -174,9 +176,12 @@ class DataConfig:
         else:
             n = ds.batch_size or self.batch_size
             k = self.hard_negatives if ds.hard_negatives is None else ds.hard_negatives
+        query_len = ds.query_max_length or self.query_max_length
+        # symmetric-side tasks: the second text is not a retrieval passage, cut it like the first
+        passage_len = ds.passage_max_length or (query_len if ds.task in ("sts", "classification")
+                                                else self.passage_max_length)
         return {"batch_size": n, "hard_negatives": k, "group": 1 + k,
-                "query_max_length": ds.query_max_length or self.query_max_length,
-                "passage_max_length": ds.passage_max_length or self.passage_max_length}
+                "query_max_length": query_len, "passage_max_length": passage_len}
 
 
 @dataclasses.dataclass(frozen=True)

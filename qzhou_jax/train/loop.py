@@ -35,7 +35,6 @@ import dataclasses
 import logging
 import os
 import signal
-import tempfile
 import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -179,12 +178,16 @@ def train(cfg: RunConfig, resume: bool = False, *, hooks: Sequence[Callable[[int
 
 
 def _check_writable(path: str, what: str) -> None:
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise ValueError(f"{what} {path}: cannot write there ({e.strerror or e})") from None
+    """Fail early (before datasets are indexed) when ``path`` cannot become a writable folder;
+    nothing is created."""
+    path = os.path.abspath(path)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{what} {path}: cannot write there ({existing} is a file, not a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: cannot write there (no write permission in {existing})")
 
 
 def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], None]], stop_after: int | None,
