@@ -11,6 +11,7 @@ from qzhou_jax.data.records import (
     BadRecords, ClassificationRecord, PairRecord, RecordError, RetrievalRecord, iter_rows,
 )
 from qzhou_jax.data.sources import JsonlSource
+from qzhou_jax.tokenizer import Tokenizer, format_prompt
 from qzhou_jax.data.transforms import (
     RC_PROMPT, binary_labels, claim_evidence_to_retrieval, classification_to_triplets, conversation_to_retrieval,
     nli_to_scored_pairs, reading_comprehension_to_retrieval, sts_with_swapped, title_body_to_retrieval,
@@ -279,6 +280,14 @@ def test_cli_other_kinds_and_errors(tmp_path, capsys):
     out = tmp_path / "rc_out.jsonl"
     assert main(["data", "transform", "reading-comprehension", "--input", str(src), "--output", str(out)]) == 0
     assert JsonlSource(out, "retrieval")[0] == RetrievalRecord("C" + RC_PROMPT + "Q", ("A",))
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "a?"},
+                                                               {"role": "assistant", "content": "A"},
+                                                               {"role": "user", "content": "b?"},
+                                                               {"role": "assistant", "content": "B"}]}])
+    for flag, n in (([], 2), (["--first-turn-only"], 1)):
+        assert main(["data", "transform", "conversation", "--input", str(chat), "--output", str(out),
+                     "--overwrite", *flag]) == 0
+        assert len(JsonlSource(out, "retrieval")) == n
     x = str(tmp_path / "x")
     bad = [["data", "transform", "nli", "--input", str(src), "--output", x, "--fields", "oops"],
            ["data", "transform", "nli", "--input", str(src), "--output", x, "--fields", "query=a"],
@@ -306,3 +315,13 @@ def test_cli_check(tmp_path, capsys):
     assert main(["data", "check", "--task", "retrieval", "--input", str(bad), "--fields", "query=anchor",
                  "pos=positive", "--skip-bad-records"]) == 0
     assert "1 retrieval records, 1 bad records skipped" in capsys.readouterr().out
+    # token lengths against the training limits (cut from the end), prompts included
+    tok = str(DEMO.parent / "tokenizer")
+    long = write_jsonl(tmp_path / "long.jsonl", [{"query": "word " * (40 * k), "pos": ["p"]} for k in range(1, 5)])
+    assert main(["data", "check", "--task", "retrieval", "--input", str(long), "--tokenizer", tok,
+                 "--query-max-length", "100", "--instruction", "Find it"]) == 0
+    out = capsys.readouterr().out
+    ids = Tokenizer(tok, max_length=10_000).encode([format_prompt("word " * (40 * k), "Find it") for k in range(1, 5)])
+    over = sum(len(x) > 100 for x in ids)
+    assert 0 < over < 4 and "queries: p50 " in out and f"{over} ({over / 4:.1%}) longer than 100 tokens" in out
+    assert "passages: p50 " in out and "0 (0.0%) longer than 1536 tokens" in out

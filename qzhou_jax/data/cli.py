@@ -1,7 +1,7 @@
 """`qzhou-jax data`: turn raw datasets into training records, and check record files.
 
     qzhou-jax data transform KIND --input raw.jsonl --output records.jsonl [--fields ours=theirs ...]
-    qzhou-jax data check --task retrieval|sts|classification --input records.jsonl [--fields ...]
+    qzhou-jax data check --task retrieval|sts|classification --input records.jsonl [--fields ...] [--tokenizer T]
 
 Kinds (SPEC section 4):
   sts-swap                 STS pairs, each also emitted swapped          -> text1/text2/score
@@ -69,6 +69,10 @@ def cmd_transform(args: argparse.Namespace) -> int:
         kwargs.update(stats=stats)
     elif args.kind == "reading-comprehension":
         kwargs.update(max_context_chars=args.max_context_chars, stats=stats)
+    elif args.kind == "conversation":
+        kwargs.update(first_turn_only=args.first_turn_only)
+    if args.first_turn_only and args.kind != "conversation":
+        raise ValueError("--first-turn-only applies to conversation only")
     if args.max_context_chars is not None and args.kind != "reading-comprehension":
         raise ValueError("--max-context-chars applies to reading-comprehension only")
     if family == "retrieval":
@@ -150,7 +154,49 @@ def cmd_check(args: argparse.Namespace) -> int:
         if singles:
             print(f"  labels with a single text (no positive possible): {', '.join(singles[:10])}"
                   + (", ..." if len(singles) > 10 else ""))
+    if args.tokenizer:
+        _length_report(source, args)
     return 0
+
+
+def _sides(record: Any, task: str, instruction: str | None) -> list[tuple[str, list[str]]]:
+    """("query" | "passage", texts as the model sees them) of one record, prompts as training applies
+    them (retrieval: queries only; sts and classification: both sides)."""
+    from qzhou_jax.tokenizer import format_prompt
+
+    if task == "retrieval":
+        return [("query", [format_prompt(record.query, record.instruction or instruction)]),
+                ("passage", list(record.pos) + list(record.neg))]
+    if task == "sts":
+        return [("query", [format_prompt(record.text1, instruction), format_prompt(record.text2, instruction)])]
+    return [("query", [format_prompt(record.text, instruction)])]
+
+
+def _length_report(source: Any, args: argparse.Namespace) -> None:
+    """Token lengths of (a sample of) the records, and how many a training run would cut (from the end)."""
+    from qzhou_jax.tokenizer import Tokenizer
+
+    tok = Tokenizer(args.tokenizer, max_length=1 << 20)
+    n = len(source)
+    rows = range(n) if not args.sample or n <= args.sample else \
+        sorted(np.random.default_rng(0).choice(n, args.sample, replace=False).tolist())
+    texts: dict[str, list[str]] = {"query": [], "passage": []}
+    for i in rows:
+        for side, values in _sides(source[int(i)], args.task, args.instruction):
+            texts[side].extend(values)
+    limits = {"query": args.query_max_length,
+              "passage": args.passage_max_length if args.task == "retrieval" else args.query_max_length}
+    what = f"{len(rows)} sampled records" if len(rows) < n else "all records"
+    print(f"  token lengths ({what}, {args.tokenizer}, prompts included):")
+    for side, values in texts.items():
+        if not values:
+            continue
+        lengths = np.array([len(ids) for ids in tok.encode(values)])
+        over = int((lengths > limits[side]).sum())
+        name = {"query": "queries" if args.task == "retrieval" else "texts", "passage": "passages"}[side]
+        print(f"    {name}: p50 {np.percentile(lengths, 50):.0f}, p90 {np.percentile(lengths, 90):.0f}, "
+              f"p99 {np.percentile(lengths, 99):.0f}, max {lengths.max()}; {over} ({over / len(lengths):.1%}) "
+              f"longer than {limits[side]} tokens, cut from the end in training")
 
 
 def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -177,6 +223,8 @@ def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="reading-comprehension: cut longer contexts to this many characters around the answer, "
                         "so that the question survives the query token limit (256 tokens: about 300 Chinese "
                         "characters, leaving room for the instruction and the question)")
+    t.add_argument("--first-turn-only", action="store_true",
+                   help="conversation: only the first user -> assistant exchange of each dialogue")
     t.add_argument("--instruction", default=None, help="retrieval outputs: instruction for records without one")
     t.add_argument("--skip-bad-records", action="store_true", help="skip and count bad rows instead of stopping")
     t.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -191,5 +239,14 @@ def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="default: beir for a folder, else jsonl")
     c.add_argument("--split", default=None, help="BEIR qrels split (default train)")
     c.add_argument("--skip-bad-records", action="store_true", help="skip and count bad records instead of stopping")
+    g = c.add_argument_group("token lengths (with --tokenizer)")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder (a model folder works): report token lengths and how many texts a "
+                        "training run would cut at the limits below")
+    g.add_argument("--instruction", default=None, help="the dataset's instruction (records without their own)")
+    g.add_argument("--query-max-length", type=int, default=256,
+                   help="query limit (sts/classification: both sides; default 256)")
+    g.add_argument("--passage-max-length", type=int, default=1536, help="retrieval passage limit (default 1536)")
+    g.add_argument("--sample", type=int, default=20000, help="records to tokenize (default 20000; 0: all)")
     c.set_defaults(func=cmd_check)
     return d
