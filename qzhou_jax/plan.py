@@ -5,8 +5,9 @@
     qzhou-jax plan --config run.yaml --topology gpu:8xH100          # an estimate unless run on those GPUs
     qzhou-jax plan --config run.yaml --devices 16 --memory-gib 80 --peak-tflops 989
 
-For each distinct batch shape of the config (task, queries, passages per query, query and
-passage lengths: one compiled step per dataset, `DataConfig.resolved`), the real train step
+For each distinct batch shape of the config at its maximum lengths (task, queries, passages
+per query, query and passage lengths, `DataConfig.resolved`; shorter `length_buckets` shapes
+need less memory and time, so the maximum is the one that must fit), the real train step
 (`make_train_step(...).jitted`: GradCache, remat, AdamW, shardings from the logical-axis
 rules) is lowered with abstract inputs (`jax.ShapeDtypeStruct` with `NamedSharding`s on a
 mesh of the target's devices) and compiled. No data is read and no device memory is used.
@@ -110,7 +111,7 @@ class StepShape:
 
 
 def step_shapes(run) -> list[StepShape]:
-    """The distinct batch shapes of a RunConfig's datasets (one compiled step each)."""
+    """The distinct largest batch shapes of a RunConfig's datasets (their maximum lengths)."""
     found: dict[tuple, list[str]] = {}
     for ds in run.data.datasets:
         r = run.data.resolved(ds)

@@ -37,12 +37,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def bucketed(cfg):
+    """Length buckets below the 32-token maximum: each host pads its rows to its own bucket, and
+    the loop pads every host to the longest host's length."""
+    cfg["data"]["length_buckets"] = [16, 24]
+    return cfg
+
+
 def test_two_processes_match_one_and_resume_in_one(tmp_path):
-    reference = train(load_run_config(data=config(tmp_path / "one", 8)))
+    from qzhou_jax.data.pipeline import TrainData
+    from qzhou_jax.tokenizer import DEMO_TOKENIZER, Tokenizer
+
+    reference = train(load_run_config(data=bucketed(config(tmp_path / "one", 8))))
     ref = {h["step"]: h["loss"] for h in reference.history}
+    # the two hosts do choose different lengths for some steps, which the loop must reconcile
+    cfg, tok = load_run_config(data=bucketed(config(tmp_path / "x", 6))), Tokenizer(DEMO_TOKENIZER, max_length=32)
+    hosts = [TrainData.from_config(cfg, tok, i, 2) for i in range(2)]
+    assert any(hosts[0][s].batch[k].shape != hosts[1][s].batch[k].shape for s in range(6) for k in ("q_ids", "p_ids"))
 
     cfg_path = tmp_path / "two.yaml"
-    cfg_path.write_text(yaml.safe_dump(config(tmp_path / "two", 6)))
+    cfg_path.write_text(yaml.safe_dump(bucketed(config(tmp_path / "two", 6))))
     procs = _launch(cfg_path, tmp_path, free_port())
     outs = []
     for p in procs:
@@ -62,7 +76,7 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path):
         np.testing.assert_allclose(v, ref[s], rtol=1e-5, err_msg=f"step {s}")
 
     # the 2-process checkpoint resumes in one process (8 devices), and continues like the reference
-    resumed = train(load_run_config(data=config(tmp_path / "two", 8)), resume=True)
+    resumed = train(load_run_config(data=bucketed(config(tmp_path / "two", 8))), resume=True)
     assert resumed.status == "completed" and [h["step"] for h in resumed.history] == [6, 7]
     for h in resumed.history:
         np.testing.assert_allclose(h["loss"], ref[h["step"]], rtol=1e-5, err_msg=f"step {h['step']}")

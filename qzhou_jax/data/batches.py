@@ -13,7 +13,9 @@ Per task (g = 1 + hard negatives):
 - sts: text1 / text2 and the gold score; the instruction on both sides when symmetric.
 - classification (example-based triplets, SPEC section 4): the anchor text, another text
   of its label as positive, k texts of other labels as negatives, and every row's label.
-Every side is padded (right) to the dataset's fixed length. Retrieval batches also carry
+Every side is cut at the dataset's maximum length and padded (right) to the shortest of the
+spec's buckets that holds its longest row (the maximum when there are none; the training loop
+then pads every host to the longest host's length). Retrieval batches also carry
 `q_keys` / `p_keys`: a 32-bit hash of each row's token ids as the model sees them (prompt
 included, after truncation), so the loss can leave out candidates identical to a row's
 positive or query (two queries citing one document, a hard negative repeating the
@@ -44,6 +46,8 @@ class BatchSpec:
     passage_max_length: int
     instruction: str | None = None
     symmetric: bool = False
+    query_buckets: tuple[int, ...] = ()  # padding lengths below the maximum (empty: always the maximum)
+    passage_buckets: tuple[int, ...] = ()
 
     @property
     def group(self) -> int:
@@ -211,8 +215,8 @@ class BatchBuilder:
         tok = self.tokenizer
         q_seqs = _encode(tok, q_texts, spec.query_max_length)
         p_seqs = _encode(tok, p_texts, spec.passage_max_length)
-        q_ids, q_mask = tok.pad(q_seqs, length=spec.query_max_length)
-        p_ids, p_mask = tok.pad(p_seqs, length=spec.passage_max_length)
+        q_ids, q_mask = tok.pad(q_seqs, length=padded_length(q_seqs, spec.query_max_length, spec.query_buckets))
+        p_ids, p_mask = tok.pad(p_seqs, length=padded_length(p_seqs, spec.passage_max_length, spec.passage_buckets))
         batch = {"q_ids": q_ids, "q_mask": q_mask, "p_ids": p_ids, "p_mask": p_mask}
         if spec.task == "retrieval":
             batch["q_keys"] = sequence_keys(q_seqs, spec.query_max_length)
@@ -223,6 +227,12 @@ class BatchBuilder:
             batch["q_labels"] = np.asarray(extra["q_labels"], np.int32)
             batch["p_labels"] = np.asarray(extra["p_labels"], np.int32)
         return batch
+
+
+def padded_length(seqs: Sequence[Sequence[int]], max_length: int, buckets: Sequence[int] = ()) -> int:
+    """The shortest of `buckets` (then `max_length`) that holds the longest sequence, cut at `max_length`."""
+    longest = min(max((len(s) for s in seqs), default=1), max_length)
+    return next((b for b in sorted(buckets) if longest <= b < max_length), max_length)
 
 
 def sequence_keys(seqs: Sequence[Sequence[int]], max_length: int) -> np.ndarray:

@@ -68,6 +68,27 @@ def close_iterator(it: Iterator[Any], timeout: float = 60.0) -> None:
         log.warning("the data loader's worker processes did not stop within %.0f s; leaving them", timeout)
 
 
+def pad_to_common_length(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+    """Several processes: pad this host's rows to the longest host's length on each side (hosts
+    choose their length bucket from their own rows; the global array needs one shape). A
+    host-level all-gather of two integers; a single process returns the batch as it is."""
+    import jax
+
+    if jax.process_count() == 1:
+        return batch
+    from jax.experimental import multihost_utils
+
+    mine = np.array([batch["q_ids"].shape[1], batch["p_ids"].shape[1]], np.int32)
+    q_len, p_len = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2).max(axis=0)
+    out = dict(batch)
+    for side, length in (("q", int(q_len)), ("p", int(p_len))):
+        extra = length - batch[f"{side}_ids"].shape[1]
+        if extra:
+            out[f"{side}_ids"] = np.pad(batch[f"{side}_ids"], ((0, 0), (0, extra)), constant_values=pad_id)
+            out[f"{side}_mask"] = np.pad(batch[f"{side}_mask"], ((0, 0), (0, extra)))
+    return out
+
+
 class DataStateError(ValueError):
     """A checkpointed data state that does not match the configured data."""
 
@@ -119,7 +140,8 @@ class TrainData:
             except FileNotFoundError as e:  # name the config key too, as every other config error does
                 raise FileNotFoundError(f"data.datasets[{i}] ({ds.name}): {e}") from None
             specs.append(BatchSpec(ds.task, r["batch_size"], r["hard_negatives"], r["query_max_length"],
-                                   r["passage_max_length"], ds.instruction, ds.is_symmetric))
+                                   r["passage_max_length"], ds.instruction, ds.is_symmetric,
+                                   query_buckets=r["query_buckets"], passage_buckets=r["passage_buckets"]))
             weights.append(ds.weight)
         return cls(sources, specs, tokenizer, total_steps=run_cfg.train.total_steps, seed=run_cfg.data_seed,
                    alpha=data.alpha, eta=data.eta, weights=weights, process_index=process_index,

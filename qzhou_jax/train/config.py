@@ -129,8 +129,12 @@ class DataConfig:
     batch_size: global queries (retrieval) / anchors (classification) per step;
     pair_batch_size: global pairs per CoSENT step (sts). Each query carries
     `hard_negatives` passages besides its positive (records with fewer get random passages
-    of the same dataset). Lengths are fixed per dataset: every batch of a dataset has the
-    same shape (one compiled step per dataset), on every host.
+    of the same dataset). Lengths are per dataset (`query_max_length`, `passage_max_length`:
+    texts are cut there, from the end).
+    length_buckets: each side of a batch is padded to the shortest of these lengths that holds
+    its longest text (or to the dataset's maximum), the same on every host: batches of short
+    texts do not pay for the maximum, at the cost of one compiled step per length pair that
+    occurs. None (default): powers of two from 128 below each maximum; []: always the maximum.
     """
 
     datasets: tuple[DatasetConfig, ...] = ()
@@ -146,8 +150,11 @@ class DataConfig:
     skip_bad_records: bool = False
     workers: int = 0
     prefetch: int = 2
+    length_buckets: tuple[int, ...] | None = None
 
     def __post_init__(self):
+        for i, b in enumerate(self.length_buckets or ()):
+            _positive(b, f"length_buckets[{i}]")
         if not self.datasets:
             raise ConfigError("datasets: at least one dataset is required")
         names = [d.name for d in self.datasets]
@@ -181,7 +188,18 @@ class DataConfig:
         passage_len = ds.passage_max_length or (query_len if ds.task in ("sts", "classification")
                                                 else self.passage_max_length)
         return {"batch_size": n, "hard_negatives": k, "group": 1 + k,
-                "query_max_length": query_len, "passage_max_length": passage_len}
+                "query_max_length": query_len, "passage_max_length": passage_len,
+                "query_buckets": self.buckets_below(query_len), "passage_buckets": self.buckets_below(passage_len)}
+
+    def buckets_below(self, max_length: int) -> tuple[int, ...]:
+        """The padding lengths shorter than `max_length` (see `length_buckets`)."""
+        if self.length_buckets is None:
+            out, b = [], 128
+            while b < max_length:
+                out.append(b)
+                b *= 2
+            return tuple(out)
+        return tuple(sorted({b for b in self.length_buckets if b < max_length}))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ What a run does, in order:
 2. The mesh is built (multi-process runs call `jax.distributed.initialize()` first), and the
    state is created: from a checkpoint (`resume`), from `init_from` (a HF or Orbax model;
    stage 2 starts from stage 1's checkpoints folder) or from a random initialization.
-3. Steps run over the task-homogeneous batches (one compiled step per dataset shape),
+3. Steps run over the task-homogeneous batches (one compiled step per batch shape),
    with metrics logged every `log.every` steps and an evaluation before, every
    `eval.every` steps and at the end. Checkpoints are written asynchronously every
    `checkpoint.every` steps and at the end.
@@ -192,7 +192,7 @@ def _check_writable(path: str, what: str) -> None:
 
 def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], None]], stop_after: int | None,
          preempt: _Preemption, t_start: float) -> RunResult:
-    from qzhou_jax.data.pipeline import TrainData, close_iterator
+    from qzhou_jax.data.pipeline import TrainData, close_iterator, pad_to_common_length
 
     model_cfg = cfg.model_config
     out_dir = cfg.output_dir
@@ -262,7 +262,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
         progress = tqdm(total=cfg.train.total_steps, initial=start_step, desc="train", unit="step",
                         dynamic_ncols=True)
     pending: list[tuple[int, str, str, Any]] = []  # (step, task, dataset, metrics on device)
-    window = {"t": time.perf_counter(), "flops": 0.0, "tokens": 0}
+    window = {"t": time.perf_counter(), "flops": 0.0, "tokens": 0, "local": 0, "text": 0}
     last_saved = start_step if resume else None
 
     def flush() -> None:
@@ -279,7 +279,8 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
             for hook in hooks:
                 hook(s, m)
         last = result.history[-1]
-        rates = {"tokens_per_s": window["tokens"] / dt, "steps_per_s": len(pending) / dt}
+        rates = {"tokens_per_s": window["tokens"] / dt, "steps_per_s": len(pending) / dt,
+                 "padding": 1.0 - window["text"] / max(window["local"], 1)}  # this host's rows
         if peak:
             rates["mfu"] = window["flops"] / dt / (n_dev * peak)
         summary = {k: last[k] for k in ("loss", "grad_norm", "lr") if k in last}
@@ -294,7 +295,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
                 post["mfu"] = f"{rates['mfu']:.2f}"
             progress.set_postfix(post, refresh=False)
         pending.clear()
-        window.update(t=now, flops=0.0, tokens=0)
+        window.update(t=now, flops=0.0, tokens=0, local=0, text=0)
 
     def save(at: int, force: bool = False) -> None:
         nonlocal last_saved
@@ -309,13 +310,19 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
         log.warning("preempted before the first step; rerun with --resume")
     batches = iter(()) if preempt.flag else data.iterator(start_step)
     try:
+        bucketed = {b.name for b in data.builders if b.spec.query_buckets or b.spec.passage_buckets}
         for item in batches:
             step = item.step
-            batch = trainer.prepare(item.batch, item.task)
+            host_batch = item.batch
+            if multi and item.dataset in bucketed:  # every host the same, or none of them
+                host_batch = pad_to_common_length(host_batch, tokenizer.pad_id)
+            batch = trainer.prepare(host_batch, item.task)
             trainer.state, metrics = trainer.step_fn(item.task)(trainer.state, batch)
             shapes = {k: tuple(v.shape) for k, v in batch.items()}
             window["flops"] += step_flops(model_cfg, shapes)
             window["tokens"] += int(np.prod(shapes["q_ids"])) + int(np.prod(shapes["p_ids"]))
+            window["local"] += host_batch["q_ids"].size + host_batch["p_ids"].size
+            window["text"] += int(host_batch["q_mask"].sum()) + int(host_batch["p_mask"].sum())
             pending.append((step, item.task, item.dataset, metrics))
             done = step + 1
             if progress is not None:
