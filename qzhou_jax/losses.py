@@ -22,8 +22,9 @@ Retrieval (InfoNCE with in-batch, hard and query-query negatives, tau = 0.02)::
     or to q_i is dropped too: another query's copy of the same positive, a hard negative equal
     to it, a passage equal to the query (symmetric data, swapped pairs), a repeated query.
     Their embedding is the positive's or the query's own, and keeping them pushes a text away
-    from itself. So is the positive d_j+ of a row j whose query equals q_i: a query with
-    several relevant passages (one record per pair) must not push its own positives away.
+    from itself. So is the positive d_j+ of a row j whose query equals q_i, in any column (in-batch
+    or hard negative): a query with several relevant passages (one record per pair) must not
+    push its own positives away.
 
 STS / NLI (CoSENT, tau_c = temperature, default 0.05 i.e. scale 20)::
 
@@ -163,15 +164,21 @@ def infonce_retrieval(q, pos, neg=None, *, temperature=0.02, in_batch_negatives=
             same.append((keys[1][None, :] == keys[1][:, None]) | (keys[1][None, :] == keys[0][:, None])
                         | (keys[0][None, :] == keys[0][:, None]))
     if hard_negatives and k > 0:
+        if keys is not None:  # [n, n]: row j's query is row i's (a query with several positives)
+            same_query = (keys[0][:, None] == keys[0][None, :]).astype(jnp.float32)
         if in_batch_negatives:
             sims.append(_sim(q, neg.reshape(n * k, d)))  # column c belongs to query c // k
             if keys is not None:
                 flat = keys[2].reshape(1, n * k)
-                same.append((flat == keys[1][:, None]) | (flat == keys[0][:, None]))
+                # ... and a negative equal to a positive of any row with the same query
+                other_pos = jnp.matmul(same_query, (keys[1][:, None] == flat).astype(jnp.float32), precision=_HI) > 0
+                same.append((flat == keys[1][:, None]) | (flat == keys[0][:, None]) | other_pos)
         else:
             sims.append(jnp.einsum("nd,nkd->nk", q, neg, precision=_HI))
             if keys is not None:
-                same.append((keys[2] == keys[1][:, None]) | (keys[2] == keys[0][:, None]))
+                hit = (keys[1][None, :, None] == keys[2][:, None, :]).astype(jnp.float32)  # [i, j, l]: neg[i,l] == pos[j]
+                other_pos = jnp.einsum("ij,ijl->il", same_query, hit, precision=_HI) > 0
+                same.append((keys[2] == keys[1][:, None]) | (keys[2] == keys[0][:, None]) | other_pos)
         valid.append(jnp.ones(sims[-1].shape, bool))
     if query_negatives:
         sims.append(_sim(q, q))

@@ -52,8 +52,9 @@ def ref_retrieval(q, pos, neg, tau, in_batch, hard, qneg, margin, keys=None):
         if in_batch:
             c += [pos[j] for j in range(n) if j != i and pk[j] not in (pk[i], qk[i]) and qk[j] != qk[i]]
         if hard:
+            same_query_pos = {pk[j] for j in range(n) if qk[j] == qk[i]}
             c += [neg[j, l] for j in (range(n) if in_batch else [i]) for l in range(k)
-                  if nk[j, l] not in (pk[i], qk[i])]
+                  if nk[j, l] not in (pk[i], qk[i]) and nk[j, l] not in same_query_pos]
         if qneg:
             c += [q[j] for j in range(n) if j != i and qk[j] != qk[i] and qk[j] != pk[i]]
         if margin is not None:
@@ -192,6 +193,15 @@ def test_retrieval_keeps_other_positives_of_the_same_query():
         logits = np.array([q[i] @ pos[i]] + [q[i] @ c for c in cands], np.float64) / 0.02
         by_hand.append(np.logaddexp.reduce(logits) - logits[0])
     _close(loss, np.mean(by_hand))
+    # a hard negative of row 0 that is row 1's positive (same query): left out in both modes
+    neg[0, 0], nk[0, 0] = pos[1], pk[1]
+    for in_batch in (True, False):
+        kw = dict(in_batch_negatives=in_batch, query_negatives=False)
+        got, m = infonce_retrieval(q, pos, neg, q_keys=qk, pos_keys=pk, neg_keys=nk, **kw)
+        ref, _ = ref_retrieval(q, pos, neg, 0.02, in_batch, True, False, None, keys=(qk, pk, nk))
+        _close(got, ref)
+        # in-batch: rows 0 and 1 each drop the other's positive and both drop neg[0, 0]
+        assert float(m["duplicates"]) == (4 / n if in_batch else 1 / n)
 
 
 def test_retrieval_margin_masks_candidates():

@@ -313,9 +313,17 @@ def test_classification_batches_never_pair_a_text_with_itself():
         q_texts, p_texts, extra = builder._texts(step, range(8), 0)
         for r, anchor in enumerate(q_texts):
             pos, negs = p_texts[4 * r], p_texts[4 * r + 1:4 * r + 4]
-            assert pos != anchor and anchor not in negs and len(set(negs)) == 3, (step, anchor, pos, negs)
+            assert pos != anchor and anchor not in negs and pos not in negs and len(set(negs)) == 3, \
+                (step, anchor, pos, negs)
             assert extra["p_labels"][4 * r] == extra["q_labels"][r]
             assert extra["q_labels"][r] not in extra["p_labels"][4 * r + 1:4 * r + 4]
+    # a dominant label (99.8%): its anchors draw negatives straight from the few other texts
+    skewed = [ClassificationRecord(f"major {i}", "M") for i in range(5000)]
+    skewed += [ClassificationRecord(f"minor {i}", "m") for i in range(10)]
+    builder = BatchBuilder(ListSource(skewed, name="skewed"), spec, tok, seed=0)
+    for step in range(20):
+        _, p_texts, extra = builder._texts(step, range(8), 0)
+        assert all(len(set(p_texts[4 * r + 1:4 * r + 4])) == 3 for r in range(8))
 
 
 def test_retrieval_batches_carry_keys_of_their_texts():

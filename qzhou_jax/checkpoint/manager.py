@@ -113,31 +113,46 @@ class RunCheckpoints:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to resume from")
         failed: list[tuple[int, str]] = []
         for step in steps:
-            try:
-                restored = self.restore(target, step)
-            except Exception as e:  # Orbax / TensorStore raise many types; any means "unreadable"
-                reason = _first_line(e)
+            restored, reason = self._try_restore(target, step)
+            if restored is None:  # one retry: a transient storage error is not damage
+                log.warning("%s/%d: restore failed (%s); retrying once", self.directory, step, reason)
+                restored, reason = self._try_restore(target, step)
+            if restored is None:
                 if jax.process_count() > 1 or step == steps[-1]:
                     path = os.path.join(self.directory, str(steps[0]))
                     hint = (f"; if its files are damaged, move it aside (mv {path} {path}.unreadable) on the "
                             "shared storage and resume from the previous step" if len(steps) > 1 else "")
                     first = failed[0][1] if failed else reason
                     raise ValueError(f"{path}: checkpoint {steps[0]} could not be restored: {first} (does the "
-                                     f"model and optimizer config match the checkpoint's?){hint}") from e
+                                     f"model and optimizer config match the checkpoint's?){hint}")
                 failed.append((step, reason))
                 log.warning("%s/%d: checkpoint unreadable (%s); trying the previous one", self.directory, step,
                             reason)
-                self._reopen()
                 continue
-            for bad, reason in failed:
+            for bad, why in failed:
                 path = os.path.join(self.directory, str(bad))
-                os.replace(path, f"{path}.unreadable")
-                log.warning("%s: unreadable (%s), renamed %s.unreadable; resuming from step %d", path, reason,
+                try:
+                    os.replace(path, f"{path}.unreadable")
+                except OSError as e:  # e.g. a bucket mount that cannot rename folders
+                    raise ValueError(f"{path}: unreadable ({why}), and it could not be renamed out of the way "
+                                     f"({e.strerror or e}); move it aside yourself and resume again") from None
+                log.warning("%s: unreadable (%s), renamed %s.unreadable; resuming from step %d", path, why,
                             path, step)
             if failed:
                 self._reopen()  # the manager's list of steps
             return restored
         raise AssertionError("unreachable")
+
+    def _try_restore(self, target: Any, step: int) -> tuple[Any, str]:
+        """(restore(...), "") or (None, the error's first line). Orbax and TensorStore raise many types;
+        any means "unreadable". The manager is reopened after a failure, outside the ``except`` so that
+        the failed read's pending coroutines can be finalized then, not at interpreter exit."""
+        try:
+            return self.restore(target, step), ""
+        except Exception as e:
+            reason = _first_line(e)
+        self._reopen()
+        return None, reason
 
     def _reopen(self) -> None:
         """A fresh manager on the same folder (after a failed restore, or steps moved aside)."""
@@ -146,6 +161,9 @@ class RunCheckpoints:
             self.manager.close()
         except Exception:  # a manager whose restore failed may not close cleanly
             pass
+        import gc
+
+        gc.collect()  # a failed restore leaves read coroutines behind: finalize them now, not at exit
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def reached_preemption(self, step: int) -> bool:

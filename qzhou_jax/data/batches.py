@@ -62,7 +62,7 @@ class LabelIndex:
     distinct texts, never the anchor's own text (one text filed under two labels in noisy data).
     Anchors are the kept records whose label has at least two distinct texts."""
 
-    NEGATIVE_TRIES = 64
+    NEGATIVE_TRIES = 64  # draws per negative before giving up (only identical texts are redrawn)
 
     def __init__(self, labels: np.ndarray, name: str, text_keys: np.ndarray | None = None):
         self.labels, self.name = np.asarray(labels, np.int64), name
@@ -77,6 +77,8 @@ class LabelIndex:
         order = self.kept[np.argsort(self.labels[self.kept], kind="stable")]
         uniq, starts, counts = np.unique(self.labels[order], return_index=True, return_counts=True)
         self.members = {int(u): order[s:s + c] for u, s, c in zip(uniq, starts, counts)}
+        self.order = order  # kept records, grouped by label: label u is order[start_u : start_u + count_u]
+        self.span = {int(u): (int(s), int(c)) for u, s, c in zip(uniq, starts, counts)}
         if len(uniq) < 2:
             raise ValueError(f"dataset {name!r}: classification needs at least two labels, found {len(uniq)}")
         self.anchors = self.kept[counts[np.searchsorted(uniq, self.labels[self.kept])] >= 2]
@@ -90,26 +92,31 @@ class LabelIndex:
         j = int(same[rng.integers(len(same) - 1)])
         return j if j != i else int(same[-1])  # uniform over the label's other texts
 
-    def negatives(self, i: int, k: int, rng: np.random.Generator) -> list[int]:
-        """k records of other labels, uniform over their distinct texts: never the anchor's text, and
-        distinct from each other while the draws allow (a tiny dataset may repeat some)."""
-        label, key, pool = self.labels[i], self.keys[i], self.kept
+    def negatives(self, i: int, k: int, rng: np.random.Generator, avoid: Sequence[int] = ()) -> list[int]:
+        """k records of other labels, uniform over their distinct texts (drawn straight from the other
+        labels, so a dominant label costs nothing): never the anchor's text or a text in ``avoid`` (the
+        positive: one text filed under two labels), distinct from each other while the draws allow (a
+        tiny dataset may repeat some)."""
+        start, count = self.span[int(self.labels[i])]
+        others = len(self.order) - count
+        banned = {int(self.keys[i]), *map(int, avoid)}
         out: list[int] = []
         taken: set[int] = set()
         tries = k * self.NEGATIVE_TRIES
         for attempt in range(tries):
             if len(out) == k:
                 break
-            j = int(pool[rng.integers(len(pool))])
+            u = int(rng.integers(others))
+            j = int(self.order[u + count if u >= start else u])
             kj = int(self.keys[j])
-            if self.labels[j] == label or kj == key or (kj in taken and attempt < tries // 2):
+            if kj in banned or (kj in taken and attempt < tries // 2):
                 continue
             out.append(j)
             taken.add(kj)
         if len(out) < k:
             raise ValueError(f"dataset {self.name!r}: found {len(out)} of {k} negatives for record {i} in {tries} "
-                             "draws: (nearly) every "
-                             "text of another label is this record's own text; add data or lower hard_negatives")
+                             "draws: (nearly) every text of the other labels is this record's own text or its "
+                             "positive's; add data or lower hard_negatives")
         return out
 
 
@@ -173,7 +180,7 @@ class BatchBuilder:
                 assert self.labels is not None
                 q_texts.append(format_prompt(rec.text, side_instr))
                 pos = self.labels.positive(i, rng)
-                negs = self.labels.negatives(i, spec.hard_negatives, rng)
+                negs = self.labels.negatives(i, spec.hard_negatives, rng, avoid=(int(self.labels.keys[pos]),))
                 for j in [pos] + negs:
                     p_texts.append(format_prompt(src[j].text, side_instr))
                     extra["p_labels"].append(int(self.labels.labels[j]))

@@ -3,7 +3,8 @@
 Batch format (a dict of arrays; one task per batch, `task` is a static Python string)
 -----------------------------------------------------------------------------------
 Every task has two sides, "queries" `q_*` and "passages" `p_*`, each padded to its own
-fixed length (the dataset's `query_max_length` / `passage_max_length`)::
+length (at most the dataset's `query_max_length` / `passage_max_length`; shorter with
+`DataConfig.length_buckets`)::
 
     q_ids, q_mask   [n, Lq]        int   queries / anchors / first texts
     p_ids, p_mask   [n * g, Lp]    int   g passages per query, grouped by query:
