@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -52,6 +52,24 @@ class BatchSpec:
     @property
     def group(self) -> int:
         return 1 if self.task == "sts" else 1 + self.hard_negatives
+
+
+def draw_distinct(draw: Callable[[], "tuple[Any, Hashable] | None"], count: int, tries: int,
+                  taken: Iterable[Hashable] = ()) -> list:
+    """Up to ``count`` values from ``draw()``, which gives (value, key) or None for a rejected draw:
+    keys distinct from each other and from ``taken`` during the first half of the ``tries``,
+    repeats allowed after that (a source with fewer distinct items than ``count``)."""
+    out: list = []
+    seen = set(taken)
+    for attempt in range(tries):
+        if len(out) == count:
+            break
+        got = draw()
+        if got is None or (got[1] in seen and attempt < tries // 2):
+            continue
+        out.append(got[0])
+        seen.add(got[1])
+    return out
 
 
 class LabelIndex:
@@ -100,19 +118,14 @@ class LabelIndex:
         start, count = self.span[int(self.labels[i])]
         others = len(self.order) - count
         banned = {int(self.keys[i]), *map(int, avoid)}
-        out: list[int] = []
-        taken: set[int] = set()
-        tries = k * self.NEGATIVE_TRIES
-        for attempt in range(tries):
-            if len(out) == k:
-                break
+
+        def draw() -> tuple[int, int] | None:
             u = int(rng.integers(others))
             j = int(self.order[u + count if u >= start else u])
-            kj = int(self.keys[j])
-            if kj in banned or (kj in taken and attempt < tries // 2):
-                continue
-            out.append(j)
-            taken.add(kj)
+            return None if int(self.keys[j]) in banned else (j, int(self.keys[j]))
+
+        tries = k * self.NEGATIVE_TRIES
+        out = draw_distinct(draw, k, tries)
         if len(out) < k:
             raise ValueError(f"dataset {self.name!r}: found {len(out)} of {k} negatives for record {i} in {tries} "
                              "draws: (nearly) every text of the other labels is this record's own text or its "
@@ -194,21 +207,18 @@ class BatchBuilder:
         positives (queries sharing a document are common in BEIR training sets: the loss
         would push a text below itself), and distinct from each other and from its hard
         negatives while the draws allow (a source with fewer distinct positives repeats some)."""
-        src, own, out = self.source, set(rec.pos), []
-        seen = set(taken)
-        tries = count * self.RANDOM_NEGATIVE_TRIES
-        for attempt in range(tries):
-            if len(out) == count:
-                break
+        src, own = self.source, set(rec.pos)
+
+        def draw() -> tuple[str, str] | None:
             j = int(rng.integers(len(src)))
             if j == i:
-                continue
+                return None
             other = src[j].pos
             text = other[int(rng.integers(len(other)))]
-            if text in own or (text in seen and attempt < tries // 2):
-                continue
-            out.append(text)
-            seen.add(text)
+            return None if text in own else (text, text)
+
+        tries = count * self.RANDOM_NEGATIVE_TRIES
+        out = draw_distinct(draw, count, tries, taken)
         if len(out) < count:
             raise ValueError(f"data.datasets ({self.name}): found {len(out)} of the {count} random negatives "
                              f"needed for record {i} in {tries} draws: the other records' positives are "
