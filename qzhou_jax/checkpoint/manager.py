@@ -34,9 +34,9 @@ class RunCheckpoints:
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(os.fspath(directory))
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                                     create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     # ------------------------------------------------------------- metadata
     def write_metadata(self, cfg: ModelConfig, tokenizer_dir: str | None, run_config: Mapping | None = None) -> None:
@@ -156,7 +156,6 @@ class RunCheckpoints:
 
     def _reopen(self) -> None:
         """A fresh manager on the same folder (after a failed restore, or steps moved aside)."""
-        options = self.manager._options  # noqa: SLF001 (the same options as at construction)
         try:
             self.manager.close()
         except Exception:  # a manager whose restore failed may not close cleanly
@@ -164,7 +163,7 @@ class RunCheckpoints:
         import gc
 
         gc.collect()  # a failed restore leaves read coroutines behind: finalize them now, not at exit
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     def reached_preemption(self, step: int) -> bool:
         """Whether a preemption notice reached this job (multi-process: all processes agree

@@ -75,17 +75,17 @@ def draw_distinct(draw: Callable[[], "tuple[Any, Hashable] | None"], count: int,
 class LabelIndex:
     """Records grouped by label, for drawing positives (same label) and negatives (others).
 
-    With ``text_keys`` (one key per record, equal for equal texts), a text counts once per label:
+    ``text_keys`` (one key per record, equal for equal texts) make a text count once per label:
     a repeated (text, label) row is left out, so no anchor is its own positive; negatives are
     distinct texts, never the anchor's own text (one text filed under two labels in noisy data).
     Anchors are the kept records whose label has at least two distinct texts."""
 
     NEGATIVE_TRIES = 64  # draws per negative before giving up (only identical texts are redrawn)
 
-    def __init__(self, labels: np.ndarray, name: str, text_keys: np.ndarray | None = None):
+    def __init__(self, labels: np.ndarray, name: str, text_keys: np.ndarray):
         self.labels, self.name = np.asarray(labels, np.int64), name
         n = len(self.labels)
-        self.keys = np.arange(n, dtype=np.int64) if text_keys is None else np.asarray(text_keys, np.int64)
+        self.keys = np.asarray(text_keys, np.int64)
         if self.keys.shape != (n,):
             raise ValueError(f"dataset {name!r}: {len(self.keys)} text keys for {n} records")
         # the first record of each distinct (label, text), in record order
@@ -94,7 +94,6 @@ class LabelIndex:
         self.duplicates = int(n - len(self.kept))
         order = self.kept[np.argsort(self.labels[self.kept], kind="stable")]
         uniq, starts, counts = np.unique(self.labels[order], return_index=True, return_counts=True)
-        self.members = {int(u): order[s:s + c] for u, s, c in zip(uniq, starts, counts)}
         self.order = order  # kept records, grouped by label: label u is order[start_u : start_u + count_u]
         self.span = {int(u): (int(s), int(c)) for u, s, c in zip(uniq, starts, counts)}
         if len(uniq) < 2:
@@ -106,7 +105,8 @@ class LabelIndex:
         self.dropped = int(len(self.kept) - len(self.anchors))  # the only text of their label
 
     def positive(self, i: int, rng: np.random.Generator) -> int:
-        same = self.members[int(self.labels[i])]
+        start, count = self.span[int(self.labels[i])]
+        same = self.order[start:start + count]
         j = int(same[rng.integers(len(same) - 1)])
         return j if j != i else int(same[-1])  # uniform over the label's other texts
 

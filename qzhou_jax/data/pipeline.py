@@ -70,8 +70,9 @@ def close_iterator(it: Iterator[Any], timeout: float = 60.0) -> None:
 
 def pad_to_common_length(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
     """Several processes: pad this host's rows to the longest host's length on each side (hosts
-    choose their length bucket from their own rows; the global array needs one shape). A
-    host-level all-gather of two integers; a single process returns the batch as it is."""
+    choose their length bucket from their own rows; the global array needs one shape), through a
+    device all-gather of two integers, which waits for the previous step to finish; a single
+    process returns the batch as it is."""
     import jax
 
     if jax.process_count() == 1:
