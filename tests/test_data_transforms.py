@@ -305,7 +305,13 @@ def test_cli_check(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "1200 classification records" in text and "labels: 14" in text
     assert main(["data", "check", "--task", "retrieval", "--input", str(DEMO / "retrieval_train.jsonl")]) == 0
-    assert "1482 retrieval records" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1482 retrieval records" in out and "listed negatives that are a positive of their query" in out
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"query": "q", "pos": ["a"], "neg": ["b", "x"]},
+                                                    {"query": "q", "pos": ["b"]}, {"query": "r", "pos": ["x"]}])
+    assert main(["data", "check", "--task", "retrieval", "--input", str(pairs)]) == 0
+    assert "queries in several records: 1; listed negatives that are a positive of their query " \
+           "(left out in training): 1" in capsys.readouterr().out
     assert main(["data", "check", "--task", "sts", "--input", str(DEMO / "sts_train.jsonl")]) == 0
     assert "scores: min 0" in capsys.readouterr().out
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"anchor": "a", "positive": "p"}, {"anchor": "b"}])

@@ -293,6 +293,50 @@ def test_random_negatives_are_never_the_rows_own_positives():
         builder._texts(0, [0], 0)  # every other record's positive is its own
 
 
+def test_negatives_are_never_a_positive_of_the_query_in_another_record(tmp_path):
+    """One record per (query, positive) pair: a query's other positives live in other records.
+    Neither a random negative nor a listed negative may be one of them (listed ones are left out)."""
+    from qzhou_jax.data.batches import BatchBuilder, BatchSpec
+    from qzhou_jax.data.records import RetrievalRecord
+    from qzhou_jax.data.sources import JsonlSource, ListSource
+    from qzhou_jax.tokenizer import Tokenizer
+
+    tok = Tokenizer(os.path.join(os.path.dirname(__import__("qzhou_jax").__file__), "assets", "tokenizer"))
+    records = [RetrievalRecord("q", (f"q-doc{j}",)) for j in range(4)]  # 4 records of one query
+    records += [RetrievalRecord(f"r{i}", (f"other{i}",)) for i in range(3)]
+    records += [RetrievalRecord("q", ("q-doc4",), ("q-doc0", "hard", "q-doc4"))]  # 2 listed negatives are positives
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"query": r.query, "pos": list(r.pos), "neg": list(r.neg)}) + "\n"
+                            for r in records))
+    spec = BatchSpec("retrieval", batch_size=8, hard_negatives=3, query_max_length=16, passage_max_length=16)
+    q_docs = {f"q-doc{j}" for j in range(5)}
+    for source in (ListSource(records, name="pairs"), JsonlSource(path, "retrieval")):
+        index = source.query_positives
+        assert index.shared_queries == 1 and len(index.pairs) == 5
+        assert index.contains(0, "q-doc3") and not index.contains(0, "other1") and not index.contains(4, "q-doc0")
+        builder = BatchBuilder(source, spec, tok, seed=0)
+        for step in range(30):
+            _, p_texts, _ = builder._texts(step, range(8), 0)
+            for r in range(8):
+                negs = p_texts[4 * r + 1:4 * r + 4]
+                if r in (0, 1, 2, 3, 7):
+                    assert not set(negs) & q_docs, (step, r, negs)
+                if r == 7:
+                    assert negs[0] == "hard" and len(set(negs)) == 3
+
+    class Plain:  # a source without the index (any Source-like object): one is built by reading its records
+        name, family = "plain", "retrieval"
+
+        def __len__(self):
+            return len(records)
+
+        def __getitem__(self, i):
+            return records[i]
+
+    builder = BatchBuilder(Plain(), spec, tok, seed=0)
+    assert len(builder.positives.pairs) == 5 and not set(builder._texts(0, [0], 0)[1][1:]) & q_docs
+
+
 def test_classification_batches_never_pair_a_text_with_itself():
     """Noisy classification data: a (text, label) row repeated, and one text filed under two
     labels. Positives always differ from the anchor's text, negatives never are the anchor's
@@ -334,15 +378,15 @@ def test_retrieval_batches_carry_keys_of_their_texts():
 
     tok = Tokenizer(os.path.join(os.path.dirname(__import__("qzhou_jax").__file__), "assets", "tokenizer"))
     records = [RetrievalRecord("q a", ("doc",), ("n1",)), RetrievalRecord("q b", ("doc",), ("n2",)),
-               RetrievalRecord("q a", ("other",), ("doc",), instruction="Find it")]
-    spec = BatchSpec("retrieval", batch_size=3, hard_negatives=1, query_max_length=16, passage_max_length=16)
-    batch = BatchBuilder(ListSource(records, name="dups"), spec, tok, seed=0).build(0, range(3), 0)
-    q, p = batch["q_keys"], batch["p_keys"].reshape(3, 2)
+               RetrievalRecord("q c", ("other",), ("doc",)), RetrievalRecord("q a", ("x",), ("n4",), "Find it")]
+    spec = BatchSpec("retrieval", batch_size=4, hard_negatives=1, query_max_length=16, passage_max_length=16)
+    batch = BatchBuilder(ListSource(records, name="dups"), spec, tok, seed=0).build(0, range(4), 0)
+    q, p = batch["q_keys"], batch["p_keys"].reshape(4, 2)
     assert q.dtype == np.int32 and p.dtype == np.int32
     assert p[0, 0] == p[1, 0] == p[2, 1] and len({p[0, 0], p[0, 1], p[1, 1], p[2, 0]}) == 4
-    assert q[0] != q[2]  # same query text, but the instruction makes a different input
+    assert q[0] != q[3]  # same query text, but the instruction makes a different input
     assert q[0] == sequence_keys(tok.encode(["q a"]), 16)[0]
-    assert q[2] == sequence_keys(tok.encode(["Instruct: Find it\nQuery: q a"]), 16)[0]
+    assert q[3] == sequence_keys(tok.encode(["Instruct: Find it\nQuery: q a"]), 16)[0]
     # questions cut off the same long context are one input to the model: one key
     context = "word " * 200
     long = [RetrievalRecord(context + "first question?", ("p1",)), RetrievalRecord(context + "second?", ("p2",))]

@@ -9,6 +9,8 @@ Per task (g = 1 + hard negatives):
 - retrieval: query (with the record's instruction, else the dataset's); its positive (one of
   `pos`, at random when there are several) then k hard negatives (k of `neg` at random; a
   record with fewer gets passages of other records of the same dataset: random negatives).
+  No negative, listed or random, is a positive of the query in any record of the dataset
+  (`sources.QueryPositives`: one record per (query, positive) pair is a common layout).
   Passages get the instruction only for symmetric datasets.
 - sts: text1 / text2 and the gold score; the instruction on both sides when symmetric.
 - classification (example-based triplets, SPEC section 4): the anchor text, another text
@@ -31,7 +33,7 @@ from typing import Any, Callable, Hashable, Iterable, Sequence
 import numpy as np
 
 from qzhou_jax.data.sampler import row_rng
-from qzhou_jax.data.sources import text_key
+from qzhou_jax.data.sources import QueryPositives, text_key
 from qzhou_jax.tokenizer import Tokenizer, format_prompt
 
 
@@ -141,6 +143,11 @@ class BatchBuilder:
         self.seed, self.salt = int(seed), int(salt)
         self.name = getattr(source, "name", "dataset")
         self.labels: LabelIndex | None = None
+        self.positives: QueryPositives | None = None
+        if spec.task == "retrieval":
+            self.positives = getattr(source, "query_positives", None)
+            if self.positives is None:  # a source that does not index its texts: read them once
+                self.positives = QueryPositives.from_records(source[i] for i in range(len(source)))
         if spec.task == "classification":
             labels = getattr(source, "labels", None)
             if labels is None:
@@ -177,7 +184,7 @@ class BatchBuilder:
                 instr = getattr(rec, "instruction", None) or spec.instruction
                 q_texts.append(format_prompt(rec.query, instr))
                 pos = rec.pos[int(rng.integers(len(rec.pos)))] if len(rec.pos) > 1 else rec.pos[0]
-                negs = list(rec.neg)
+                negs = [t for t in rec.neg if not self.positives.is_positive(i, rec, t)]
                 k = spec.hard_negatives
                 if len(negs) > k:
                     negs = [negs[j] for j in sorted(rng.choice(len(negs), k, replace=False))]
@@ -203,11 +210,13 @@ class BatchBuilder:
     RANDOM_NEGATIVE_TRIES = 64
 
     def _random_negatives(self, rec, i: int, count: int, taken: Sequence[str], rng) -> list[str]:
-        """`count` other records' positives as negatives for record `i`: never one of its own
-        positives (queries sharing a document are common in BEIR training sets: the loss
-        would push a text below itself), and distinct from each other and from its hard
+        """`count` other records' positives as negatives for record `i`: never a positive of its
+        query, its own or another record's (queries sharing a document are common in BEIR
+        training sets, one record per (query, positive) in flattened data: the loss would push
+        a relevant text below the query), and distinct from each other and from its hard
         negatives while the draws allow (a source with fewer distinct positives repeats some)."""
-        src, own = self.source, set(rec.pos)
+        src, positives = self.source, self.positives
+        assert positives is not None
 
         def draw() -> tuple[str, str] | None:
             j = int(rng.integers(len(src)))
@@ -215,14 +224,14 @@ class BatchBuilder:
                 return None
             other = src[j].pos
             text = other[int(rng.integers(len(other)))]
-            return None if text in own else (text, text)
+            return None if positives.is_positive(i, rec, text) else (text, text)
 
         tries = count * self.RANDOM_NEGATIVE_TRIES
         out = draw_distinct(draw, count, tries, taken)
         if len(out) < count:
             raise ValueError(f"data.datasets ({self.name}): found {len(out)} of the {count} random negatives "
                              f"needed for record {i} in {tries} draws: the other records' positives are "
-                             f"(nearly) all this record's own positives; add records or lower hard_negatives")
+                             f"(nearly) all positives of this record's query; add records or lower hard_negatives")
         return out
 
     def build(self, step: int, rows: Sequence[int], row0: int) -> dict[str, np.ndarray]:

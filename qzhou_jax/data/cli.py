@@ -131,17 +131,21 @@ def cmd_check(args: argparse.Namespace) -> int:
           + (f", {source.skipped} bad records skipped" if getattr(source, "skipped", 0) else ""))
     if args.task == "retrieval":
         pos, neg, instr = [], [], Counter()
+        index, positive_negatives = source.query_positives, 0
         for i in range(len(source)):
             r = source[i]
             pos.append(len(r.pos))
             neg.append(len(r.neg))
             instr[r.instruction] += 1
+            positive_negatives += sum(index.is_positive(i, r, t) for t in r.neg)
         pos, neg = np.array(pos), np.array(neg)
         print(f"  positives per query: mean {pos.mean():.2f}, max {pos.max()}")
         print(f"  hard negatives per query: mean {neg.mean():.2f}, min {neg.min()}, max {neg.max()} "
               f"({int((neg > 0).sum())} queries have some)")
         print(f"  instructions: {len(source) - instr.get(None, 0)} records have one "
               f"({len([k for k in instr if k is not None])} distinct)")
+        print(f"  queries in several records: {index.shared_queries}; listed negatives that are a positive "
+              f"of their query (left out in training): {positive_negatives}")
     elif args.task == "sts":
         scores = np.array([source[i].score for i in range(len(source))])
         print(f"  scores: min {scores.min():g}, max {scores.max():g}, mean {scores.mean():.3f}, "

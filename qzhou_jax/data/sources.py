@@ -4,6 +4,9 @@ A source has a ``name``, a ``family`` (one of ``FAMILIES``), ``len()`` and ``sou
 classification sources also expose ``labels`` (int label id per record) and ``label_names``, so a
 sampler can pick same-class positives without reading texts.
 
+Retrieval sources expose ``query_positives`` (a ``QueryPositives``): which texts are positives of a
+record's query in any record, for data with one record per (query, positive) pair.
+
 ``JsonlSource`` validates a whole file once, up front, and then keeps only byte offsets: a bad line
 stops the run before any device work starts, and memory does not grow with the texts. Records are
 re-read from disk on access, which is what grain's random-access model wants.
@@ -26,7 +29,7 @@ from qzhou_jax.data.records import (
     DEFAULT_FIELDS, FAMILIES, RECORD_TYPES, BadRecords, Record, RecordError, parse_record, resolve_fields,
 )
 
-__all__ = ["Source", "JsonlSource", "ListSource", "open_source", "label_index", "text_key"]
+__all__ = ["Source", "JsonlSource", "ListSource", "QueryPositives", "open_source", "label_index", "text_key"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,86 @@ def label_index(labels: Iterable[str]) -> tuple[np.ndarray, list[str]]:
     return np.fromiter((ids[x] for x in labels), dtype=np.int32, count=len(labels)), names
 
 
+_PAIR_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying by it is a bijection of 64-bit keys
+
+
+def _pair_keys(query_keys: np.ndarray, text_keys: np.ndarray) -> np.ndarray:
+    """One uint64 key per (query key, text key) pair."""
+    with np.errstate(over="ignore"):
+        return (np.asarray(query_keys, np.int64).view(np.uint64) * _PAIR_MIX) ^ np.asarray(text_keys, np.int64).view(np.uint64)
+
+
+class QueryPositives:
+    """The positives of each record's query over the whole source.
+
+    One record per (query, positive) pair is a common layout (flattened qrels, mined or synthesized
+    data): a record's ``pos`` then holds one of its query's positives, and another record's positive,
+    drawn as a random negative, or a listed negative can be one of the others. The loss would push the
+    query away from a relevant text. ``contains(i, text)`` says whether ``text`` is a positive of record
+    ``i``'s query in another record; it keeps (query, positive) key pairs only for queries that several
+    records share (a record's own ``pos`` is checked directly), so one-record-per-query data costs 8
+    bytes per record. Built from a key of every query and positive (two hashes per record at scan time).
+    """
+
+    def __init__(self, query_keys: np.ndarray, positive_keys: np.ndarray, positive_counts: np.ndarray):
+        self.query_keys = np.asarray(query_keys, np.int64)
+        n = len(self.query_keys)
+        _, inverse, counts = np.unique(self.query_keys, return_inverse=True, return_counts=True)
+        owner = np.repeat(np.arange(n), np.asarray(positive_counts, np.int64))
+        shared = (counts[inverse] > 1)[owner]
+        self.pairs = np.unique(_pair_keys(self.query_keys[owner[shared]], np.asarray(positive_keys)[shared]))
+        self.shared_queries = int((counts > 1).sum())  # distinct queries with several records
+
+    @classmethod
+    def from_records(cls, records: Iterable[Record]) -> "QueryPositives":
+        keys = _ScanKeys("retrieval")
+        for r in records:
+            keys.add(r)
+        return keys.query_positives()
+
+    def contains(self, i: int, text: str) -> bool:
+        """Whether ``text`` is a positive of record ``i``'s query in another record sharing that query."""
+        if not len(self.pairs):
+            return False
+        key = _pair_keys(self.query_keys[i:i + 1], np.array([text_key(text)], np.int64))[0]
+        j = int(np.searchsorted(self.pairs, key))
+        return j < len(self.pairs) and self.pairs[j] == key
+
+    def is_positive(self, i: int, record: Any, text: str) -> bool:
+        """Whether ``text`` is a positive of the query of record ``i`` (``record``): its own or another's."""
+        return text in record.pos or self.contains(i, text)
+
+
+class _ScanKeys:
+    """What a source keeps of each record while it scans them: label and text key (classification),
+    query and positive keys (retrieval). ``attach`` sets the source's attributes."""
+
+    def __init__(self, family: str):
+        self.family = family
+        self.labels: list[str] = []
+        self.text, self.query, self.pos, self.pos_n = (array.array("q") for _ in range(4))
+
+    def add(self, record: Any) -> None:
+        if self.family == "classification":
+            self.labels.append(record.label)
+            self.text.append(text_key(record.text))
+        elif self.family == "retrieval":
+            self.query.append(text_key(record.query))
+            self.pos.extend(map(text_key, record.pos))
+            self.pos_n.append(len(record.pos))
+
+    def query_positives(self) -> QueryPositives:
+        arr = lambda a: np.frombuffer(a, np.int64) if len(a) else np.zeros(0, np.int64)  # noqa: E731
+        return QueryPositives(arr(self.query), arr(self.pos), arr(self.pos_n))
+
+    def attach(self, source: Any) -> None:
+        if self.family == "classification":
+            source.labels, source.label_names = label_index(self.labels)
+            source.text_keys = np.frombuffer(self.text, np.int64).copy()
+        elif self.family == "retrieval":
+            source.query_positives = self.query_positives()
+
+
 class JsonlSource:
     """Records of one family from a JSONL file, read by index.
 
@@ -91,6 +174,7 @@ class JsonlSource:
         self.labels: np.ndarray | None = None
         self.text_keys: np.ndarray | None = None
         self.label_names: list[str] | None = None
+        self.query_positives: QueryPositives | None = None
         self._abspath = os.path.abspath(self.path)
         self._file = None
         self._pid = None
@@ -103,8 +187,7 @@ class JsonlSource:
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"{self.path}: no such file")
         starts = array.array("q")
-        labels: list[str] = []
-        keys = array.array("q")
+        keys = _ScanKeys(self.family)
         end = 0
         with open(self.path, "rb") as f:
             st = os.fstat(f.fileno())
@@ -123,9 +206,7 @@ class JsonlSource:
                     continue
                 starts.append(start)
                 end = pos
-                if self.family == "classification":
-                    labels.append(record.label)
-                    keys.append(text_key(record.text))
+                keys.add(record)
         self._stat = (st.st_size, st.st_mtime_ns)
         self.skipped = errors.count
         errors.warn(self.path, log)
@@ -136,9 +217,7 @@ class JsonlSource:
         self._bounds = np.empty(len(starts) + 1, dtype=np.int64)
         self._bounds[:-1] = np.frombuffer(starts, dtype=np.int64)
         self._bounds[-1] = end
-        if self.family == "classification":
-            self.labels, self.label_names = label_index(labels)
-            self.text_keys = np.frombuffer(keys, dtype=np.int64).copy()
+        keys.attach(self)
 
     @property
     def offsets(self) -> np.ndarray:
@@ -223,9 +302,11 @@ class ListSource:
         self.labels: np.ndarray | None = None
         self.label_names: list[str] | None = None
         self.text_keys: np.ndarray | None = None
-        if family == "classification":
-            self.labels, self.label_names = label_index(r.label for r in records)
-            self.text_keys = np.array([text_key(r.text) for r in records], np.int64)
+        self.query_positives: QueryPositives | None = None
+        keys = _ScanKeys(family)
+        for r in records:
+            keys.add(r)
+        keys.attach(self)
 
     @classmethod
     def from_dicts(cls, rows: Iterable[Any], family: str, fields: Mapping[str, str] | None = None,

@@ -22,7 +22,7 @@ import numpy as np
 from qzhou_jax.data.records import (
     DEFAULT_FIELDS, FAMILIES, BadRecords, Record, RecordError, parse_record, resolve_fields,
 )
-from qzhou_jax.data.sources import _index, label_index, text_key
+from qzhou_jax.data.sources import _index, _ScanKeys
 
 __all__ = ["TfdsSource", "import_tfds", "to_python"]
 
@@ -86,6 +86,7 @@ class TfdsSource:
         self.labels: np.ndarray | None = None
         self.text_keys: np.ndarray | None = None
         self.label_names: list[str] | None = None
+        self.query_positives = None
         self._class_names = self._label_class_names()
         self._scan(BadRecords(skip=skip_bad_records))
 
@@ -123,7 +124,7 @@ class TfdsSource:
     def _scan(self, errors: BadRecords) -> None:
         n = len(self._source())
         good = np.empty(n, dtype=np.int64)
-        labels, keys = [], []
+        keys = _ScanKeys(self.family)
         count = 0
         for k in range(n):
             try:
@@ -133,9 +134,7 @@ class TfdsSource:
                 continue
             good[count] = k
             count += 1
-            if self.family == "classification":
-                labels.append(record.label)
-                keys.append(text_key(record.text))
+            keys.add(record)
         self.skipped = errors.count
         errors.warn(self._where, log)
         if count == 0:
@@ -143,9 +142,7 @@ class TfdsSource:
             raise RecordError(f"{self._where}: no records ({why})")
         self._index = good[:count] if count < n else None  # None: identity
         self._len = count
-        if self.family == "classification":
-            self.labels, self.label_names = label_index(labels)
-            self.text_keys = np.array(keys, np.int64)
+        keys.attach(self)
 
     def __len__(self) -> int:
         return self._len
