@@ -37,6 +37,21 @@ jax.config.update("jax_default_matmul_precision", "highest")
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _root_log_handlers_do_not_outlive_a_test():
+    """The CLI's logging.basicConfig binds a handler to the sys.stderr of its first call, which
+    is pytest's capture file in a test; remove it after the test, or later tests that log
+    through the CLI write to a closed file."""
+    import logging
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    for h in root.handlers[:]:
+        if h not in before:
+            root.removeHandler(h)
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     """Path to ../shared/data; skips the test when the folder is absent."""

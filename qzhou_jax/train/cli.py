@@ -15,7 +15,8 @@ DEMO_CONFIG = os.path.join(ASSETS, "demo", "demo.yaml")
 DEMO_MARKER = ".qzhou-demo"
 
 
-def _report(result, stream=sys.stderr) -> None:
+def _report(result, stream=None) -> None:
+    stream = sys.stderr if stream is None else stream  # the stderr of the call, not of the import
     print(f"{result.status} at step {result.step} in {result.seconds:.0f}s; checkpoints: {result.checkpoint_dir}",
           file=stream)
     if result.hf_dir:
