@@ -186,7 +186,7 @@ def run_config(task: str, path: str, args, workers: int, total_steps: int):
 
 
 def make_data(task: str, path: str, args, workers: int, total_steps: int):
-    from qzhou_jax.data.pipeline import TrainData
+    from qzhou_jax.data.pipeline import HostRows, TrainData
     from qzhou_jax.tokenizer import Tokenizer
 
     cfg = run_config(task, path, args, workers, total_steps)
@@ -194,7 +194,7 @@ def make_data(task: str, path: str, args, workers: int, total_steps: int):
     max_len = max(max(r["query_max_length"], r["passage_max_length"])
                   for r in map(cfg.data.resolved, cfg.data.datasets))
     tok = Tokenizer(args.tokenizer, max_length=max_len)
-    return TrainData.from_config(cfg, tok, process_index=0, process_count=1)
+    return TrainData.from_config(cfg, tok, HostRows.of_process(0, 1))
 
 
 def measure(task: str, path: str, args, workers: int) -> dict:

@@ -283,7 +283,8 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
 
     Arguments win; otherwise `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and
     `JAX_PROCESS_ID` (set by the launchers in launch/), else JAX's own detection of TPU
-    pods, SLURM and Open MPI. On a single process nothing happens. CPU-only multi-process
+    pods, SLURM steps of several tasks and Open MPI. On a single process nothing happens (a
+    one-task SLURM step keeps all its GPUs). CPU-only multi-process
     runs (tests, launch/local.sh) use gloo for the cross-process collectives.
     """
     import os
@@ -300,7 +301,11 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
         return
     if coordinator is None and num_processes is None:
         multi_host_tpu = len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1
-        if not (multi_host_tpu or any(k in env for k in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE"))):
+        # A one-task SLURM step (`srun --gres=gpu:8 --pty bash`, a batch script run without srun) is
+        # one process: JAX's SLURM detection would give it only the GPU of SLURM_LOCALID.
+        slurm_tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+        slurm = "SLURM_JOB_ID" in env and slurm_tasks > 1
+        if not (multi_host_tpu or slurm or "OMPI_COMM_WORLD_SIZE" in env):
             return
     if env.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

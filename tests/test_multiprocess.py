@@ -45,30 +45,21 @@ def bucketed(cfg):
 
 
 def test_two_processes_match_one_and_resume_in_one(tmp_path):
-    from qzhou_jax.data.pipeline import TrainData
+    from qzhou_jax.data.pipeline import HostRows, TrainData
     from qzhou_jax.tokenizer import DEMO_TOKENIZER, Tokenizer
 
     reference = train(load_run_config(data=bucketed(config(tmp_path / "one", 8))))
     ref = {h["step"]: h["loss"] for h in reference.history}
     # the two hosts do choose different lengths for some steps, which the loop must reconcile
     cfg, tok = load_run_config(data=bucketed(config(tmp_path / "x", 6))), Tokenizer(DEMO_TOKENIZER, max_length=32)
-    hosts = [TrainData.from_config(cfg, tok, i, 2) for i in range(2)]
+    hosts = [TrainData.from_config(cfg, tok, HostRows.of_process(i, 2)) for i in range(2)]
     assert any(hosts[0][s].batch[k].shape != hosts[1][s].batch[k].shape for s in range(6) for k in ("q_ids", "p_ids"))
 
     cfg_path = tmp_path / "two.yaml"
     cfg_path.write_text(yaml.safe_dump(bucketed(config(tmp_path / "two", 6))))
-    procs = _launch(cfg_path, tmp_path, free_port())
-    outs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        outs.append(out)
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
+    outs = _finish(_launch(cfg_path, tmp_path, free_port()))
+    for out in outs:
+        assert "the 2 hosts agree on padded lengths through the coordination service" in out, out[-3000:]
     with open(tmp_path / "two" / "metrics.jsonl") as f:  # written by process 0
         two = {r["step"] - 1: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
     assert sorted(two) == list(range(6))
@@ -82,14 +73,51 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path):
         np.testing.assert_allclose(h["loss"], ref[h["step"]], rtol=1e-5, err_msg=f"step {h['step']}")
 
 
-def _launch(cfg_path, cwd, port, log_dir=None, **extra_env):
+def _finish(procs, timeout=600):
+    """The outputs of the processes, which must all exit 0."""
+    outs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        outs.append(out)
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    return outs
+
+
+def test_a_tensor_axis_across_processes_trains_on_the_whole_batch(tmp_path):
+    """One device per process and the tensor axis over both (one process per GPU, tensor
+    parallel over GPUs): the processes hold the same batch rows, so both build all of them;
+    the losses equal one process's on 8 devices."""
+    def cfg(out):
+        c = config(out, 3)
+        c["mesh"] = {"data": 1, "fsdp": 1, "tensor": 2}
+        return c
+
+    reference = train(load_run_config(data={**cfg(tmp_path / "one"), "mesh": {"data": 1, "fsdp": 4, "tensor": 2}}))
+    cfg_path = tmp_path / "two.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg(tmp_path / "two")))
+    _finish(_launch(cfg_path, tmp_path, free_port(), devices=1))
+    with open(tmp_path / "two" / "metrics.jsonl") as f:
+        two = {r["step"] - 1: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
+    assert sorted(two) == [0, 1, 2]
+    for h in reference.history:
+        np.testing.assert_allclose(two[h["step"]], h["loss"], rtol=1e-5, err_msg=f"step {h['step']}")
+
+
+def _launch(cfg_path, cwd, port, log_dir=None, devices=4, **extra_env):
     procs = []
     for i in range(2):
-        env = {**os.environ, **extra_env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        env = {**os.environ, **extra_env, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
                "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
                "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
         out = open(os.path.join(log_dir, f"p{i}.log"), "w") if log_dir else subprocess.PIPE
-        procs.append(subprocess.Popen([sys.executable, "-m", "qzhou_jax.cli", "train", "--config", str(cfg_path)],
+        procs.append(subprocess.Popen([sys.executable, "-m", "qzhou_jax.cli", "-v", "train", "--config", str(cfg_path)],
                                       env=env, cwd=str(cwd), stdout=out, stderr=subprocess.STDOUT, text=True))
         if log_dir:
             out.close()  # the child has its own descriptor
@@ -134,7 +162,7 @@ def test_sigterm_to_one_process_saves_every_process_at_the_same_step(tmp_path):
 
 @pytest.mark.parametrize("processes", [2, 4])
 def test_each_record_read_once_per_epoch_across_processes(processes):
-    from qzhou_jax.data.pipeline import TrainData
+    from qzhou_jax.data.pipeline import HostRows, TrainData
     from qzhou_jax.data.sources import open_source
     from qzhou_jax.data.batches import BatchSpec
     from qzhou_jax.tokenizer import DEMO_TOKENIZER, Tokenizer
@@ -144,20 +172,92 @@ def test_each_record_read_once_per_epoch_across_processes(processes):
     src = open_source({"name": "sts", "task": "sts", "path": path})
     n, b = len(src), 40  # 1500 records: the epoch ends inside batch 38
     hosts = [TrainData([src], [BatchSpec("sts", b, 0, 16, 16)], tok, total_steps=80, seed=2,
-                       process_index=i, process_count=processes) for i in range(processes)]
+                       host=HostRows.of_process(i, processes)) for i in range(processes)]
     text_to_index = {(src[i].text1, src[i].text2): i for i in range(n)}
     assert len(text_to_index) == n
     read: list[int] = []
     for step in range(80):  # two passes, in step order
         for h in hosts:
             d, rows = h.plan.batch(step)
-            lo, hi = h.host_rows(b)
-            read.extend(int(r) for r in rows[lo:hi])
+            read.extend(int(r) for r in rows[h.host.rows(b)])
     assert sorted(read[:n]) == list(range(n))          # first pass: every record once
     assert sorted(read[n:2 * n]) == list(range(n))     # second pass too
     # the rows a host builds are the records the plan gives it (checked on the texts)
     item = hosts[-1][37]
     _, rows = hosts[-1].plan.batch(37)
-    lo, hi = hosts[-1].host_rows(b)
-    want = tok.pad(tok.encode([src[int(r)].text1 for r in rows[lo:hi]]), length=16)[0]
+    want = tok.pad(tok.encode([src[int(r)].text1 for r in rows[hosts[-1].host.rows(b)]]), length=16)[0]
     np.testing.assert_array_equal(item.batch["q_ids"], want)
+
+
+class FakeCoordination:
+    """The coordination service's key-value store and barriers, shared by threads standing in for hosts."""
+
+    def __init__(self, hosts: int):
+        import threading
+
+        self.hosts, self.store, self.lock = hosts, {}, threading.Lock()
+        self.barriers: dict = {}
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        with self.lock:
+            assert allow_overwrite or key not in self.store, key
+            self.store[key] = value
+
+    def wait_at_barrier(self, barrier_id, timeout_in_ms, process_ids=None):
+        import threading
+
+        with self.lock:
+            barrier = self.barriers.setdefault(barrier_id, threading.Barrier(self.hosts))
+        try:
+            barrier.wait(timeout_in_ms / 1000)
+        except threading.BrokenBarrierError:
+            raise TimeoutError(f"barrier {barrier_id} timed out") from None
+
+    def key_value_dir_get(self, key):
+        with self.lock:
+            return [(k, v) for k, v in self.store.items() if k.startswith(key + "/")]
+
+    def key_value_delete(self, key):
+        with self.lock:
+            del self.store[key]
+
+
+def test_hosts_agree_on_bucketed_lengths_through_the_coordination_service():
+    """Each host posts its own lengths; all get the longest, keys of past steps are deleted, and a
+    host that never arrives stops the others with a message instead of a hang."""
+    import threading
+
+    from qzhou_jax.data.pipeline import CommonLengths
+
+    hosts, steps = 3, [0, 1, 4, 5, 9]  # bucketed steps only, in the same order on every host
+    mine = {(h, s): (16 * (1 + (h + s) % 3), 24 + 8 * ((h * s) % 2)) for h in range(hosts) for s in steps}
+    fake, got = FakeCoordination(hosts), {}
+
+    def host(h, agree):
+        for s in steps:
+            batch = {"q_ids": np.ones((2, mine[h, s][0]), np.int32), "q_mask": np.ones((2, mine[h, s][0]), np.int32),
+                     "p_ids": np.ones((4, mine[h, s][1]), np.int32), "p_mask": np.ones((4, mine[h, s][1]), np.int32)}
+            out = agree.pad(s, batch, pad_id=7)
+            got[h, s] = (out["q_ids"].shape[1], out["p_ids"].shape[1])
+            q_extra = out["q_ids"].shape[1] - mine[h, s][0]
+            assert (out["q_ids"][:, mine[h, s][0]:] == 7).all() and out["q_mask"][:, mine[h, s][0]:].sum() == 0
+            assert q_extra >= 0 and out["p_mask"].shape == out["p_ids"].shape
+
+    agreements = [CommonLengths(fake, h, hosts, timeout_s=60) for h in range(hosts)]
+    assert len({a.prefix for a in agreements}) == hosts  # a namespace per run; the hosts' own processes count alike
+    for a in agreements:
+        a.prefix = "run"
+    threads = [threading.Thread(target=host, args=(h, agreements[h])) for h in range(hosts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for s in steps:
+        want = (max(mine[h, s][0] for h in range(hosts)), max(mine[h, s][1] for h in range(hosts)))
+        assert all(got[h, s] == want for h in range(hosts)), s
+    assert sorted(fake.store) == [f"run/9/{h}" for h in range(hosts)]  # only the last exchange's keys remain
+
+    late = CommonLengths(FakeCoordination(2), 0, 2, timeout_s=0.2)
+    with pytest.raises(RuntimeError, match="step 3: the hosts did not all reach the length agreement"):
+        late.lengths(3, (16, 32))
+    assert CommonLengths(fake, 0, 1).lengths(3, (16, 32)) == (16, 32)  # one process: no exchange

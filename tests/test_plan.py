@@ -322,7 +322,8 @@ def test_slurm_script_environment(tmp_path):
                     'else echo "scontrol $*" >> "$STUB_LOG"; fi\n',
         "nvidia-smi": '#!/usr/bin/env bash\nfor i in 0 1; do echo "GPU $i"; done\n',
         "qzhou-jax": '#!/usr/bin/env bash\necho "id=$JAX_PROCESS_ID n=$JAX_NUM_PROCESSES '
-                     'coord=$JAX_COORDINATOR_ADDRESS local=$JAX_LOCAL_DEVICE_IDS args=$*" >> "$STUB_LOG"\n'
+                     'coord=$JAX_COORDINATOR_ADDRESS local=$JAX_LOCAL_DEVICE_IDS cpus=$SRUN_CPUS_PER_TASK '
+                     'args=$*" >> "$STUB_LOG"\n'
                      '[[ -n "${STUB_MARK:-}" ]] && touch "$QZ_PREEMPTED_MARKER"\n'
                      '[[ $JAX_PROCESS_ID == 0 ]] && exit ${STUB_RC:-0}; exit 0\n',
     }
@@ -332,18 +333,18 @@ def test_slurm_script_environment(tmp_path):
     log = tmp_path / "calls.log"
     env = {"PATH": f"{stubs}:{os.environ['PATH']}", "STUB_LOG": str(log), "SLURM_JOB_ID": "4321",
            "SLURM_JOB_NODELIST": "node[A-B]", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2",
-           "SLURM_JOB_NUM_NODES": "1"}
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_CPUS_PER_TASK": "8"}
     r = _sh([LAUNCH / "slurm_gpu.sbatch", "--config", "c.yaml"], env=env)
     assert r.returncode == 0, r.stderr
     lines = sorted(log.read_text().splitlines())
-    assert lines == [f"id={i} n=2 coord=nodeA:24321 local={i} args=train --config c.yaml" for i in range(2)]
+    assert lines == [f"id={i} n=2 coord=nodeA:24321 local={i} cpus=8 args=train --config c.yaml" for i in range(2)]
 
     # One process per node; stopped for the time limit (75): requeued, and the rerun resumes.
     log.unlink()
     env.update(SLURM_NTASKS_PER_NODE="1", STUB_RC="75")
     r = _sh([LAUNCH / "slurm_gpu.sbatch", "--config", "c.yaml"], env=env)
     assert r.returncode == 0 and "scontrol requeue 4321" in log.read_text()
-    assert "local=0,1 args=train --config c.yaml" in log.read_text()
+    assert "local=0,1 cpus=8 args=train --config c.yaml" in log.read_text()
     # the trainer saved for a preemption but srun reports a killed task's 137: still requeued
     log.unlink()
     env.update(STUB_RC="137", STUB_MARK="1", TMPDIR=str(tmp_path))
@@ -354,6 +355,33 @@ def test_slurm_script_environment(tmp_path):
     env.update(SLURM_RESTART_COUNT="1", STUB_RC="3", STUB_MARK="")
     r = _sh([LAUNCH / "slurm_gpu.sbatch", "--config", "c.yaml"], env=env)
     assert r.returncode == 3 and "args=train --config c.yaml --resume" in log.read_text()
+
+
+def test_a_one_task_slurm_step_is_one_process_with_all_its_gpus(monkeypatch):
+    """`srun --gres=gpu:8 --pty bash`, then a command: JAX's SLURM detection would make it process
+    0 of 1 with only SLURM_LOCALID's GPU; it stays an ordinary single process."""
+    import jax
+
+    from qzhou_jax import sharding
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "TPU_WORKER_HOSTNAMES",
+              "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("JAX_PLATFORMS", "")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    sharding.maybe_initialize_distributed()
+    assert calls == []
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # the batch script itself, run without srun
+    sharding.maybe_initialize_distributed()
+    assert calls == []
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")  # an srun step of 8 tasks: JAX's detection
+    sharding.maybe_initialize_distributed()
+    assert calls == [{"coordinator_address": None, "num_processes": None, "process_id": None}]
 
 
 @needs_bash
@@ -501,3 +529,31 @@ def test_gpu_estimate_for_unrolled_layers_holds_the_joined_gradient():
     gradient = run.model_config.num_params() * 4
     assert step.peak_bytes >= step.estimate["state"] + gradient
     assert step.estimate["gradients"] < gradient  # during the backward pass: the embedding's only
+
+
+@pytest.mark.parametrize("target,mesh_cfg", [("v5e-32", dict(data=1, fsdp=-1, tensor=1)),
+                                             ("v5e-32", dict(data=1, fsdp=-1, tensor=8)),
+                                             ("v5p-64", dict(data=2, fsdp=-1, tensor=4))])
+def test_host_rows_are_the_rows_each_hosts_devices_hold(target, mesh_cfg):
+    """On a pod slice, each host builds exactly the batch rows its devices hold, in global order,
+    also when a tensor axis spans hosts (hosts then share rows) or the rows are not one block."""
+    from qzhou_jax import sharding
+    from qzhou_jax.data.pipeline import HostRows
+    from qzhou_jax.topology import libtpu_available, tpu_devices
+
+    if not libtpu_available():
+        pytest.skip("libtpu is not installed (pip install -e '.[tpu]'): TPU layout test skipped")
+    try:
+        devices = tpu_devices(parse_target(target))
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"libtpu is installed but unusable here: {e}")
+    mesh = sharding.make_mesh(sharding.MeshConfig(**mesh_cfg), devices)
+    n = 512
+    held = sharding.batch_sharding(mesh, 1).devices_indices_map((n,))
+    covered = set()
+    for p in sorted({d.process_index for d in devices}):
+        host = HostRows.from_mesh(mesh, process_index=p)
+        want = sorted({r for d, idx in held.items() if d.process_index == p for r in range(*idx[0].indices(n))})
+        assert host.rows(n).tolist() == want and host.global_rows(len(want)) == n
+        covered.update(want)
+    assert covered == set(range(n))

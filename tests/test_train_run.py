@@ -12,7 +12,7 @@ import pytest
 
 from qzhou_jax.cli import main as cli_main
 from qzhou_jax.config import ConfigError
-from qzhou_jax.data.pipeline import TrainData
+from qzhou_jax.data.pipeline import HostRows, TrainData
 from qzhou_jax.data.sampler import BatchPlan, DatasetEntry
 from qzhou_jax.train.config import load_run_config
 from qzhou_jax.train.loop import train
@@ -78,6 +78,20 @@ def test_sigterm_then_resume_gives_identical_losses(tmp_path, uninterrupted, cap
         assert f"train/{task}/{'pair_accuracy' if task == 'sts' else 'accuracy'}" in r, r
         assert (f"train/{task}/duplicates" in r) == (task == "retrieval"), r
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(cfg.output_dir, "tensorboard")))
+
+
+def test_a_log_line_averages_the_steps_since_the_last_one_per_task():
+    from qzhou_jax.train.loop import _window_means
+
+    steps = [{"step": 0, "task": "retrieval", "dataset": "a", "loss": 2.0, "grad_norm": 1.0, "lr": 1e-4,
+              "accuracy": 0.5, "duplicates": 1.0},
+             {"step": 1, "task": "sts", "dataset": "b", "loss": 8.0, "grad_norm": 3.0, "lr": 2e-4, "pair_accuracy": 0.9},
+             {"step": 2, "task": "retrieval", "dataset": "a", "loss": 4.0, "grad_norm": 2.0, "lr": 3e-4,
+              "accuracy": 1.0, "duplicates": 0.0}]
+    assert _window_means(steps) == {
+        "loss": 14 / 3, "grad_norm": 2.0, "lr": 3e-4,
+        "retrieval/loss": 3.0, "retrieval/grad_norm": 1.5, "retrieval/accuracy": 0.75, "retrieval/duplicates": 0.5,
+        "sts/loss": 8.0, "sts/grad_norm": 3.0, "sts/pair_accuracy": 0.9}
 
 
 def test_sigterm_outside_the_steps_ends_preempted_and_resumes(tmp_path, monkeypatch):
@@ -189,7 +203,7 @@ def test_length_buckets_change_shapes_not_losses(tmp_path):
 
     cfg, fixed = config("bucketed", [32, 48]), config("fixed", [])
     tok = Tokenizer(tokenizer_path(cfg), max_length=64)
-    shapes = [{k: v.shape[1] for k, v in TrainData.from_config(c, tok, 0, 1)[s].batch.items() if k.endswith("_ids")}
+    shapes = [{k: v.shape[1] for k, v in TrainData.from_config(c, tok, HostRows.of_process(0, 1))[s].batch.items() if k.endswith("_ids")}
               for c in (cfg, fixed) for s in range(4)]
     assert {x for sh in shapes[4:] for x in sh.values()} == {64}
     assert len({tuple(sh.values()) for sh in shapes[:4]}) > 1 and all(max(sh.values()) <= 64 for sh in shapes)
@@ -255,8 +269,8 @@ def test_every_batch_is_from_one_dataset_and_host_slices_partition_it():
     from qzhou_jax.train.loop import tokenizer_path
 
     tok = Tokenizer(tokenizer_path(cfg), max_length=32)
-    whole = TrainData.from_config(cfg, tok, 0, 1)
-    halves = [TrainData.from_config(cfg, tok, i, 2) for i in range(2)]
+    whole = TrainData.from_config(cfg, tok, HostRows.of_process(0, 1))
+    halves = [TrainData.from_config(cfg, tok, HostRows.of_process(i, 2)) for i in range(2)]
     for s in range(12):
         item = whole[s]
         assert item.task == {"ret": "retrieval", "sts": "sts"}[item.dataset]
@@ -529,7 +543,7 @@ def test_loader_workers_leave_sigterm_to_the_trainer():
     from qzhou_jax.train.loop import tokenizer_path
 
     cfg = load_run_config(data=run_dict("/tmp/unused", steps=40, workers=2))
-    data = TrainData.from_config(cfg, Tokenizer(tokenizer_path(cfg), max_length=32), 0, 1)
+    data = TrainData.from_config(cfg, Tokenizer(tokenizer_path(cfg), max_length=32), HostRows.of_process(0, 1))
     before = set(multiprocessing.active_children())
     it = data.iterator(0)
     assert next(it).step == 0

@@ -170,14 +170,17 @@ class BatchBuilder:
         return int(self.labels.anchors[i]) if self.labels is not None else int(i)
 
     # ------------------------------------------------------------------ texts
-    def _texts(self, step: int, rows: Sequence[int], row0: int) -> tuple[list[str], list[str], dict]:
+    def _texts(self, step: int, rows: Sequence[int], row0: "int | Sequence[int]") -> tuple[list[str], list[str], dict]:
         spec, src = self.spec, self.source
         q_texts: list[str] = []
         p_texts: list[str] = []
         extra: dict[str, list] = {"scores": [], "q_labels": [], "p_labels": []}
         side_instr = spec.instruction if spec.symmetric else None
-        for r, idx in enumerate(rows):
-            rng = row_rng(self.seed, step, row0 + r, self.salt)
+        global_rows = range(row0, row0 + len(rows)) if isinstance(row0, (int, np.integer)) else row0
+        if len(global_rows) != len(rows):
+            raise ValueError(f"{len(rows)} rows but {len(global_rows)} global row numbers")
+        for idx, g in zip(rows, global_rows):
+            rng = row_rng(self.seed, step, int(g), self.salt)
             i = self.record_index(idx)
             rec = src[i]
             if spec.task == "retrieval":
@@ -234,8 +237,9 @@ class BatchBuilder:
                              f"(nearly) all positives of this record's query; add records or lower hard_negatives")
         return out
 
-    def build(self, step: int, rows: Sequence[int], row0: int) -> dict[str, np.ndarray]:
-        """The batch arrays for sampler indices `rows` (global rows row0, row0 + 1, ...)."""
+    def build(self, step: int, rows: Sequence[int], row0: "int | Sequence[int]") -> dict[str, np.ndarray]:
+        """The batch arrays for sampler indices `rows`: global rows `row0`, row0 + 1, ..., or the global
+        row number of each (a host whose rows are several blocks of the batch)."""
         spec = self.spec
         q_texts, p_texts, extra = self._texts(step, rows, row0)
         tok = self.tokenizer

@@ -9,11 +9,11 @@ is the next step (`state()`), saved with every checkpoint and checked on resume 
 the data's fingerprint (datasets, sizes, batch sizes, seed). The number of loader workers
 and of hosts can change between save and resume; the batches do not.
 
-Each host builds only its slice of every global batch: rows
-[process_index * n / process_count, (process_index + 1) * n / process_count) of the
-queries, and the matching passage rows, read from the sources by index (a JSONL source
-keeps byte offsets, so a host reads only its records' lines). The train step turns the
-host-local slices into global arrays (`jax.make_array_from_process_local_data`).
+Each host builds only its rows of every global batch (`HostRows`: the blocks of rows its
+devices hold; with the batch split over the processes, rows [k * n / P, (k + 1) * n / P) of
+the queries for process k, and the matching passage rows), read from the sources by index (a
+JSONL source keeps byte offsets, so a host reads only its records' lines). The train step
+turns the host-local rows into global arrays (`jax.make_array_from_process_local_data`).
 
 grain runs the loading: `workers` > 0 builds batches in that many worker processes,
 `prefetch` batches are prepared ahead by threads. Worker processes ignore SIGTERM and SIGINT:
@@ -25,6 +25,7 @@ the loader; the trainer stops them itself (``close_iterator``).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -68,51 +69,159 @@ def close_iterator(it: Iterator[Any], timeout: float = 60.0) -> None:
         log.warning("the data loader's worker processes did not stop within %.0f s; leaving them", timeout)
 
 
-def pad_to_common_length(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
-    """Several processes: pad this host's rows to the longest host's length on each side (hosts
-    choose their length bucket from their own rows; the global array needs one shape), through a
-    device all-gather of two integers, which waits for the previous step to finish; a single
-    process returns the batch as it is."""
-    import jax
+class CommonLengths:
+    """Pads every host's rows of a bucketed step to the longest host's length on each side: hosts
+    choose their length bucket from their own rows, and the global array needs one shape.
 
-    if jax.process_count() == 1:
-        return batch
-    from jax.experimental import multihost_utils
+    The hosts agree through JAX's coordination service, the key-value store and barriers that
+    ``jax.distributed`` runs between the processes: each posts its two lengths, waits at a barrier
+    and reads the others' (three small requests per step, whatever the number of hosts). It is host
+    to host, with no device work, so a host does not wait for the previous step to finish and keeps
+    dispatching ahead. Every process must call ``pad`` for the same steps in the same order, which the
+    loop does (batches are a function of (seed, step)). Without a coordination client (a runtime
+    that sets up several processes without ``jax.distributed``) it falls back to a device all-gather
+    of the lengths, which waits for the previous step. One process: batches pass unchanged.
+    """
 
-    mine = np.array([batch["q_ids"].shape[1], batch["p_ids"].shape[1]], np.int32)
-    q_len, p_len = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2).max(axis=0)
-    out = dict(batch)
-    for side, length in (("q", int(q_len)), ("p", int(p_len))):
-        extra = length - batch[f"{side}_ids"].shape[1]
-        if extra:
-            out[f"{side}_ids"] = np.pad(batch[f"{side}_ids"], ((0, 0), (0, extra)), constant_values=pad_id)
-            out[f"{side}_mask"] = np.pad(batch[f"{side}_mask"], ((0, 0), (0, extra)))
-    return out
+    TIMEOUT_S = 1800  # a host that is still compiling or loading; a dead host stops the job sooner
+    _runs = itertools.count()  # a key namespace per training run of this process (stages run in turn)
+
+    def __init__(self, client: Any = "jax", process_index: int | None = None, process_count: int | None = None,
+                 timeout_s: float | None = None):
+        import jax
+
+        self.process = jax.process_index() if process_index is None else int(process_index)
+        self.count = jax.process_count() if process_count is None else int(process_count)
+        if client == "jax":
+            state = getattr(getattr(getattr(jax, "_src", None), "distributed", None), "global_state", None)
+            client = getattr(state, "client", None)
+        self.client = client
+        self.timeout_ms = int(1000 * (self.TIMEOUT_S if timeout_s is None else timeout_s))
+        self.prefix = f"qzhou_jax/bucket_lengths/{next(self._runs)}"
+        self._posted: str | None = None  # this host's key of the previous exchange
+        if self.count > 1:
+            log.info("bucketed steps: the %d hosts agree on padded lengths %s", self.count,
+                     "through the coordination service" if client is not None else
+                     "through a device all-gather (no coordination client)")
+
+    def lengths(self, step: int, mine: tuple[int, int]) -> tuple[int, int]:
+        """The longest (query, passage) lengths over all hosts at ``step``."""
+        if self.count == 1:
+            return mine
+        if self.client is None:
+            from jax.experimental import multihost_utils
+
+            got = np.asarray(multihost_utils.process_allgather(np.asarray(mine, np.int32))).reshape(-1, 2)
+            return int(got[:, 0].max()), int(got[:, 1].max())
+        key = f"{self.prefix}/{step}"
+        self.client.key_value_set(f"{key}/{self.process}", f"{mine[0]},{mine[1]}")
+        try:
+            self.client.wait_at_barrier(key, self.timeout_ms)
+        except Exception as e:
+            raise RuntimeError(f"step {step}: the hosts did not all reach the length agreement of this bucketed "
+                               f"step within {self.timeout_ms / 1000:.0f} s (a host stopped or is stuck): "
+                               f"{e}") from e
+        entries = dict(self.client.key_value_dir_get(key))
+        if len(entries) != self.count:
+            raise RuntimeError(f"step {step}: {len(entries)} of {self.count} hosts posted their padded lengths "
+                               f"under {key} (processes out of step?)")
+        # Every host passed this barrier, so every host has finished reading the previous exchange.
+        if self._posted is not None:
+            self.client.key_value_delete(self._posted)
+        self._posted = f"{key}/{self.process}"
+        pairs = [tuple(map(int, v.split(","))) for v in entries.values()]
+        return max(q for q, _ in pairs), max(p for _, p in pairs)
+
+    def pad(self, step: int, batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+        """``batch`` with each side padded (right) to the hosts' common length."""
+        q_len, p_len = self.lengths(step, (batch["q_ids"].shape[1], batch["p_ids"].shape[1]))
+        out = dict(batch)
+        for side, length in (("q", q_len), ("p", p_len)):
+            extra = length - batch[f"{side}_ids"].shape[1]
+            if extra:
+                out[f"{side}_ids"] = np.pad(batch[f"{side}_ids"], ((0, 0), (0, extra)), constant_values=pad_id)
+                out[f"{side}_mask"] = np.pad(batch[f"{side}_mask"], ((0, 0), (0, extra)))
+        return out
 
 
 class DataStateError(ValueError):
     """A checkpointed data state that does not match the configured data."""
 
 
+@dataclasses.dataclass(frozen=True)
+class HostRows:
+    """The rows of every global batch that this host builds.
+
+    A global batch of n rows splits into ``blocks`` equal blocks of consecutive rows, one per
+    data-parallel shard in order; this host builds the blocks its devices hold, ``mine``
+    (increasing), and its local arrays are those rows in global order. With the batch split over
+    the processes, block k is process k's. A process whose devices share their batch shard with
+    another process's devices (a tensor axis across processes: one process per GPU, tensor
+    parallel over GPUs; or no data parallelism at all) builds the same rows as that process.
+    """
+
+    mine: tuple[int, ...]
+    blocks: int
+
+    def __post_init__(self):
+        if not self.mine or list(self.mine) != sorted(set(self.mine)) or not 0 <= self.mine[0] <= self.mine[-1] < self.blocks:
+            raise ValueError(f"host rows: blocks {self.mine} must be distinct, increasing, in 0..{self.blocks - 1}")
+
+    @classmethod
+    def of_process(cls, index: int, count: int) -> "HostRows":
+        """Process ``index`` of ``count`` builds the index-th of count blocks."""
+        if not 0 <= index < count:
+            raise ValueError(f"process_index {index} outside 0..{count - 1}")
+        return cls((int(index),), int(count))
+
+    @classmethod
+    def from_mesh(cls, mesh: Any, rules: Mapping[str, Any] | None = None,
+                  process_index: int | None = None) -> "HostRows":
+        """The blocks held by the devices of ``process_index`` (default: this process) when the batch
+        is sharded over the mesh's data-parallel axes (``sharding.batch_sharding``)."""
+        import jax
+
+        from qzhou_jax import sharding
+
+        p = jax.process_index() if process_index is None else int(process_index)
+        dp = sharding.data_parallel_size(mesh, rules)
+        held = sharding.batch_sharding(mesh, 1, rules).devices_indices_map((dp,))
+        mine = sorted({idx[0].indices(dp)[0] for d, idx in held.items() if d.process_index == p})
+        if not mine:
+            raise ValueError(f"process {p} has no device in the mesh")
+        return cls(tuple(mine), dp)
+
+    def rows(self, n: int) -> np.ndarray:
+        """The global row numbers this host builds of a batch of ``n`` rows."""
+        if n % self.blocks:
+            raise ValueError(f"a batch of {n} rows does not split into {self.blocks} equal blocks")
+        per = n // self.blocks
+        return np.concatenate([np.arange(k * per, (k + 1) * per) for k in self.mine])
+
+    def global_rows(self, local: int) -> int:
+        """The global row count of an array of which this host holds ``local`` rows."""
+        if local % len(self.mine):
+            raise ValueError(f"{local} host rows do not split into this host's {len(self.mine)} blocks")
+        return local // len(self.mine) * self.blocks
+
+
 class TrainData:
     def __init__(self, sources: Sequence[Any], specs: Sequence[BatchSpec], tokenizer: Any, *, total_steps: int,
                  seed: int = 0, alpha: float = 0.5, eta: float | None = None,
-                 weights: Sequence[float | None] | None = None, process_index: int = 0, process_count: int = 1,
+                 weights: Sequence[float | None] | None = None, host: HostRows = HostRows((0,), 1),
                  workers: int = 0, prefetch: int = 2):
         if len(sources) != len(specs):
             raise ValueError("TrainData: one BatchSpec per source")
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} outside 0..{process_count - 1}")
-        self.process_index, self.process_count = process_index, process_count
+        self.host = host
         self.workers, self.prefetch = int(workers), int(prefetch)
         self.builders = [BatchBuilder(src, spec, tokenizer, seed, salt=i)
                          for i, (src, spec) in enumerate(zip(sources, specs))]
         weights = list(weights) if weights is not None else [None] * len(sources)
         entries = []
         for b, spec, w in zip(self.builders, specs, weights):
-            if spec.batch_size % process_count:
+            if spec.batch_size % host.blocks:
                 raise ValueError(f"dataset {b.name!r}: global batch of {spec.batch_size} does not divide over "
-                                 f"{process_count} processes")
+                                 f"{host.blocks} data-parallel shards")
             entries.append(DatasetEntry(b.name, spec.task, b.size, spec.batch_size, w))
             if b.labels is not None and b.labels.dropped:
                 log.warning("dataset %s: %d records are the only text of their label and are not used as anchors",
@@ -123,15 +232,16 @@ class TrainData:
         self.plan = BatchPlan(entries, total_steps, seed, alpha, eta)
 
     @classmethod
-    def from_config(cls, run_cfg: Any, tokenizer: Any, process_index: int | None = None,
-                    process_count: int | None = None) -> "TrainData":
-        """Open the datasets of a `RunConfig` (indexing them: every record is validated here)."""
+    def from_config(cls, run_cfg: Any, tokenizer: Any, host: HostRows | None = None) -> "TrainData":
+        """Open the datasets of a `RunConfig` (indexing them: every record is validated here). ``host``:
+        which rows this host builds (the training loop passes ``HostRows.from_mesh``); default, the
+        process-th of process-count blocks."""
         from qzhou_jax.data.sources import open_source
 
-        if process_index is None or process_count is None:
+        if host is None:
             import jax
 
-            process_index, process_count = jax.process_index(), jax.process_count()
+            host = HostRows.of_process(jax.process_index(), jax.process_count())
         data = run_cfg.data
         sources, specs, weights = [], [], []
         for i, ds in enumerate(data.datasets):
@@ -145,17 +255,13 @@ class TrainData:
                                    query_buckets=r["query_buckets"], passage_buckets=r["passage_buckets"]))
             weights.append(ds.weight)
         return cls(sources, specs, tokenizer, total_steps=run_cfg.train.total_steps, seed=run_cfg.data_seed,
-                   alpha=data.alpha, eta=data.eta, weights=weights, process_index=process_index,
-                   process_count=process_count, workers=data.workers, prefetch=data.prefetch)
+                   alpha=data.alpha, eta=data.eta, weights=weights, host=host, workers=data.workers,
+                   prefetch=data.prefetch)
 
     # --------------------------------------------------------------- batches
     @property
     def specs(self) -> list[BatchSpec]:
         return [b.spec for b in self.builders]
-
-    def host_rows(self, n: int) -> tuple[int, int]:
-        per = n // self.process_count
-        return self.process_index * per, (self.process_index + 1) * per
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -164,8 +270,8 @@ class TrainData:
         """This host's part of global batch `step`."""
         d, rows = self.plan.batch(int(step))
         builder = self.builders[d]
-        lo, hi = self.host_rows(len(rows))
-        return Item(int(step), builder.spec.task, builder.name, builder.build(int(step), rows[lo:hi], lo))
+        mine = self.host.rows(len(rows))
+        return Item(int(step), builder.spec.task, builder.name, builder.build(int(step), rows[mine], mine))
 
     def iterator(self, start_step: int = 0) -> Iterator[Item]:
         """Batches start_step, start_step + 1, ... to the end of the plan, loaded by grain."""

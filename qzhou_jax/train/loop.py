@@ -5,10 +5,11 @@
     result = train(load_run_config("configs/demo.yaml"), resume=False)
 
 What a run does, in order:
-1. The config was checked when loaded; here every dataset is opened and indexed (every
-   record validated) and batch sizes are checked against the mesh, before any device work.
-2. The mesh is built (multi-process runs call `jax.distributed.initialize()` first), and the
-   state is created: from a checkpoint (`resume`), from `init_from` (a HF or Orbax model;
+1. The config was checked when loaded. Multi-process runs call `jax.distributed.initialize()`
+   and the mesh is built; every dataset is opened and indexed (every record validated; each
+   host builds the rows of every batch that its devices hold) and batch sizes are checked
+   against the mesh, before any device work.
+2. The state is created: from a checkpoint (`resume`), from `init_from` (a HF or Orbax model;
    stage 2 starts from stage 1's checkpoints folder) or from a random initialization.
 3. Steps run over the task-homogeneous batches (one compiled step per batch shape),
    with metrics logged every `log.every` steps and an evaluation before, every
@@ -143,6 +144,22 @@ def main_scores(results: Mapping[str, Any]) -> dict[str, float]:
     return {name: float(r["main_score"]) for name, r in results.items() if "main_score" in r}
 
 
+def _window_means(steps: list[dict]) -> dict[str, float]:
+    """What the log gets for the steps since the last line: the mean loss and gradient norm over
+    them, the last learning rate, and each task's metrics (loss, accuracy, similarities,
+    duplicates left out, ...) averaged over that task's steps, under ``<task>/``; one line per
+    window keeps every step's values in the curves, and losses of different tasks apart."""
+    out = {k: float(np.mean([m[k] for m in steps])) for k in ("loss", "grad_norm") if k in steps[-1]}
+    if "lr" in steps[-1]:
+        out["lr"] = steps[-1]["lr"]
+    for task in dict.fromkeys(m["task"] for m in steps):
+        mine = [m for m in steps if m["task"] == task]
+        for k in mine[-1]:
+            if k not in ("step", "task", "dataset", "lr"):
+                out[f"{task}/{k}"] = float(np.mean([m[k] for m in mine if k in m]))
+    return out
+
+
 def _initial_params(cfg: RunConfig, mesh: Any) -> Any:
     from qzhou_jax.model import create_model
 
@@ -192,7 +209,7 @@ def _check_writable(path: str, what: str) -> None:
 
 def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], None]], stop_after: int | None,
          preempt: _Preemption, t_start: float) -> RunResult:
-    from qzhou_jax.data.pipeline import TrainData, close_iterator, pad_to_common_length
+    from qzhou_jax.data.pipeline import CommonLengths, HostRows, TrainData, close_iterator
 
     model_cfg = cfg.model_config
     out_dir = cfg.output_dir
@@ -202,11 +219,11 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
     tokenizer = Tokenizer(tok_dir, max_length=max(max(s["query_max_length"], s["passage_max_length"])
                                                    for s in map(cfg.data.resolved, cfg.data.datasets)))
     main = jax.process_index() == 0
-    data = TrainData.from_config(cfg, tokenizer)
+    mesh = sharding.make_mesh(cfg.mesh)
+    data = TrainData.from_config(cfg, tokenizer, HostRows.from_mesh(mesh))  # the rows this host's devices hold
     if preempt.flag:  # SIGTERM while the datasets were indexed: stop before any device work
         log.warning("preempted before the first step; rerun with --resume")
         return RunResult("preempted", 0, [], {}, out_dir, cfg.checkpoint_dir, seconds=time.perf_counter() - t_start)
-    mesh = sharding.make_mesh(cfg.mesh)
     for spec, ds in zip(data.specs, cfg.data.datasets):  # fail before compiling with the numbers
         shapes = {"q_ids": (spec.batch_size, spec.query_max_length),
                   "p_ids": (spec.batch_size * spec.group, spec.passage_max_length)}
@@ -278,15 +295,13 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
             result.history.append(m)
             for hook in hooks:
                 hook(s, m)
-        last = result.history[-1]
+        steps = result.history[-len(pending):]
+        last = steps[-1]
         rates = {"tokens_per_s": window["tokens"] / dt, "steps_per_s": len(pending) / dt,
                  "padding": 1.0 - window["text"] / max(window["local"], 1)}  # this host's rows
         if peak:
             rates["mfu"] = window["flops"] / dt / (n_dev * peak)
-        summary = {k: last[k] for k in ("loss", "grad_norm", "lr") if k in last}
-        # the task's own metrics (accuracy, similarities, duplicates left out) under its name
-        summary.update({f"{last['task']}/{k}": v for k, v in last.items()
-                        if k not in summary and k not in ("step", "task", "dataset")})
+        summary = _window_means(steps)
         summary.update(rates, task=last["task"], dataset=last["dataset"])
         logger.write(last["step"] + 1, summary)
         if progress is not None:
@@ -311,11 +326,12 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
     batches = iter(()) if preempt.flag else data.iterator(start_step)
     try:
         bucketed = {b.name for b in data.builders if b.spec.query_buckets or b.spec.passage_buckets}
+        common = CommonLengths() if multi and bucketed else None
         for item in batches:
             step = item.step
             host_batch = item.batch
             if multi and item.dataset in bucketed:  # every host the same, or none of them
-                host_batch = pad_to_common_length(host_batch, tokenizer.pad_id)
+                host_batch = common.pad(step, host_batch, tokenizer.pad_id)
             batch = trainer.prepare(host_batch, item.task)
             trainer.state, metrics = trainer.step_fn(item.task)(trainer.state, batch)
             shapes = {k: tuple(v.shape) for k, v in batch.items()}

@@ -472,7 +472,7 @@ def check_batch(batch: Mapping[str, Any], task: str, mesh: Mesh | None = None,
     if chunk_size:
         if chunk_size < 0:
             raise ValueError(f"chunk_size: expected >= 0, got {chunk_size}")
-        if n % chunk_size:
+        if chunk_size < n and n % chunk_size:  # a chunk of the whole batch or more: no GradCache
             raise ValueError(f"chunk_size {chunk_size} does not divide the batch of {n} queries "
                              f"(GradCache embeds whole chunks of queries with their {g} passages each)")
     return {"n": n, "group": g, "q_len": shape["q_ids"][1], "p_len": shape["p_ids"][1]}
@@ -482,9 +482,11 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, rules: Mapping[str, Any] |
                 task: str | None = None) -> dict[str, jax.Array]:
     """Global arrays, first dimension over the data-parallel axes; ints as int32, floats float32.
 
-    With several processes, each passes its host-local rows
-    (`jax.make_array_from_process_local_data`). With `task`, keys it does not use are dropped.
+    With several processes, each passes its host-local rows, the blocks of the batch its devices
+    hold in global order (`data.pipeline.HostRows.from_mesh`; `jax.make_array_from_process_local_data`).
+    With `task`, keys it does not use are dropped.
     """
+    host = _host_rows(mesh, rules) if jax.process_count() > 1 else None
     keys = [k for k in batch if task is None or k in _REQUIRED[task] + _OPTIONAL[task]]
     out = {}
     for k in keys:
@@ -502,11 +504,26 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, rules: Mapping[str, Any] |
             raise ValueError(f"batch[{k!r}]: expected numbers, got an array of {v.dtype} "
                              f"(class labels are integer ids: map names to ids first)")
         target = sharding.batch_sharding(mesh, v.ndim, rules)
-        if jax.process_count() > 1:
-            out[k] = jax.make_array_from_process_local_data(target, v)
+        if host is not None:
+            global_shape = (host.global_rows(v.shape[0]),) + v.shape[1:]
+            out[k] = jax.make_array_from_process_local_data(target, v, global_shape)
         else:
             out[k] = jax.device_put(v, target)
     return out
+
+
+def _host_rows(mesh: Mesh, rules: Mapping[str, Any] | None = None):
+    """The blocks of a batch this process's devices hold (``data.pipeline.HostRows``)."""
+    from qzhou_jax.data.pipeline import HostRows
+
+    return _default_host_rows(mesh) if rules is None else HostRows.from_mesh(mesh, rules)
+
+
+@functools.lru_cache(maxsize=8)
+def _default_host_rows(mesh: Mesh):
+    from qzhou_jax.data.pipeline import HostRows
+
+    return HostRows.from_mesh(mesh)
 
 
 def check_finite(metrics: Mapping[str, Any], step: int | None = None) -> None:
@@ -566,11 +583,12 @@ class Trainer:
 
     def prepare(self, batch: Mapping[str, Any], task: str) -> dict[str, jax.Array]:
         """Check (global shapes, with the numbers in any error) and shard a batch."""
-        procs = jax.process_count() if not all(isinstance(v, jax.Array) for v in batch.values()) else 1
+        local = jax.process_count() > 1 and not all(isinstance(v, jax.Array) for v in batch.values())
+        host = _host_rows(self.mesh, self.rules) if local else None
         shapes = {}
         for k, v in batch.items():  # host-local rows -> global shape
             s = tuple(np.shape(v))
-            shapes[k] = jax.ShapeDtypeStruct((s[0] * procs,) + s[1:] if s else s, np.int32)
+            shapes[k] = jax.ShapeDtypeStruct((host.global_rows(s[0]),) + s[1:] if s and host else s, np.int32)
         check_batch(shapes, task, self.mesh, self.rules, self.train_cfg.chunk_size)
         return shard_batch(batch, self.mesh, self.rules, task)
 
