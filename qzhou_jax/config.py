@@ -440,9 +440,9 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
                     raise ConfigError(f"--set {key}: {where}: no list item {part!r} (the list has {len(node)})")
                 node = node[int(part)]
             else:
-                node = node.setdefault(part, {})
-                if node is None:
-                    node = {}
+                if node.get(part) is None:  # absent, or an empty section (`checkpoint:` with nothing under it)
+                    node[part] = {}
+                node = node[part]
             if not isinstance(node, (dict, list)):
                 raise ConfigError(f"--set {key}: {where} is not a mapping")
         last = parts[-1]

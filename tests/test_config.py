@@ -73,3 +73,12 @@ def test_invalid_values_and_presets():
         d = tempfile.mkdtemp()
         open(os.path.join(d, "config.json"), "w").write("{oops")
         ModelConfig.from_hf(d)
+
+
+def test_set_reaches_an_empty_yaml_section(tmp_path):
+    """`checkpoint:` with nothing under it is None in YAML; --set checkpoint.every=7 must land."""
+    from qzhou_jax.config import apply_overrides
+
+    data = {"checkpoint": None, "train": {"lr": 1e-3}}
+    out = apply_overrides(data, ["checkpoint.every=7", "checkpoint.keep=5", "log.every=2", "train.lr=0.5"])
+    assert out["checkpoint"] == {"every": 7, "keep": 5} and out["log"] == {"every": 2} and out["train"]["lr"] == 0.5

@@ -263,6 +263,8 @@ def test_chunk_size_that_does_not_divide_the_batch():
     trainer = Trainer(CFG, TrainConfig(chunk_size=3), _params())
     with pytest.raises(ValueError, match="chunk_size 3 does not divide the batch of 8 queries"):
         trainer.step(_batch())
+    # a chunk of the whole batch or more is no GradCache (config validation and the plan agree)
+    assert check_batch(_batch(), "retrieval", chunk_size=12)["n"] == 8
 
 
 def test_malformed_batches():
