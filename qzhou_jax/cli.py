@@ -10,6 +10,8 @@ import time
 
 import numpy as np
 
+from qzhou_jax.cli_args import positive_int
+
 
 def _write_npy(path: str, array: np.ndarray) -> None:
     """Write under a temporary name, then rename: no half-written output file."""
@@ -59,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", required=True, help=".npy file to write (float32, input order)")
     e.add_argument("--field", default="text", help="field holding the text (default: text)")
     e.add_argument("--instruction", default=None, help="prepend QZhou's 'Instruct: ...\\nQuery: ' prompt")
-    e.add_argument("--max-length", type=int, default=1024)
-    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--max-length", type=positive_int, default=1024)
+    e.add_argument("--batch-size", type=positive_int, default=32)
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype")
     e.add_argument("--output-dtype", choices=["float32", "float16"], default="float32")
     e.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -432,6 +432,9 @@ def test_cli(tmp_path, good_hf, capsys):
                "--mesh", "fsdp=2,tensor=4") == 0
     err = capsys.readouterr().err
     assert "wrote" in err and str(tmp_path / "h") in err
+    with pytest.raises(SystemExit):  # 0 used to fall back to the default length silently
+        run("orbax-to-hf", "--orbax", str(tmp_path / "o"), "--out", str(tmp_path / "z"), "--max-seq-length", "0")
+    assert "--max-seq-length: expected a positive integer, got '0'" in capsys.readouterr().err
     h = tmp_path / "h"
     assert json.loads((h / "sentence_bert_config.json").read_text())["max_seq_length"] == 128
     assert json.loads((h / "config_sentence_transformers.json").read_text())["prompts"]["query"] == \

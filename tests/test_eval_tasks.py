@@ -1,5 +1,6 @@
 """Task definitions, instruction tables, bad input, the demo task file and `qzhou-jax eval`."""
 
+import dataclasses
 import json
 import os
 import time
@@ -10,8 +11,8 @@ import pytest
 from qzhou_jax import cli
 from qzhou_jax.config import ModelConfig
 from qzhou_jax.eval.encoder import Encoder, length_buckets
-from qzhou_jax.eval.run import evaluate, summary_table, write_results
-from qzhou_jax.eval.tasks import TaskSpec, instruction_tables, is_symmetric, load_task_specs
+from qzhou_jax.eval.run import check_result_names, evaluate, summary_table, write_results
+from qzhou_jax.eval.tasks import TaskSpec, instruction_tables, is_symmetric, load_task_specs, metric_names
 from qzhou_jax.tokenizer import ASSETS, DEMO_TOKENIZER, Tokenizer, format_prompt
 
 DEMO_TASKS = os.path.join(ASSETS, "demo", "tasks.yaml")
@@ -177,7 +178,7 @@ def test_bad_beir_input_names_file_and_id(tmp_path, corpus, queries, qrels, mess
     ("classification", [{"text": "a", "label": None}], r"train.jsonl:1: field 'label' must be a string or an integer"),
     ("retrieval", [{"query": "q", "pos": [], "neg": ["n"]}], r"data.jsonl:1: no positive passages"),
     ("retrieval", [{"query": "q", "neg": ["n"]}], r"data.jsonl:1: missing field 'pos' or 'positive'"),
-    ("sts", [{"text1": "a", "text2": "b", "score": "high"}], r"data.jsonl:1: field 'score' must be a number"),
+    ("sts", [{"text1": "a", "text2": "b", "score": "high"}], r"data.jsonl:1: field 'score' must be a finite number"),
     ("sts", ["{broken"], r"data.jsonl:1: not valid JSON"),
     ("pair_classification", [{"text1": "a", "text2": "b", "label": 2}], r"data.jsonl:1: field 'label' must be 0 or 1"),
     ("clustering", [{"text": "a"}], r"data.jsonl:1: missing field 'label' or 'labels'"),
@@ -229,9 +230,8 @@ def test_records_retrieval_metric_by_hand(tmp_path):
     scores = evaluate([spec], Exact())["r"]["scores"]["test"][0]
     assert scores["ndcg_at_1"] == 1.0 and scores["mrr_at_2"] == 1.0 and scores["precision_at_2"] == 0.5
     assert scores["main_score"] == 1.0
-    bad = TaskSpec(name="r", type="retrieval", files={"path": str(tmp_path / "r.jsonl")}, options={"k_values": [1]})
     with pytest.raises(ValueError, match=r"task 'r': main_score 'ndcg_at_10' is not among the retrieval metrics"):
-        evaluate([bad], Exact())
+        TaskSpec(name="r", type="retrieval", files={"path": str(tmp_path / "r.jsonl")}, options={"k_values": [1]})
 
 
 # ------------------------------------------------------------------ encoder buckets
@@ -263,6 +263,28 @@ def test_demo_task_file_runs_in_seconds():
         "Given a question, retrieve passages that answer the question")
     table = summary_table(results)
     assert "demo-sts" in table and "mean (types)" in table
+    for spec in specs:  # what main_score may be, checked when tasks are read, is what evaluators report
+        assert _scalar_metrics(results[spec.name]) <= metric_names(spec.type, spec.options), spec.type
+
+
+def _scalar_metrics(result):
+    (split,) = result["scores"].values()
+    return {k for k, v in split[0].items() if isinstance(v, (int, float)) and k != "main_score"}
+
+
+def test_metric_names_are_what_the_other_evaluators_report(tmp_path):
+    pairs = [{"text1": f"a{i}", "text2": f"b{i}", "label": i % 2} for i in range(12)]
+    _write(tmp_path / "pairs.jsonl", pairs)
+    _write(tmp_path / "clusters.jsonl", [{"text": f"t{i}", "label": f"c{i % 3}"} for i in range(60)])
+    _write(tmp_path / "summ.jsonl", [{"text": "x", "human_summaries": ["h1", "h2"],
+                                      "machine_summaries": [f"m{j}" for j in range(4)], "relevance": [1, 2, 3, 4]}])
+    specs = [TaskSpec(name="p", type="pair_classification", files={"path": str(tmp_path / "pairs.jsonl")}),
+             TaskSpec(name="c", type="clustering", files={"path": str(tmp_path / "clusters.jsonl")},
+                      options={"n_clusters": 2, "max_documents_per_cluster": 20}),
+             TaskSpec(name="s", type="summarization", files={"path": str(tmp_path / "summ.jsonl")})]
+    results = evaluate(specs, RecordingEncoder())
+    for spec in specs:
+        assert _scalar_metrics(results[spec.name]) <= metric_names(spec.type, spec.options), spec.type
 
 
 @pytest.fixture(scope="module")
@@ -343,3 +365,88 @@ def test_mteb_wrapper_from_pretrained(model_dir):
     results = mteb.evaluate(model, [MockSTSTask(), MockRetrievalTask()], cache=None, raise_error=True,
                             show_progress_bar=False)
     assert all(np.isfinite(r.get_score()) for r in results.task_results)
+
+
+# ------------------------------------------------------------------ bad values, caught before encoding
+@pytest.mark.parametrize("task_type,options,message", [
+    ("retrieval", {"k_values": []}, r"option 'k_values': expected a non-empty list of positive integers, got \[\]"),
+    ("retrieval", {"k_values": [0, 10]}, r"option 'k_values': expected a non-empty list"),
+    ("classification", {"n_experiments": 0}, r"option 'n_experiments': expected a positive integer, got 0"),
+    ("classification", {"samples_per_label": 0}, "option 'samples_per_label'"),
+    ("sts", {"seed": "abc"}, r"option 'seed': expected an integer, got 'abc'"),
+    ("clustering", {"protocol": "fast"}, r"option 'protocol': expected 'bootstrap' or 'legacy'"),
+    ("clustering", {"max_fraction_of_documents_to_embed": 2},
+     r"option 'max_fraction_of_documents_to_embed': expected a fraction in \(0, 1\]"),
+])
+def test_option_values_are_checked_when_the_task_is_read(task_type, options, message):
+    files = {"path": "x.jsonl", "train": "t.jsonl"} if task_type == "classification" else {"path": "x.jsonl"}
+    with pytest.raises(ValueError, match=r"task 't': " + message):
+        TaskSpec(name="t", type=task_type, files=files, options=options)
+
+
+def test_main_score_is_checked_when_the_task_is_read():
+    with pytest.raises(ValueError, match=r"task 't': main_score 'spearman_cos' is not among the sts metrics"):
+        TaskSpec(name="t", type="sts", files={"path": "x.jsonl"}, main_score="spearman_cos")
+    assert TaskSpec(name="t", type="clustering", files={"path": "x"}, main_score="ami").main_score == "ami"
+    with pytest.raises(ValueError, match="main_score 'ami' is not among the clustering metrics"):
+        TaskSpec(name="t", type="clustering", files={"path": "x"}, main_score="ami", options={"protocol": "legacy"})
+
+
+def test_unknown_field_names_the_task():
+    with pytest.raises(ValueError, match=r"task 't': fields: unknown field 'sentence1' for sts tasks"):
+        TaskSpec(name="t", type="sts", files={"path": "x.jsonl"}, fields={"sentence1": "a"})
+
+
+def test_missing_qrels_of_the_split_fail_before_any_encoding(tmp_path):
+    spec = _beir(tmp_path / "beir", CORPUS, QUERIES, ["q1\td1\t1"])
+    ok = TaskSpec(name="first", type="sts", files={"path": str(tmp_path / "sts.jsonl")})
+    _write(tmp_path / "sts.jsonl", [{"text1": "a", "text2": "b", "score": 1.0}, {"text1": "c", "text2": "d", "score": 0}])
+    enc = RecordingEncoder()
+    with pytest.raises(FileNotFoundError, match=r"task 'b': .*qrels/dev.tsv: no such file \(split 'dev'\)"):
+        evaluate([ok, dataclasses.replace(spec, split="dev")], enc)
+    assert enc.seen == []
+
+
+def test_non_finite_gold_scores_name_the_line(tmp_path):
+    (tmp_path / "data.jsonl").write_text('{"text1": "a", "text2": "b", "score": 1}\n'
+                                         '{"text1": "c", "text2": "d", "score": NaN}\n')
+    spec = TaskSpec(name="t", type="sts", files={"path": str(tmp_path / "data.jsonl")})
+    with pytest.raises(ValueError, match=r"data.jsonl:2: field 'score' must be a finite number, got nan"):
+        evaluate([spec], RecordingEncoder())
+
+
+def test_tasks_whose_result_files_would_collide(tmp_path):
+    specs = [TaskSpec(name=n, type="sts", files={"path": "x.jsonl"}) for n in ("sick/a", "sick_a")]
+    with pytest.raises(ValueError, match=r"task 'sick_a': its result file sick_a.json would overwrite task 'sick/a'"):
+        check_result_names(specs)
+
+
+def test_eval_cli_checks_output_and_numbers_before_loading(tmp_path, capsys):
+    tasks = tmp_path / "tasks.json"
+    tasks.write_text(json.dumps([{"name": "s", "type": "sts", "path": str(tmp_path / "s.jsonl")}]))
+    _write(tmp_path / "s.jsonl", [{"text1": "a", "text2": "b", "score": 1.0}])
+    (tmp_path / "out").mkdir()
+    rc = cli.main(["eval", "--model", str(tmp_path / "no_model"), "--tasks", str(tasks), "--output",
+                   str(tmp_path / "out")])
+    assert rc == 2 and "--output" in capsys.readouterr().err
+    rc = cli.main(["eval", "--model", str(tmp_path / "no_model"), "--tasks", str(tasks), "--mesh", "bogus"])
+    assert rc == 2 and "--mesh: expected axis=size pairs" in capsys.readouterr().err
+    for flag, value in (("--batch-size", "0"), ("--max-length", "0"), ("--bucket-steps", "-1")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["eval", "--model", "m", "--tasks", str(tasks), flag, value])
+        assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_eval_cli_keeps_finished_tasks_when_a_later_one_fails(model_dir, tmp_path, capsys):
+    demo = os.path.dirname(DEMO_TASKS)
+    tasks = tmp_path / "tasks.json"
+    (tmp_path / "bad.jsonl").write_text('{"text1": "a", "text2": "b", "score": 1}\n{broken\n')
+    tasks.write_text(json.dumps([
+        {"name": "demo-sts", "type": "sts", "path": f"{demo}/sts_heldout.jsonl"},
+        {"name": "bad-line", "type": "sts", "path": str(tmp_path / "bad.jsonl")}]))
+    out = tmp_path / "results.json"
+    rc = cli.main(["eval", "--model", str(model_dir), "--tasks", str(tasks), "--output", str(out),
+                   "--max-length", "32", "--bucket-steps", "0", "--dtype", "float32", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bad.jsonl:2: not valid JSON" in err
+    assert "wrote the 1 finished task(s)" in err and list(json.loads(out.read_text())) == ["demo-sts"]

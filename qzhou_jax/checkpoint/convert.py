@@ -29,6 +29,7 @@ from typing import Any, Mapping
 from jax.sharding import Mesh
 
 from qzhou_jax.checkpoint import export, orbax_io
+from qzhou_jax.cli_args import positive_int
 from qzhou_jax.config import DTYPES, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
     o.add_argument("--orbax", required=True, help="folder written by hf-to-orbax, or a training checkpoint folder")
     o.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the safetensors (default: as stored)")
     o.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
-    o.add_argument("--max-seq-length", type=int, default=None,
+    o.add_argument("--max-seq-length", type=positive_int, default=None,
                    help=f"sentence-transformers max_seq_length (default {export.DEFAULT_MAX_SEQ_LENGTH}, "
                         "capped at max_position_embeddings)")
     o.add_argument("--query-instruction", default=None,

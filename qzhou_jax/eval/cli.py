@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from qzhou_jax.cli_args import non_negative_int, positive_int
 
 
 def _parse_mesh(text: str) -> dict[str, int]:
@@ -26,14 +29,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from qzhou_jax import sharding
     from qzhou_jax.checkpoint import load_pretrained
     from qzhou_jax.eval.encoder import Encoder, length_buckets
-    from qzhou_jax.eval.run import evaluate, summary_table, write_results
+    from qzhou_jax.eval.run import check_result_names, evaluate, summary_table, write_results
     from qzhou_jax.eval.tasks import load_task_specs
     from qzhou_jax.tokenizer import Tokenizer
 
     sharding.maybe_initialize_distributed()
-    specs = load_task_specs(args.tasks, data_dir=args.data_dir)  # bad task input fails before the model loads
+    specs = load_task_specs(args.tasks, data_dir=args.data_dir)  # bad input fails before the model loads
     for spec in specs:
         spec.check_files()
+    check_result_names(specs)
+    if args.output:
+        _check_output_file(args.output)
+    mesh_cfg = _parse_mesh(args.mesh) if args.mesh else {"data": -1, "fsdp": 1, "tensor": 1}
     devices = jax.devices()
     if args.devices is not None:
         if args.devices < 1 or args.devices > jax.local_device_count() or jax.process_count() > 1:
@@ -42,25 +49,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
         devices = jax.local_devices()[: args.devices]
     mesh = None
     if len(devices) > 1:
-        mesh = sharding.make_mesh(_parse_mesh(args.mesh) if args.mesh else {"data": -1, "fsdp": 1, "tensor": 1},
-                                  devices=devices)
+        mesh = sharding.make_mesh(mesh_cfg, devices=devices)
     overrides = {"compute_dtype": args.dtype} if args.dtype else {}
     model = load_pretrained(args.model, mesh=mesh, **overrides)
+    if args.max_length > model.config.max_position_embeddings:
+        print(f"warning: --max-length {args.max_length} exceeds the model's max_position_embeddings "
+              f"({model.config.max_position_embeddings}): longer texts are positions it was not trained on",
+              file=sys.stderr)
     tokenizer = Tokenizer(model.tokenizer_path, max_length=args.max_length)
     buckets = length_buckets(args.max_length, args.bucket_steps) if args.bucket_steps else None
     encoder = Encoder(model.params, model.config, tokenizer, batch_size=args.batch_size, mesh=mesh, buckets=buckets)
     main = jax.process_index() == 0
     log = (lambda msg: print(msg, file=sys.stderr)) if main and not args.quiet else None
-    results = evaluate(specs, encoder, model={"path": args.model, "tokenizer": model.tokenizer_path},
-                       progress=main and not args.quiet, results_dir=args.results_dir if main else None,
-                       use_instructions=not args.no_instructions, log=log)
-    if main:
-        if args.output:
+    path = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
+    results: dict = {}
+    try:
+        evaluate(specs, encoder, model={"path": path, "tokenizer": model.tokenizer_path},
+                 progress=main and not args.quiet, results_dir=args.results_dir if main else None,
+                 use_instructions=not args.no_instructions, log=log, results=results)
+    except BaseException:
+        if main and args.output and results:  # keep the finished tasks' results
             write_results(results, args.output)
+            print(f"wrote the {len(results)} finished task(s) to {args.output} before stopping", file=sys.stderr)
+        raise
+    if main:
         print(summary_table(results))
         if args.output:
+            write_results(results, args.output)
             print(f"wrote {args.output}", file=sys.stderr)
     return 0
+
+
+def _check_output_file(path: str) -> None:
+    """--output must be a file in a writable folder: found out before hours of encoding."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--output {path}: a folder (give a file name; --results-dir takes a folder)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--output {path}: no such folder {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"--output {path}: folder {folder} is not writable")
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -73,15 +101,15 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="for task names: folder holding <name>/ (a BEIR folder, or <split>.jsonl + train.jsonl)")
     p.add_argument("--output", default=None, help="JSON file with every task's result (mteb's shape per task)")
     p.add_argument("--results-dir", default=None, help="folder for one <task>.json per task, written as each finishes")
-    p.add_argument("--max-length", type=int, default=1024, help="tokens per text, instruction included (default "
+    p.add_argument("--max-length", type=positive_int, default=1024, help="tokens per text, instruction included (default "
                    "1024, as QZhou's official evaluation)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype")
-    p.add_argument("--bucket-steps", type=int, default=4,
+    p.add_argument("--bucket-steps", type=non_negative_int, default=4,
                    help="bucket lengths per doubling (default 4: 7%% padding on SciFact at 1024 tokens; "
                         "0: the tokenizer's powers of two)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=-1 (default: data-parallel over all devices)")
-    p.add_argument("--devices", type=int, default=None, help="use only the first N local devices (1: no sharding)")
+    p.add_argument("--devices", type=positive_int, default=None, help="use only the first N local devices (1: no sharding)")
     p.add_argument("--no-instructions", action="store_true", help="encode every text without an instruction")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_eval)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -83,8 +84,8 @@ def _str_list(value: Any, name: str, where: str) -> list[str]:
 
 
 def _number(value: Any, name: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RecordError(f"{where}: field {name!r} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RecordError(f"{where}: field {name!r} must be a finite number, got {value!r}")
     return float(value)
 
 

@@ -86,7 +86,12 @@ def evaluate_task(spec: TaskSpec, encoder: Any, *, model: Any = None, progress: 
         spec = dataclasses.replace(spec, instruction=None)
     counter: dict[str, int] = {}
     t0 = time.perf_counter()
-    scores, info = EVALUATORS[spec.type](spec, make_encode_fn(encoder, progress, counter, use_instructions))
+    try:
+        scores, info = EVALUATORS[spec.type](spec, make_encode_fn(encoder, progress, counter, use_instructions))
+    except ValueError as e:  # name the task in data and protocol errors that do not already
+        if spec.where in str(e):
+            raise
+        raise ValueError(f"{spec.where}: {e}") from e
     if not use_instructions:
         info["instructions"] = {side: None for side in info.get("instructions", {})}
     elapsed = time.perf_counter() - t0
@@ -124,7 +129,8 @@ def evaluate_task(spec: TaskSpec, encoder: Any, *, model: Any = None, progress: 
 def evaluate(specs: Sequence[TaskSpec], encoder: Any, *, model: Any = None, progress: bool = False,
              results_dir: str | os.PathLike | None = None, use_instructions: bool = True,
              log: Callable[[str], None] | None = None,
-             should_stop: Callable[[], bool] | None = None) -> dict[str, dict[str, Any]]:
+             should_stop: Callable[[], bool] | None = None,
+             results: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate every task with `encoder` (anything with `encode(texts, instruction=None,
     progress=False) -> [n, dim]`, normally `qzhou_jax.eval.encoder.Encoder`).
 
@@ -133,10 +139,13 @@ def evaluate(specs: Sequence[TaskSpec], encoder: Any, *, model: Any = None, prog
     as the task finishes (`<task>.json`, atomically). `use_instructions=False` encodes
     every text without an instruction (records' own instructions included). `should_stop`
     is asked before each task: when it returns True the tasks done so far are returned.
+    `results`, when given, is filled as tasks finish, so a caller keeps them when a later task
+    fails.
     """
     for spec in specs:  # missing files fail before any encoding
         spec.check_files()
-    results: dict[str, dict[str, Any]] = {}
+    check_result_names(specs)
+    results = {} if results is None else results
     for spec in specs:
         if should_stop is not None and should_stop():
             break
@@ -168,6 +177,17 @@ def _atomic_json(path: str, obj: Any) -> None:
 
 def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.()" else "_" for c in name)
+
+
+def check_result_names(specs: Sequence[TaskSpec]) -> None:
+    """Every task gets its own result: names distinct, also as file names (`<task>.json`)."""
+    seen: dict[str, str] = {}
+    for spec in specs:
+        key = _safe_name(spec.name).lower()  # one file on case-insensitive file systems too
+        if key in seen:
+            raise ValueError(f"{spec.where}: its result file {_safe_name(spec.name)}.json would overwrite task "
+                             f"{seen[key]!r}'s; give the tasks distinct names")
+        seen[key] = spec.name
 
 
 def write_results(results: Mapping[str, Mapping[str, Any]], path: str | os.PathLike,

@@ -39,6 +39,7 @@ import json
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
+from qzhou_jax.eval.data import DEFAULT_FIELDS
 from qzhou_jax.tokenizer import ASSETS
 
 TASK_TYPES = ("retrieval", "reranking", "sts", "pair_classification", "classification", "clustering",
@@ -69,6 +70,63 @@ OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
     "clustering_batch_size": (("clustering",), 500),
     "seed": (TASK_TYPES, 42),
 }
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _optional_positive_int(v: Any) -> bool:
+    return v is None or _positive_int(v)
+
+
+# option -> (check, what a good value is)
+_OPTION_CHECKS: dict[str, tuple[Any, str]] = {
+    "k_values": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(map(_positive_int, v)),
+                 "a non-empty list of positive integers"),
+    "ignore_identical_ids": (lambda v: isinstance(v, bool), "true or false"),
+    "n_experiments": (_positive_int, "a positive integer"),
+    "samples_per_label": (_positive_int, "a positive integer"),
+    "max_iter": (_positive_int, "a positive integer"),
+    "train_split": (lambda v: isinstance(v, str) and v != "", "a split name"),
+    "protocol": (lambda v: v in ("bootstrap", "legacy"), "'bootstrap' or 'legacy'"),
+    "max_fraction_of_documents_to_embed": (lambda v: v is None or (isinstance(v, (int, float))
+                                                                   and not isinstance(v, bool) and 0 < v <= 1),
+                                           "a fraction in (0, 1], or null"),
+    "max_document_to_embed": (_optional_positive_int, "a positive integer or null"),
+    "max_documents_per_cluster": (_positive_int, "a positive integer"),
+    "n_clusters": (_positive_int, "a positive integer"),
+    "k_mean_batch_size": (_positive_int, "a positive integer"),
+    "max_depth": (_optional_positive_int, "a positive integer or null"),
+    "clustering_batch_size": (_positive_int, "a positive integer"),
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+}
+
+
+
+def metric_names(task_type: str, options: Mapping[str, Any] | None = None) -> set[str]:
+    """The scalar metrics the evaluator of `task_type` reports (mteb's names): what `main_score`
+    may be, checked when the task is read rather than after it has been encoded."""
+    options = options or {}
+    if task_type in ("retrieval", "reranking"):
+        ks = options.get("k_values", OPTIONS["k_values"][1])
+        return {f"{m}_at_{k}" for m in ("ndcg", "map", "recall", "precision", "mrr", "hit_rate") for k in ks}
+    if task_type == "sts":
+        return {f"{f}_{c}" for f in ("cosine", "manhattan", "euclidean") for c in ("pearson", "spearman")} | {
+            "pearson", "spearman"}
+    if task_type == "summarization":
+        return {f"{f}_{c}" for f in ("cosine", "dot") for c in ("pearson", "spearman")} | {"pearson", "spearman"}
+    if task_type == "pair_classification":
+        metrics = ("accuracy", "f1", "precision", "recall", "ap")
+        return {f"{f}_{m}" for f in ("similarity", "cosine", "manhattan", "euclidean", "dot", "max") for m in metrics}
+    if task_type == "classification":
+        return {f"{m}{w}" for m in ("f1", "precision", "recall", "ap") for w in ("", "_weighted")} | {"accuracy"}
+    if task_type == "clustering":
+        return {"v_measure", "v_measure_std"} | (
+            {"ami", "ami_std"} if options.get("protocol", OPTIONS["protocol"][1]) == "bootstrap" else set())
+    raise ValueError(f"unknown task type {task_type!r}")
+
+
 TABLES = {
     "MTEB(eng, v2)": os.path.join(ASSETS, "instructions", "mteb_eng_v2.json"),
     "CMTEB(cmn, v1)": os.path.join(ASSETS, "instructions", "cmteb_cmn_v1.json"),
@@ -144,11 +202,24 @@ class TaskSpec:
         if self.type == "classification" and self.files and "train" not in self.files:
             raise ValueError(f"{where}: classification needs a 'train' file (the classifier's training data) "
                              "besides 'path'")
-        for key in self.options:
+        for key, value in self.options.items():
             types = OPTIONS.get(key, ((), None))[0]
             if self.type not in types:
                 known = sorted(k for k, (t, _) in OPTIONS.items() if self.type in t)
                 raise ValueError(f"{where}: option {key!r} does not apply to {self.type} tasks (known: {known})")
+            check, want = _OPTION_CHECKS[key]
+            if not check(value):
+                raise ValueError(f"{where}: option {key!r}: expected {want}, got {value!r}")
+        known = metric_names(self.type, self.options)
+        if self.main_score not in known:
+            raise ValueError(f"{where}: main_score {self.main_score!r} is not among the {self.type} metrics "
+                             f"({', '.join(sorted(known))})")
+        if not isinstance(self.fields, Mapping) or not all(isinstance(v, str) and v for v in self.fields.values()):
+            raise ValueError(f"{where}: fields must map field names to the data's names, got {self.fields!r}")
+        for key in self.fields:
+            if key not in DEFAULT_FIELDS[self.type]:
+                raise ValueError(f"{where}: fields: unknown field {key!r} for {self.type} tasks "
+                                 f"(known: {sorted(DEFAULT_FIELDS[self.type])})")
 
     @property
     def where(self) -> str:
@@ -174,6 +245,14 @@ class TaskSpec:
             ok = os.path.isdir(path) if want_dir else os.path.isfile(path)
             if not ok:
                 raise FileNotFoundError(f"{where}: {role} {path}: no such {'folder' if want_dir else 'file'}")
+        if self.format == "beir":  # the folder's files, and the qrels of the evaluated split
+            folder = self.files["path"]
+            needed = [os.path.join(folder, "corpus.jsonl"), os.path.join(folder, "queries.jsonl")]
+            if "qrels" not in self.files:
+                needed.append(os.path.join(folder, "qrels", f"{self.split}.tsv"))
+            for path in needed:
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"{where}: {path}: no such file (split {self.split!r})")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
