@@ -7,6 +7,7 @@ bucket lengths (and a fixed batch size) keeps the number of programs small.
 from __future__ import annotations
 
 import bisect
+import importlib.util
 import os
 from typing import Sequence
 
@@ -38,6 +39,8 @@ class Tokenizer:
     """A HuggingFace tokenizer loaded from a local folder, truncating and bucketing."""
 
     def __init__(self, path: str | os.PathLike, max_length: int = 512, buckets: Sequence[int] | None = None):
+        if importlib.util.find_spec("torch") is None:  # transformers' "PyTorch was not found" advice does
+            os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # not concern a tokenizer
         from transformers import AutoTokenizer
 
         self.path = os.fspath(path)

@@ -25,8 +25,9 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli_main(["demo", "--out", str(out), "--steps", "6", "--set", "log.progress=false"]) == 0
     printed = capsys.readouterr().out
-    for task in ("demo-retrieval", "demo-sts", "demo-classification"):
-        assert task in printed
+    for task, metric in (("demo-retrieval", "ndcg_at_10"), ("demo-sts", "cosine_spearman"),
+                         ("demo-classification", "accuracy")):
+        assert any(line.split()[:2] == [task, metric] for line in printed.splitlines()), printed
     assert os.path.isfile(out / "hf" / "config.json") and os.path.isfile(out / "hf" / "modules.json")
     assert os.path.isdir(out / "checkpoints" / "6")
     with open(out / "metrics.jsonl") as f:

@@ -89,8 +89,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"steps on the bundled sample; output in {out}", file=sys.stderr)
     result = train(cfg)
     before, after = main_scores(result.evals.get("before", {})), main_scores(result.evals.get("after", {}))
-    print(f"\n{'held-out task':32s} {'before':>8s} {'after':>8s}")
+    final = result.evals.get("after", {})
+    print(f"\n{'held-out task':24s} {'metric':16s} {'before':>8s} {'after':>8s}")
     for name in after:
-        print(f"{name:32s} {before.get(name, float('nan')):8.4f} {after[name]:8.4f}")
+        metric = final[name].get("qzhou_jax", {}).get("task", {}).get("main_score", "")
+        print(f"{name:24s} {metric:16s} {before.get(name, float('nan')):8.4f} {after[name]:8.4f}")
     _report(result, sys.stdout)
     return 0
