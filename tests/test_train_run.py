@@ -328,6 +328,8 @@ def test_negatives_are_never_a_positive_of_the_query_in_another_record(tmp_path)
         index = source.query_positives
         assert index.shared_queries == 1 and len(index.pairs) == 5
         assert index.contains(0, "q-doc3") and not index.contains(0, "other1") and not index.contains(4, "q-doc0")
+        assert index.positives_among(7, records[7], records[7].neg) == [True, False, True]
+        assert index.positives_among(4, records[4], ["q-doc0", "other0"]) == [False, True]
         builder = BatchBuilder(source, spec, tok, seed=0)
         for step in range(30):
             _, p_texts, _ = builder._texts(step, range(8), 0)
@@ -337,6 +339,29 @@ def test_negatives_are_never_a_positive_of_the_query_in_another_record(tmp_path)
                     assert not set(negs) & q_docs, (step, r, negs)
                 if r == 7:
                     assert negs[0] == "hard" and len(set(negs)) == 3
+
+    # the same question under another instruction is another query: its positives are fair negatives
+    other = records + [RetrievalRecord("q", ("answer",), ("q-doc1",), instruction="Find duplicates")]
+    index = ListSource(other, name="instr").query_positives
+    assert not index.contains(8, "q-doc1") and not index.shared[8] and index.shared[0]
+    assert BatchBuilder(ListSource(other, name="instr"), spec, tok, seed=0)._texts(0, [8], 0)[1][1] == "q-doc1"
+    # the lookup of one text equals the vectorized pair keys (signed 64-bit keys of either sign)
+    from qzhou_jax.data.sources import QueryPositives, _pair_keys
+
+    rng = np.random.default_rng(0)
+    qk, pk = rng.integers(-2**63, 2**63, 50, dtype=np.int64), rng.integers(-2**63, 2**63, 50, dtype=np.int64)
+    fake = QueryPositives(np.repeat(qk, 2), np.repeat(pk, 2), np.ones(100, np.int64))
+    assert np.array_equal(fake.pairs, np.unique(_pair_keys(qk, pk)))
+    import qzhou_jax.data.sources as sources_mod
+
+    keys = dict(zip(map(str, range(50)), pk.tolist()))
+    original = sources_mod.text_key
+    sources_mod.text_key = lambda t: keys[t]
+    try:
+        assert all(fake.contains(2 * j, str(j)) for j in range(50))
+        assert not any(fake.contains(2 * j, str((j + 1) % 50)) for j in range(50))
+    finally:
+        sources_mod.text_key = original
 
     class Plain:  # a source without the index (any Source-like object): one is built by reading its records
         name, family = "plain", "retrieval"
@@ -392,15 +417,15 @@ def test_retrieval_batches_carry_keys_of_their_texts():
 
     tok = Tokenizer(os.path.join(os.path.dirname(__import__("qzhou_jax").__file__), "assets", "tokenizer"))
     records = [RetrievalRecord("q a", ("doc",), ("n1",)), RetrievalRecord("q b", ("doc",), ("n2",)),
-               RetrievalRecord("q c", ("other",), ("doc",)), RetrievalRecord("q a", ("x",), ("n4",), "Find it")]
-    spec = BatchSpec("retrieval", batch_size=4, hard_negatives=1, query_max_length=16, passage_max_length=16)
-    batch = BatchBuilder(ListSource(records, name="dups"), spec, tok, seed=0).build(0, range(4), 0)
-    q, p = batch["q_keys"], batch["p_keys"].reshape(4, 2)
+               RetrievalRecord("q a", ("other",), ("doc",), instruction="Find it")]
+    spec = BatchSpec("retrieval", batch_size=3, hard_negatives=1, query_max_length=16, passage_max_length=16)
+    batch = BatchBuilder(ListSource(records, name="dups"), spec, tok, seed=0).build(0, range(3), 0)
+    q, p = batch["q_keys"], batch["p_keys"].reshape(3, 2)
     assert q.dtype == np.int32 and p.dtype == np.int32
     assert p[0, 0] == p[1, 0] == p[2, 1] and len({p[0, 0], p[0, 1], p[1, 1], p[2, 0]}) == 4
-    assert q[0] != q[3]  # same query text, but the instruction makes a different input
+    assert q[0] != q[2]  # same query text, but the instruction makes a different input (and query)
     assert q[0] == sequence_keys(tok.encode(["q a"]), 16)[0]
-    assert q[3] == sequence_keys(tok.encode(["Instruct: Find it\nQuery: q a"]), 16)[0]
+    assert q[2] == sequence_keys(tok.encode(["Instruct: Find it\nQuery: q a"]), 16)[0]
     # questions cut off the same long context are one input to the model: one key
     context = "word " * 200
     long = [RetrievalRecord(context + "first question?", ("p1",)), RetrievalRecord(context + "second?", ("p2",))]

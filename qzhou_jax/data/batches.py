@@ -187,7 +187,7 @@ class BatchBuilder:
                 instr = getattr(rec, "instruction", None) or spec.instruction
                 q_texts.append(format_prompt(rec.query, instr))
                 pos = rec.pos[int(rng.integers(len(rec.pos)))] if len(rec.pos) > 1 else rec.pos[0]
-                negs = [t for t in rec.neg if not self.positives.is_positive(i, rec, t)]
+                negs = [t for t, bad in zip(rec.neg, self.positives.positives_among(i, rec, rec.neg)) if not bad]
                 k = spec.hard_negatives
                 if len(negs) > k:
                     negs = [negs[j] for j in sorted(rng.choice(len(negs), k, replace=False))]

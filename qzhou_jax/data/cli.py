@@ -137,7 +137,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             pos.append(len(r.pos))
             neg.append(len(r.neg))
             instr[r.instruction] += 1
-            positive_negatives += sum(index.is_positive(i, r, t) for t in r.neg)
+            positive_negatives += sum(index.positives_among(i, r, r.neg))
         pos, neg = np.array(pos), np.array(neg)
         print(f"  positives per query: mean {pos.mean():.2f}, max {pos.max()}")
         print(f"  hard negatives per query: mean {neg.mean():.2f}, min {neg.min()}, max {neg.max()} "

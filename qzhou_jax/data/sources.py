@@ -62,6 +62,12 @@ def text_key(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
+def query_key(record: Any) -> int:
+    """The key of a retrieval record's query: its text and its own instruction, if any."""
+    instruction = getattr(record, "instruction", None)
+    return text_key(record.query if not instruction else f"{instruction}\x00{record.query}")
+
+
 def label_index(labels: Iterable[str]) -> tuple[np.ndarray, list[str]]:
     """(int32 id per label, sorted distinct label names): ids are stable whatever the record order."""
     labels = list(labels)
@@ -87,8 +93,10 @@ class QueryPositives:
     drawn as a random negative, or a listed negative can be one of the others. The loss would push the
     query away from a relevant text. ``contains(i, text)`` says whether ``text`` is a positive of record
     ``i``'s query in another record; it keeps (query, positive) key pairs only for queries that several
-    records share (a record's own ``pos`` is checked directly), so one-record-per-query data costs 8
-    bytes per record. Built from a key of every query and positive (two hashes per record at scan time).
+    records share (a record's own ``pos`` is checked directly), so one-record-per-query data costs 9
+    bytes per record and no lookups. A query is its text with its record's instruction: the same
+    question under two instructions is two inputs, whose positives and negatives may differ. Built
+    from a key of every query and positive (two hashes per record at scan time).
     """
 
     def __init__(self, query_keys: np.ndarray, positive_keys: np.ndarray, positive_counts: np.ndarray):
@@ -96,7 +104,8 @@ class QueryPositives:
         n = len(self.query_keys)
         _, inverse, counts = np.unique(self.query_keys, return_inverse=True, return_counts=True)
         owner = np.repeat(np.arange(n), np.asarray(positive_counts, np.int64))
-        shared = (counts[inverse] > 1)[owner]
+        self.shared = counts[inverse] > 1  # per record: its query is in other records too
+        shared = self.shared[owner]
         self.pairs = np.unique(_pair_keys(self.query_keys[owner[shared]], np.asarray(positive_keys)[shared]))
         self.shared_queries = int((counts > 1).sum())  # distinct queries with several records
 
@@ -109,15 +118,26 @@ class QueryPositives:
 
     def contains(self, i: int, text: str) -> bool:
         """Whether ``text`` is a positive of record ``i``'s query in another record sharing that query."""
-        if not len(self.pairs):
+        if not self.shared[i]:
             return False
-        key = _pair_keys(self.query_keys[i:i + 1], np.array([text_key(text)], np.int64))[0]
+        mask = (1 << 64) - 1  # _pair_keys on Python ints: a numpy call per text costs ~10 us
+        key = np.uint64(((int(self.query_keys[i]) & mask) * int(_PAIR_MIX) & mask) ^ (text_key(text) & mask))
         j = int(np.searchsorted(self.pairs, key))
         return j < len(self.pairs) and self.pairs[j] == key
 
     def is_positive(self, i: int, record: Any, text: str) -> bool:
         """Whether ``text`` is a positive of the query of record ``i`` (``record``): its own or another's."""
         return text in record.pos or self.contains(i, text)
+
+    def positives_among(self, i: int, record: Any, texts: Sequence[str]) -> list[bool]:
+        """``is_positive`` for each of ``texts`` (a record's listed negatives), in one lookup."""
+        own = set(record.pos)
+        if not self.shared[i] or not texts:
+            return [t in own for t in texts]
+        keys = np.fromiter((text_key(t) for t in texts), np.int64, len(texts))
+        wanted = _pair_keys(np.full(len(texts), self.query_keys[i]), keys)
+        at = np.minimum(np.searchsorted(self.pairs, wanted), len(self.pairs) - 1)  # pairs: sorted, non-empty
+        return [t in own or bool(f) for t, f in zip(texts, self.pairs[at] == wanted)]
 
 
 class _ScanKeys:
@@ -134,7 +154,7 @@ class _ScanKeys:
             self.labels.append(record.label)
             self.text.append(text_key(record.text))
         elif self.family == "retrieval":
-            self.query.append(text_key(record.query))
+            self.query.append(query_key(record))
             self.pos.extend(map(text_key, record.pos))
             self.pos_n.append(len(record.pos))
 

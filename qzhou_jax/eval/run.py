@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from qzhou_jax.data.jsonl import RecordError
 from qzhou_jax.eval.data import fingerprint
 from qzhou_jax.eval.evaluators import EVALUATORS
 from qzhou_jax.eval.tasks import TaskSpec
@@ -91,7 +92,7 @@ def evaluate_task(spec: TaskSpec, encoder: Any, *, model: Any = None, progress: 
     except ValueError as e:  # name the task in data and protocol errors that do not already
         if spec.where in str(e):
             raise
-        raise ValueError(f"{spec.where}: {e}") from e
+        raise (RecordError if isinstance(e, RecordError) else ValueError)(f"{spec.where}: {e}") from e
     if not use_instructions:
         info["instructions"] = {side: None for side in info.get("instructions", {})}
     elapsed = time.perf_counter() - t0

@@ -99,7 +99,8 @@ _OPTION_CHECKS: dict[str, tuple[Any, str]] = {
     "k_mean_batch_size": (_positive_int, "a positive integer"),
     "max_depth": (_optional_positive_int, "a positive integer or null"),
     "clustering_batch_size": (_positive_int, "a positive integer"),
-    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32,
+             "an integer in [0, 2**32)"),
 }
 
 
