@@ -164,7 +164,8 @@ class HostRows:
     blocks: int
 
     def __post_init__(self):
-        if not self.mine or list(self.mine) != sorted(set(self.mine)) or not 0 <= self.mine[0] <= self.mine[-1] < self.blocks:
+        ordered = list(self.mine) == sorted(set(self.mine))
+        if not self.mine or not ordered or not 0 <= self.mine[0] <= self.mine[-1] < self.blocks:
             raise ValueError(f"host rows: blocks {self.mine} must be distinct, increasing, in 0..{self.blocks - 1}")
 
     @classmethod

@@ -82,7 +82,8 @@ _PAIR_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying by it is a bijecti
 def _pair_keys(query_keys: np.ndarray, text_keys: np.ndarray) -> np.ndarray:
     """One uint64 key per (query key, text key) pair."""
     with np.errstate(over="ignore"):
-        return (np.asarray(query_keys, np.int64).view(np.uint64) * _PAIR_MIX) ^ np.asarray(text_keys, np.int64).view(np.uint64)
+        queries = np.asarray(query_keys, np.int64).view(np.uint64)
+        return (queries * _PAIR_MIX) ^ np.asarray(text_keys, np.int64).view(np.uint64)
 
 
 class QueryPositives:
@@ -117,7 +118,8 @@ class QueryPositives:
         return keys.query_positives()
 
     def contains(self, i: int, text: str) -> bool:
-        """Whether ``text`` is a positive of record ``i``'s query in another record sharing that query."""
+        """Whether ``text`` is a positive of record ``i``'s query in one of the records sharing that query
+        (always False for a query no other record has: its positives are the record's own ``pos``)."""
         if not self.shared[i]:
             return False
         mask = (1 << 64) - 1  # _pair_keys on Python ints: a numpy call per text costs ~10 us

@@ -101,7 +101,8 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="for task names: folder holding <name>/ (a BEIR folder, or <split>.jsonl + train.jsonl)")
     p.add_argument("--output", default=None, help="JSON file with every task's result (mteb's shape per task)")
     p.add_argument("--results-dir", default=None, help="folder for one <task>.json per task, written as each finishes")
-    p.add_argument("--max-length", type=positive_int, default=1024, help="tokens per text, instruction included (default "
+    p.add_argument("--max-length", type=positive_int, default=1024,
+                   help="tokens per text, instruction included (default "
                    "1024, as QZhou's official evaluation)")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype")
@@ -109,7 +110,8 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="bucket lengths per doubling (default 4: 7%% padding on SciFact at 1024 tokens; "
                         "0: the tokenizer's powers of two)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=-1 (default: data-parallel over all devices)")
-    p.add_argument("--devices", type=positive_int, default=None, help="use only the first N local devices (1: no sharding)")
+    p.add_argument("--devices", type=positive_int, default=None,
+                   help="use only the first N local devices (1: no sharding)")
     p.add_argument("--no-instructions", action="store_true", help="encode every text without an instruction")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_eval)
