@@ -9,6 +9,7 @@ The TPU tests compile for abstract TPU devices through libtpu (the `tpu` extra, 
 import json
 import os
 import pathlib
+import re
 import shutil
 import stat
 import subprocess
@@ -245,6 +246,51 @@ def test_tiny_plan_on_v5p_8_compiles(tmp_path, capsys):
     assert d["target"]["topology"] == "v5p:2x2x1" and d["mesh"]["fsdp"] == 4
     assert step["method"] == "compiled" and step["compile_seconds"] > 0 and 0 < step["peak_gib"] < 1
     assert step["step_seconds"] > 0 and d["verdict"] == "fits"
+
+
+_COLLECTIVE = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = \(?(.+?)\)? (all-gather|all-reduce|reduce-scatter)(?:-start)?\("
+                         r".*?op_name=\"([^\"]*)\"")
+
+
+def _layer_loop_collectives(hlo: str) -> list[tuple[str, str]]:
+    """(kind, dtype) of each multi-dimensional collective inside a loop of a compiled program."""
+    out = []
+    for line in hlo.splitlines():
+        m = _COLLECTIVE.match(line)
+        if m and "/while/body/" in m.group(3):
+            out += [(m.group(2), dt) for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)) if "," in dims]
+    return out
+
+
+@pytest.mark.parametrize("compute_dtype, chunk_size", [("bfloat16", 0), ("bfloat16", 4), ("float32", 0)])
+def test_fsdp_gathers_layer_weights_in_the_compute_dtype_on_tpu(compute_dtype, chunk_size):
+    """The float32 master weights are cast before they cross the network: XLA moves the cast
+    ahead of the FSDP all-gather (its CollectiveQuantizer pass, which the TPU and GPU compilers
+    run and the CPU compiler does not), so every layer's weights travel in bfloat16, GradCache's
+    passes included. A float32 step (full matmul precision, as in these tests) gathers float32,
+    which shows the check reads the dtypes."""
+    import jax
+    import jax.numpy as jnp
+
+    from qzhou_jax import sharding
+    from qzhou_jax.config import ModelConfig
+    from qzhou_jax.train.optim import TrainConfig, make_optimizer
+    from qzhou_jax.train.step import make_train_step
+
+    devices = _tpu_or_skip()
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 1}, devices)
+    cfg = ModelConfig.preset("tiny", hidden_size=128, intermediate_size=256, num_attention_heads=8,
+                             compute_dtype=compute_dtype, remat="full")
+    tx = make_optimizer(TrainConfig(lr=1e-4, warmup_steps=1, total_steps=10, chunk_size=chunk_size))
+    state = plan_mod.abstract_train_state(cfg, tx, mesh)
+    batch = {k: jax.ShapeDtypeStruct((rows, 64), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
+             for k, rows in (("q_ids", 16), ("q_mask", 16), ("p_ids", 32), ("p_mask", 32))}
+    step = make_train_step(cfg, tx, "retrieval", mesh=mesh, chunk_size=chunk_size)
+    with sharding.use_mesh(mesh):
+        hlo = step.jitted.lower(state, batch).compile().as_text()
+    gathers = [dt for kind, dt in _layer_loop_collectives(hlo) if kind == "all-gather" and dt[0] in "bf"]
+    assert len(gathers) >= 7, "every layer weight matrix is gathered inside the layer scan"
+    assert set(gathers) == {"bf16" if compute_dtype == "bfloat16" else "f32"}
 
 
 def test_tpu_compiler_refusal_is_does_not_fit(tmp_path, capsys):
