@@ -277,6 +277,10 @@ def describe(state: Any) -> list[tuple[str, tuple[int, ...], str]]:
     return rows
 
 
+# What JAX's SLURM detection reads (jax._src.clusters.slurm_cluster); srun sets them for its tasks.
+_JAX_SLURM_VARIABLES = ("SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
+
+
 def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                                  process_id: int | None = None) -> None:
     """`jax.distributed.initialize()` when several processes are configured.
@@ -284,7 +288,8 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
     Arguments win; otherwise `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and
     `JAX_PROCESS_ID` (set by the launchers in launch/), else JAX's own detection of TPU
     pods, SLURM steps of several tasks and Open MPI. On a single process nothing happens (a
-    one-task SLURM step keeps all its GPUs). CPU-only multi-process
+    one-task SLURM step keeps all its GPUs; so does a batch script of a several-task job run
+    without srun, with a warning). CPU-only multi-process
     runs (tests, launch/local.sh) use gloo for the cross-process collectives.
     """
     import os
@@ -305,6 +310,14 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
         # one process: JAX's SLURM detection would give it only the GPU of SLURM_LOCALID.
         slurm_tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
         slurm = "SLURM_JOB_ID" in env and slurm_tasks > 1
+        if slurm and not all(k in env for k in _JAX_SLURM_VARIABLES):
+            # A batch script run without srun: one copy runs, and JAX's SLURM detection (which
+            # needs the step's node list) would fail with no coordinator address.
+            log.warning("SLURM job of %d tasks, but this process was not started by srun (%s unset): "
+                        "running as one process with this node's devices; start one process per task "
+                        "with srun (launch/slurm_gpu.sbatch)", slurm_tasks,
+                        ", ".join(k for k in _JAX_SLURM_VARIABLES if k not in env))
+            slurm = False
         if not (multi_host_tpu or slurm or "OMPI_COMM_WORLD_SIZE" in env):
             return
     if env.get("JAX_PLATFORMS", "") == "cpu":

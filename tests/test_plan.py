@@ -403,7 +403,7 @@ def test_slurm_script_environment(tmp_path):
     assert r.returncode == 3 and "args=train --config c.yaml --resume" in log.read_text()
 
 
-def test_a_one_task_slurm_step_is_one_process_with_all_its_gpus(monkeypatch):
+def test_a_one_task_slurm_step_is_one_process_with_all_its_gpus(monkeypatch, caplog):
     """`srun --gres=gpu:8 --pty bash`, then a command: JAX's SLURM detection would make it process
     0 of 1 with only SLURM_LOCALID's GPU; it stays an ordinary single process."""
     import jax
@@ -414,7 +414,8 @@ def test_a_one_task_slurm_step_is_one_process_with_all_its_gpus(monkeypatch):
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
     for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "TPU_WORKER_HOSTNAMES",
-              "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+              "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST", "SLURM_PROCID",
+              "SLURM_LOCALID"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("JAX_PLATFORMS", "")
     monkeypatch.setenv("SLURM_JOB_ID", "77")
@@ -425,7 +426,14 @@ def test_a_one_task_slurm_step_is_one_process_with_all_its_gpus(monkeypatch):
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # the batch script itself, run without srun
     sharding.maybe_initialize_distributed()
     assert calls == []
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS")  # the same, where Slurm sets no step variables
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    with caplog.at_level("WARNING", logger="qzhou_jax.sharding"):
+        sharding.maybe_initialize_distributed()
+    assert calls == [] and "not started by srun (SLURM_STEP_NODELIST unset)" in caplog.text
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")  # an srun step of 8 tasks: JAX's detection
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[01-02]")
     sharding.maybe_initialize_distributed()
     assert calls == [{"coordinator_address": None, "num_processes": None, "process_id": None}]
 
