@@ -15,7 +15,7 @@ from typing import Any, Literal
 ATTENTION_KINDS = ("bidirectional", "causal")
 POOLINGS = ("mean", "last")
 REMAT_POLICIES = ("none", "full", "dots", "attn", "mlp")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -52,7 +52,7 @@ class ModelConfig:
     scan_layers: bool = True  # False: unrolled (README, "Models in Python": faster and smaller on
     #                           GPU with remat_layers; on CPU remat then saves no memory; on TPU
     #                           `qzhou-jax plan` shows which is smaller)
-    attention_impl: Literal["xla", "cudnn"] = "xla"
+    attention_impl: Literal["xla", "cudnn", "splash"] = "xla"  # cudnn: GPU; splash: TPU (model/splash.py)
 
     def __post_init__(self):
         if self.head_dim is None:

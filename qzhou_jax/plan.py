@@ -276,7 +276,7 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
 
     def side(r: int, length: int) -> tuple[float, float]:
         t = rows(r) * length  # tokens per device
-        attn = 0.0 if cfg.attention_impl == "cudnn" else rows(r) * H * length * length * (4 + 4 + b)
+        attn = 0.0 if cfg.attention_impl in ("cudnn", "splash") else rows(r) * H * length * length * (4 + 4 + b)
         layer_io = t * (3 * E + (3 * H + 2 * K) * D + 3 * F / tp) * b
         per_layer = {"full": t * E * b,
                      "attn": t * (E + (2 * H + 2 * K) * D) * b,
@@ -699,6 +699,10 @@ def suggest(run, plan: Plan) -> list[str]:
     if mesh["data"] > 1:
         out.append(f"--set mesh.data=1 --set mesh.fsdp=-1  (shard parameters and optimizer state over all "
                    f"{plan.target.num_devices} devices instead of replicating them {mesh['data']} times)")
+    fused = {"tpu": "splash", "gpu": "cudnn"}.get(plan.target.platform)
+    if fused and cfg.attention_impl == "xla":
+        out.append(f"--set model.attention_impl={fused}  (a fused attention kernel: no float32 [rows, heads, seq, seq] "
+                   f"scores per layer)")
     out += _unrolled_hint(cfg, plan.target)
     if cfg.remat != "full":
         out.append(f"--set model.remat=full  (keep only each layer's input, recompute the rest; now {cfg.remat!r})")

@@ -253,6 +253,12 @@ def current_mesh() -> Mesh | None:
     return None if ctx is None else ctx[0]
 
 
+def current_rules() -> Mapping[str, Any]:
+    """The logical-axis rules in use (`use_mesh`); DEFAULT_RULES without a mesh."""
+    ctx = _CONTEXT.get()
+    return DEFAULT_RULES if ctx is None else ctx[1]
+
+
 def current_data_parallel_size() -> int:
     """The data-parallel size of the mesh in use (`use_mesh`); 1 without one."""
     ctx = _CONTEXT.get()

@@ -262,13 +262,8 @@ def _layer_loop_collectives(hlo: str) -> list[tuple[str, str]]:
     return out
 
 
-@pytest.mark.parametrize("compute_dtype, chunk_size", [("bfloat16", 0), ("bfloat16", 4), ("float32", 0)])
-def test_fsdp_gathers_layer_weights_in_the_compute_dtype_on_tpu(compute_dtype, chunk_size):
-    """The float32 master weights are cast before they cross the network: XLA moves the cast
-    ahead of the FSDP all-gather (its CollectiveQuantizer pass, which the TPU and GPU compilers
-    run and the CPU compiler does not), so every layer's weights travel in bfloat16, GradCache's
-    passes included. A float32 step (full matmul precision, as in these tests) gathers float32,
-    which shows the check reads the dtypes."""
+def _compile_tpu_step(mesh_shape, chunk_size=0, rows=16, length=64, **model):
+    """The train step of a small model compiled for abstract v5p-8 devices (skips without libtpu)."""
     import jax
     import jax.numpy as jnp
 
@@ -278,19 +273,46 @@ def test_fsdp_gathers_layer_weights_in_the_compute_dtype_on_tpu(compute_dtype, c
     from qzhou_jax.train.step import make_train_step
 
     devices = _tpu_or_skip()
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 1}, devices)
-    cfg = ModelConfig.preset("tiny", hidden_size=128, intermediate_size=256, num_attention_heads=8,
-                             compute_dtype=compute_dtype, remat="full")
+    mesh = sharding.make_mesh(dict(zip(("data", "fsdp", "tensor"), mesh_shape)), devices)
+    cfg = ModelConfig.preset("tiny", **{"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 8,
+                                        "remat": "full", **model})
     tx = make_optimizer(TrainConfig(lr=1e-4, warmup_steps=1, total_steps=10, chunk_size=chunk_size))
     state = plan_mod.abstract_train_state(cfg, tx, mesh)
-    batch = {k: jax.ShapeDtypeStruct((rows, 64), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
-             for k, rows in (("q_ids", 16), ("q_mask", 16), ("p_ids", 32), ("p_mask", 32))}
+    batch = {k: jax.ShapeDtypeStruct((n, length), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
+             for k, n in (("q_ids", rows), ("q_mask", rows), ("p_ids", 2 * rows), ("p_mask", 2 * rows))}
     step = make_train_step(cfg, tx, "retrieval", mesh=mesh, chunk_size=chunk_size)
     with sharding.use_mesh(mesh):
-        hlo = step.jitted.lower(state, batch).compile().as_text()
+        return step.jitted.lower(state, batch).compile()
+
+
+@pytest.mark.parametrize("compute_dtype, chunk_size", [("bfloat16", 0), ("bfloat16", 4), ("float32", 0)])
+def test_fsdp_gathers_layer_weights_in_the_compute_dtype_on_tpu(compute_dtype, chunk_size):
+    """The float32 master weights are cast before they cross the network: XLA moves the cast
+    ahead of the FSDP all-gather (its CollectiveQuantizer pass, which the TPU and GPU compilers
+    run and the CPU compiler does not), so every layer's weights travel in bfloat16, GradCache's
+    passes included. A float32 step (full matmul precision, as in these tests) gathers float32,
+    which shows the check reads the dtypes."""
+    hlo = _compile_tpu_step((1, 4, 1), chunk_size, compute_dtype=compute_dtype).as_text()
     gathers = [dt for kind, dt in _layer_loop_collectives(hlo) if kind == "all-gather" and dt[0] in "bf"]
     assert len(gathers) >= 7, "every layer weight matrix is gathered inside the layer scan"
     assert set(gathers) == {"bf16" if compute_dtype == "bfloat16" else "f32"}
+
+
+def test_splash_attention_compiles_for_tpu_and_keeps_no_score_matrix():
+    """attention_impl 'splash' lowers to the Pallas TPU kernel (Mosaic custom calls, forward and
+    backward) inside shard_map over rows and heads, and drops the [rows, heads, seq, seq] float32
+    scores that XLA attention keeps (8 rows x 1 head x 1024^2 x 4 bytes = 32 MiB per chip here)."""
+    import jax
+
+    shape = dict(mesh_shape=(1, 2, 2), rows=4, length=1024, num_attention_heads=2, num_key_value_heads=1)
+    with pytest.raises(ValueError, match="rejects float32 contraction of 16-bit operands"):
+        _compile_tpu_step(attention_impl="splash", **shape)  # these tests' 'highest' default precision
+    with jax.default_matmul_precision("default"):
+        splash = _compile_tpu_step(attention_impl="splash", **shape)
+        xla = _compile_tpu_step(attention_impl="xla", **shape)
+    assert 'custom_call_target="tpu_custom_call"' in splash.as_text()
+    saved = xla.memory_analysis().temp_size_in_bytes - splash.memory_analysis().temp_size_in_bytes
+    assert saved > 16 << 20, saved
 
 
 def test_tpu_compiler_refusal_is_does_not_fit(tmp_path, capsys):
@@ -304,6 +326,7 @@ def test_tpu_compiler_refusal_is_does_not_fit(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "the compiler refused it" in out and "does not fit" in out
     assert "--set model.remat=full" in out and "--set train.chunk_size=1 " in out
+    assert "--set model.attention_impl=splash" in out
 
 
 def test_tpu_missing_libtpu_message(monkeypatch):

@@ -160,6 +160,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: Mo
     K = k.shape[2]
     causal = cfg.attention == "causal"
     valid = mask.astype(bool)
+    if cfg.attention_impl == "splash":
+        from qzhou_jax.model.splash import splash_attention
+
+        return splash_attention(q, k, v, mask, causal)
     if cfg.attention_impl == "cudnn":
         # cuDNN masks padding by sequence length, which assumes right padding: the model's
         # entry points right-align every row first (`_right_align`); padded query rows are
