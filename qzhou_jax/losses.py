@@ -33,8 +33,10 @@ STS / NLI (CoSENT, tau_c = temperature, default 0.05 i.e. scale 20)::
 Classification / clustering (InfoNCE with a same-class mask)::
 
     as L_ret with anchors t_i, positives t_i+ and negatives; the denominator holds t_i+,
-    the other anchors' positives, every negative of the batch and the other anchors, and
-    every candidate other than t_i+ whose class equals class(t_i) gets weight 0.
+    every negative of the batch (the anchor's and the other anchors') and the other anchors,
+    as the paper writes it, and every candidate other than t_i+ whose class equals class(t_i)
+    gets weight 0. `other_positives=True` adds the other anchors' positives as candidates
+    (L_ret's in-batch negatives), under the same class mask.
 
 Implementation: a masked log-softmax over a candidate matrix [n, 1 + m] (the positive, then
 the negatives), written as log(1 + sum_valid exp((s_neg - s_pos)/tau)) so that small losses
@@ -234,11 +236,12 @@ def cosent(a, b, scores, *, temperature=0.05, valid=None) -> tuple[jax.Array, di
 
 
 def infonce_classification(anchor, pos, neg, anchor_labels, pos_labels, neg_labels, *,
-                           temperature=0.02) -> tuple[jax.Array, dict]:
+                           temperature=0.02, other_positives=False) -> tuple[jax.Array, dict]:
     """Class-masked InfoNCE for classification / clustering data.
 
     anchor, pos: [n, d]; neg: [n, k, d] (or None); integer labels [n], [n], [n, k] (or None).
-    pos_labels[i] is expected to equal anchor_labels[i]. Returns the same metrics as
+    pos_labels[i] is expected to equal anchor_labels[i]. `other_positives`: the other anchors'
+    positives are candidates too (not in the paper's formula). Returns the same metrics as
     ``infonce_retrieval``.
     """
     _check_temperature(temperature)
@@ -260,14 +263,11 @@ def infonce_classification(anchor, pos, neg, anchor_labels, pos_labels, neg_labe
     other_row = row != jnp.arange(n)[None, :]
     lab = anchor_labels[:, None]
     pos_sim = jnp.sum(anchor * pos, axis=-1)
-    sims = jnp.concatenate([
-        _sim(anchor, pos),                    # other anchors' positives (diagonal = own positive)
-        _sim(anchor, neg.reshape(n * k, d)),  # every negative of the batch
-        _sim(anchor, anchor),                 # other anchors
-    ], axis=1)
-    valid = jnp.concatenate([
-        other_row & (pos_labels[None, :] != lab),
-        neg_labels.reshape(1, n * k) != lab,
-        other_row & (anchor_labels[None, :] != lab),
-    ], axis=1)
-    return _masked_infonce(pos_sim, sims, valid, temperature)
+    sims = [_sim(anchor, neg.reshape(n * k, d)),  # every negative of the batch
+            _sim(anchor, anchor)]                 # other anchors
+    valid = [neg_labels.reshape(1, n * k) != lab,
+             other_row & (anchor_labels[None, :] != lab)]
+    if other_positives:  # other anchors' positives (diagonal = own positive, left out)
+        sims.insert(0, _sim(anchor, pos))
+        valid.insert(0, other_row & (pos_labels[None, :] != lab))
+    return _masked_infonce(pos_sim, jnp.concatenate(sims, axis=1), jnp.concatenate(valid, axis=1), temperature)

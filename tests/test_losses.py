@@ -64,11 +64,13 @@ def ref_retrieval(q, pos, neg, tau, in_batch, hard, qneg, margin, keys=None):
     return _ref_infonce(q, pos, candidates_of, tau)
 
 
-def ref_classification(anc, pos, neg, la, lp, ln, tau):
+def ref_classification(anc, pos, neg, la, lp, ln, tau, other_positives=False):
+    """SPEC: the anchor's negatives, other anchors and other anchors' negatives, class-masked
+    (`other_positives`: also the other anchors' positives)."""
     n, k = neg.shape[:2]
 
     def candidates_of(i, s_pos):
-        c = [pos[j] for j in range(n) if j != i and lp[j] != la[i]]
+        c = [pos[j] for j in range(n) if j != i and lp[j] != la[i]] if other_positives else []
         c += [neg[j, l] for j in range(n) for l in range(k) if ln[j, l] != la[i]]
         c += [anc[j] for j in range(n) if j != i and la[j] != la[i]]
         return c
@@ -241,10 +243,14 @@ def test_classification_matches_reference(tau):
     ln = rng.integers(0, 5, (n, k))
     ln[0, 0] = la[0]  # negatives sharing the anchor's class
     ln[3, 1] = la[3]
-    loss, metrics = infonce_classification(anc, pos, neg, la, la, ln, temperature=tau)
-    ref_loss, ref_metrics = ref_classification(anc, pos, neg, la, la, ln, tau)
-    _close(loss, ref_loss)
-    _check_metrics(metrics, ref_metrics)
+    for other_positives in (False, True):
+        loss, metrics = infonce_classification(anc, pos, neg, la, la, ln, temperature=tau,
+                                               other_positives=other_positives)
+        ref_loss, ref_metrics = ref_classification(anc, pos, neg, la, la, ln, tau, other_positives)
+        _close(loss, ref_loss)
+        _check_metrics(metrics, ref_metrics)
+    assert abs(float(loss) - float(infonce_classification(anc, pos, neg, la, la, ln, temperature=tau)[0])) > 1e-3
+    loss = infonce_classification(anc, pos, neg, la, la, ln, temperature=tau)[0]
     # the class mask matters: with all-distinct labels the loss is different
     unmasked, _ = infonce_classification(anc, pos, neg, np.arange(n), np.arange(n), ln + 100, temperature=tau)
     assert abs(float(unmasked) - float(loss)) > 1e-3

@@ -89,6 +89,8 @@ class LossConfig:
     drops candidates scoring above the positive + margin (None: off). mask_duplicate_texts
     drops candidates whose input text is identical to the row's positive (or query), and
     other rows' positives of the same query, using the batch's text keys (``q_keys``/``p_keys``, which the data pipeline always writes).
+    classification_other_positives adds the other anchors' positives to the classification
+    denominator (class-masked like every candidate); the paper's formula leaves them out.
     """
 
     temperature: float = 0.02
@@ -98,6 +100,7 @@ class LossConfig:
     query_negatives: bool = True
     false_negative_margin: float | None = None
     mask_duplicate_texts: bool = True
+    classification_other_positives: bool = False
 
     def __post_init__(self):
         for name in ("temperature", "cosent_temperature"):
@@ -146,7 +149,8 @@ def task_loss(q_emb: jax.Array, p_emb: jax.Array, batch: Mapping[str, Any], task
         grouped = p_emb.reshape(n, g, d)
         labels = batch["p_labels"].reshape(n, g)
         return losses.infonce_classification(q_emb, grouped[:, 0], grouped[:, 1:], batch["q_labels"],
-                                             labels[:, 0], labels[:, 1:], temperature=loss_cfg.temperature)
+                                             labels[:, 0], labels[:, 1:], temperature=loss_cfg.temperature,
+                                             other_positives=loss_cfg.classification_other_positives)
     raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
 
 
