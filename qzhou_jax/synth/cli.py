@@ -299,9 +299,9 @@ def add_synth_parser(subparsers: Any) -> argparse.ArgumentParser:
     _common(n, task=False)
     _llm_args(n, 0.20)
     n.add_argument("--num-negatives", type=int, default=4, help="negatives per chosen record (default 4)")
-    n.add_argument("--share", type=float, default=1.0,
-                   help="fraction of the records without negatives to write them for (SPEC: about 0.3); "
-                        "the others are passed through for `synth mine`")
+    n.add_argument("--share", type=float, default=0.3,
+                   help="fraction of the records without negatives to write them for (default 0.3, the paper's "
+                        "about 30%%); the others are passed through for `synth mine`")
     n.add_argument("--seed", type=int, default=0, help="which records the share picks")
     n.set_defaults(func=cmd_negatives, task="retrieval")
 

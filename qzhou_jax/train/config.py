@@ -224,13 +224,14 @@ class CheckpointConfig:
 class EvalConfig:
     """Evaluation during training: `tasks` is a task file (or names from the shipped
     tables), run before training (`before`), every `every` steps (0: never in between)
-    and at the end."""
+    and at the end. `max_length` defaults to the official evaluation's 1024 tokens, as `qzhou-jax
+    eval` does."""
 
     tasks: str | None = None
     every: int = 0
     before: bool = True
     batch_size: int = 32
-    max_length: int = 512
+    max_length: int = 1024
 
     def __post_init__(self):
         if self.every < 0:
