@@ -63,3 +63,23 @@ def test_stage_presets_load_with_the_paper_hyperparameters(name, size, monkeypat
         assert (cfg.train.lr, cfg.train.total_steps, cfg.data.eta, cfg.data.pair_batch_size) == (2e-5, 8000, 0.72, 768)
         assert {d.task for d in cfg.data.datasets} == {"retrieval", "sts", "classification"}
         assert cfg.init_from == f"runs/stage1-qwen2.5-{size}/checkpoints"
+
+
+@pytest.mark.parametrize("mesh, expect", [
+    ("tpu-slice", ({"data": 1, "fsdp": -1, "tensor": 1}, "splash", 32)),
+    ("tpu-v5e-tensor2", ({"data": 1, "fsdp": -1, "tensor": 2}, "splash", 16)),
+    ("gpu-node", ({"data": 1, "fsdp": -1, "tensor": 1}, "cudnn", 32)),
+    ("gpu-multinode", ({"data": -1, "fsdp": 8, "tensor": 1}, "cudnn", 32)),
+])
+def test_mesh_presets_compose_with_a_stage_preset(tmp_path, monkeypatch, mesh, expect):
+    """configs/meshes/*.yaml go last in a `base:` list and change only how the run is laid out."""
+    import dataclasses
+
+    monkeypatch.setenv("QZHOU_DATA", "/data")
+    monkeypatch.setenv("QZHOU_MODELS", "/models")
+    configs = os.path.join(ROOT, "configs")
+    run = tmp_path / "run.yaml"
+    run.write_text(f"base: [{configs}/stage1-qwen2.5-7b.yaml, {configs}/meshes/{mesh}.yaml]\n")
+    cfg, plain = load_run_config(str(run)), load_run_config(os.path.join(configs, "stage1-qwen2.5-7b.yaml"))
+    assert (dataclasses.asdict(cfg.mesh), cfg.model_config.attention_impl, cfg.train.chunk_size) == expect
+    assert cfg.data == plain.data and cfg.loss == plain.loss and cfg.model_config.hidden_size == 3584
