@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--dtype", default=None, help="compute dtype (default bf16 on GPU, f32 on CPU)")
-    ap.add_argument("--attention-impl", default="xla", help="xla, cudnn, or both: xla,cudnn")
+    ap.add_argument("--attention-impl", default="xla", help="xla, cudnn (GPU), splash (TPU), or several: xla,cudnn")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--corpus", default=None, help="BEIR corpus.jsonl: run the corpus case instead")

@@ -186,7 +186,7 @@ def main() -> None:
     ap.add_argument("--remat-layers", type=int, default=None,
                     help="apply the remat policy to this many layers; the others keep their activations")
     ap.add_argument("--no-scan", action="store_true", help="unroll the layers instead of lax.scan")
-    ap.add_argument("--attention-impl", default="xla", choices=["xla", "cudnn"])
+    ap.add_argument("--attention-impl", default="xla", choices=["xla", "cudnn", "splash"])
     ap.add_argument("--dtype", default=None, help="compute dtype (default bf16 on GPU, f32 on CPU)")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--steps", type=int, default=5)
