@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from qzhou_jax.cli_args import positive_int
+from qzhou_jax.cli_args import add_model_run_args, model_run_overrides, positive_int
 
 
 def _write_npy(path: str, array: np.ndarray) -> None:
@@ -36,7 +36,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--output {args.output}: no such folder {folder}")
     if not os.access(folder, os.W_OK):
         raise PermissionError(f"--output {args.output}: folder {folder} is not writable")
-    overrides = {"compute_dtype": args.dtype} if args.dtype else {}
+    overrides = model_run_overrides(args)
     model = load_pretrained(args.model, **overrides)
     tokenizer = Tokenizer(model.tokenizer_path, max_length=args.max_length)
     encoder = Encoder(model.params, model.config, tokenizer, batch_size=args.batch_size)
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--instruction", default=None, help="prepend QZhou's 'Instruct: ...\\nQuery: ' prompt")
     e.add_argument("--max-length", type=positive_int, default=1024)
     e.add_argument("--batch-size", type=positive_int, default=32)
-    e.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype")
+    add_model_run_args(e)
     e.add_argument("--output-dtype", choices=["float32", "float16"], default="float32")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_encode)

@@ -1,5 +1,5 @@
-"""argparse value types shared by the command-line tools: numbers checked where they are read,
-so a bad value is a usage error naming the flag."""
+"""argparse pieces shared by the command-line tools: numbers checked where they are read, so a
+bad value is a usage error naming the flag, and the flags that choose how a saved model runs."""
 
 from __future__ import annotations
 
@@ -25,3 +25,23 @@ def _int(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def add_model_run_args(parser) -> None:
+    """--dtype and --attention-impl: how a loaded model computes (its saved config otherwise)."""
+    from qzhou_jax.config import ATTENTION_IMPLS
+
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype")
+    parser.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default=None,
+                        help="attention kernel: xla, cudnn (GPU) or splash (TPU; long texts in linear memory); "
+                             "default: the model config's")
+
+
+def model_run_overrides(args: argparse.Namespace) -> dict:
+    """ModelConfig overrides from `add_model_run_args`' flags."""
+    out = {}
+    if args.dtype:
+        out["compute_dtype"] = args.dtype
+    if args.attention_impl:
+        out["attention_impl"] = args.attention_impl
+    return out

@@ -68,6 +68,11 @@ def test_encode_cli_writes_float32_in_input_order(model_dir, tmp_path):
     ids, mask = Tokenizer(tok_path, max_length=1024)(TEXTS, instruction="Find it")
     np.testing.assert_allclose(emb, np.asarray(embed(params, cfg, ids, mask)), atol=2e-6)
     assert list(tmp_path.iterdir()) == [inp, out] or sorted(tmp_path.iterdir()) == sorted([inp, out])
+    # the TPU kernel (Pallas's interpreter here) gives the same embeddings
+    rc = cli.main(["encode", "--model", str(model_dir), "--input", str(inp), "--output", str(tmp_path / "s.npy"),
+                   "--dtype", "float32", "--attention-impl", "splash", "--quiet", "--instruction", "Find it"])
+    assert rc == 0
+    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), emb, atol=2e-6)
 
 
 @pytest.mark.parametrize("lines,message", [

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from qzhou_jax.cli_args import non_negative_int, positive_int
+from qzhou_jax.cli_args import add_model_run_args, model_run_overrides, non_negative_int, positive_int
 
 
 def _parse_mesh(text: str) -> dict[str, int]:
@@ -50,7 +50,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     mesh = None
     if len(devices) > 1:
         mesh = sharding.make_mesh(mesh_cfg, devices=devices)
-    overrides = {"compute_dtype": args.dtype} if args.dtype else {}
+    overrides = model_run_overrides(args)
     model = load_pretrained(args.model, mesh=mesh, **overrides)
     if args.max_length > model.config.max_position_embeddings:
         print(f"warning: --max-length {args.max_length} exceeds the model's max_position_embeddings "
@@ -105,7 +105,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="tokens per text, instruction included (default "
                    "1024, as QZhou's official evaluation)")
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype")
+    add_model_run_args(p)
     p.add_argument("--bucket-steps", type=non_negative_int, default=4,
                    help="bucket lengths per doubling (default 4: 7%% padding on SciFact at 1024 tokens; "
                         "0: the tokenizer's powers of two)")

@@ -36,6 +36,7 @@ import os
 import sys
 from typing import Any
 
+from qzhou_jax.cli_args import add_model_run_args, model_run_overrides
 from qzhou_jax.data.records import DEFAULT_FIELDS, FAMILIES, BadRecords, check_output_path, write_records
 
 log = logging.getLogger("qzhou_jax.synth")
@@ -112,7 +113,7 @@ def _encode_fn(args: argparse.Namespace):
     mesh = None
     if jax.local_device_count() > 1 and jax.process_count() == 1:
         mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices())
-    overrides = {"compute_dtype": args.dtype} if args.dtype else {}
+    overrides = model_run_overrides(args)
     model = load_pretrained(args.model, mesh=mesh, **overrides)
     tokenizer = Tokenizer(model.tokenizer_path, max_length=args.max_length)
     encoder = Encoder(model.params, model.config, tokenizer, batch_size=args.batch_size, mesh=mesh)
@@ -273,7 +274,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", required=True, help="model folder (HF safetensors or qzhou-jax Orbax, with tokenizer)")
     g.add_argument("--max-length", type=int, default=512, help="tokens per text (default 512)")
     g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype")
+    add_model_run_args(g)
     g.add_argument("--instruction", default=None,
                    help="instruction to encode the queries of records without one with (QZhou's "
                         "'Instruct: ...\\nQuery: ...'); the records themselves are written unchanged")
