@@ -221,6 +221,42 @@ class FakeCoordination:
         with self.lock:
             del self.store[key]
 
+    def key_value_try_get(self, key):
+        with self.lock:
+            if key not in self.store:
+                raise KeyError(key)  # the real client raises NOT_FOUND
+            return self.store[key]
+
+
+def _exchange(name, fake, host, hosts):
+    """A HostExchange for a thread standing in for `host` (the same key namespace on every host,
+    as the same call order gives real processes)."""
+    from qzhou_jax.hosts import HostExchange
+
+    ex = HostExchange(name, fake, host, hosts, timeout_s=30)
+    ex.prefix = name
+    return ex
+
+
+def _as_hosts(fn, hosts: int):
+    """fn(h) in one thread per host; {h: its return value or the exception it raised}."""
+    import threading
+
+    out = {}
+
+    def run(h):
+        try:
+            out[h] = fn(h)
+        except Exception as e:  # noqa: BLE001 - recorded for the test to inspect
+            out[h] = e
+
+    threads = [threading.Thread(target=run, args=(h,)) for h in range(hosts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
 
 def test_hosts_agree_on_bucketed_lengths_through_the_coordination_service():
     """Each host posts its own lengths; all get the longest, keys of past steps are deleted, and a
@@ -258,6 +294,48 @@ def test_hosts_agree_on_bucketed_lengths_through_the_coordination_service():
     assert sorted(fake.store) == [f"run/9/{h}" for h in range(hosts)]  # only the last exchange's keys remain
 
     late = CommonLengths(FakeCoordination(2), 0, 2, timeout_s=0.2)
-    with pytest.raises(RuntimeError, match="step 3: the hosts did not all reach the length agreement"):
+    with pytest.raises(RuntimeError, match="step 3: the length agreement of this bucketed step: the hosts did not all reach it"):
         late.lengths(3, (16, 32))
     assert CommonLengths(fake, 0, 1).lengths(3, (16, 32)) == (16, 32)  # one process: no exchange
+
+
+def test_hosts_check_that_they_share_the_output_folder(tmp_path):
+    """Process 0 writes a token into the folder and every process must read it: a folder on each
+    host's own disk fails at the start on every process, naming the hosts that do not see it (it
+    used to hang at the first checkpoint, hours in). The token file is removed."""
+    from qzhou_jax.hosts import check_shared_folder
+
+    shared, own = tmp_path / "shared", tmp_path / "host2-disk"
+    shared.mkdir(), own.mkdir()
+    fake = FakeCoordination(3)
+    ok = _as_hosts(lambda h: check_shared_folder(str(shared), "out_dir", _exchange("f", fake, h, 3)), 3)
+    assert ok == {0: None, 1: None, 2: None} and list(shared.iterdir()) == []
+    fake = FakeCoordination(3)
+    folders = {0: shared, 1: shared, 2: own}  # the same path, but host 2 mounts its own disk there
+    bad = _as_hosts(lambda h: check_shared_folder(str(folders[h]), "out_dir", _exchange("f", fake, h, 3)), 3)
+    assert all(isinstance(e, ValueError) and "processes [2] of 3 do not see the files" in str(e) for e in bad.values())
+
+
+def test_an_evaluation_stops_at_the_same_task_on_every_host_after_a_preemption_notice():
+    """With several processes JAX's SIGTERM handler posts a notice to the coordination service;
+    the hosts agree on it before each evaluation task, so all of them stop at the same task even
+    when they see the notice at different moments (a host stopping alone would deadlock)."""
+    from qzhou_jax.hosts import PREEMPTION_NOTICE_KEY
+    from qzhou_jax.train.loop import _Preemption, _stop_check
+
+    fake = FakeCoordination(3)
+
+    def host(h):
+        preempt = _Preemption(enabled=False)
+        check = _stop_check(preempt, _exchange("e", fake, h, 3))
+        for task in range(6):
+            if task == 2 and h == 1:  # host 1 receives SIGTERM while task 1 runs
+                fake.key_value_set(PREEMPTION_NOTICE_KEY, "2026-11-27T00:00:00Z")
+            if check():
+                return task, preempt.flag
+        return None, preempt.flag
+
+    got = _as_hosts(host, 3)
+    assert set(got.values()) == {(2, True)}, got
+    quiet = _as_hosts(lambda h: _stop_check(_Preemption(False), _exchange("q", FakeCoordination(1), 0, 1))(), 1)
+    assert quiet == {0: False}

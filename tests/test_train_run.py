@@ -481,6 +481,14 @@ def test_unwritable_out_dir_and_missing_dataset_name_the_key(tmp_path, capsys):
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(raw))
     assert cli_main(["train", "--config", str(tmp_path / "b.yaml")]) == 2
     assert f"data.datasets[1] (sts): {tmp_path}/nope.jsonl: no such file" in capsys.readouterr().err
+    # an evaluation task file is read at the start, not at the first evaluation (hours in, or never
+    # before the end with eval.before off), and nothing is trained or written
+    raw = run_dict(tmp_path / "c", steps=2)
+    raw["eval"] = {"tasks": str(tmp_path / "no-tasks.yaml"), "before": False, "every": 1}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert cli_main(["train", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "no-tasks.yaml: task file not found" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "checkpoints").exists()
 
 
 def test_bad_record_stops_with_file_line_or_is_skipped(tmp_path, capsys):

@@ -25,7 +25,6 @@ the loader; the trainer stops them itself (``close_iterator``).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -33,6 +32,7 @@ import numpy as np
 
 from qzhou_jax.data.batches import BatchBuilder, BatchSpec
 from qzhou_jax.data.sampler import BatchPlan, DatasetEntry, summarize
+from qzhou_jax.hosts import HostExchange
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -69,68 +69,31 @@ def close_iterator(it: Iterator[Any], timeout: float = 60.0) -> None:
         log.warning("the data loader's worker processes did not stop within %.0f s; leaving them", timeout)
 
 
-class CommonLengths:
+class CommonLengths(HostExchange):
     """Pads every host's rows of a bucketed step to the longest host's length on each side: hosts
     choose their length bucket from their own rows, and the global array needs one shape.
 
-    The hosts agree through JAX's coordination service, the key-value store and barriers that
-    ``jax.distributed`` runs between the processes: each posts its two lengths, waits at a barrier
-    and reads the others' (three small requests per step, whatever the number of hosts). It is host
-    to host, with no device work, so a host does not wait for the previous step to finish and keeps
-    dispatching ahead. Every process must call ``pad`` for the same steps in the same order, which the
-    loop does (batches are a function of (seed, step)). Without a coordination client (a runtime
-    that sets up several processes without ``jax.distributed``) it falls back to a device all-gather
-    of the lengths, which waits for the previous step. One process: batches pass unchanged.
+    The hosts agree through JAX's coordination service (`hosts.HostExchange`): each posts its two
+    lengths, waits at a barrier and reads the others' (three small requests per step, whatever the
+    number of hosts). It is host to host, with no device work, so a host does not wait for the
+    previous step to finish and keeps dispatching ahead. Every process must call ``pad`` for the
+    same steps in the same order, which the loop does (batches are a function of (seed, step)).
+    Without a coordination client it falls back to a device all-gather of the lengths, which waits
+    for the previous step. One process: batches pass unchanged.
     """
-
-    TIMEOUT_S = 1800  # a host that is still compiling or loading; a dead host stops the job sooner
-    _runs = itertools.count()  # a key namespace per training run of this process (stages run in turn)
 
     def __init__(self, client: Any = "jax", process_index: int | None = None, process_count: int | None = None,
                  timeout_s: float | None = None):
-        import jax
-
-        self.process = jax.process_index() if process_index is None else int(process_index)
-        self.count = jax.process_count() if process_count is None else int(process_count)
-        if client == "jax":
-            state = getattr(getattr(getattr(jax, "_src", None), "distributed", None), "global_state", None)
-            client = getattr(state, "client", None)
-        self.client = client
-        self.timeout_ms = int(1000 * (self.TIMEOUT_S if timeout_s is None else timeout_s))
-        self.prefix = f"qzhou_jax/bucket_lengths/{next(self._runs)}"
-        self._posted: str | None = None  # this host's key of the previous exchange
+        super().__init__("bucket_lengths", client, process_index, process_count, timeout_s)
         if self.count > 1:
             log.info("bucketed steps: the %d hosts agree on padded lengths %s", self.count,
-                     "through the coordination service" if client is not None else
+                     "through the coordination service" if self.client is not None else
                      "through a device all-gather (no coordination client)")
 
     def lengths(self, step: int, mine: tuple[int, int]) -> tuple[int, int]:
         """The longest (query, passage) lengths over all hosts at ``step``."""
-        if self.count == 1:
-            return mine
-        if self.client is None:
-            from jax.experimental import multihost_utils
-
-            got = np.asarray(multihost_utils.process_allgather(np.asarray(mine, np.int32))).reshape(-1, 2)
-            return int(got[:, 0].max()), int(got[:, 1].max())
-        key = f"{self.prefix}/{step}"
-        self.client.key_value_set(f"{key}/{self.process}", f"{mine[0]},{mine[1]}")
-        try:
-            self.client.wait_at_barrier(key, self.timeout_ms)
-        except Exception as e:
-            raise RuntimeError(f"step {step}: the hosts did not all reach the length agreement of this bucketed "
-                               f"step within {self.timeout_ms / 1000:.0f} s (a host stopped or is stuck): "
-                               f"{e}") from e
-        entries = dict(self.client.key_value_dir_get(key))
-        if len(entries) != self.count:
-            raise RuntimeError(f"step {step}: {len(entries)} of {self.count} hosts posted their padded lengths "
-                               f"under {key} (processes out of step?)")
-        # Every host passed this barrier, so every host has finished reading the previous exchange.
-        if self._posted is not None:
-            self.client.key_value_delete(self._posted)
-        self._posted = f"{key}/{self.process}"
-        pairs = [tuple(map(int, v.split(","))) for v in entries.values()]
-        return max(q for q, _ in pairs), max(p for _, p in pairs)
+        got = self.gather(step, mine, f"step {step}: the length agreement of this bucketed step")
+        return int(got[:, 0].max()), int(got[:, 1].max())
 
     def pad(self, step: int, batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
         """``batch`` with each side padded (right) to the hosts' common length."""

@@ -33,6 +33,7 @@ uninterrupted run would, on any mesh shape and number of data-loading processes.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import signal
@@ -117,17 +118,50 @@ def tokenizer_path(cfg: RunConfig) -> str:
     return path
 
 
-def _evaluate(cfg: RunConfig, params: Any, tokenizer_dir: str, mesh: Any,
-              preempt: _Preemption | None = None) -> dict:
-    from qzhou_jax.eval.encoder import Encoder
-    from qzhou_jax.eval.run import evaluate
+def _eval_specs(cfg: RunConfig) -> list:
+    """The run's evaluation tasks, read and checked (files included): at the start of a run, so a
+    bad task file stops it before training, not at its first evaluation hours later."""
+    from qzhou_jax.eval.run import check_result_names
     from qzhou_jax.eval.tasks import load_task_specs
     from qzhou_jax.train.config import expand_path
 
     specs = load_task_specs(expand_path(cfg.eval.tasks))
+    for spec in specs:
+        spec.check_files()
+    check_result_names(specs)
+    return specs
+
+
+def _stop_check(preempt: _Preemption, exchange: Any = None) -> Callable[[], bool]:
+    """What an evaluation asks before each task. One process: the SIGTERM flag. Several: JAX's own
+    SIGTERM handler posts a preemption notice to the coordination service; the processes agree on
+    whether any of them has seen it (one round of `HostExchange` per task, which every process
+    reaches in the same order) and all stop at the same task. The training loop's preemption sync
+    point then saves at the next step. (`exchange`: a `hosts.HostExchange` to agree through.)"""
+    if exchange is None and jax.process_count() == 1:
+        return lambda: preempt.flag
+    from qzhou_jax.hosts import HostExchange, preemption_noticed
+
+    exchange, rounds = exchange or HostExchange("eval_stop"), itertools.count()
+
+    def should_stop() -> bool:
+        n = next(rounds)
+        noticed = preemption_noticed(exchange.client)
+        if bool(exchange.gather(n, [noticed], f"evaluation stop check {n}").max()):
+            preempt.flag = True
+        return preempt.flag
+
+    return should_stop
+
+
+def _evaluate(cfg: RunConfig, params: Any, tokenizer_dir: str, mesh: Any, preempt: _Preemption,
+              specs: list) -> dict:
+    from qzhou_jax.eval.encoder import Encoder
+    from qzhou_jax.eval.run import evaluate
+
     tok = Tokenizer(tokenizer_dir, max_length=cfg.eval.max_length)
     encoder = Encoder(params, cfg.model_config, tok, batch_size=cfg.eval.batch_size, mesh=mesh)
-    return evaluate(specs, encoder, should_stop=(lambda: preempt.flag) if preempt is not None else None)
+    return evaluate(specs, encoder, should_stop=_stop_check(preempt))
 
 
 def _log_eval(logger: MetricsLog, step: int, results: Mapping[str, Any], preempt: _Preemption) -> None:
@@ -215,6 +249,14 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
     out_dir = cfg.output_dir
     for what, path in (("out_dir", out_dir), ("checkpoint.dir", cfg.checkpoint_dir)):
         _check_writable(path, what)  # before indexing the datasets, which can take minutes
+    if jax.process_count() > 1:  # one folder for all hosts, or the first checkpoint hangs
+        from qzhou_jax.hosts import HostExchange, check_shared_folder
+
+        exchange = HostExchange("shared_folders")
+        for what, path in (("out_dir", out_dir), ("checkpoint.dir", cfg.checkpoint_dir)):
+            os.makedirs(path, exist_ok=True)
+            check_shared_folder(path, what, exchange)
+    eval_specs = _eval_specs(cfg) if cfg.eval.tasks else []
     tok_dir = tokenizer_path(cfg)
     tokenizer = Tokenizer(tok_dir, max_length=max(max(s["query_max_length"], s["passage_max_length"])
                                                    for s in map(cfg.data.resolved, cfg.data.datasets)))
@@ -267,7 +309,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
             log.info("dataset %(name)s: %(task)s, %(records)d records, batch %(batch_size)d, "
                      "p=%(probability).3f", row)
     if cfg.eval.tasks and cfg.eval.before and start_step == 0:
-        result.evals["before"] = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt)
+        result.evals["before"] = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt, eval_specs)
         _log_eval(logger, 0, result.evals["before"], preempt)
 
     peak = peak_flops(jax.devices()[0], cfg.log.peak_tflops)
@@ -348,7 +390,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
             if (cfg.eval.tasks and cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.total_steps
                     and not preempt.flag):
                 flush()
-                res = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt)
+                res = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt, eval_specs)
                 result.evals[f"step_{done}"] = res
                 _log_eval(logger, done, res, preempt)
             result.step = done
@@ -382,7 +424,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
         log.info("passes over each dataset after %d steps: %s", result.step, passes)
     if result.status == "completed":
         if cfg.eval.tasks and not preempt.flag:
-            result.evals["after"] = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt)
+            result.evals["after"] = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt, eval_specs)
             _log_eval(logger, result.step, result.evals["after"], preempt)
         if cfg.export_hf and not preempt.flag:
             result.hf_dir = _export(cfg, trainer, tok_dir)
