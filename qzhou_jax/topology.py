@@ -302,10 +302,14 @@ def compiler_hbm_gib(device) -> float | None:
 
 
 def parse_oom(message: str) -> dict[str, float] | None:
-    """{'required_gib', 'available_gib'} from a TPU compiler out-of-memory error, else None."""
+    """{'required_gib', 'available_gib', 'temporaries_only'} from a TPU compiler out-of-memory error,
+    else None. `temporaries_only` (1.0 or 0.0): the figure counts the program's temporaries
+    alone, without its arguments (the train state and the batch), as one of the messages does."""
     m = re.search(rf"required for HLO temporaries \({_SIZE}\) exceeds available HBM \({_SIZE}\)", message)
+    temporaries_only = m is not None
     if m is None:
         m = re.search(rf"Used {_SIZE} of {_SIZE} hbm", message)
     if m is None:
         return None
-    return {"required_gib": _gib(m.group(1), m.group(2)), "available_gib": _gib(m.group(3), m.group(4))}
+    return {"required_gib": _gib(m.group(1), m.group(2)), "available_gib": _gib(m.group(3), m.group(4)),
+            "temporaries_only": float(temporaries_only)}

@@ -201,6 +201,14 @@ def test_does_not_fit_suggests(tmp_path, capsys):
         assert hint in out, out
 
 
+def test_tensor_suggestion_keeps_the_rows_per_device(tmp_path, capsys):
+    """Splitting heads over 2 devices halves the data-parallel devices; the suggestion halves the
+    GradCache chunk with it, or each device would embed twice the rows per chunk."""
+    cfg = _yaml(tmp_path, {**TINY, "train": {"chunk_size": 16}, "mesh": {"data": 1, "fsdp": -1, "tensor": 1}})
+    assert main(["plan", "--config", cfg, "--topology", "cpu:8", "--memory-gib", "0.0001", "--estimate"]) == 1
+    assert "--set mesh.tensor=2 --set mesh.fsdp=-1 --set train.chunk_size=8  (" in capsys.readouterr().out
+
+
 def test_gpu_target_without_gpus_is_an_estimate(tmp_path, capsys):
     assert main(["plan", "--config", _yaml(tmp_path), "--topology", "gpu:8xH100"]) == 0
     out = capsys.readouterr().out
@@ -226,7 +234,7 @@ def test_estimate_parts():
 def test_parse_oom():
     msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
            "(597.14G) exceeds available HBM (15.75G).")
-    assert parse_oom(msg) == {"required_gib": 597.14, "available_gib": 15.75}
+    assert parse_oom(msg) == {"required_gib": 597.14, "available_gib": 15.75, "temporaries_only": 1.0}
     assert parse_oom(msg.replace("597.14G", "2.5T"))["required_gib"] == 2560
     assert parse_oom("something else") is None
 
