@@ -34,6 +34,8 @@ options (environment variable in brackets):
                        spot, preemptible or on-demand (QZ_TPU_PROVISIONING)
   --config PATH        training config, relative to the repository root [train, run]
   --set KEY=VALUE      config override for train (repeatable)
+  --env NAME=VALUE     environment variable for the trainer on every worker (repeatable), e.g.
+                       the configs' QZHOU_DATA and QZHOU_MODELS
   --resume             pass --resume to the first train as well
   --max-restarts N     restarts after preemptions in `run` (default 10)
   --python PY          Python (>= 3.11) on the workers that creates the venv (default python3)
@@ -53,6 +55,7 @@ Data paths must be readable from every worker.
 examples:
   launch/tpu_pod.sh run --name qz-7b --zone us-east5-a --type v5p-64 \
       --setup-cmd 'sudo mkdir -p /mnt/runs && sudo mount -o rw,intr 10.0.0.2:/runs /mnt/runs' \
+      --env QZHOU_DATA=/mnt/runs/data --env QZHOU_MODELS=/mnt/runs/models \
       --config configs/stage1-qwen2.5-7b.yaml --set out_dir=/mnt/runs/stage1-7b
   launch/tpu_pod.sh logs --name qz-7b --zone us-east5-a
   launch/tpu_pod.sh down --name qz-7b --zone us-east5-a
@@ -77,6 +80,7 @@ version="${QZ_TPU_VERSION:-}"
 provisioning="${QZ_TPU_PROVISIONING:-queued}"
 config=""
 sets=()
+envs=()
 resume=0
 max_restarts=10
 python=python3
@@ -95,6 +99,9 @@ while [[ $# -gt 0 ]]; do
     --provisioning) provisioning="$2"; shift 2 ;;
     --config) config="$2"; shift 2 ;;
     --set) sets+=(--set "$2"); shift 2 ;;
+    --env)
+      [[ "${2:-}" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env: expected NAME=VALUE, got '${2:-}'"
+      envs+=("$2"); shift 2 ;;
     --resume) resume=1; shift ;;
     --max-restarts) max_restarts="$2"; shift 2 ;;
     --python) python="$2"; shift 2 ;;
@@ -274,6 +281,10 @@ start_training() {  # start_training RESUME(0|1)
     echo 'set -euo pipefail'
     # jax.distributed: coordinator on worker 0; process ids and count come from the TPU metadata.
     printf 'export JAX_COORDINATOR_ADDRESS=%q\n' "$coordinator"
+    local kv
+    for kv in "${envs[@]}"; do
+      printf 'export %s=%q\n' "${kv%%=*}" "${kv#*=}"
+    done
     printf 'ARGS=(%s)\n' "$(printf '%q ' "${args[@]}")"
     cat <<'EOF'
 mkdir -p ~/qzhou-run

@@ -473,7 +473,8 @@ def test_a_one_task_slurm_step_is_one_process_with_all_its_gpus(monkeypatch, cap
 def test_tpu_launcher_dry_run(tmp_path):
     r = _sh([LAUNCH / "tpu_pod.sh", "run", "--dry-run", "--name", "qz", "--zone", "us-east5-a", "--type", "v5e-32",
              "--provisioning", "queued-spot", "--config", "configs/stage1-qwen2.5-7b.yaml", "--set",
-             "out_dir=gs://b/r"], env={"QZ_KEEP_WORK": "1", "TMPDIR": str(tmp_path)})
+             "out_dir=gs://b/r", "--env", "QZHOU_DATA=/mnt/my data"],
+            env={"QZ_KEEP_WORK": "1", "TMPDIR": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     assert ("gcloud compute tpus queued-resources create qz --zone us-east5-a --node-id qz --accelerator-type "
             "v5litepod-32 --runtime-version v2-alpha-tpuv5-lite --spot") in r.stderr
@@ -482,6 +483,9 @@ def test_tpu_launcher_dry_run(tmp_path):
     start = (work / "qzhou-start.sh").read_text()
     assert "ARGS=(train --config configs/stage1-qwen2.5-7b.yaml --set out_dir=gs://b/r )" in start
     assert "JAX_COORDINATOR_ADDRESS=WORKER0_IP:8476" in start
+    assert "export QZHOU_DATA=/mnt/my\\ data\n" in start  # the configs' $QZHOU_DATA on every worker
+    r = _sh([LAUNCH / "tpu_pod.sh", "run", "--dry-run", "--name", "qz", "--zone", "z", "--env", "no value"])
+    assert r.returncode == 2 and "--env: expected NAME=VALUE" in r.stderr
     names = subprocess.run(["tar", "-tzf", str(work / "qzhou-jax.tgz")], capture_output=True, text=True).stdout
     assert "qzhou_jax/plan.py" in names.split()
     r = _sh([LAUNCH / "tpu_pod.sh", "up", "--name", "qz"])
