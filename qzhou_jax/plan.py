@@ -648,32 +648,37 @@ def _keep_chunks_hint(run, plan: Plan, mesh, rules: Mapping[str, Any] | None = N
     if cfg.remat != "full" or not chunk:
         return []
     budget = plan.limit_gib * GIB * (1 - plan.headroom)
-    # Compiled (TPU) programs spend more per kept chunk than its saved inputs; the estimate's own
+    # Compiled (TPU) programs spend more than the saved inputs (`_kept_cost`); the estimate's own
     # figure was fitted to measured H100 steps.
-    margin = _KEPT_CHUNK_MARGIN if any(sp.method == "compiled" for sp in plan.steps) else 1.0
+    compiled = any(sp.method == "compiled" for sp in plan.steps)
     best = None
     for sp in plan.steps:
         n_chunks = sp.shape.n // chunk if chunk < sp.shape.n else 0
         if not n_chunks:
             return []
-        per_chunk = margin * kept_chunk_bytes(cfg, sp.shape, mesh, chunk, rules)
-        more = int(max(0.0, budget - sp.peak_bytes) // per_chunk)
-        k = min(n_chunks, sp.kept_chunks + more)
+        per_chunk = kept_chunk_bytes(cfg, sp.shape, mesh, chunk, rules)
+        k = sp.kept_chunks
+        while k < n_chunks and sp.peak_bytes + _kept_cost(k + 1, sp.kept_chunks, per_chunk, compiled) <= budget:
+            k += 1
         best = k if best is None else min(best, k)
     worst = plan.worst
     if not best or best <= worst.kept_chunks:
         return []
     n_chunks = worst.shape.n // chunk
-    extra = (best - worst.kept_chunks) * kept_chunk_bytes(cfg, worst.shape, mesh, chunk, rules)
-    more = f"about {_size(extra)}" if margin == 1.0 else f"{_size(extra)} to {_size(margin * extra)}"
+    extra = _kept_cost(best, worst.kept_chunks, kept_chunk_bytes(cfg, worst.shape, mesh, chunk, rules), compiled)
     return [f"--set train.keep_chunks={best}  (GradCache: {best} of {n_chunks} chunks keep their layer inputs "
-            f"between the passes, one forward pass less each; {more} more per device)"]
+            f"between the passes, one forward pass less each; about {_size(extra)} more per device)"]
 
 
-# What a kept chunk costs in compiled TPU programs, over its saved layer inputs alone: 1.39x and
-# 1.28x (stage-1 1.5b, keep_chunks 4 on v5e-16 and 8 on v5p-32: the compiler's peaks against
-# `kept_chunk_bytes`); suggestions leave room for 1.5x.
-_KEPT_CHUNK_MARGIN = 1.5
+def _kept_cost(k: int, k0: int, per_chunk: float, compiled: bool) -> float:
+    """Bytes per device that keeping k chunks instead of k0 adds. In compiled TPU programs the first
+    kept chunk also brings working buffers: stage-1 1.5b compiled to +4.49 GiB with 2 kept chunks
+    on v5e-16, +7.34 with 4 (1.31 GiB of saved inputs per chunk) and +13.44 with 8 on v5p-32 (1.32),
+    which 1.1 x (k + 1.5) chunks covers."""
+    if not compiled:
+        return (k - k0) * per_chunk
+    fixed = 1.5 if k0 == 0 else 0.0
+    return 1.1 * (k - k0 + fixed) * per_chunk
 
 
 def _xla_flops(compiled) -> float | None:
