@@ -152,6 +152,56 @@ def test_a_non_finite_step_is_caught_before_a_checkpoint_records_it(tmp_path, mo
     assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
 
 
+def _nonfinite_at(monkeypatch, steps):
+    """The train step reports a non-finite loss at these data steps and, as its guard does,
+    applies no update (the state's step does not advance)."""
+    from qzhou_jax.train.step import Trainer
+
+    real, seen = Trainer.step_fn, {"n": 0}
+
+    def step_fn(self, task):
+        fn = real(self, task)
+
+        def step(state, batch):
+            at = seen["n"]
+            seen["n"] += 1
+            new, metrics = fn(state, batch)
+            if at in steps:
+                new = new._replace(step=new.step - 1)
+                metrics = dict(metrics, loss=metrics["loss"] * float("nan"), finite=metrics["finite"] * 0)
+            return new, metrics
+        return step
+
+    monkeypatch.setattr(Trainer, "step_fn", step_fn)
+
+
+def test_skip_nonfinite_skips_isolated_steps_and_stops_on_a_run_of_them(tmp_path, monkeypatch, caplog):
+    """train.skip_nonfinite: a bad batch is skipped with a warning, the checkpoint's state and data
+    agree on the step (the run resumes), and more non-finite steps in a row than allowed stop it."""
+    _nonfinite_at(monkeypatch, {3})
+    data = run_dict(tmp_path / "a", steps=8)
+    data.update(checkpoint={"every": 4, "keep": 3}, log=dict(data["log"], every=2))
+    data["train"] = dict(data.get("train", {}), skip_nonfinite=1)
+    with caplog.at_level("WARNING", logger="qzhou_jax.train.loop"):
+        result = train(load_run_config(data=data))
+    assert result.status == "completed" and result.step == 8
+    assert "step 3 (" in caplog.text and "update skipped (1 in a row" in caplog.text
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+    assert rows[-1]["train/skipped_steps"] == 1
+    data["train"]["total_steps"] = 10
+    resumed = train(load_run_config(data=data), resume=True)  # state and data agree on step 8
+    assert resumed.status == "completed" and resumed.step == 10
+
+    _nonfinite_at(monkeypatch, {3, 4})
+    data = run_dict(tmp_path / "b", steps=8)
+    data["train"] = dict(data.get("train", {}), skip_nonfinite=1)
+    with pytest.raises(FloatingPointError, match="step 4"):
+        train(load_run_config(data=data))
+    with pytest.raises(ConfigError, match="train.skip_nonfinite: expected a non-negative integer"):
+        load_run_config(data=dict(data, train=dict(data["train"], skip_nonfinite=-1)))
+
+
 def test_resume_on_another_mesh_and_worker_count(tmp_path, uninterrupted, caplog):
     cfg = load_run_config(data=run_dict(tmp_path))
     first = train(cfg, hooks=[sigterm_at(4)])

@@ -323,6 +323,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
     pending: list[tuple[int, str, str, Any]] = []  # (step, task, dataset, metrics on device)
     window = {"t": time.perf_counter(), "flops": 0.0, "tokens": 0, "local": 0, "text": 0}
     last_saved = start_step if resume else None
+    skips = {"in_a_row": 0, "total": 0}
 
     def flush() -> None:
         if not pending:
@@ -330,21 +331,40 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
         fetched = jax.device_get([p[3] for p in pending])
         now = time.perf_counter()
         dt = max(now - window["t"], 1e-9)
+        skipped = 0
         for (s, task, name, _), m in zip(pending, fetched):
             m = {k: float(v) for k, v in m.items()}
-            check_finite(m, s)
+            if m["finite"] > 0:
+                skips["in_a_row"] = 0
+            elif skips["in_a_row"] < cfg.train.skip_nonfinite:
+                skips["in_a_row"] += 1
+                skipped += 1
+                log.warning("step %d (%s): non-finite loss %s, gradient norm %s: update skipped (%d in a row, "
+                            "train.skip_nonfinite %d)", s, name, m["loss"], m["grad_norm"], skips["in_a_row"],
+                            cfg.train.skip_nonfinite)
+            else:
+                check_finite(m, s)
             m.update(step=s, task=task, dataset=name)
             result.history.append(m)
             for hook in hooks:
                 hook(s, m)
+        if skipped:
+            # A skipped step applies no update and leaves the state's step count behind the data's;
+            # count it, so that checkpoints hold matching steps (the learning-rate schedule follows
+            # the optimizer's own count of applied updates).
+            skips["total"] += skipped
+            trainer.state = trainer.state._replace(step=trainer.state.step + skipped)
         steps = result.history[-len(pending):]
         last = steps[-1]
+        finite_steps = [m for m in steps if m["finite"] > 0] or steps  # a skipped step's NaN stays out of means
         rates = {"tokens_per_s": window["tokens"] / dt, "steps_per_s": len(pending) / dt,
                  "padding": 1.0 - window["text"] / max(window["local"], 1)}  # this host's rows
         if peak:
             rates["mfu"] = window["flops"] / dt / (n_dev * peak)
-        summary = _window_means(steps)
+        summary = _window_means(finite_steps)
         summary.update(rates, task=last["task"], dataset=last["dataset"])
+        if skips["total"]:
+            summary["skipped_steps"] = skips["total"]
         logger.write(last["step"] + 1, summary)
         if progress is not None:
             post = {"loss": f"{last['loss']:.4f}", "tok/s": f"{rates['tokens_per_s']:,.0f}", "task": last["task"]}

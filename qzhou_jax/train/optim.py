@@ -32,7 +32,9 @@ class TrainConfig:
     first pass to its second, which then runs their backward from those inputs: one forward
     pass less per kept chunk (-1: all; memory per kept chunk: its tokens x (layers + 1) x
     hidden x 2 bytes in bfloat16, e.g. 2.0 GiB for 8 queries x 6 sequences x 512 tokens of
-    Qwen2.5-1.5B).
+    Qwen2.5-1.5B). `skip_nonfinite`: the training loop skips up to this many non-finite steps in
+    a row (their update is not applied, a warning names each) and stops at the next one; 0: the
+    first stops the run.
     """
 
     lr: float = 3e-5
@@ -48,6 +50,7 @@ class TrainConfig:
     chunk_size: int = 0
     keep_chunks: int = 0
     seed: int = 0
+    skip_nonfinite: int = 0
 
     def __post_init__(self):
         self.validate()
@@ -59,7 +62,7 @@ class TrainConfig:
                 raise ValueError(f"train.{name}: expected a finite number, got {v!r}")
         if self.lr <= 0:
             raise ValueError(f"train.lr: expected a positive number, got {self.lr!r}")
-        for name in ("warmup_steps", "total_steps", "chunk_size", "seed"):
+        for name in ("warmup_steps", "total_steps", "chunk_size", "seed", "skip_nonfinite"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"train.{name}: expected a non-negative integer, got {v!r}")
