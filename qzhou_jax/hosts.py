@@ -54,6 +54,11 @@ class HostExchange:
         self.timeout_ms = int(1000 * (self.TIMEOUT_S if timeout_s is None else timeout_s))
         self.prefix = f"qzhou_jax/{name}/{next(self._runs)}"
         self._posted: str | None = None  # this host's key of the previous round
+        self._rounds = itertools.count()
+
+    def next_round(self) -> int:
+        """0, 1, 2, ...: round ids for a caller whose rounds have no name of their own."""
+        return next(self._rounds)
 
     def gather(self, round_id: Any, values: Sequence[int], what: str) -> np.ndarray:
         """[processes, len(values)]: every process's values for this round, in process order.

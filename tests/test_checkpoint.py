@@ -232,6 +232,17 @@ def test_save_orbax_params_and_load_pretrained(tmp_path):
     assert json.loads((tmp_path / "hf_bf16" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def test_a_saved_platform_kernel_falls_back_to_xla_attention_elsewhere(tmp_path):
+    """A model trained with splash (TPU) or cudnn (GPU) attention loads for XLA attention on another
+    platform (CPU here) unless the caller asks for the kernel."""
+    src = make_hf(tmp_path / "hf")
+    cfg, params = load_hf_params(src)
+    for impl in ("splash", "cudnn"):
+        out = save_orbax_params(params, cfg.replace(attention_impl=impl), tmp_path / impl, tokenizer_dir=src)
+        assert load_pretrained(out).config.attention_impl == "xla"
+        assert load_pretrained(out, attention_impl=impl).config.attention_impl == impl
+
+
 def test_training_checkpoint_to_hf(tmp_path):
     import orbax.checkpoint as ocp
 

@@ -41,7 +41,8 @@ def load_pretrained(path: str | os.PathLike, mesh: Mesh | None = None, rules: Ma
         raise FileNotFoundError(f"{path}: model folder not found")
     if is_orbax_checkpoint(path):
         cfg, params, tokenizer_dir = load_orbax(path, mesh, rules, **config_overrides)
-        return Pretrained(cfg, params, tokenizer_dir or os.path.join(path, "tokenizer"))
+        return Pretrained(_portable(cfg, mesh, config_overrides), params,
+                          tokenizer_dir or os.path.join(path, "tokenizer"))
     if os.path.isdir(os.path.join(path, "params")) and os.path.isfile(os.path.join(path, "qzhou_config.json")):
         raise ValueError(f"{path}: incomplete Orbax checkpoint (QZHOU_CHECKPOINT marker missing: the conversion "
                          "that wrote it did not finish)")
@@ -50,9 +51,31 @@ def load_pretrained(path: str | os.PathLike, mesh: Mesh | None = None, rules: Ma
         cfg, params, tokenizer_dir = load_orbax(path, mesh, rules, **config_overrides)
         if tokenizer_dir is None:
             raise FileNotFoundError(f"{path}: no tokenizer/ folder next to the checkpoint")
-        return Pretrained(cfg, params, tokenizer_dir)
+        return Pretrained(_portable(cfg, mesh, config_overrides), params, tokenizer_dir)
     cfg, params = load_hf_params(path, mesh, rules, **config_overrides)
-    return Pretrained(cfg, params, path)
+    return Pretrained(_portable(cfg, mesh, config_overrides), params, path)
+
+
+_KERNEL_PLATFORM = {"cudnn": "gpu", "splash": "tpu"}
+
+
+def _portable(cfg: ModelConfig, mesh: Mesh | None, overrides: Mapping[str, Any]) -> ModelConfig:
+    """A saved config's attention kernel is the training machine's (cuDNN on GPU, splash on TPU);
+    on another platform the model runs XLA attention, the same function, unless the caller asked
+    for a kernel."""
+    import logging
+
+    import jax
+
+    want = _KERNEL_PLATFORM.get(cfg.attention_impl)
+    if want is None or "attention_impl" in overrides:
+        return cfg
+    platform = next(iter(mesh.devices.flat if mesh is not None else jax.devices())).platform
+    if platform == want:
+        return cfg
+    logging.getLogger(__name__).info("the model was saved with attention_impl %r (a %s kernel); on %s it runs "
+                                     "'xla' attention", cfg.attention_impl, want.upper(), platform)
+    return cfg.replace(attention_impl="xla")
 
 
 __all__ = [

@@ -33,7 +33,6 @@ uninterrupted run would, on any mesh shape and number of data-loading processes.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import os
 import signal
@@ -142,10 +141,10 @@ def _stop_check(preempt: _Preemption, exchange: Any = None) -> Callable[[], bool
         return lambda: preempt.flag
     from qzhou_jax.hosts import HostExchange, preemption_noticed
 
-    exchange, rounds = exchange or HostExchange("eval_stop"), itertools.count()
+    exchange = exchange or HostExchange("eval_stop")
 
     def should_stop() -> bool:
-        n = next(rounds)
+        n = exchange.next_round()
         noticed = preemption_noticed(exchange.client)
         if bool(exchange.gather(n, [noticed], f"evaluation stop check {n}").max()):
             preempt.flag = True
@@ -155,13 +154,13 @@ def _stop_check(preempt: _Preemption, exchange: Any = None) -> Callable[[], bool
 
 
 def _evaluate(cfg: RunConfig, params: Any, tokenizer_dir: str, mesh: Any, preempt: _Preemption,
-              specs: list) -> dict:
+              specs: list, stop_exchange: Any) -> dict:
     from qzhou_jax.eval.encoder import Encoder
     from qzhou_jax.eval.run import evaluate
 
     tok = Tokenizer(tokenizer_dir, max_length=cfg.eval.max_length)
     encoder = Encoder(params, cfg.model_config, tok, batch_size=cfg.eval.batch_size, mesh=mesh)
-    return evaluate(specs, encoder, should_stop=_stop_check(preempt))
+    return evaluate(specs, encoder, should_stop=_stop_check(preempt, stop_exchange))
 
 
 def _log_eval(logger: MetricsLog, step: int, results: Mapping[str, Any], preempt: _Preemption) -> None:
@@ -257,6 +256,12 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
             os.makedirs(path, exist_ok=True)
             check_shared_folder(path, what, exchange)
     eval_specs = _eval_specs(cfg) if cfg.eval.tasks else []
+    if cfg.eval.tasks and jax.process_count() > 1:  # one exchange for the run's evaluations
+        from qzhou_jax.hosts import HostExchange
+
+        eval_stop = HostExchange("eval_stop")
+    else:
+        eval_stop = None
     tok_dir = tokenizer_path(cfg)
     tokenizer = Tokenizer(tok_dir, max_length=max(max(s["query_max_length"], s["passage_max_length"])
                                                    for s in map(cfg.data.resolved, cfg.data.datasets)))
@@ -309,7 +314,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
             log.info("dataset %(name)s: %(task)s, %(records)d records, batch %(batch_size)d, "
                      "p=%(probability).3f", row)
     if cfg.eval.tasks and cfg.eval.before and start_step == 0:
-        result.evals["before"] = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt, eval_specs)
+        result.evals["before"] = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt, eval_specs, eval_stop)
         _log_eval(logger, 0, result.evals["before"], preempt)
 
     peak = peak_flops(jax.devices()[0], cfg.log.peak_tflops)
@@ -410,7 +415,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
             if (cfg.eval.tasks and cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.total_steps
                     and not preempt.flag):
                 flush()
-                res = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt, eval_specs)
+                res = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt, eval_specs, eval_stop)
                 result.evals[f"step_{done}"] = res
                 _log_eval(logger, done, res, preempt)
             result.step = done
@@ -444,7 +449,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
         log.info("passes over each dataset after %d steps: %s", result.step, passes)
     if result.status == "completed":
         if cfg.eval.tasks and not preempt.flag:
-            result.evals["after"] = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt, eval_specs)
+            result.evals["after"] = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt, eval_specs, eval_stop)
             _log_eval(logger, result.step, result.evals["after"], preempt)
         if cfg.export_hf and not preempt.flag:
             result.hf_dir = _export(cfg, trainer, tok_dir)
