@@ -417,7 +417,8 @@ class Plan:
             temp = s.temp_bytes if s.temp_bytes is not None else max(0, s.peak_bytes - s.state_bytes)
             compile_s = f"{s.compile_seconds:.1f} s" if s.compile_seconds is not None else "-"
             rows.append([s.shape.label, s.method, compile_s,
-                         _size(args) if not s.error else "-", _size(temp) if not s.error else "-",
+                         _size(args) if not s.error or s.temp_bytes is not None else "-",
+                         _size(temp) if not s.error or s.temp_bytes is not None else "-",
                          _size(s.code_bytes) if s.code_bytes is not None else "-",
                          _size(s.peak_bytes), f"{s.peak_bytes / GIB / self.limit_gib:.0%}", s.fit,
                          f"{s.model_flops / 1e12:,.1f}", _seconds(s.step_seconds),

@@ -341,11 +341,16 @@ def test_tpu_compiler_refusal_is_does_not_fit(tmp_path, capsys):
                            "data": {"batch_size": 512, "hard_negatives": 4, "query_max_length": 256,
                                     "passage_max_length": 2048,
                                     "datasets": [{"name": "r", "task": "retrieval", "path": "/nonexistent"}]}})
-    assert main(["plan", "--config", cfg, "--topology", "v5e:1x1"]) == 1
+    assert main(["plan", "--config", cfg, "--topology", "v5e:1x1", "--json", str(tmp_path / "p.json")]) == 1
     out = capsys.readouterr().out
     assert "the compiler refused it" in out and "does not fit" in out
     assert "--set model.remat=full" in out and "--set train.chunk_size=1 " in out
     assert "--set model.attention_impl=splash" in out
+    # the compiler's figure counts temporaries alone; the peak adds the train state and the batch
+    (step,) = json.loads((tmp_path / "p.json").read_text())["steps"]
+    assert step["temp_bytes"] == int(parse_oom(step["error"])["required_gib"] * 2**30)
+    assert step["argument_bytes"] > step["state_bytes"] > 0
+    assert step["peak_bytes"] == step["temp_bytes"] + step["argument_bytes"]
 
 
 def test_tpu_missing_libtpu_message(monkeypatch):
