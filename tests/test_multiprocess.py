@@ -339,3 +339,36 @@ def test_an_evaluation_stops_at_the_same_task_on_every_host_after_a_preemption_n
     assert set(got.values()) == {(2, True)}, got
     quiet = _as_hosts(lambda h: _stop_check(_Preemption(False), _exchange("q", FakeCoordination(1), 0, 1))(), 1)
     assert quiet == {0: False}
+
+
+_NOTICE_SCRIPT = """
+import os, signal, sys, time
+import jax
+jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], 2, int(os.environ["JAX_PROCESS_ID"]))
+from qzhou_jax.hosts import HostExchange, preemption_noticed
+before = preemption_noticed()
+HostExchange("sync", timeout_s=60).gather(0, [0], "before")
+if jax.process_index() == 1:
+    os.kill(os.getpid(), signal.SIGTERM)  # JAX's handler takes it: a preemption notice
+deadline = time.time() + 30
+while not preemption_noticed() and time.time() < deadline:
+    time.sleep(0.1)
+print("noticed", before, preemption_noticed(), flush=True)
+HostExchange("sync", timeout_s=60).gather(0, [0], "after")
+"""
+
+
+def test_a_sigterm_to_one_process_is_a_notice_every_process_reads():
+    """What an evaluation checks between tasks (`hosts.preemption_noticed`): the key JAX's
+    preemption sync manager sets in the coordination service when any process gets SIGTERM.
+    It is JAX's own, unpublished name, so this runs real processes, not a stand-in."""
+    port = free_port()
+    procs = []
+    for i in range(2):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+               "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_PROCESS_ID": str(i),
+               "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        procs.append(subprocess.Popen([sys.executable, "-c", _NOTICE_SCRIPT], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    for out in _finish(procs, timeout=120):
+        assert "noticed False True" in out, out[-2000:]
