@@ -111,10 +111,16 @@ def check_shared_folder(path: str, what: str, exchange: HostExchange) -> None:
     token = secrets.randbits(62) if exchange.process == 0 else 0
     token = int(exchange.gather("token", [token], f"{what} check")[0, 0])
     probe = os.path.join(path, f".qzhou-shared-check-{token}")
+    written = 1
     if exchange.process == 0:
-        with open(probe, "w") as f:
-            f.write(str(token))
-    exchange.gather("written", [0], f"{what} check")
+        try:
+            with open(probe, "w") as f:
+                f.write(str(token))
+        except OSError as e:  # every host must still reach the next round, or the others wait
+            written, error = 0, e
+    if not exchange.gather("written", [written], f"{what} check")[0, 0]:
+        raise ValueError(f"{what} {path}: process 0 cannot write there"
+                         + (f" ({error})" if exchange.process == 0 else ""))
     try:
         with open(probe) as f:
             seen = int(f.read().strip() == str(token))

@@ -259,6 +259,12 @@ def current_rules() -> Mapping[str, Any]:
     return DEFAULT_RULES if ctx is None else ctx[1]
 
 
+def platform(mesh: Mesh | None = None) -> str:
+    """The platform ("tpu", "gpu", "cpu") that `mesh`'s devices are, or the default devices without
+    one (for a program compiled ahead of time, the target's, not this host's)."""
+    return next(iter(mesh.devices.flat if mesh is not None else jax.devices())).platform
+
+
 def current_data_parallel_size() -> int:
     """The data-parallel size of the mesh in use (`use_mesh`); 1 without one."""
     ctx = _CONTEXT.get()

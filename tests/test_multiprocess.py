@@ -314,6 +314,10 @@ def test_hosts_check_that_they_share_the_output_folder(tmp_path):
     folders = {0: shared, 1: shared, 2: own}  # the same path, but host 2 mounts its own disk there
     bad = _as_hosts(lambda h: check_shared_folder(str(folders[h]), "out_dir", _exchange("f", fake, h, 3)), 3)
     assert all(isinstance(e, ValueError) and "processes [2] of 3 do not see the files" in str(e) for e in bad.values())
+    fake = FakeCoordination(3)
+    folders = {0: tmp_path / "not-there", 1: shared, 2: shared}  # process 0 cannot write: no host waits for it
+    bad = _as_hosts(lambda h: check_shared_folder(str(folders[h]), "out_dir", _exchange("f", fake, h, 3)), 3)
+    assert all(isinstance(e, ValueError) and "process 0 cannot write there" in str(e) for e in bad.values())
 
 
 def test_an_evaluation_stops_at_the_same_task_on_every_host_after_a_preemption_notice():

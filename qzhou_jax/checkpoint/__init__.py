@@ -65,12 +65,12 @@ def _portable(cfg: ModelConfig, mesh: Mesh | None, overrides: Mapping[str, Any])
     for a kernel."""
     import logging
 
-    import jax
+    from qzhou_jax.sharding import platform as platform_of
 
     want = _KERNEL_PLATFORM.get(cfg.attention_impl)
     if want is None or "attention_impl" in overrides:
         return cfg
-    platform = next(iter(mesh.devices.flat if mesh is not None else jax.devices())).platform
+    platform = platform_of(mesh)
     if platform == want:
         return cfg
     logging.getLogger(__name__).info("the model was saved with attention_impl %r (a %s kernel); on %s it runs "

@@ -29,15 +29,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from qzhou_jax import sharding
     from qzhou_jax.checkpoint import load_pretrained
     from qzhou_jax.eval.encoder import Encoder, length_buckets
-    from qzhou_jax.eval.run import check_result_names, evaluate, summary_table, write_results
+    from qzhou_jax.eval.run import check_tasks, evaluate, summary_table, write_results
     from qzhou_jax.eval.tasks import load_task_specs
     from qzhou_jax.tokenizer import Tokenizer
 
     sharding.maybe_initialize_distributed()
     specs = load_task_specs(args.tasks, data_dir=args.data_dir)  # bad input fails before the model loads
-    for spec in specs:
-        spec.check_files()
-    check_result_names(specs)
+    check_tasks(specs)
     if args.output:
         _check_output_file(args.output)
     mesh_cfg = _parse_mesh(args.mesh) if args.mesh else {"data": -1, "fsdp": 1, "tensor": 1}

@@ -143,9 +143,7 @@ def evaluate(specs: Sequence[TaskSpec], encoder: Any, *, model: Any = None, prog
     `results`, when given, is filled as tasks finish, so a caller keeps them when a later task
     fails.
     """
-    for spec in specs:  # missing files fail before any encoding
-        spec.check_files()
-    check_result_names(specs)
+    check_tasks(specs)  # missing files fail before any encoding
     results = {} if results is None else results
     for spec in specs:
         if should_stop is not None and should_stop():
@@ -178,6 +176,14 @@ def _atomic_json(path: str, obj: Any) -> None:
 
 def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.()" else "_" for c in name)
+
+
+def check_tasks(specs: Sequence[TaskSpec]) -> None:
+    """Everything about `specs` that can fail before a text is encoded: each task's data files
+    and distinct result names."""
+    for spec in specs:
+        spec.check_files()
+    check_result_names(specs)
 
 
 def check_result_names(specs: Sequence[TaskSpec]) -> None:

@@ -58,11 +58,6 @@ def _warn_interpreted(platform: str) -> None:
                 "for tests and numerics checks)", platform)
 
 
-def _platform(mesh) -> str:
-    devices = mesh.devices.flat if mesh is not None else jax.devices()
-    return next(iter(devices)).platform
-
-
 def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *, causal: bool,
                      interpret: bool) -> jax.Array:
     """q [B,S,H,D], k/v [B,S,K,D] (K divides H), segments [B,S] int32 -> [B,S,H,D]."""
@@ -85,7 +80,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     B, S, H, D = q.shape
     K = k.shape[2]
     mesh = sharding.current_mesh()
-    platform = _platform(mesh)
+    platform = sharding.platform(mesh)
     interpret = platform != "tpu"
     if interpret:
         _warn_interpreted(platform)

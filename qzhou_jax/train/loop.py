@@ -120,28 +120,24 @@ def tokenizer_path(cfg: RunConfig) -> str:
 def _eval_specs(cfg: RunConfig) -> list:
     """The run's evaluation tasks, read and checked (files included): at the start of a run, so a
     bad task file stops it before training, not at its first evaluation hours later."""
-    from qzhou_jax.eval.run import check_result_names
+    from qzhou_jax.eval.run import check_tasks
     from qzhou_jax.eval.tasks import load_task_specs
     from qzhou_jax.train.config import expand_path
 
     specs = load_task_specs(expand_path(cfg.eval.tasks))
-    for spec in specs:
-        spec.check_files()
-    check_result_names(specs)
+    check_tasks(specs)
     return specs
 
 
 def _stop_check(preempt: _Preemption, exchange: Any = None) -> Callable[[], bool]:
-    """What an evaluation asks before each task. One process: the SIGTERM flag. Several: JAX's own
-    SIGTERM handler posts a preemption notice to the coordination service; the processes agree on
-    whether any of them has seen it (one round of `HostExchange` per task, which every process
-    reaches in the same order) and all stop at the same task. The training loop's preemption sync
-    point then saves at the next step. (`exchange`: a `hosts.HostExchange` to agree through.)"""
-    if exchange is None and jax.process_count() == 1:
+    """What an evaluation asks before each task. One process (`exchange` None): the SIGTERM flag.
+    Several: JAX's own SIGTERM handler posts a preemption notice to the coordination service; the
+    processes agree through `exchange` (the run's `hosts.HostExchange`, one round per task, which
+    every process reaches in the same order) on whether any of them has seen it, and all stop at
+    the same task. The training loop's preemption sync point then saves at the next step."""
+    if exchange is None:
         return lambda: preempt.flag
-    from qzhou_jax.hosts import HostExchange, preemption_noticed
-
-    exchange = exchange or HostExchange("eval_stop")
+    from qzhou_jax.hosts import preemption_noticed
 
     def should_stop() -> bool:
         n = exchange.next_round()
@@ -248,20 +244,16 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
     out_dir = cfg.output_dir
     for what, path in (("out_dir", out_dir), ("checkpoint.dir", cfg.checkpoint_dir)):
         _check_writable(path, what)  # before indexing the datasets, which can take minutes
-    if jax.process_count() > 1:  # one folder for all hosts, or the first checkpoint hangs
+    eval_specs = _eval_specs(cfg) if cfg.eval.tasks else []
+    eval_stop = None  # several processes: how evaluations agree to stop (`_stop_check`)
+    if jax.process_count() > 1:
         from qzhou_jax.hosts import HostExchange, check_shared_folder
 
-        exchange = HostExchange("shared_folders")
+        exchange = HostExchange("shared_folders")  # one folder for all hosts, or the first checkpoint hangs
         for what, path in (("out_dir", out_dir), ("checkpoint.dir", cfg.checkpoint_dir)):
             os.makedirs(path, exist_ok=True)
             check_shared_folder(path, what, exchange)
-    eval_specs = _eval_specs(cfg) if cfg.eval.tasks else []
-    if cfg.eval.tasks and jax.process_count() > 1:  # one exchange for the run's evaluations
-        from qzhou_jax.hosts import HostExchange
-
-        eval_stop = HostExchange("eval_stop")
-    else:
-        eval_stop = None
+        eval_stop = HostExchange("eval_stop") if cfg.eval.tasks else None
     tok_dir = tokenizer_path(cfg)
     tokenizer = Tokenizer(tok_dir, max_length=max(max(s["query_max_length"], s["passage_max_length"])
                                                    for s in map(cfg.data.resolved, cfg.data.datasets)))
