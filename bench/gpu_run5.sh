@@ -10,7 +10,11 @@
 # chunks under the default allocator, which failed from fragmentation when preallocation
 # was off (not yet rerun).
 # Next (a session's 15 minutes of device time leave about 560 s of runs after the machine
-# starts): BUDGET=560 RUNS="check rl6up rl4u dotsu dotmerge tritonany". Unrolled layers no longer
+# starts): BUDGET=560 RUNS="check rl6up mu2up mu0u rl4u dotmerge tritonany wg6u". mu2up / mu0u:
+# Adam's first moment in bfloat16 (train.mu_dtype; 2.9 GiB less state at 1.5b, `plan`: 39.3 GiB
+# with 2 rematted layers, 41.0 with none), so all but 2 layers keep their matmul outputs; wg6u:
+# rl6u with float32 weight gradients (model.weight_grad_dtype), its cost on one GPU, where no
+# reduction crosses devices (expected: about none). Unrolled layers no longer
 # keep a float32 copy of every layer's weights for the backward pass (4.7 GiB at 1.5b in the
 # H200 programs; `plan` now estimates 38.9 GiB with 6 rematted layers, 40.6 with 4, 43.9
 # with none), so fewer layers need remat within 40 GiB. rl6up: 6 rematted layers, profiled;
@@ -87,6 +91,10 @@ for r in $RUNS; do
               XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true t 90 $L256 --remat full --remat-layers 14 \
                 --profile $W/prof/rl14_dsfusion; keep rl14_dsfusion ;;
     dotsu) t 90 $L256 --remat dots --no-scan ;;
+    mu[0-9]*u) n=${r#mu}; t 90 $L256 --remat full --remat-layers "${n%u}" --no-scan --mu-dtype bfloat16 ;;
+    mu[0-9]*up) n=${r#mu}; n=${n%up}; t 140 $L256 --remat full --remat-layers "$n" --no-scan --mu-dtype bfloat16 \
+                  --profile "$W/prof/mu${n}_unrolled"; keep "mu${n}_unrolled" ;;
+    wg[0-9]*u) n=${r#wg}; t 90 $L256 --remat full --remat-layers "${n%u}" --no-scan --weight-grad-dtype float32 ;;
     dotsunrolled) t 140 $L256 --remat dots --no-scan --profile $W/prof/dots_unrolled; keep dots_unrolled ;;
     keep20) t 100 $GC --chunk-size 8 --remat full --keep-chunks 20 ;;
     *) echo "### unknown run $r" ;;

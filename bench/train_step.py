@@ -122,7 +122,7 @@ def run_jax(cfg, batch, args):
 
     params = create_model(cfg, seed=0).encoder.params()
     tcfg = TrainConfig(lr=args.lr, warmup_steps=10, total_steps=1000, chunk_size=args.chunk_size,
-                       keep_chunks=args.keep_chunks)
+                       keep_chunks=args.keep_chunks, mu_dtype=args.mu_dtype)
     trainer = Trainer(cfg, tcfg, params, loss_cfg=LossConfig(), donate_params=True)
     del params
     gc.collect()
@@ -188,6 +188,10 @@ def main() -> None:
     ap.add_argument("--no-scan", action="store_true", help="unroll the layers instead of lax.scan")
     ap.add_argument("--attention-impl", default="xla", choices=["xla", "cudnn", "splash"])
     ap.add_argument("--dtype", default=None, help="compute dtype (default bf16 on GPU, f32 on CPU)")
+    ap.add_argument("--mu-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="dtype of Adam's first moment (train.mu_dtype)")
+    ap.add_argument("--weight-grad-dtype", default=None, choices=["float32", "bfloat16"],
+                    help="dtype the weight-gradient matmuls write (model.weight_grad_dtype; default: compute dtype)")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (compiling) one")
@@ -204,7 +208,7 @@ def main() -> None:
     dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
     cfg = ModelConfig.preset(args.preset, compute_dtype=dtype, param_dtype="float32", remat=args.remat,
                              remat_layers=args.remat_layers, scan_layers=not args.no_scan,
-                             attention_impl=args.attention_impl)
+                             attention_impl=args.attention_impl, weight_grad_dtype=args.weight_grad_dtype)
     group = 1 + args.hard_negatives
     tokens = args.queries * (1 + group) * args.seq
     flops = cfg.flops_per_token(args.seq, training=True) * tokens
@@ -214,7 +218,9 @@ def main() -> None:
     print(f"train step {args.preset}: {args.queries} queries x (1 + 1 + {args.hard_negatives}) x {args.seq} tokens "
           f"= {tokens:,} tokens, {cfg.num_params(False) / 1e9:.3f}B non-embedding params, compute {dtype}, "
           f"remat {remat_desc(cfg)}, GradCache chunk {args.chunk_size or 'off'}"
-          f"{f', {args.keep_chunks} chunks kept' if args.chunk_size and args.keep_chunks else ''}")
+          f"{f', {args.keep_chunks} chunks kept' if args.chunk_size and args.keep_chunks else ''}"
+          f"{f', Adam first moment {args.mu_dtype}' if args.mu_dtype != 'float32' else ''}"
+          f"{f', weight gradients {args.weight_grad_dtype}' if args.weight_grad_dtype else ''}")
     batch = workload(cfg, args.queries, group, args.seq)
     results = []
     if not args.no_torch:

@@ -218,7 +218,9 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
                   programs for the 7b pod plans hold it: bench/RESULTS.md); unrolled layers
                   without GradCache make their gradients one layer at a time in the compute
                   dtype and join them into a float32 gradient after the backward pass,
-                  so of the 1 x only the parameters outside the layers count during it;
+                  so of the 1 x only the parameters outside the layers count during it
+                  (`weight_grad_dtype: float32` makes those layer gradients float32; not
+                  measured on a GPU, not modelled);
                   the peak is at least the state and that float32 gradient (the join)
       layers      with fsdp > 1: one layer's weights gathered in float32 and its compute-dtype
                   copy, double-buffered, and that layer's float32 gradient before the
@@ -399,10 +401,12 @@ class Plan:
         t = self.target
         m = self.model
         remat = m["remat"] if m.get("remat_layers") is None else f"{m['remat']} on {m['remat_layers']} layers"
+        extras = "".join([f", {m['weight_grad_dtype']} weight gradients" if m["weight_grad_dtype"] != m["compute_dtype"]
+                          else "", f", {m['mu_dtype']} Adam first moment" if m["mu_dtype"] != "float32" else ""])
         lines = [f"target   {t.describe()}",
                  f"model    {m['name']}: {_count(m['params'])} params, remat {remat}, "
                  f"{'scanned' if m['scan_layers'] else 'unrolled'} layers, {m['attention_impl']} attention, "
-                 f"{m['compute_dtype']} compute",
+                 f"{m['compute_dtype']} compute{extras}",
                  f"mesh     {_mesh_desc(self.mesh)}; GradCache chunk "
                  f"{self.chunk_size if self.chunk_size else 'off (whole batch at once)'}"
                  f"{_keep_desc(self.worst, self.chunk_size)}",
@@ -475,7 +479,8 @@ def _model_summary(run) -> dict[str, Any]:
     return {"name": name, "params": cfg.num_params(), "non_embedding_params": cfg.num_params(False),
             "remat": cfg.remat, "remat_layers": cfg.remat_layers, "scan_layers": cfg.scan_layers,
             "attention_impl": cfg.attention_impl,
-            "compute_dtype": cfg.compute_dtype, "param_dtype": cfg.param_dtype}
+            "compute_dtype": cfg.compute_dtype, "param_dtype": cfg.param_dtype,
+            "weight_grad_dtype": cfg.weight_grad_dtype or cfg.compute_dtype, "mu_dtype": run.train.mu_dtype}
 
 
 def _executed_flops(model_flops: float, cfg, gradcache: bool, kept: float = 0.0) -> float:
@@ -729,6 +734,10 @@ def suggest(run, plan: Plan) -> list[str]:
     elif cfg.remat_layers is not None:
         out.append(f"--set model.remat_layers=null  (remat every layer; now {cfg.remat_layers} of "
                    f"{cfg.num_hidden_layers}, the others keep their matmul outputs)")
+    if run.train.mu_dtype == "float32" and worst.state_bytes > 0.15 * limit:
+        # float32 master weights and two float32 moments: 12 bytes per parameter, 2 of them saved
+        out.append(f"--set train.mu_dtype=bfloat16  (Adam's first moment in bfloat16: "
+                   f"{worst.state_bytes / 6 / GIB:.2f} GiB less state per device)")
     per_pass = chunk if 0 < chunk < n else n
     if per_pass % dp and n % dp == 0:
         held = rows_per_device(per_pass * worst.shape.group, _abstract_mesh(mesh))

@@ -66,6 +66,11 @@ def test_invalid_values_and_presets():
         ModelConfig.preset("tiny", embedding_dim=65)
     with pytest.raises(ValueError, match="unknown model preset"):
         ModelConfig.preset("qwen9")
+    # weight gradients may be written wider than the compute dtype, never narrower
+    ModelConfig.preset("tiny", compute_dtype="bfloat16", weight_grad_dtype="float32")
+    for compute, grads in (("float32", "bfloat16"), ("bfloat16", "float16"), ("bfloat16", "f32")):
+        with pytest.raises(ValueError, match=r"weight_grad_dtype: expected null \(the compute dtype\), float32"):
+            ModelConfig.preset("tiny", compute_dtype=compute, weight_grad_dtype=grads)
     with pytest.raises(ValueError, match="unknown ModelConfig field"):
         ModelConfig.preset("tiny").replace(hidden=3)
     with pytest.raises(ValueError, match="not valid JSON"):

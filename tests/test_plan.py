@@ -14,6 +14,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 
@@ -197,8 +198,12 @@ def test_does_not_fit_suggests(tmp_path, capsys):
     assert main(["plan", "--config", cfg, "--topology", "cpu:8", "--memory-gib", "0.0001", "--estimate"]) == 1
     out = capsys.readouterr().out
     assert "verdict  does not fit" in out
-    for hint in ("--set model.remat=full", "--set train.chunk_size=8", "--set mesh.data=1 --set mesh.fsdp=-1"):
+    for hint in ("--set model.remat=full", "--set train.chunk_size=8", "--set mesh.data=1 --set mesh.fsdp=-1",
+                 "--set train.mu_dtype=bfloat16"):
         assert hint in out, out
+    assert main(["plan", "--config", cfg, "--topology", "cpu:8", "--memory-gib", "0.0001", "--estimate",
+                 "--set", "train.mu_dtype=bfloat16"]) == 1
+    assert "train.mu_dtype" not in capsys.readouterr().out
 
 
 def test_tensor_suggestion_keeps_the_rows_per_device(tmp_path, capsys):
@@ -315,6 +320,24 @@ def test_fsdp_gathers_layer_weights_in_the_compute_dtype_on_tpu(compute_dtype, c
     gathers = [dt for kind, dt in _layer_loop_collectives(hlo) if kind == "all-gather" and dt[0] in "bf"]
     assert len(gathers) >= 7, "every layer weight matrix is gathered inside the layer scan"
     assert set(gathers) == {"bf16" if compute_dtype == "bfloat16" else "f32"}
+
+
+@pytest.mark.parametrize("chunk_size", [0, 4])
+def test_float32_weight_gradients_are_summed_over_devices_in_float32_on_tpu(chunk_size):
+    """Without the option, the layers' weight gradients are summed over the data-parallel
+    devices in bfloat16 (the dtype the weight-gradient matmuls write); with
+    `weight_grad_dtype: float32` every reduction inside the layer loop is float32, and the
+    weights are still gathered in bfloat16."""
+    def loop_collectives(**model):
+        hlo = _compile_tpu_step((2, 2, 1), chunk_size, compute_dtype="bfloat16", **model).as_text()
+        return [(kind, dt) for kind, dt in _layer_loop_collectives(hlo) if dt[0] in "bf"]
+
+    narrow, wide = loop_collectives(), loop_collectives(weight_grad_dtype="float32")
+    reductions = {"all-reduce", "reduce-scatter"}
+    assert sum(k in reductions and dt == "bf16" for k, dt in narrow) >= 7, narrow
+    assert [dt for k, dt in wide if k in reductions] and all(dt == "f32" for k, dt in wide if k in reductions), wide
+    gathers = [Counter(dt for k, dt in c if k == "all-gather") for c in (narrow, wide)]
+    assert gathers[0]["bf16"] >= 7 and gathers[0] == gathers[1], gathers
 
 
 def test_splash_attention_compiles_for_tpu_and_keeps_no_score_matrix():

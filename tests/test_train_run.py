@@ -7,7 +7,9 @@ import os
 import shutil
 import signal
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from qzhou_jax.cli import main as cli_main
@@ -218,6 +220,32 @@ def test_resume_on_another_mesh_and_worker_count(tmp_path, uninterrupted, caplog
     for s, v in losses(second).items():
         np.testing.assert_allclose(v, full[s], rtol=2e-5, err_msg=f"step {s}")
     assert [h["dataset"] for h in second.history] == [h["dataset"] for h in uninterrupted.history[4:]]
+
+
+def test_resume_with_a_bfloat16_first_moment(tmp_path, uninterrupted, caplog):
+    """`train.mu_dtype: bfloat16` restores a float32-moment checkpoint (the moment is cast), keeps
+    the second moment float32, and trains on close to the float32 run."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted.out_dir, out)
+    shutil.rmtree(out / "checkpoints" / "8")
+    cfg = load_run_config(data=run_dict(out), overrides=["train.mu_dtype=bfloat16"])
+    with caplog.at_level("WARNING"):
+        resumed = train(cfg, resume=True)
+    assert "train.mu_dtype: 'float32' -> 'bfloat16'" in caplog.text
+    assert resumed.status == "completed" and sorted(losses(resumed)) == [4, 5, 6, 7]
+    meta = ocp.StandardCheckpointer().metadata(os.path.join(cfg.checkpoint_dir, "8", "state"))
+    meta = getattr(meta, "item_metadata", meta)
+    kinds = {jax.tree_util.keystr(p): str(m.dtype) for p, m in jax.tree_util.tree_leaves_with_path(meta)
+             if len(getattr(m, "shape", ())) >= 2}
+    mu = {k for k, v in kinds.items() if ".mu" in k or "'mu'" in k}
+    nu = {k for k, v in kinds.items() if ".nu" in k or "'nu'" in k}
+    assert mu and {kinds[k] for k in mu} == {"bfloat16"}, kinds
+    assert nu and {kinds[k] for k in nu} == {"float32"}, kinds
+    full = losses(uninterrupted)
+    for s, v in losses(resumed).items():
+        np.testing.assert_allclose(v, full[s], rtol=2e-3, err_msg=f"step {s}")
+    with pytest.raises(ConfigError, match="train.mu_dtype: expected one of"):
+        load_run_config(data=run_dict(out), overrides=["train.mu_dtype=float16"])
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax, after the failed restore

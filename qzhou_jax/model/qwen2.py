@@ -188,8 +188,60 @@ def _norm_cast(x: jax.Array, weight: jax.Array, eps: float, dtype) -> jax.Array:
     return rms_norm(x, weight, eps).astype(dtype)
 
 
-def _swiglu_down(g: jax.Array, u: jax.Array, down: jax.Array) -> jax.Array:
-    return (jax.nn.silu(g) * u) @ down
+def _swiglu_down(g: jax.Array, u: jax.Array, down: jax.Array, cfg: ModelConfig) -> jax.Array:
+    return project("bsf,fe->bse", jax.nn.silu(g) * u, down, None, cfg)
+
+
+def _weight_grad_spec(spec: str) -> str:
+    """For an einsum "x,w->y" (no index repeated within an operand): its weight gradient's, "x,y->w"."""
+    ins, y = spec.split("->")
+    x, w = ins.split(",")
+    return f"{x},{y}->{w}"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def _project_wide_grads(spec: str, x: jax.Array, w: jax.Array, b: jax.Array | None, dtypes: tuple) -> jax.Array:
+    y = jnp.einsum(spec, x, w.astype(x.dtype))
+    return y if b is None else y + b.astype(x.dtype)
+
+
+def _project_wide_grads_fwd(spec, x, w, b, dtypes):
+    # residuals as the plain einsum's transpose would keep them: the input and the weight cast
+    # to the compute dtype (recomputed from the parameter under remat, kept under none)
+    return _project_wide_grads(spec, x, w, b, dtypes), (x, w.astype(x.dtype))
+
+
+def _project_wide_grads_bwd(spec, dtypes, res, g):
+    grad_dtype, w_dtype, bias = dtypes  # bias: None or (its dtype, its number of dimensions)
+    x, w = res
+    _, pull = jax.vjp(lambda x_: jnp.einsum(spec, x_, w), x)  # the input gradient as without
+    (dx,) = pull(g)
+    dw = jnp.einsum(_weight_grad_spec(spec), x, g, preferred_element_type=grad_dtype).astype(w_dtype)
+    db = None
+    if bias is not None:
+        db = jnp.sum(g.astype(grad_dtype), axis=tuple(range(g.ndim - bias[1]))).astype(bias[0])
+    return dx, dw, db
+
+
+_project_wide_grads.defvjp(_project_wide_grads_fwd, _project_wide_grads_bwd)
+
+
+def project(spec: str, x: jax.Array, w: jax.Array, b: jax.Array | None, cfg: ModelConfig) -> jax.Array:
+    """einsum(spec, x, w) (+ b): x in the compute dtype, the weight and bias cast to it.
+
+    Differentiated, the weight-gradient matmul writes the compute dtype, so data-parallel
+    devices sum their partial weight gradients in it. With `cfg.weight_grad_dtype` wider than
+    the compute dtype ("float32" under bfloat16), that matmul (still bfloat16 operands,
+    float32 accumulation) writes float32 instead, and the bias gradient is summed in it: the
+    reduction over devices is then float32 (twice the bytes), as Megatron's float32
+    gradient all-reduce and PyTorch FSDP's `reduce_dtype` do."""
+    grad_dtype = jnp.dtype(cfg.weight_grad_dtype or cfg.compute_dtype)
+    if jnp.finfo(grad_dtype).bits <= jnp.finfo(x.dtype).bits:
+        y = jnp.einsum(spec, x, w.astype(x.dtype))
+        return y if b is None else y + b.astype(x.dtype)
+    # named for the "dots" policy, which looks for dot_general and would not see this one
+    dtypes = (grad_dtype, w.dtype, None if b is None else (b.dtype, b.ndim))
+    return checkpoint_name(_project_wide_grads(spec, x, w, b, dtypes), "projection")
 
 
 def decoder_layer(x: jax.Array, p: Mapping[str, jax.Array], cos: jax.Array, sin: jax.Array,
@@ -202,32 +254,36 @@ def decoder_layer(x: jax.Array, p: Mapping[str, jax.Array], cos: jax.Array, sin:
     the 142 KiB per token that a Qwen2.5-1.5B layer without remat kept for its backward.
     """
     cdt = _dtype(cfg.compute_dtype)
-    w = {k: v.astype(cdt) for k, v in p.items() if not k.endswith("_norm")}
     norm = jax.checkpoint(functools.partial(_norm_cast, eps=cfg.rms_norm_eps, dtype=cdt))
+    proj = functools.partial(project, cfg=cfg)
     with jax.named_scope("attention"):
         h = norm(x, p["input_norm"])
-        q = jnp.einsum("bse,ehd->bshd", h, w["q_kernel"]) + w["q_bias"]
-        k = jnp.einsum("bse,ehd->bshd", h, w["k_kernel"]) + w["k_bias"]
-        v = jnp.einsum("bse,ehd->bshd", h, w["v_kernel"]) + w["v_bias"]
+        q = proj("bse,ehd->bshd", h, p["q_kernel"], p["q_bias"])
+        k = proj("bse,ehd->bshd", h, p["k_kernel"], p["k_bias"])
+        v = proj("bse,ehd->bshd", h, p["v_kernel"], p["v_bias"])
         q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", None))
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", None))
         v = constrain(v, ("batch", "seq", "act_kv_heads", None))
         q, k, v = checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
         a = checkpoint_name(attention(q, k, v, mask, cfg), "attn_out")
-        x = x + jnp.einsum("bshd,hde->bse", a, w["o_kernel"])
+        x = x + proj("bshd,hde->bse", a, p["o_kernel"], None)
         x = constrain(x, ("batch", "seq", "act_embed"))
     with jax.named_scope("mlp"):
         h = norm(x, p["post_norm"])
-        g = checkpoint_name(constrain(h @ w["gate_kernel"], ("batch", "seq", "act_mlp")), "mlp_gate")
-        u = checkpoint_name(constrain(h @ w["up_kernel"], ("batch", "seq", "act_mlp")), "mlp_up")
-        x = x + jax.checkpoint(_swiglu_down)(g, u, w["down_kernel"])
+        g = checkpoint_name(constrain(proj("bse,ef->bsf", h, p["gate_kernel"], None), ("batch", "seq", "act_mlp")),
+                            "mlp_gate")
+        u = checkpoint_name(constrain(proj("bse,ef->bsf", h, p["up_kernel"], None), ("batch", "seq", "act_mlp")),
+                            "mlp_up")
+        x = x + jax.checkpoint(functools.partial(_swiglu_down, cfg=cfg))(g, u, p["down_kernel"])
         x = constrain(x, ("batch", "seq", "act_embed"))
     return x
 
 
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names("projection")),  # `project` with wide gradients
     "attn": jax.checkpoint_policies.save_only_these_names("q", "k", "v", "attn_out"),
     "mlp": jax.checkpoint_policies.save_only_these_names("mlp_gate", "mlp_up"),
 }

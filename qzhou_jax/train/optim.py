@@ -3,8 +3,11 @@
 The paper (SPEC section 5): AdamW with weight decay 0.01, learning rate 3e-5 (stage 1) or
 2e-5 (stage 2), 300 warm-up steps; the schedule after warm-up is open (cosine by default).
 Weight decay skips RMSNorm weights and biases (every parameter whose path names `norm` or
-`bias`). Optimizer state is float32 whatever the parameters' dtype (master weights are
-float32 too, see `train.step.init_train_state`).
+`bias`). Master weights are float32 (`train.step.init_train_state`), and so is the optimizer
+state by default; `mu_dtype: bfloat16` keeps Adam's first moment in bfloat16 (as optax's
+`mu_dtype` and MaxText's option of that name do): 2 bytes less per parameter to hold and 4
+less to move in each update. The second moment stays float32: with b2 = 0.999 each update
+changes it by a part in a thousand, below bfloat16's resolution (1 part in 256).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("cosine", "linear", "constant")
+MU_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +55,7 @@ class TrainConfig:
     keep_chunks: int = 0
     seed: int = 0
     skip_nonfinite: int = 0
+    mu_dtype: str = "float32"
 
     def __post_init__(self):
         self.validate()
@@ -85,6 +90,8 @@ class TrainConfig:
             raise ValueError(f"train.b1/b2: expected values in [0, 1), got {self.b1}, {self.b2}")
         if self.eps <= 0:
             raise ValueError(f"train.eps: expected > 0, got {self.eps}")
+        if self.mu_dtype not in MU_DTYPES:
+            raise ValueError(f"train.mu_dtype: expected one of {MU_DTYPES}, got {self.mu_dtype!r}")
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -158,7 +165,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformationExtraArgs:
 
     `update` accepts `grad_norm=` (the gradients' global norm, if already computed)."""
     adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                        weight_decay=cfg.weight_decay, mask=weight_decay_mask, mu_dtype=jnp.float32)
+                        weight_decay=cfg.weight_decay, mask=weight_decay_mask, mu_dtype=jnp.dtype(cfg.mu_dtype))
     if cfg.clip_norm and cfg.clip_norm > 0:
         return optax.chain(clip_by_global_norm(cfg.clip_norm), adamw)
     return optax.with_extra_args_support(adamw)
