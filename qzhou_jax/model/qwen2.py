@@ -199,10 +199,18 @@ def _weight_grad_spec(spec: str) -> str:
     return f"{x},{y}->{w}"
 
 
+def _add_bias(y: jax.Array, b: jax.Array | None) -> jax.Array:
+    """y + b, added in float32 and rounded once to y's dtype: differentiated, the bias gradient
+    is then summed over the tokens in float32 (in bfloat16 it came out 2-4% off on CPU over
+    1-8k tokens), at no cost (the add runs in the matmul's epilogue either way)."""
+    if b is None:
+        return y
+    return (y.astype(jnp.float32) + b.astype(jnp.float32)).astype(y.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
 def _project_wide_grads(spec: str, x: jax.Array, w: jax.Array, b: jax.Array | None, dtypes: tuple) -> jax.Array:
-    y = jnp.einsum(spec, x, w.astype(x.dtype))
-    return y if b is None else y + b.astype(x.dtype)
+    return _add_bias(jnp.einsum(spec, x, w.astype(x.dtype)), b)
 
 
 def _project_wide_grads_fwd(spec, x, w, b, dtypes):
@@ -219,7 +227,7 @@ def _project_wide_grads_bwd(spec, dtypes, res, g):
     dw = jnp.einsum(_weight_grad_spec(spec), x, g, preferred_element_type=grad_dtype).astype(w_dtype)
     db = None
     if bias is not None:
-        db = jnp.sum(g.astype(grad_dtype), axis=tuple(range(g.ndim - bias[1]))).astype(bias[0])
+        db = jnp.sum(g.astype(jnp.float32), axis=tuple(range(g.ndim - bias[1]))).astype(bias[0])
     return dx, dw, db
 
 
@@ -227,18 +235,18 @@ _project_wide_grads.defvjp(_project_wide_grads_fwd, _project_wide_grads_bwd)
 
 
 def project(spec: str, x: jax.Array, w: jax.Array, b: jax.Array | None, cfg: ModelConfig) -> jax.Array:
-    """einsum(spec, x, w) (+ b): x in the compute dtype, the weight and bias cast to it.
+    """einsum(spec, x, w) (+ b): x in the compute dtype, the weight cast to it; the bias is
+    added in float32 (`_add_bias`).
 
     Differentiated, the weight-gradient matmul writes the compute dtype, so data-parallel
     devices sum their partial weight gradients in it. With `cfg.weight_grad_dtype` wider than
     the compute dtype ("float32" under bfloat16), that matmul (still bfloat16 operands,
-    float32 accumulation) writes float32 instead, and the bias gradient is summed in it: the
-    reduction over devices is then float32 (twice the bytes), as Megatron's float32
-    gradient all-reduce and PyTorch FSDP's `reduce_dtype` do."""
+    float32 accumulation) writes float32 instead: the reduction over devices is then float32
+    (twice the bytes), as Megatron's float32 gradient all-reduce and PyTorch FSDP's
+    `reduce_dtype` do."""
     grad_dtype = jnp.dtype(cfg.weight_grad_dtype or cfg.compute_dtype)
     if jnp.finfo(grad_dtype).bits <= jnp.finfo(x.dtype).bits:
-        y = jnp.einsum(spec, x, w.astype(x.dtype))
-        return y if b is None else y + b.astype(x.dtype)
+        return _add_bias(jnp.einsum(spec, x, w.astype(x.dtype)), b)
     # named for the "dots" policy, which looks for dot_general and would not see this one
     dtypes = (grad_dtype, w.dtype, None if b is None else (b.dtype, b.ndim))
     return checkpoint_name(_project_wide_grads(spec, x, w, b, dtypes), "projection")
