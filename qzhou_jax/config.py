@@ -66,6 +66,8 @@ class ModelConfig:
                     f"num_attention_heads {self.num_attention_heads} (set head_dim explicitly)"
                 )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.weight_grad_dtype == self.compute_dtype:  # saved as null: follows a later compute_dtype
+            object.__setattr__(self, "weight_grad_dtype", None)
         self.validate()
 
     # ------------------------------------------------------------------ checks

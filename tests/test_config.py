@@ -68,6 +68,9 @@ def test_invalid_values_and_presets():
         ModelConfig.preset("qwen9")
     # weight gradients may be written wider than the compute dtype, never narrower
     ModelConfig.preset("tiny", compute_dtype="bfloat16", weight_grad_dtype="float32")
+    # the compute dtype itself is kept as null, so a saved config follows a later compute dtype
+    same = ModelConfig.preset("tiny", compute_dtype="bfloat16", weight_grad_dtype="bfloat16")
+    assert same.weight_grad_dtype is None and same.replace(compute_dtype="float32").weight_grad_dtype is None
     for compute, grads in (("float32", "bfloat16"), ("bfloat16", "float16"), ("bfloat16", "f32")):
         with pytest.raises(ValueError, match=r"weight_grad_dtype: expected null \(the compute dtype\), float32"):
             ModelConfig.preset("tiny", compute_dtype=compute, weight_grad_dtype=grads)
@@ -87,3 +90,14 @@ def test_set_reaches_an_empty_yaml_section(tmp_path):
     data = {"checkpoint": None, "train": {"lr": 1e-3}}
     out = apply_overrides(data, ["checkpoint.every=7", "checkpoint.keep=5", "log.every=2", "train.lr=0.5"])
     assert out["checkpoint"] == {"every": 7, "keep": 5} and out["log"] == {"every": 2} and out["train"]["lr"] == 0.5
+
+
+def test_init_from_takes_execution_fields_and_refuses_architecture_ones(tmp_path):
+    from qzhou_jax.config import ConfigError
+    from qzhou_jax.train.config import model_config
+
+    (tmp_path / "config.json").write_text(json.dumps(ModelConfig.preset("tiny").to_hf()))
+    cfg = model_config({"compute_dtype": "bfloat16", "weight_grad_dtype": "float32", "remat": "full"}, str(tmp_path))
+    assert (cfg.weight_grad_dtype, cfg.compute_dtype, cfg.hidden_size) == ("float32", "bfloat16", 64)
+    with pytest.raises(ConfigError, match="model.hidden_size: the architecture comes from init_from"):
+        model_config({"hidden_size": 32}, str(tmp_path))

@@ -196,10 +196,9 @@ def test_unrolled_layers_keep_no_copies_of_their_weights_for_the_backward_pass()
 
 
 def test_float32_weight_gradients_sum_exactly_and_change_nothing_else():
-    """`weight_grad_dtype: float32` under bfloat16 compute: a projection's weight gradient is
-    a float32 sum of the bfloat16 products (against float64: < 1e-6; written in bfloat16 it
-    misses by > 1e-4), its bias gradient is summed in float32 either way, the input gradient
-    and the forward are unchanged bit for bit, and
+    """`weight_grad_dtype: float32` under bfloat16 compute: a projection's weight and bias
+    gradients are float32 sums of the bfloat16 products (against float64: < 1e-6; in bfloat16
+    they miss by > 1e-4), the input gradient and the forward are unchanged bit for bit, and
     under every remat policy the layers keep exactly the residuals they keep without it (the
     "dots" policy must still see these matmuls)."""
     import contextlib
@@ -231,7 +230,7 @@ def test_float32_weight_gradients_sum_exactly_and_change_nothing_else():
     for i, ref in refs.items():
         assert out["wide"][i].dtype == jnp.float32
         assert rel(out["wide"][i], ref) < 1e-6, (i, rel(out["wide"][i], ref))
-    assert rel(out["narrow"][2], refs[2]) > 1e-4 and rel(out["narrow"][3], refs[3]) < 1e-6
+        assert rel(out["narrow"][i], ref) > 1e-4, (i, rel(out["narrow"][i], ref))
     for i in (0, 1):  # output, input gradient
         np.testing.assert_array_equal(np.asarray(out["wide"][i], np.float32), np.asarray(out["narrow"][i], np.float32))
 

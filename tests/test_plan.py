@@ -324,11 +324,10 @@ def test_fsdp_gathers_layer_weights_in_the_compute_dtype_on_tpu(compute_dtype, c
 
 @pytest.mark.parametrize("chunk_size", [0, 4])
 def test_float32_weight_gradients_are_summed_over_devices_in_float32_on_tpu(chunk_size):
-    """Without the option, the layers' weight-matrix gradients are summed over the data-parallel
-    devices in bfloat16 (the dtype the weight-gradient matmuls write) and their biases'
-    gradients in float32 (the bias is added in float32); with `weight_grad_dtype: float32`
-    every reduction of the layer loop is float32, and the weights are still gathered in
-    bfloat16."""
+    """Without the option, the layers' weight and bias gradients are summed over the
+    data-parallel devices in bfloat16 (the dtype the weight-gradient matmuls write); with
+    `weight_grad_dtype: float32` every reduction of the layer loop is float32, the biases'
+    too, and the weights are still gathered in bfloat16."""
     reductions = {"all-reduce", "reduce-scatter"}
     programs = {}
 
@@ -340,10 +339,11 @@ def test_float32_weight_gradients_are_summed_over_devices_in_float32_on_tpu(chun
     narrow, wide = loop_collectives(), loop_collectives(weight_grad_dtype="float32")
     # 2 layers, 8 query and 2 key/value heads of 16: the q, k, v biases, stacked or one layer's
     bias_shapes = {f"{lead}{h},16" for lead in ("", "1,", "2,") for h in (8, 2)}
-    summed = [(dt, dims) for line in programs[False].splitlines() if (m := _COLLECTIVE.match(line))
-              and m.group(2) in reductions for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1))]
-    assert [dims for dt, dims in summed if dims in bias_shapes and dt == "f32"], summed
-    assert not [dims for dt, dims in summed if dims in bias_shapes and dt == "bf16"], summed
+    for wide_grads, want in ((False, "bf16"), (True, "f32")):
+        summed = [(dt, dims) for line in programs[wide_grads].splitlines() if (m := _COLLECTIVE.match(line))
+                  and m.group(2) in reductions for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1))]
+        biases = {dt for dt, dims in summed if dims in bias_shapes}
+        assert biases == {want}, (wide_grads, summed)
     assert sum(k in reductions and dt == "bf16" for k, dt in narrow) >= 7, narrow
     assert [dt for k, dt in wide if k in reductions] and all(dt == "f32" for k, dt in wide if k in reductions), wide
     gathers = [Counter(dt for k, dt in c if k == "all-gather") for c in (narrow, wide)]

@@ -44,7 +44,7 @@ TASKS = ("retrieval", "sts", "classification")
 FORMATS = ("jsonl", "beir", "tfds")
 # ModelConfig fields a run may change on a pretrained checkpoint (not its architecture).
 POLICY_FIELDS = ("attention", "pooling", "normalize", "embedding_dim", "param_dtype", "compute_dtype",
-                 "remat", "remat_layers", "scan_layers", "attention_impl")
+                 "remat", "remat_layers", "scan_layers", "attention_impl", "weight_grad_dtype")
 
 
 def expand_path(path: str) -> str:
