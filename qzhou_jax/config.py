@@ -54,8 +54,8 @@ class ModelConfig:
     #                           `qzhou-jax plan` shows which is smaller)
     attention_impl: Literal["xla", "cudnn", "splash"] = "xla"  # cudnn: GPU; splash: TPU (model/splash.py)
     # dtype the weight-gradient matmuls write (None: the compute dtype), and so the dtype in which
-    # weight gradients are summed over data-parallel devices (qwen2.project; README, "What crosses
-    # the network"); "float32" doubles that traffic and keeps the sums exact to float32
+    # weight and bias gradients are summed over data-parallel devices (qwen2.project; README, "What
+    # crosses the network"); "float32" under 16-bit compute doubles that traffic
     weight_grad_dtype: str | None = None
 
     def __post_init__(self):
@@ -101,9 +101,7 @@ class ModelConfig:
         if self.remat_layers is not None and self.remat in ("none", "dots"):
             raise ValueError(f"remat_layers: the layers it leaves out run under 'dots'; it needs remat "
                              f"'full', 'mlp' or 'attn', got remat {self.remat!r}")
-        if self.weight_grad_dtype is not None and (
-                self.weight_grad_dtype not in DTYPES
-                or DTYPES.index(self.weight_grad_dtype) > 0 and self.weight_grad_dtype != self.compute_dtype):
+        if self.weight_grad_dtype not in (None, "float32"):  # the compute dtype itself is stored as None
             raise ValueError(f"weight_grad_dtype: expected null (the compute dtype), float32 or the compute dtype "
                              f"({self.compute_dtype}), got {self.weight_grad_dtype!r}")
         if self.rms_norm_eps <= 0 or self.rope_theta <= 0:

@@ -242,11 +242,10 @@ def project(spec: str, x: jax.Array, w: jax.Array, b: jax.Array | None, cfg: Mod
     gradient is summed in float32: the reduction over devices is then float32 (twice the
     bytes), as Megatron's float32 gradient all-reduce and PyTorch FSDP's `reduce_dtype` do.
     That path is a custom VJP: reverse mode only (`jax.jvp` refuses it)."""
-    grad_dtype = jnp.dtype(cfg.weight_grad_dtype or cfg.compute_dtype)
-    if jnp.finfo(grad_dtype).bits <= jnp.finfo(x.dtype).bits:
+    if cfg.weight_grad_dtype is None:  # the compute dtype (ModelConfig stores it as None)
         return _add_bias(jnp.einsum(spec, x, w.astype(x.dtype)), b)
     # named for the "dots" policy, which looks for dot_general and would not see this one
-    dtypes = (grad_dtype, w.dtype, None if b is None else (b.dtype, b.ndim))
+    dtypes = (jnp.dtype(cfg.weight_grad_dtype), w.dtype, None if b is None else (b.dtype, b.ndim))
     return checkpoint_name(_project_wide_grads(spec, x, w, b, dtypes), "projection")
 
 

@@ -5,9 +5,9 @@ The paper (SPEC section 5): AdamW with weight decay 0.01, learning rate 3e-5 (st
 Weight decay skips RMSNorm weights and biases (every parameter whose path names `norm` or
 `bias`). Master weights are float32 (`train.step.init_train_state`), and so is the optimizer
 state by default; `mu_dtype: bfloat16` keeps Adam's first moment in bfloat16 (optax's
-`mu_dtype`): 2 bytes less per parameter to hold and 4
-less to move in each update. The second moment stays float32: with b2 = 0.999 each update
-changes it by a part in a thousand, below bfloat16's resolution (1 part in 256).
+`mu_dtype`): 2 bytes less per parameter to hold and 4 less to move in each update. The second
+moment stays float32: with b2 = 0.999 each update changes it by a part in a thousand, below
+bfloat16's resolution (1 part in 256).
 """
 
 from __future__ import annotations
