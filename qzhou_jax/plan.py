@@ -219,8 +219,9 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
                   without GradCache make their gradients one layer at a time in the compute
                   dtype and join them into a float32 gradient after the backward pass,
                   so of the 1 x only the parameters outside the layers count during it
-                  (`weight_grad_dtype: float32` makes those layer gradients float32; not
-                  measured on a GPU, not modelled);
+                  (with `weight_grad_dtype: float32` they are float32: one layer's
+                  gradient counts, the backward pass's peak being at its first layers;
+                  derived, not measured on a GPU);
                   the peak is at least the state and that float32 gradient (the join)
       layers      with fsdp > 1: one layer's weights gathered in float32 and its compute-dtype
                   copy, double-buffered, and that layer's float32 gradient before the
@@ -299,7 +300,10 @@ def estimate_step_bytes(cfg, shape: StepShape, mesh, chunk: int, state_bytes: in
     layers = (2 * layer_params * (4 + b) + layer_params * 4) if mesh_shape["fsdp"] > 1 else 0.0
     gradients = (1 + gradcache + (mesh_shape["fsdp"] > 1)) * param_bytes
     if not cfg.scan_layers and not gradcache:  # the layers' share of the parameters
-        gradients -= param_bytes * (cfg.num_params(include_embedding=False) - E) / cfg.num_params()
+        layer_share = param_bytes * (cfg.num_params(include_embedding=False) - E) / cfg.num_params()
+        gradients -= layer_share
+        if cfg.weight_grad_dtype == "float32":
+            gradients += layer_share / Lr
     out_dim = cfg.output_dim
     loss = (shape.n * (1 + shape.group) * out_dim * 4 * 4
             + shape.n * shape.n * (1 + shape.group) * 4 * 3

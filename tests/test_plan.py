@@ -667,6 +667,15 @@ def test_gpu_estimate_for_unrolled_layers_holds_the_joined_gradient():
     gradient = run.model_config.num_params() * 4
     assert step.peak_bytes >= step.estimate["state"] + gradient
     assert step.estimate["gradients"] < gradient  # during the backward pass: the embedding's only
+    # float32 weight gradients: one float32 layer gradient more at the backward pass's peak
+    run32 = load_run_config(data={**TINY, "model": {"preset": "qwen2.5-1.5b", "remat": "full",
+                                                    "attention_impl": "cudnn", "scan_layers": False,
+                                                    "weight_grad_dtype": "float32"},
+                                  "data": data})
+    (step32,) = plan_mod.make_plan(run32, parse_target("gpu:1xH100"), estimate=True).steps
+    cfg = run.model_config
+    layer = (cfg.num_params(include_embedding=False) - cfg.hidden_size) * 4 / cfg.num_hidden_layers
+    assert step32.estimate["gradients"] - step.estimate["gradients"] == pytest.approx(layer, abs=2)
 
 
 @pytest.mark.parametrize("target,mesh_cfg", [("v5e-32", dict(data=1, fsdp=-1, tensor=1)),
