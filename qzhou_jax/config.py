@@ -157,7 +157,9 @@ class ModelConfig:
 
         `is_causal: false` selects bidirectional attention, `true` causal; when the field is
         absent (plain Qwen2.5 LM checkpoints) the embedding default, bidirectional, applies.
-        `rope_theta` is read top-level or from transformers-5 `rope_parameters`.
+        `rope_theta` is read top-level or from transformers-5 `rope_parameters`. Pooling,
+        normalization and Matryoshka truncation come from the `qzhou_jax` key this package
+        writes, or else from the folder's sentence-transformers files (`st_folder.model_fields`).
         """
         where = "config"
         if isinstance(source, dict):
@@ -209,9 +211,19 @@ class ModelConfig:
         )
         if raw.get("is_causal") is not None:
             fields["attention"] = "causal" if raw["is_causal"] else "bidirectional"
-        qz = raw.get("qzhou_jax") or {}
+        qz = raw.get("qzhou_jax")
+        if qz is None and not isinstance(source, dict):
+            # another library's embedding model: sentence-transformers' files say how it pools
+            from qzhou_jax import st_folder
+
+            try:
+                qz = st_folder.model_fields(os.path.dirname(where))
+            except ValueError:
+                if "pooling" not in overrides:  # pooling this package cannot compute, and none asked for
+                    raise
+                qz = {}
         for key in ("pooling", "normalize", "embedding_dim"):
-            if key in qz:
+            if key in (qz or {}):
                 fields[key] = qz[key]
         fields.update(overrides)
         try:

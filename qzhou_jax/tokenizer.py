@@ -16,6 +16,9 @@ import numpy as np
 PROMPT_TEMPLATE = "Instruct: {instruction}\nQuery: {text}"
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 DEMO_TOKENIZER = os.path.join(ASSETS, "tokenizer")
+# a folder holding none of these holds no tokenizer (transformers would build an empty one from
+# config.json alone, which turns every text into no tokens)
+VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 
 
 def format_prompt(text: str, instruction: str | None) -> str:
@@ -46,7 +49,12 @@ class Tokenizer:
         self.path = os.fspath(path)
         if not os.path.isdir(self.path):
             raise FileNotFoundError(f"{self.path}: tokenizer folder not found")
+        if not any(os.path.isfile(os.path.join(self.path, n)) for n in VOCABULARY_FILES):
+            raise FileNotFoundError(f"{self.path}: no tokenizer files (none of {', '.join(VOCABULARY_FILES)}); "
+                                    "copy the base model's tokenizer files into it")
         self.hf = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        if len(self.hf) < 2:
+            raise ValueError(f"{self.path}: the tokenizer has an empty vocabulary")
         pad = self.hf.pad_token_id if self.hf.pad_token_id is not None else self.hf.eos_token_id
         if pad is None:
             raise ValueError(f"{self.path}: tokenizer has neither a pad nor an eos token")

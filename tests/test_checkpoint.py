@@ -25,10 +25,11 @@ from qzhou_jax.checkpoint import (is_orbax_checkpoint, load_hf_params, load_orba
                                   save_orbax_params)
 from qzhou_jax.checkpoint import convert as conv
 from qzhou_jax.checkpoint import safetensors_io
-from qzhou_jax.checkpoint.export import DEFAULT_QUERY_INSTRUCTION, OutputExistsError
+from qzhou_jax.checkpoint.export import OutputExistsError
 from qzhou_jax.checkpoint.safetensors_io import TensorStore
 from qzhou_jax.model import embed, forward, param_specs
 from qzhou_jax.sharding import MeshConfig, make_mesh, named_sharding
+from qzhou_jax.st_folder import DEFAULT_QUERY_INSTRUCTION
 from qzhou_jax.tokenizer import DEMO_TOKENIZER, Tokenizer
 
 VOCAB = 2048  # the demo tokenizer's vocabulary
@@ -178,10 +179,10 @@ def test_export_loads_in_transformers_and_sentence_transformers(tmp_path, mesh8)
     np.testing.assert_allclose(np.linalg.norm(st_emb, axis=1), 1.0, atol=1e-5)
 
     # Matryoshka: the export's truncate_dim gives sentence-transformers our embedding_dim
-    from qzhou_jax.checkpoint.export import write_sentence_transformers
+    from qzhou_jax import st_folder
 
     cfg16 = dataclasses.replace(cfg, embedding_dim=16)
-    write_sentence_transformers(export, cfg16, 256)
+    st_folder.write(export, cfg16, st_folder.Settings(max_seq_length=256))
     st16 = SentenceTransformer(export, device="cpu", local_files_only=True)
     st_emb = st16.encode(texts, prompt_name="query", convert_to_numpy=True, batch_size=8)
     our_emb = np.asarray(embed(params, cfg16, jnp.asarray(q_ids), jnp.asarray(q_mask)))
@@ -386,6 +387,22 @@ def test_existing_output_and_overwrite(tmp_path, good_hf):
     with pytest.raises(OutputExistsError, match=r"holds training checkpoints \(step folders 8\)"):
         conv.orbax_to_hf(out, run, overwrite=True)
     assert sorted(os.listdir(run)) == ["8", "qzhou_config.json"]
+    # ... nor the input itself, or a folder holding it, or a file
+    before = sorted(os.listdir(good_hf))
+    with pytest.raises(OutputExistsError, match="is the input"):
+        conv.hf_to_orbax(good_hf, good_hf, overwrite=True)
+    with pytest.raises(OutputExistsError, match="is the input"):
+        conv.orbax_to_hf(out, out, overwrite=True)
+    with pytest.raises(OutputExistsError, match="holding the input"):
+        conv.orbax_to_hf(out, tmp_path, overwrite=True)
+    with pytest.raises(OutputExistsError, match="is the input"):
+        conv.hf_to_orbax(good_hf, out, overwrite=True, tokenizer_dir=out)
+    assert sorted(os.listdir(good_hf)) == before and is_orbax_checkpoint(out)
+    note = tmp_path / "note.txt"
+    note.write_text("keep me")
+    with pytest.raises(OutputExistsError, match="not a folder"):
+        conv.hf_to_orbax(good_hf, note, overwrite=True)
+    assert note.read_text() == "keep me" and glob.glob(str(tmp_path / "*.tmp-*")) == []
 
 
 def test_interrupted_conversion_leaves_nothing(tmp_path, good_hf, monkeypatch):
@@ -425,6 +442,97 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, good_hf, monkeypatch):
     with pytest.raises(ValueError, match="incomplete"):
         conv.orbax_to_hf(broken, tmp_path / "x")
     assert_nothing_left(tmp_path / "x")
+    # damaged data files: a short error naming the folder, not TensorStore's whole spec
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "orbax", damaged)
+    data = glob.glob(str(damaged / "params" / "**" / "d" / "*"), recursive=True)
+    assert data
+    for f in data:
+        os.remove(f)
+    with pytest.raises(ValueError, match=rf"{damaged / 'params'}.*: cannot read .*damaged or incomplete") as e:
+        conv.orbax_to_hf(damaged, tmp_path / "x")
+    assert "tensorstore_spec" not in str(e.value)
+    assert_nothing_left(tmp_path / "x")
+
+
+def test_a_folder_without_tokenizer_files_is_refused_before_anything_is_written(tmp_path, good_hf, monkeypatch):
+    """transformers builds an empty tokenizer from a bare config.json, which turns every text
+    into no tokens (all-zero embeddings): a model folder without tokenizer files is an error
+    where a tokenizer is needed, and a named tokenizer folder is checked before the weights
+    are converted."""
+    bare = _copy(good_hf, tmp_path)
+    for name in os.listdir(bare):
+        if name.startswith(("tokenizer", "special_tokens")):
+            os.remove(os.path.join(bare, name))
+    with pytest.raises(FileNotFoundError, match=rf"{bare}: no tokenizer files \(none of tokenizer.json"):
+        Tokenizer(load_pretrained(bare).tokenizer_path)
+    from qzhou_jax.checkpoint import orbax_io
+
+    written = []
+    real = orbax_io.write_params
+    monkeypatch.setattr(orbax_io, "write_params", lambda *a, **k: written.append(1) or real(*a, **k))
+    for tok in (tmp_path / "nowhere", bare):
+        with pytest.raises(FileNotFoundError, match="tokenizer"):
+            conv.hf_to_orbax(good_hf, tmp_path / "out", tokenizer_dir=tok)
+        assert_nothing_left(tmp_path / "out")
+    assert written == []
+    conv.hf_to_orbax(good_hf, tmp_path / "orbax")
+    with pytest.raises(FileNotFoundError, match="tokenizer folder not found"):
+        conv.orbax_to_hf(tmp_path / "orbax", tmp_path / "out", tokenizer_dir=tmp_path / "nowhere")
+    assert_nothing_left(tmp_path / "out")
+    # an HF folder without a tokenizer still converts (weights only), with a warning
+    conv.hf_to_orbax(bare, tmp_path / "weights_only")
+    assert not os.path.exists(tmp_path / "weights_only" / "tokenizer")
+
+
+def _st_files(folder) -> dict:
+    return {name: json.loads((folder / name).read_text())
+            for name in ("sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json",
+                         "modules.json")}
+
+
+def test_sentence_transformers_settings_survive_conversions(tmp_path, good_hf):
+    """max_seq_length and the prompts go HF -> Orbax -> HF unchanged, and a sentence-transformers
+    folder of another library says how its model pools."""
+    conv.hf_to_orbax(good_hf, tmp_path / "o1")
+    conv.orbax_to_hf(tmp_path / "o1", tmp_path / "h1", max_seq_length=100, query_instruction="Find the thing")
+    h1 = _st_files(tmp_path / "h1")
+    assert h1["config_sentence_transformers.json"]["prompts"]["query"] == "Instruct: Find the thing\nQuery: "
+    assert h1["sentence_bert_config.json"]["max_seq_length"] == 100
+    conv.hf_to_orbax(tmp_path / "h1", tmp_path / "o2")
+    conv.orbax_to_hf(tmp_path / "o2", tmp_path / "h2")
+    assert _st_files(tmp_path / "h2") == h1
+    # the flags still win over what the checkpoint keeps; other prompts stay
+    conv.orbax_to_hf(tmp_path / "o2", tmp_path / "h3", query_instruction="Other")
+    prompts = _st_files(tmp_path / "h3")["config_sentence_transformers.json"]["prompts"]
+    assert prompts == {"query": "Instruct: Other\nQuery: ", "document": ""}
+    assert _st_files(tmp_path / "h3")["sentence_bert_config.json"]["max_seq_length"] == 100
+
+    # another library's folder: last-token pooling, no Normalize, no qzhou_jax key in config.json
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "h1", other)
+    raw = json.loads((other / "config.json").read_text())
+    del raw["qzhou_jax"]
+    (other / "config.json").write_text(json.dumps(raw))
+    pooling = json.loads((other / "1_Pooling" / "config.json").read_text())
+    pooling.update(pooling_mode_mean_tokens=False, pooling_mode_lasttoken=True)
+    (other / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    modules = [m for m in json.loads((other / "modules.json").read_text()) if m["path"] != "2_Normalize"]
+    (other / "modules.json").write_text(json.dumps(modules))
+    cfg = load_pretrained(other).config
+    assert (cfg.pooling, cfg.normalize) == ("last", False)
+    conv.hf_to_orbax(other, tmp_path / "o3")
+    conv.orbax_to_hf(tmp_path / "o3", tmp_path / "h4")
+    got = _st_files(tmp_path / "h4")
+    assert got["1_Pooling/config.json"]["pooling_mode_lasttoken"] and not got["1_Pooling/config.json"][
+        "pooling_mode_mean_tokens"]
+    assert [m["path"] for m in got["modules.json"]] == ["", "1_Pooling"]
+    # pooling this package cannot compute is an error that names the file
+    pooling.update(pooling_mode_lasttoken=False, pooling_mode_cls_token=True)
+    (other / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    with pytest.raises(ValueError, match=r"1_Pooling/config.json: pooling pooling_mode_cls_token is not supported"):
+        load_pretrained(other)
+    assert load_pretrained(other, pooling="mean").config.pooling == "mean"  # unless the caller chooses
 
 
 # ---------------------------------------------------------------------- CLI

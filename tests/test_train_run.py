@@ -591,9 +591,19 @@ def test_train_command_and_stage2_init_from(tmp_path):
     cfg = tmp_path / "stage1.yaml"
     raw = run_dict(tmp_path / "s1", steps=3, datasets=run_dict("")["data"]["datasets"][:1], eta=None)
     raw["export_hf"] = True
+    raw["data"]["datasets"][0]["instruction"] = "Find the passage that answers the question"
     cfg.write_text(yaml.safe_dump(raw))
     assert cli_main(["train", "--config", str(cfg)]) == 0
     assert os.path.isfile(tmp_path / "s1" / "hf" / "config.json")
+    # converting the run's checkpoints writes the sentence-transformers files its own export wrote
+    from qzhou_jax.checkpoint import convert
+
+    convert.orbax_to_hf(tmp_path / "s1" / "checkpoints", tmp_path / "s1-converted")
+    for name in ("sentence_bert_config.json", "config_sentence_transformers.json", "modules.json",
+                 "1_Pooling/config.json"):
+        assert (tmp_path / "s1-converted" / name).read_text() == (tmp_path / "s1" / "hf" / name).read_text(), name
+    st = json.loads((tmp_path / "s1" / "hf" / "config_sentence_transformers.json").read_text())
+    assert st["prompts"]["query"] == "Instruct: Find the passage that answers the question\nQuery: "
     firsts = {}
     for name, init in (("ckpt", tmp_path / "s1" / "checkpoints"), ("hf", tmp_path / "s1" / "hf"), ("random", None)):
         stage2 = run_dict(tmp_path / f"s2-{name}", steps=2)

@@ -13,7 +13,14 @@ orbax-to-hf accepts a folder written by hf-to-orbax or a training checkpoint (an
 CheckpointManager folder: its latest step's `params` item; see `orbax_io`), restores one
 parameter at a time onto the mesh and gathers one layer at a time into safetensors shards.
 
-Both write into `<out>.tmp-...` and rename it to `<out>` when everything is written.
+Both carry sentence-transformers' settings across: hf-to-orbax keeps the HF folder's
+max_seq_length and prompts (`st_folder.settings`), and orbax-to-hf writes them back, or those a
+training run kept beside its checkpoints (the ones its own HF export wrote), unless
+--max-seq-length / --query-instruction say otherwise.
+
+Both check their inputs (tokenizer included) before writing anything, write into
+`<out>.tmp-...` and rename it to `<out>` when everything is written; --overwrite never
+replaces a folder that is or holds one of the inputs.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import Any, Mapping
 
 from jax.sharding import Mesh
 
+from qzhou_jax import st_folder
 from qzhou_jax.checkpoint import export, orbax_io
 from qzhou_jax.cli_args import positive_int
 from qzhou_jax.config import DTYPES, ModelConfig
@@ -65,20 +73,25 @@ def hf_to_orbax(hf_dir: str | os.PathLike, out: str | os.PathLike, mesh: Mesh | 
     hf_dir = os.path.abspath(os.fspath(hf_dir))
     if not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"{hf_dir}: HF checkpoint folder not found")
-    export._check_output(os.path.abspath(os.fspath(out)), overwrite)
+    out = os.path.abspath(os.fspath(out))
+    inputs = (hf_dir, tokenizer_dir)
+    export._check_output(out, overwrite, inputs)
     store = TensorStore(hf_dir)
     src_dtype = source_dtype(store)
     cfg = ModelConfig.from_hf(hf_dir, param_dtype=dtype or src_dtype)
+    settings = st_folder.settings(hf_dir)
     check_tensors(store, cfg, hf_dir)
     ignored = _hf_ignored(store.names())
     for name in ignored:
         log.warning("%s: ignoring tensor %r (an embedding model has no LM head)", hf_dir, name)
-    out = os.path.abspath(os.fspath(out))
-    with export.atomic_output_dir(out, overwrite) as tmp:
+    if tokenizer_dir is None:
+        tokenizer_dir = hf_dir if export.check_tokenizer(hf_dir, out, required=False) else None
+    else:
+        export.check_tokenizer(tokenizer_dir, out)
+    with export.atomic_output_dir(out, overwrite, inputs) as tmp:
         info = orbax_io.write_orbax_folder(
-            tmp, cfg, iter_params(store, cfg, mesh, rules, hf_dir),
-            tokenizer_dir=hf_dir if tokenizer_dir is None else tokenizer_dir,
-            source=hf_dir, source_dtype=src_dtype)
+            tmp, cfg, iter_params(store, cfg, mesh, rules, hf_dir), tokenizer_dir=tokenizer_dir,
+            source=hf_dir, source_dtype=src_dtype, settings=settings)
     return {"out": out, "config": cfg, "ignored": ignored, "source_dtype": src_dtype,
             "tensors": len(store.names()) - len(ignored), **{k: info[k] for k in ("params", "tokenizer")}}
 
@@ -91,19 +104,25 @@ def orbax_to_hf(src: str | os.PathLike, out: str | os.PathLike, mesh: Mesh | Non
                 query_instruction: str | None = None) -> dict:
     """Convert an Orbax params folder or training checkpoint into a HF folder; returns a summary.
 
-    dtype: tensor dtype in the HF files (default: the stored dtype).
+    dtype: tensor dtype in the HF files (default: the stored dtype). max_seq_length and
+    query_instruction: sentence-transformers settings (default: those kept with the
+    checkpoint, else `st_folder`'s defaults).
     """
     single_process("orbax-to-hf")
     export.frugal_host_allocator()
-    ckpt = orbax_io.open_params_checkpoint(src, config=config, tokenizer_dir=tokenizer_dir)
     out = os.path.abspath(os.fspath(out))
-    export._check_output(out, overwrite)
+    export._check_output(out, overwrite, (src, tokenizer_dir))
+    ckpt = orbax_io.open_params_checkpoint(src, config=config, tokenizer_dir=tokenizer_dir)
+    export.check_tokenizer(ckpt.tokenizer_dir, out, required=tokenizer_dir is not None)
+    settings = (ckpt.settings or st_folder.Settings()).with_query_instruction(query_instruction)
+    if max_seq_length is not None:
+        settings = settings.replace(max_seq_length=max_seq_length)
     dtype = dtype or ckpt.stored_dtype()
-    with export.atomic_output_dir(out, overwrite) as tmp:
+    with export.atomic_output_dir(out, overwrite, (src, ckpt.pytree_dir, ckpt.tokenizer_dir)) as tmp:
         files = export.write_hf_folder(tmp, ckpt.lazy(mesh, rules), ckpt.config, dtype, ckpt.tokenizer_dir,
-                                       max_shard_bytes, max_seq_length, query_instruction)
+                                       max_shard_bytes, settings)
     return {"out": out, "config": ckpt.config, "files": files, "dtype": dtype, "params": ckpt.pytree_dir,
-            "tokenizer": ckpt.tokenizer_dir}
+            "tokenizer": ckpt.tokenizer_dir, "settings": settings}
 
 
 # ---------------------------------------------------------------------- CLI
@@ -193,10 +212,11 @@ def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
     o.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the safetensors (default: as stored)")
     o.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     o.add_argument("--max-seq-length", type=positive_int, default=None,
-                   help=f"sentence-transformers max_seq_length (default {export.DEFAULT_MAX_SEQ_LENGTH}, "
-                        "capped at max_position_embeddings)")
+                   help="sentence-transformers max_seq_length (default: the one kept with the checkpoint, else "
+                        f"{st_folder.DEFAULT_MAX_SEQ_LENGTH}; capped at max_position_embeddings)")
     o.add_argument("--query-instruction", default=None,
-                   help=f"instruction of the 'query' prompt (default: {export.DEFAULT_QUERY_INSTRUCTION!r})")
+                   help="instruction of the 'query' prompt (default: the prompt kept with the checkpoint, else "
+                        f"{st_folder.DEFAULT_QUERY_INSTRUCTION!r})")
     o.add_argument("--config", default=None,
                    help="model config (qzhou_config.json or HF config.json) for training checkpoints without one")
     common(o)

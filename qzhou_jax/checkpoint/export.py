@@ -7,10 +7,9 @@ plain `Qwen2Model`, `is_causal: false` for bidirectional encoders, no remote cod
     config.json                          model_type qwen2, architectures [Qwen2Model]
     model.safetensors                    or model-0000i-of-0000n.safetensors + index
     tokenizer.json, tokenizer_config.json, ...   copied from the tokenizer folder
-    modules.json                         Transformer -> Pooling -> Normalize
-    sentence_bert_config.json            max_seq_length
-    1_Pooling/config.json                mean (or last-token) pooling, prompt included
-    config_sentence_transformers.json    prompts: "query" in QZhou's template, "document" empty
+    modules.json, sentence_bert_config.json, 1_Pooling/, config_sentence_transformers.json
+                                         sentence-transformers' files (`st_folder.write`):
+                                         pooling, max_seq_length, the "query" prompt
 
 Tensor names carry no `model.` prefix (a bare `Qwen2Model`). Tensors are gathered and
 written one at a time (`hf.iter_hf_tensors` -> `safetensors_io.write` with the layout
@@ -21,7 +20,6 @@ written into a temporary sibling folder that is renamed into place when complete
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import itertools
 import json
 import logging
@@ -29,16 +27,17 @@ import math
 import os
 import shutil
 import uuid
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
+from qzhou_jax import st_folder
 from qzhou_jax.checkpoint import safetensors_io
 from qzhou_jax.checkpoint.hf import hf_names, hf_shape, iter_hf_tensors
 from qzhou_jax.config import ModelConfig
 from qzhou_jax.model.qwen2 import param_specs
-from qzhou_jax.tokenizer import PROMPT_TEMPLATE
+from qzhou_jax.tokenizer import VOCABULARY_FILES
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +46,6 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
 )
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
-DEFAULT_MAX_SEQ_LENGTH = 1024  # the official QZhou evaluation's truncation
-DEFAULT_QUERY_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Markers of a folder this package may replace with overwrite=True.
@@ -95,22 +92,25 @@ def frugal_host_allocator(threshold: int = 1 << 20) -> None:
 
 # ------------------------------------------------------------------ atomic folders
 @contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
+def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False,
+                      inputs: Iterable[str | os.PathLike | None] = ()) -> Iterator[str]:
     """Yield a fresh temporary folder next to `out`; rename it to `out` on success.
 
     On any exception (or interrupt) the temporary folder is removed. A killed process
     leaves only `<out>.tmp-<pid>-<id>`, which nothing mistakes for a finished folder.
-    With `overwrite`, an existing `out` is replaced only once the new one is complete.
+    With `overwrite`, an existing `out` is replaced only once the new one is complete,
+    and never when it is, or holds, one of the `inputs`.
     """
     out = os.path.abspath(os.fspath(out))
-    _check_output(out, overwrite)
+    inputs = tuple(inputs)
+    _check_output(out, overwrite, inputs)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = f"{out}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)
     try:
         yield tmp
-        _check_output(out, overwrite)
+        _check_output(out, overwrite, inputs)
         if os.path.lexists(out):
             old = f"{out}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.rename(out, old)
@@ -126,17 +126,27 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_output(out: str, overwrite: bool) -> None:
+def _check_output(out: str, overwrite: bool, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """Refuse an output that exists (without `overwrite`), that is a file or a folder this
+    package did not write, that holds training checkpoints, or that is or holds an input."""
     if not os.path.lexists(out):
         return
     if not overwrite:
         raise OutputExistsError(f"{out}: output already exists (use --overwrite / overwrite=True to replace it)")
-    if os.path.isdir(out) and os.listdir(out) and not any(
-            os.path.exists(os.path.join(out, f)) for f in _MODEL_FOLDER_FILES):
+    real = os.path.realpath(out)
+    for src in inputs:
+        if src is None:
+            continue
+        src_real = os.path.realpath(os.fspath(src))
+        if src_real == real or src_real.startswith(real.rstrip(os.sep) + os.sep):
+            raise OutputExistsError(f"{out}: is {'the input' if src_real == real else 'a folder holding the input'} "
+                                    f"{os.fspath(src)}; refusing to replace it (write to another folder)")
+    if not os.path.isdir(out):
+        raise OutputExistsError(f"{out}: exists and is not a folder; refusing to replace it")
+    if os.listdir(out) and not any(os.path.exists(os.path.join(out, f)) for f in _MODEL_FOLDER_FILES):
         raise OutputExistsError(
             f"{out}: exists and is not a model folder (no config.json or QZHOU_CHECKPOINT); refusing to replace it")
-    steps = sorted(n for n in os.listdir(out) if n.isdigit() and os.path.isdir(os.path.join(out, n))) \
-        if os.path.isdir(out) else []
+    steps = sorted(n for n in os.listdir(out) if n.isdigit() and os.path.isdir(os.path.join(out, n)))
     if steps:
         raise OutputExistsError(
             f"{out}: holds training checkpoints (step folders {', '.join(steps[:4])}{' ...' if len(steps) > 4 else ''})"
@@ -152,6 +162,32 @@ def write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def tokenizer_files(src: str | os.PathLike) -> list[str]:
+    """The tokenizer files in folder `src` (none when it has no vocabulary file)."""
+    src = os.fspath(src)
+    if not any(os.path.isfile(os.path.join(src, n)) for n in VOCABULARY_FILES):
+        return []
+    return [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+
+
+def check_tokenizer(src: str | os.PathLike | None, out: str, required: bool = True) -> bool:
+    """Before anything is written: whether `src` holds a tokenizer. Without one, an error if
+    `required` (a folder the user named), else a warning that `out` will have none."""
+    if src is not None:
+        src = os.fspath(src)
+        if not os.path.isdir(src):
+            if required:
+                raise FileNotFoundError(f"{src}: tokenizer folder not found")
+        elif tokenizer_files(src):
+            return True
+        elif required:
+            raise FileNotFoundError(f"{src}: no tokenizer files (none of {', '.join(VOCABULARY_FILES)})")
+    log.warning("%s: will hold no tokenizer files (%s); sentence-transformers, `encode` and `eval` need them: "
+                "pass a tokenizer folder (--tokenizer)", out,
+                "none given" if src is None else f"none in {src}")
+    return False
+
+
 def copy_tokenizer(src: str | os.PathLike | None, dst: str) -> list[str]:
     """Copy the tokenizer files that exist in `src` into `dst`; returns their names."""
     if src is None:
@@ -159,12 +195,9 @@ def copy_tokenizer(src: str | os.PathLike | None, dst: str) -> list[str]:
     src = os.fspath(src)
     if not os.path.isdir(src):
         raise FileNotFoundError(f"{src}: tokenizer folder not found")
-    copied = []
-    for name in TOKENIZER_FILES:
-        path = os.path.join(src, name)
-        if os.path.isfile(path):
-            shutil.copyfile(path, os.path.join(dst, name))
-            copied.append(name)
+    copied = tokenizer_files(src)
+    for name in copied:
+        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
     return copied
 
 
@@ -216,58 +249,6 @@ def write_safetensors(folder: str, tensors: Iterator[tuple[str, np.ndarray]],
     return names
 
 
-# ------------------------------------------------------- sentence-transformers
-def query_prompt(instruction: str) -> str:
-    """QZhou's query prefix: "Instruct: {instruction}\\nQuery: " (the text follows it)."""
-    return PROMPT_TEMPLATE.format(instruction=instruction, text="")
-
-
-def write_sentence_transformers(folder: str, cfg: ModelConfig, max_seq_length: int,
-                                query_instruction: str | None = None) -> None:
-    """modules.json, sentence_bert_config.json, 1_Pooling/, config_sentence_transformers.json.
-
-    Uses the module type names every sentence-transformers release since v2 understands
-    (v6 maps `sentence_transformers.models.*` onto its new module paths).
-    """
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]
-    if cfg.normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-        os.makedirs(os.path.join(folder, "2_Normalize"), exist_ok=True)
-    write_json(os.path.join(folder, "modules.json"), modules)
-    write_json(os.path.join(folder, "sentence_bert_config.json"),
-               {"max_seq_length": int(max_seq_length), "do_lower_case": False})
-    os.makedirs(os.path.join(folder, "1_Pooling"), exist_ok=True)
-    write_json(os.path.join(folder, "1_Pooling", "config.json"), {
-        "word_embedding_dimension": cfg.hidden_size,
-        "pooling_mode_cls_token": False,
-        "pooling_mode_mean_tokens": cfg.pooling == "mean",
-        "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False,
-        "pooling_mode_weightedmean_tokens": False,
-        "pooling_mode_lasttoken": cfg.pooling == "last",
-        "include_prompt": True,
-    })
-    versions = {"sentence_transformers": "5.1.0"}
-    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-        versions["transformers"] = importlib.metadata.version("transformers")
-    st_config = {
-        "model_type": "SentenceTransformer",
-        "__version__": versions,
-        "prompts": {"query": query_prompt(query_instruction or DEFAULT_QUERY_INSTRUCTION), "document": ""},
-        "default_prompt_name": None,
-        "similarity_fn_name": "cosine",
-    }
-    if cfg.embedding_dim is not None:
-        # Matryoshka: sentence-transformers >= 6 truncates to this (releases before it ignore
-        # the key: pass truncate_dim= when loading). It truncates after its Normalize module,
-        # so its vectors have norms <= 1: the cosine similarities equal ours.
-        st_config["truncate_dim"] = int(cfg.embedding_dim)
-    write_json(os.path.join(folder, "config_sentence_transformers.json"), st_config)
-
-
 # -------------------------------------------------------------------- folders
 def _leaf_dtype(params: Mapping[str, Any]) -> str:
     return str(np.dtype(params["embed_tokens"].dtype))
@@ -275,33 +256,30 @@ def _leaf_dtype(params: Mapping[str, Any]) -> str:
 
 def write_hf_folder(folder: str, params: Mapping[str, Any], cfg: ModelConfig, dtype: str,
                     tokenizer_dir: str | os.PathLike | None = None,
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, max_seq_length: int | None = None,
-                    query_instruction: str | None = None) -> list[str]:
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                    settings: st_folder.Settings | None = None) -> list[str]:
     """Write everything of an HF/sentence-transformers folder into an existing `folder`."""
     dtype = str(jnp.dtype(dtype))
     layout = hf_layout(cfg, dtype)
     files = write_safetensors(folder, iter_hf_tensors(params, cfg, dtype), layout, max_shard_bytes)
     write_json(os.path.join(folder, "config.json"), cfg.to_hf(dtype))
-    copied = copy_tokenizer(tokenizer_dir, folder)
-    if not copied:
-        log.warning("%s: no tokenizer files written (no tokenizer folder given or found); "
-                    "sentence-transformers and `encode` need them", folder)
-    seq = min(max_seq_length or DEFAULT_MAX_SEQ_LENGTH, cfg.max_position_embeddings)
-    write_sentence_transformers(folder, cfg, seq, query_instruction)
+    copy_tokenizer(tokenizer_dir, folder)
+    st_folder.write(folder, cfg, settings)
     return files
 
 
 def save_hf(params: Mapping[str, Any], cfg: ModelConfig, out: str | os.PathLike, dtype: str | None = None,
             tokenizer_dir: str | os.PathLike | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-            max_seq_length: int | None = None, query_instruction: str | None = None,
-            overwrite: bool = False) -> str:
+            settings: st_folder.Settings | None = None, overwrite: bool = False) -> str:
     """Write `params` (nested dict, any sharding) as a HF + sentence-transformers folder.
 
-    dtype: tensor dtype on disk (default: the parameters' own dtype). Tensors are gathered
-    one layer at a time. Returns the absolute output path.
+    dtype: tensor dtype on disk (default: the parameters' own dtype). settings:
+    sentence-transformers' max_seq_length and prompts (default: `st_folder`'s defaults).
+    Tensors are gathered one layer at a time. Returns the absolute output path.
     """
     dtype = dtype or _leaf_dtype(params)
     out = os.path.abspath(os.fspath(out))
+    check_tokenizer(tokenizer_dir, out)
     with atomic_output_dir(out, overwrite) as tmp:
-        write_hf_folder(tmp, params, cfg, dtype, tokenizer_dir, max_shard_bytes, max_seq_length, query_instruction)
+        write_hf_folder(tmp, params, cfg, dtype, tokenizer_dir, max_shard_bytes, settings)
     return out

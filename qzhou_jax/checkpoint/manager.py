@@ -7,6 +7,8 @@ Layout of a run's checkpoint folder:
     <dir>/qzhou_config.json    the model config (so the folder is also a model: `init_from`,
     <dir>/tokenizer/           `qzhou-jax convert`, `load_pretrained` read it)
     <dir>/run_config.yaml      the run's full configuration
+    <dir>/sentence_transformers.json   max_seq_length and prompts of the run's HF export
+                               (`convert orbax-to-hf` writes the same)
 
 Saves are asynchronous (training continues while the arrays are written) and a step folder
 appears only once complete, so a crash during a save leaves the previous checkpoints intact.
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from qzhou_jax import st_folder
 from qzhou_jax.checkpoint.export import copy_tokenizer, write_json
 from qzhou_jax.config import ModelConfig
 
@@ -39,14 +42,18 @@ class RunCheckpoints:
         self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     # ------------------------------------------------------------- metadata
-    def write_metadata(self, cfg: ModelConfig, tokenizer_dir: str | None, run_config: Mapping | None = None) -> None:
-        """Model config, tokenizer and run config next to the steps (process 0 only)."""
+    def write_metadata(self, cfg: ModelConfig, tokenizer_dir: str | None, run_config: Mapping | None = None,
+                       settings: st_folder.Settings | None = None) -> None:
+        """Model config, tokenizer, run config and the sentence-transformers settings of the
+        run's HF export next to the steps (process 0 only)."""
         if jax.process_index() != 0:
             return
         from qzhou_jax.checkpoint.orbax_io import CONFIG_FILE, TOKENIZER_DIR, config_to_json
 
         os.makedirs(self.directory, exist_ok=True)
         write_json(os.path.join(self.directory, CONFIG_FILE), config_to_json(cfg))
+        if settings is not None:
+            st_folder.save_settings(self.directory, settings)
         if tokenizer_dir and not os.path.isdir(os.path.join(self.directory, TOKENIZER_DIR)):
             tmp = os.path.join(self.directory, f".{TOKENIZER_DIR}.tmp{os.getpid()}")
             os.makedirs(tmp, exist_ok=True)

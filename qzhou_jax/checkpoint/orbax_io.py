@@ -7,6 +7,8 @@ Layout of a folder written here (`save_orbax_params`, `convert hf-to-orbax`):
     <out>/qzhou_config.json    ModelConfig fields (param_dtype = the stored dtype)
     <out>/config.json          the same as a HuggingFace config.json
     <out>/tokenizer/           tokenizer files, when a tokenizer was given
+    <out>/sentence_transformers.json   max_seq_length and prompts of the HF folder it came
+                               from (`st_folder`), when it had them
     <out>/QZHOU_CHECKPOINT     JSON marker, written last: format, dtypes, where things are
 
 The folder is assembled under a temporary name and renamed when complete, so a folder
@@ -37,8 +39,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from qzhou_jax import sharding
-from qzhou_jax.checkpoint.export import atomic_output_dir, copy_tokenizer, release_host_memory, write_json
+from qzhou_jax import sharding, st_folder
+from qzhou_jax.checkpoint.export import (atomic_output_dir, check_tokenizer, copy_tokenizer, release_host_memory,
+                                         write_json)
 from qzhou_jax.config import ModelConfig, read_json
 from qzhou_jax.model.qwen2 import ParamSpec, param_specs
 
@@ -125,11 +128,14 @@ def write_params(directory: str, leaves: Iterable[tuple[str, jax.Array]]) -> str
 
 def write_orbax_folder(folder: str, cfg: ModelConfig, leaves: Iterable[tuple[str, jax.Array]],
                        tokenizer_dir: str | os.PathLike | None = None, source: str | None = None,
-                       source_dtype: str | None = None) -> dict:
-    """Fill an (empty, temporary) folder with params, configs, tokenizer; marker last."""
+                       source_dtype: str | None = None, settings: st_folder.Settings | None = None) -> dict:
+    """Fill an (empty, temporary) folder with params, configs, tokenizer, sentence-transformers
+    settings; marker last."""
     pytree = write_params(os.path.join(folder, PARAMS_DIR), leaves)
     write_json(os.path.join(folder, CONFIG_FILE), config_to_json(cfg))
     write_json(os.path.join(folder, "config.json"), cfg.to_hf(cfg.param_dtype))
+    if settings is not None and settings != st_folder.Settings():
+        st_folder.save_settings(folder, settings)
     tok = None
     if tokenizer_dir is not None:
         os.makedirs(os.path.join(folder, TOKENIZER_DIR))
@@ -137,8 +143,6 @@ def write_orbax_folder(folder: str, cfg: ModelConfig, leaves: Iterable[tuple[str
             tok = TOKENIZER_DIR
         else:
             os.rmdir(os.path.join(folder, TOKENIZER_DIR))
-    if tok is None:
-        log.warning("%s: no tokenizer files stored with the checkpoint", folder)
     info = {
         "format": FORMAT, "version": FORMAT_VERSION,
         "params": os.path.relpath(pytree, folder).replace(os.sep, "/"),
@@ -165,18 +169,20 @@ def _check_params(params: Mapping[str, Any], cfg: ModelConfig) -> list[tuple[str
 
 def save_orbax_params(params: Mapping[str, Any], cfg: ModelConfig, out: str | os.PathLike,
                       tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False,
-                      source_dtype: str | None = None) -> str:
+                      source_dtype: str | None = None, settings: st_folder.Settings | None = None) -> str:
     """Write a params dict (any sharding) as an Orbax params folder; returns its path.
 
-    cfg.param_dtype is recorded as the parameters' dtype (set it to match them).
+    cfg.param_dtype is recorded as the parameters' dtype (set it to match them); settings:
+    the sentence-transformers max_seq_length and prompts a later HF export writes.
     """
     leaves = _check_params(params, cfg)
     dtype = str(np.dtype(leaves[0][1].dtype))
     if dtype != cfg.param_dtype:
         cfg = cfg.replace(param_dtype=dtype)
     out = os.path.abspath(os.fspath(out))
-    with atomic_output_dir(out, overwrite) as tmp:
-        write_orbax_folder(tmp, cfg, iter(leaves), tokenizer_dir, source_dtype=source_dtype)
+    check_tokenizer(tokenizer_dir, out)
+    with atomic_output_dir(out, overwrite, inputs=[tokenizer_dir]) as tmp:
+        write_orbax_folder(tmp, cfg, iter(leaves), tokenizer_dir, source_dtype=source_dtype, settings=settings)
     return out
 
 
@@ -194,12 +200,21 @@ def _handler():
     return ocp.PyTreeCheckpointHandler()
 
 
+def _damaged(pytree_dir: str, what: str, e: BaseException) -> ValueError:
+    """A short error for a checkpoint TensorStore cannot read (its messages carry the whole
+    store spec)."""
+    text = str(e).split(" [tensorstore_spec=")[0].strip() or type(e).__name__
+    return ValueError(f"{pytree_dir}: cannot read {what} (damaged or incomplete checkpoint?): {text[:400]}")
+
+
 def _tree_metadata(pytree_dir: str) -> Any:
     from etils import epath
 
     handler = _handler()
     try:
         meta = handler.metadata(epath.Path(pytree_dir))
+    except (ValueError, OSError, RuntimeError) as e:  # TensorStore reports damaged files as these
+        raise _damaged(pytree_dir, "the parameters' metadata", e) from e
     finally:
         handler.close()
     meta = getattr(meta, "item_metadata", meta)
@@ -228,6 +243,7 @@ class ParamsCheckpoint:
     tokenizer_dir: str | None
     info: dict
     tree: Any  # orbax metadata tree
+    settings: st_folder.Settings | None = None  # sentence-transformers settings kept beside it
 
     def keys(self, path: str) -> tuple[str, ...]:
         """Full key path of parameter `path` ("layers/q_kernel") in the saved tree."""
@@ -293,6 +309,8 @@ class ParamsCheckpoint:
         try:
             restored = handler.restore(epath.Path(self.pytree_dir), args=ocp.args.PyTreeRestore(
                 item=item, restore_args=args, partial_restore=True))
+        except (ValueError, OSError, RuntimeError) as e:
+            raise _damaged(self.pytree_dir, ", ".join(wanted), e) from e
         finally:
             handler.close()
         out = {}
@@ -447,8 +465,9 @@ def open_params_checkpoint(path: str | os.PathLike, config: ModelConfig | str | 
             if os.path.isfile(os.path.join(folder, TOKENIZER_DIR, "tokenizer_config.json")):
                 tokenizer_dir = os.path.join(folder, TOKENIZER_DIR)
                 break
+    settings = next((found for found in map(st_folder.load_settings, search) if found is not None), None)
     ckpt = ParamsCheckpoint(pytree_dir, root, cfg, None if tokenizer_dir is None else os.fspath(tokenizer_dir),
-                            info, tree)
+                            info, tree, settings)
     ckpt.check()
     return ckpt
 

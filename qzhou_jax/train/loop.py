@@ -297,7 +297,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
                              "--resume to continue that run, or choose another out_dir")
         trainer = Trainer(model_cfg, cfg.train, _initial_params(cfg, mesh), loss_cfg=cfg.loss, mesh=mesh,
                           donate_params=True)
-    ckpts.write_metadata(model_cfg, tok_dir, cfg.to_dict())
+    ckpts.write_metadata(model_cfg, tok_dir, cfg.to_dict(), export_settings(cfg))
 
     logger = MetricsLog(out_dir, cfg.log.tensorboard, enabled=main, resume_step=start_step if resume else None)
     result = RunResult("completed", start_step, [], {}, out_dir, ckpts.directory)
@@ -461,7 +461,16 @@ def _export(cfg: RunConfig, trainer: Trainer, tok_dir: str) -> str | None:
     if jax.process_count() > 1:
         log.warning("multi-process run: export the result with `qzhou-jax convert` from %s", cfg.checkpoint_dir)
         return None
-    instruction = next((d.instruction for d in cfg.data.datasets if d.task == "retrieval" and d.instruction), None)
-    length = max(cfg.data.resolved(d)["passage_max_length"] for d in cfg.data.datasets)
     return save_hf(trainer.params, cfg.model_config, out, dtype=cfg.model_config.param_dtype, tokenizer_dir=tok_dir,
-                   max_seq_length=length, query_instruction=instruction, overwrite=True)
+                   settings=export_settings(cfg), overwrite=True)
+
+
+def export_settings(cfg: RunConfig):
+    """The sentence-transformers settings of the run's model: the longest text it trained on
+    as max_seq_length, the first retrieval dataset's instruction in the "query" prompt."""
+    from qzhou_jax.st_folder import Settings
+
+    instruction = next((d.instruction for d in cfg.data.datasets if d.task == "retrieval" and d.instruction), None)
+    length = max(max(cfg.data.resolved(d)["query_max_length"], cfg.data.resolved(d)["passage_max_length"])
+                 for d in cfg.data.datasets)
+    return Settings(max_seq_length=length).with_query_instruction(instruction)
