@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # bad input, a missing file, a folder that cannot be written
         print(f"qzhou-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # training stopped on a non-finite loss (train.skip_nonfinite)
+        print(f"qzhou-jax {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

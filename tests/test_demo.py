@@ -42,6 +42,35 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert (other / "keep.txt").read_text() == "x"
 
 
+def test_an_interrupted_demo_exits_75_and_resumes(tmp_path, capsys, monkeypatch):
+    import signal
+
+    import qzhou_jax.train.loop as loop
+
+    real = loop.train
+
+    def interrupted(cfg, resume=False, **kw):
+        def hook(step, metrics):
+            if step == 1:  # after the second step
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(cfg, resume=resume, hooks=[hook])
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--steps", "8", "--set", "log.progress=false", "--set", "log.every=1",
+            "--set", "eval.tasks=null", "--set", "export_hf=false"]
+    assert cli_main(argv) == 75
+    captured = capsys.readouterr()
+    assert "held-out task" not in captured.out and "demo --resume" in captured.err
+    (saved,) = [int(d) for d in os.listdir(out / "checkpoints") if d.isdigit()]
+    assert saved < 8
+    monkeypatch.setattr(loop, "train", real)
+    assert cli_main(argv + ["--resume"]) == 0
+    assert os.path.isdir(out / "checkpoints" / "8")
+    with open(out / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f if "train/loss" in line] == list(range(1, 9))
+
+
 @pytest.mark.parametrize("name", ["stage1", "stage2"])
 @pytest.mark.parametrize("size", ["0.5b", "1.5b", "7b"])
 def test_stage_presets_load_with_the_paper_hyperparameters(name, size, monkeypatch):

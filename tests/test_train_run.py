@@ -149,7 +149,7 @@ def test_a_non_finite_step_is_caught_before_a_checkpoint_records_it(tmp_path, mo
     monkeypatch.setattr(Trainer, "step_fn", nan_at_step_4)
     data = run_dict(tmp_path, steps=8)
     data.update(checkpoint={"every": 5, "keep": 2}, log=dict(data["log"], every=3))
-    with pytest.raises(FloatingPointError, match="step 4"):
+    with pytest.raises(FloatingPointError, match="step 5"):  # the fifth step, as metrics and checkpoints count
         train(load_run_config(data=data))
     assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
 
@@ -187,8 +187,9 @@ def test_skip_nonfinite_skips_isolated_steps_and_stops_on_a_run_of_them(tmp_path
     with caplog.at_level("WARNING", logger="qzhou_jax.train.loop"):
         result = train(load_run_config(data=data))
     assert result.status == "completed" and result.step == 8
-    assert "step 3 (" in caplog.text and "update skipped (1 in a row" in caplog.text
+    assert "step 4 (" in caplog.text and "update skipped (1 in a row" in caplog.text
     rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert rows[1]["step"] == 4 and rows[1]["train/skipped_steps"] == 1  # the row of steps 3-4 names the skip
     assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
     assert rows[-1]["train/skipped_steps"] == 1
     data["train"]["total_steps"] = 10
@@ -198,10 +199,43 @@ def test_skip_nonfinite_skips_isolated_steps_and_stops_on_a_run_of_them(tmp_path
     _nonfinite_at(monkeypatch, {3, 4})
     data = run_dict(tmp_path / "b", steps=8)
     data["train"] = dict(data.get("train", {}), skip_nonfinite=1)
-    with pytest.raises(FloatingPointError, match="step 4"):
+    with pytest.raises(FloatingPointError, match="step 5"):
         train(load_run_config(data=data))
     with pytest.raises(ConfigError, match="train.skip_nonfinite: expected a non-negative integer"):
         load_run_config(data=dict(data, train=dict(data["train"], skip_nonfinite=-1)))
+
+
+def test_a_refused_resume_rewrites_nothing(tmp_path):
+    """A resume refused after the restore (a plan shorter than the steps done, a changed
+    optimizer) leaves the run's config record and metrics as they were, and names the key."""
+    data = run_dict(tmp_path, steps=4)
+    assert train(load_run_config(data=data)).status == "completed"
+    ckpt = tmp_path / "checkpoints"
+    record = (ckpt / "run_config.yaml").read_text()
+    log = (tmp_path / "metrics.jsonl").read_text()
+    short = dict(data, train=dict(data["train"], total_steps=3, warmup_steps=1))
+    with pytest.raises(ValueError, match=r"train.total_steps: 3, but checkpoint .*/4 is at step 4"):
+        train(load_run_config(data=short), resume=True)
+    unclipped = dict(data, train=dict(data["train"], clip_norm=0))
+    with pytest.raises(ValueError, match=r"differs from the one that wrote the checkpoints.* in train.clip_norm: "
+                                         r"1.0 -> 0") as e:
+        train(load_run_config(data=unclipped), resume=True)
+    assert "damaged" not in str(e.value)
+    assert (ckpt / "run_config.yaml").read_text() == record and not (ckpt / "run_config.previous.yaml").exists()
+    assert (tmp_path / "metrics.jsonl").read_text() == log
+    assert sorted(d for d in os.listdir(ckpt) if d[0].isdigit()) == ["4"]  # nothing renamed "unreadable"
+
+
+def test_resume_without_a_checkpoint_keeps_an_earlier_log(tmp_path):
+    """--resume with no checkpoint is a fresh start (what a requeued job's first start does):
+    an earlier metrics.jsonl in out_dir is kept aside, as without --resume, not truncated."""
+    tmp_path.mkdir(exist_ok=True)
+    old = "".join(json.dumps({"step": s, "train/loss": 1.0}) + "\n" for s in range(1, 41))
+    (tmp_path / "metrics.jsonl").write_text(old)
+    assert train(load_run_config(data=run_dict(tmp_path, steps=2)), resume=True).status == "completed"
+    kept = [n for n in os.listdir(tmp_path) if n.startswith("metrics.jsonl.")]
+    assert len(kept) == 1 and (tmp_path / kept[0]).read_text() == old
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
 def test_resume_on_another_mesh_and_worker_count(tmp_path, uninterrupted, caplog):
@@ -616,6 +650,20 @@ def test_train_command_and_stage2_init_from(tmp_path):
     # stage 2 starts from stage 1's parameters, whether given as its checkpoints or its export
     np.testing.assert_allclose(firsts["ckpt"], firsts["hf"], rtol=1e-5)
     assert abs(firsts["ckpt"] - firsts["random"]) > 1e-4
+    # a stage 1 trained with a GPU kernel (its checkpoints' config says so): stage 2 on this
+    # CPU, with no attention_impl of its own, runs XLA attention
+    saved = json.loads((tmp_path / "s1" / "checkpoints" / "qzhou_config.json").read_text())
+    (tmp_path / "s1" / "checkpoints" / "qzhou_config.json").write_text(json.dumps(dict(saved,
+                                                                                    attention_impl="cudnn")))
+    stage2 = dict(run_dict(tmp_path / "s2-gpu", steps=2), init_from=str(tmp_path / "s1" / "checkpoints"),
+                  model={"compute_dtype": "float32"})
+    assert load_run_config(data=stage2).model_config.attention_impl == "cudnn"
+    res = train(load_run_config(data=stage2), stop_after=1)
+    np.testing.assert_allclose(res.history[0]["loss"], firsts["ckpt"], rtol=1e-5)
+    import yaml as _yaml
+
+    recorded = _yaml.safe_load((tmp_path / "s2-gpu" / "checkpoints" / "run_config.yaml").read_text())
+    assert recorded["model"]["attention_impl"] == "xla"
 
 
 def test_sigterm_to_the_process_group_with_loader_workers_exits_75(tmp_path):

@@ -335,6 +335,31 @@ def test_nan_loss_stops_before_the_parameters_change():
     assert int(trainer.state.step) == 0
 
 
+def test_the_logged_learning_rate_is_the_one_applied_after_a_skipped_step():
+    """A non-finite step applies no update, so the optimizer's schedule does not advance; the
+    training loop still counts the step (checkpoints match the data). The logged rate is the
+    applied one: the optimizer's count, not the step count."""
+    params, batch = _params(), _batch()
+    used = set(np.concatenate([batch["q_ids"].ravel(), batch["p_ids"].ravel()]).tolist())
+    bad_token = next(t for t in range(CFG.vocab_size) if t not in used)
+    params["embed_tokens"][bad_token] = np.nan
+    bad = dict(batch, q_ids=batch["q_ids"].copy())
+    bad["q_ids"][0, 0] = bad_token
+    train_cfg = TrainConfig(lr=1e-3, warmup_steps=4, total_steps=10)
+    trainer = Trainer(CFG, train_cfg, params)
+    step = trainer.step_fn("retrieval")
+    lrs, finite = [], []
+    for b in (batch, bad, batch):
+        trainer.state, m = step(trainer.state, trainer.prepare(b, "retrieval"))
+        lrs.append(float(m["lr"]))
+        finite.append(float(m["finite"]))
+        if not m["finite"]:
+            trainer.state = trainer.state._replace(step=trainer.state.step + 1)  # as the loop counts it
+    schedule = learning_rate_schedule(train_cfg)
+    assert finite == [1, 0, 1] and int(trainer.state.step) == 3
+    np.testing.assert_allclose(lrs, [float(schedule(0)), float(schedule(1)), float(schedule(1))], rtol=1e-6)
+
+
 # ---------------------------------------------------------- optimizer, dtype
 def test_schedules_and_weight_decay_mask():
     cos = learning_rate_schedule(TrainConfig(lr=1.0, warmup_steps=4, total_steps=14, schedule="cosine"))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -105,7 +105,8 @@ class RunCheckpoints:
         state = type(target)(**restored["state"])
         return state, dict(restored["data"]), step
 
-    def restore_newest_readable(self, target: Any) -> tuple[Any, dict, int]:
+    def restore_newest_readable(self, target: Any, run_config: Mapping | None = None,
+                                policy_fields: Collection[str] = ()) -> tuple[Any, dict, int]:
         """``restore`` of the newest checkpoint that reads.
 
         A step folder damaged after it was committed (a non-atomic rename on a gcsfuse/NFS mount, a
@@ -114,7 +115,9 @@ class RunCheckpoints:
         inspection, out of Orbax's way) and a warning names each. When no step reads, nothing is
         renamed and the newest step's error is raised (a changed model config fails every step alike).
         Several processes do not fall back (they would have to agree on the step): the error names the
-        folder to move aside."""
+        folder to move aside. With `run_config` (the current run's), the error names the settings
+        that shape the train state (the model's, less its `policy_fields`, and whether gradients are
+        clipped) and differ from the `run_config.yaml` the checkpoints were written with."""
         steps = sorted(self.all_steps(), reverse=True)
         if not steps:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to resume from")
@@ -127,9 +130,14 @@ class RunCheckpoints:
             if restored is None:
                 if jax.process_count() > 1 or step == steps[-1]:
                     path = os.path.join(self.directory, str(steps[0]))
+                    first = failed[0][1] if failed else reason
+                    changed = self._state_changes(run_config, policy_fields)
+                    if changed:
+                        raise ValueError(f"{path}: checkpoint {steps[0]} could not be restored: {first}; the run "
+                                         "config differs from the one that wrote the checkpoints (run_config.yaml) "
+                                         f"in {'; '.join(changed)}: restore those settings to resume")
                     hint = (f"; if its files are damaged, move it aside (mv {path} {path}.unreadable) on the "
                             "shared storage and resume from the previous step" if len(steps) > 1 else "")
-                    first = failed[0][1] if failed else reason
                     raise ValueError(f"{path}: checkpoint {steps[0]} could not be restored: {first} (does the "
                                      f"model and optimizer config match the checkpoint's?){hint}")
                 failed.append((step, reason))
@@ -149,6 +157,33 @@ class RunCheckpoints:
                 self._reopen()  # the manager's list of steps
             return restored
         raise AssertionError("unreachable")
+
+    def _state_changes(self, run_config: Mapping | None, policy_fields: Collection[str]) -> list[str]:
+        """The settings shaping the train state that differ between `run_config` and the
+        run_config.yaml next to the checkpoints."""
+        path = os.path.join(self.directory, "run_config.yaml")
+        if run_config is None or not os.path.isfile(path):
+            return []
+        import yaml
+
+        try:
+            with open(path, encoding="utf-8") as f:
+                before = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError):
+            return []
+
+        now = dict(run_config)
+
+        def model(cfg: Mapping) -> dict:
+            return {k: v for k, v in (cfg.get("model") or {}).items() if k not in policy_fields}
+
+        def clip(cfg: Mapping) -> Any:
+            return (cfg.get("train") or {}).get("clip_norm")
+
+        changed = _changes({"model": model(before)}, {"model": model(now)})
+        if bool(clip(before) and clip(before) > 0) != bool(clip(now) and clip(now) > 0):  # the optimizer chain
+            changed.append(f"train.clip_norm: {clip(before)!r} -> {clip(now)!r}")
+        return changed
 
     def _try_restore(self, target: Any, step: int) -> tuple[Any, str]:
         """(restore(...), "") or (None, the error's first line). Orbax and TensorStore raise many types;

@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 
+from qzhou_jax.cli_args import positive_int
 from qzhou_jax.tokenizer import ASSETS
 
 DEMO_CONFIG = os.path.join(ASSETS, "demo", "demo.yaml")
@@ -63,14 +64,17 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                                    "after, saves the checkpoint and exports it as a HF folder.")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo; a previous demo "
                                                       "output there is replaced)")
-    d.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
+    d.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the config's)")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    d.add_argument("--resume", action="store_true",
+                   help="continue an interrupted demo in its output folder instead of starting over (exit code "
+                        "75: preempted)")
     d.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from qzhou_jax.train.config import load_run_config
-    from qzhou_jax.train.loop import main_scores, train
+    from qzhou_jax.train.loop import PREEMPTED_EXIT_CODE, main_scores, train
 
     out = os.path.abspath(args.out)
     overrides = [f"out_dir={out}"] + (args.set or [])
@@ -78,16 +82,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
         warmup = load_run_config(DEMO_CONFIG).train.warmup_steps
         overrides += [f"train.total_steps={args.steps}", f"train.warmup_steps={min(warmup, args.steps)}"]
     cfg = load_run_config(DEMO_CONFIG, overrides)
-    if os.path.exists(out):
-        if not os.path.isfile(os.path.join(out, DEMO_MARKER)):
-            raise ValueError(f"{out}: exists and is not a demo output; choose another --out")
+    out = cfg.output_dir  # --set out_dir=... names it too
+    if os.path.exists(out) and not os.path.isfile(os.path.join(out, DEMO_MARKER)):
+        raise ValueError(f"{out}: exists and is not a demo output; choose another --out")
+    if not args.resume and os.path.exists(out):
         shutil.rmtree(out)
-    os.makedirs(out)
+    os.makedirs(out, exist_ok=True)
     open(os.path.join(out, DEMO_MARKER), "w").close()
     logging.getLogger("qzhou_jax").setLevel(logging.INFO)
     print(f"training the tiny model ({cfg.model_config.num_params():,} parameters) for {cfg.train.total_steps} "
           f"steps on the bundled sample; output in {out}", file=sys.stderr)
-    result = train(cfg)
+    result = train(cfg, resume=args.resume)
+    if result.status == "preempted":
+        _report(result, sys.stdout)
+        print("the demo was interrupted; `qzhou-jax demo --resume` (with the same options) continues it",
+              file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     before, after = main_scores(result.evals.get("before", {})), main_scores(result.evals.get("after", {}))
     final = result.evals.get("after", {})
     print(f"\n{'held-out task':24s} {'metric':16s} {'before':>8s} {'after':>8s}")

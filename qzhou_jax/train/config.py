@@ -337,8 +337,8 @@ def model_config(section: dict[str, Any], init_from: str | None) -> ModelConfig:
 
 
 def resolve_init_from(path: str) -> str:
-    """The folder holding the model config of `init_from` (a run folder, its checkpoints/
-    folder, an Orbax or a HF folder)."""
+    """The folder holding the model config of `init_from` (a run's checkpoints/ folder or one
+    step folder of it, an Orbax or a HF folder)."""
     folder = expand_path(path)
     if not os.path.isdir(folder):
         raise ConfigError(f"init_from: {folder}: folder not found")

@@ -47,7 +47,7 @@ from qzhou_jax import sharding
 from qzhou_jax.checkpoint.manager import RunCheckpoints, abstract_train_state
 from qzhou_jax.topology import peak_flops
 from qzhou_jax.tokenizer import DEMO_TOKENIZER, Tokenizer
-from qzhou_jax.train.config import RunConfig, resolve_init_from
+from qzhou_jax.train.config import POLICY_FIELDS, RunConfig, resolve_init_from
 from qzhou_jax.train.metrics import MetricsLog, step_flops
 from qzhou_jax.train.optim import make_optimizer
 from qzhou_jax.train.step import Trainer, check_batch, check_finite, train_state_shardings
@@ -195,7 +195,7 @@ def _initial_params(cfg: RunConfig, mesh: Any) -> Any:
     model_cfg = cfg.model_config
     if cfg.init_from:
         from qzhou_jax.checkpoint import load_pretrained
-        from qzhou_jax.train.config import POLICY_FIELDS, expand_path
+        from qzhou_jax.train.config import expand_path
 
         policy = {k: getattr(model_cfg, k) for k in POLICY_FIELDS}
         loaded = load_pretrained(expand_path(cfg.init_from), mesh=mesh, **policy)
@@ -217,10 +217,27 @@ def train(cfg: RunConfig, resume: bool = False, *, hooks: Sequence[Callable[[int
 
         jax.config.update("jax_compilation_cache_dir", expand_path(cfg.compilation_cache_dir))
     sharding.maybe_initialize_distributed()
+    cfg = _portable_kernel(cfg)
     # SIGTERM from here on (indexing, restore, compile, evaluation) ends the run with status
     # "preempted" (exit code 75, which the launchers requeue) instead of killing it.
     with _Preemption(cfg.checkpoint.save_on_preemption) as preempt:
         return _run(cfg, resume, hooks, stop_after, preempt, t_start)
+
+
+def _portable_kernel(cfg: RunConfig) -> RunConfig:
+    """A run whose model config comes from `init_from` inherits the attention kernel of the
+    machine that trained it (cuDNN on GPU, splash on TPU); on another platform, and unless the
+    run's own `model` section names a kernel, it runs XLA attention (the same function)."""
+    from qzhou_jax.checkpoint import _KERNEL_PLATFORM
+
+    section = dict(cfg.model or {})
+    want = _KERNEL_PLATFORM.get(cfg.model_config.attention_impl)
+    if not cfg.init_from or "attention_impl" in section or want is None or sharding.platform() == want:
+        return cfg
+    log.warning("init_from %s was trained with attention_impl %r (a %s kernel); on %s this run uses 'xla' "
+                "attention (set model.attention_impl to choose)", cfg.init_from, cfg.model_config.attention_impl,
+                want.upper(), sharding.platform())
+    return dataclasses.replace(cfg, model={**section, "attention_impl": "xla"})
 
 
 def _check_writable(path: str, what: str) -> None:
@@ -275,20 +292,29 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
             raise ValueError(f"data.datasets ({ds.name}): {e}") from None
 
     dp = sharding.data_parallel_size(mesh)
+    for i, (spec, ds) in enumerate(zip(data.specs, cfg.data.datasets)):
+        if 0 < spec.batch_size <= cfg.train.chunk_size:
+            log.warning("train.chunk_size %d is not below data.datasets[%d] (%s)'s batch of %d: its steps embed the "
+                        "whole batch at once, without GradCache", cfg.train.chunk_size, i, ds.name, spec.batch_size)
     if cfg.train.chunk_size and cfg.train.chunk_size % dp:
         log.warning("train.chunk_size %d is not a multiple of the %d data-parallel devices: every device computes "
                     "whole chunks redundantly; use a multiple of %d", cfg.train.chunk_size, dp, dp)
 
     ckpts = RunCheckpoints(cfg.checkpoint_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     start_step = 0
-    if resume and ckpts.latest_step() is not None:
+    restored = resume and ckpts.latest_step() is not None
+    if restored:
         tx = make_optimizer(cfg.train)
         target = abstract_train_state(model_cfg, tx, train_state_shardings(model_cfg, tx, mesh))
-        state, data_state, saved = ckpts.restore_newest_readable(target)
+        state, data_state, saved = ckpts.restore_newest_readable(target, cfg.to_dict(), POLICY_FIELDS)
         start_step = data.check_state(data_state)
         if int(state.step) != start_step:
             raise ValueError(f"{ckpts.directory}/{saved}: train state at step {int(state.step)} but data at "
                              f"{start_step}")
+        if start_step > len(data):  # refused before anything of the run is rewritten
+            raise ValueError(f"train.total_steps: {len(data)}, but checkpoint {ckpts.directory}/{saved} is at step "
+                             f"{start_step}; a resumed run can keep or extend its plan, not shorten it below the "
+                             "steps done")
         trainer = Trainer(model_cfg, cfg.train, None, loss_cfg=cfg.loss, mesh=mesh, state=state)
         log.info("resumed from %s at step %d", ckpts.directory, start_step)
     else:
@@ -299,7 +325,8 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
                           donate_params=True)
     ckpts.write_metadata(model_cfg, tok_dir, cfg.to_dict(), export_settings(cfg))
 
-    logger = MetricsLog(out_dir, cfg.log.tensorboard, enabled=main, resume_step=start_step if resume else None)
+    # a resume without a checkpoint is a fresh start: an earlier log is kept aside, not truncated
+    logger = MetricsLog(out_dir, cfg.log.tensorboard, enabled=main, resume_step=start_step if restored else None)
     result = RunResult("completed", start_step, [], {}, out_dir, ckpts.directory)
     if main:
         for row in data.describe():
@@ -319,7 +346,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
                         dynamic_ncols=True)
     pending: list[tuple[int, str, str, Any]] = []  # (step, task, dataset, metrics on device)
     window = {"t": time.perf_counter(), "flops": 0.0, "tokens": 0, "local": 0, "text": 0}
-    last_saved = start_step if resume else None
+    last_saved = start_step if restored else None
     skips = {"in_a_row": 0, "total": 0}
 
     def flush() -> None:
@@ -337,10 +364,10 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
                 skips["in_a_row"] += 1
                 skipped += 1
                 log.warning("step %d (%s): non-finite loss %s, gradient norm %s: update skipped (%d in a row, "
-                            "train.skip_nonfinite %d)", s, name, m["loss"], m["grad_norm"], skips["in_a_row"],
+                            "train.skip_nonfinite %d)", s + 1, name, m["loss"], m["grad_norm"], skips["in_a_row"],
                             cfg.train.skip_nonfinite)
             else:
-                check_finite(m, s)
+                check_finite(m, s + 1)  # steps are counted from 1, as in the metrics and checkpoints
             m.update(step=s, task=task, dataset=name)
             result.history.append(m)
             for hook in hooks:

@@ -327,9 +327,18 @@ def train_step(state: TrainState, batch: Mapping[str, Any], *, cfg: ModelConfig,
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
     metrics.update(loss=loss.astype(jnp.float32), grad_norm=grad_norm.astype(jnp.float32),
                    finite=finite.astype(jnp.float32), step=state.step.astype(jnp.float32))
-    if schedule is not None:
-        metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+    if schedule is not None:  # the rate this step's update applies (skipped steps do not advance it)
+        metrics["lr"] = jnp.asarray(schedule(_update_count(state.opt_state, state.step)), jnp.float32)
     return new_state, metrics
+
+
+def _update_count(opt_state: Any, default: jax.Array) -> jax.Array:
+    """The optimizer's count of applied updates, which its learning-rate schedule reads."""
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    for leaf in jax.tree_util.tree_leaves(opt_state, is_leaf=is_schedule):
+        if is_schedule(leaf):
+            return leaf.count
+    return default
 
 
 # ----------------------------------------------------------------- shardings
