@@ -158,8 +158,8 @@ class ModelConfig:
         `is_causal: false` selects bidirectional attention, `true` causal; when the field is
         absent (plain Qwen2.5 LM checkpoints) the embedding default, bidirectional, applies.
         `rope_theta` is read top-level or from transformers-5 `rope_parameters`. Pooling,
-        normalization and Matryoshka truncation come from the `qzhou_jax` key this package
-        writes, or else from the folder's sentence-transformers files (`st_folder.model_fields`).
+        normalization, Matryoshka truncation and the compute dtype come from the `qzhou_jax`
+        key this package writes, or else from the folder's sentence-transformers files (`st_folder.model_fields`).
         """
         where = "config"
         if isinstance(source, dict):
@@ -222,7 +222,7 @@ class ModelConfig:
                 if "pooling" not in overrides:  # pooling this package cannot compute, and none asked for
                     raise
                 qz = {}
-        for key in ("pooling", "normalize", "embedding_dim"):
+        for key in ("pooling", "normalize", "embedding_dim", "compute_dtype"):
             if key in (qz or {}):
                 fields[key] = qz[key]
         fields.update(overrides)
@@ -254,8 +254,10 @@ class ModelConfig:
             "use_sliding_window": False,
             "is_causal": self.attention == "causal",
             "dtype": torch_dtype,
+            # the embedding choices, and the dtype the model was trained to compute in (so that
+            # its HF export and its checkpoints embed alike)
             "qzhou_jax": {"pooling": self.pooling, "normalize": self.normalize,
-                          "embedding_dim": self.embedding_dim},
+                          "embedding_dim": self.embedding_dim, "compute_dtype": self.compute_dtype},
         }
 
     @classmethod
@@ -438,7 +440,9 @@ def load_yaml(path: str | os.PathLike) -> dict:
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """Apply `key.path=value` strings (values parsed as YAML: `train.lr=2e-5`,
-    `data.datasets.0.batch_size=16`, `model.remat=full`) to a copy of `data`."""
+    `data.datasets.0.batch_size=16`, `model.remat=full`, `eval.tasks=null`; mappings and lists
+    only in flow style, `{...}` / `[...]`, so `instruction=Query: find it` stays a text) to a
+    copy of `data`."""
     import copy
 
     import yaml
@@ -452,6 +456,8 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("{", "[")):
+            value = raw  # "Query: find it" is a text; a mapping or list is written {...} / [...]
         parts = key.strip().split(".")
         node: Any = data
         for i, part in enumerate(parts[:-1]):

@@ -39,6 +39,9 @@ def test_to_hf_round_trip():
     hf = cfg.to_hf()
     assert hf["architectures"] == ["Qwen2Model"] and hf["is_causal"] is False
     assert ModelConfig.from_hf(hf).replace() == cfg
+    # a model trained in float32 embeds in float32 from its HF export too, as from its checkpoints
+    cfg32 = cfg.replace(compute_dtype="float32")
+    assert ModelConfig.from_hf(cfg32.to_hf()) == cfg32
 
 
 @pytest.mark.parametrize("changes,field", [
@@ -90,6 +93,13 @@ def test_set_reaches_an_empty_yaml_section(tmp_path):
     data = {"checkpoint": None, "train": {"lr": 1e-3}}
     out = apply_overrides(data, ["checkpoint.every=7", "checkpoint.keep=5", "log.every=2", "train.lr=0.5"])
     assert out["checkpoint"] == {"every": 7, "keep": 5} and out["log"] == {"every": 2} and out["train"]["lr"] == 0.5
+    # values are YAML, but a mapping or list only in flow style: "Query: find it" is a text
+    out = apply_overrides({"data": {"datasets": [{"name": "a"}]}},
+                          ["data.datasets.0.instruction=Query: find it", "data.length_buckets=[16, 32]",
+                           "model={preset: tiny}", "eval.tasks=null", "data.datasets.0.path=- x"])
+    assert out["data"]["datasets"][0] == {"name": "a", "instruction": "Query: find it", "path": "- x"}
+    assert out["data"]["length_buckets"] == [16, 32] and out["model"] == {"preset": "tiny"}
+    assert out["eval"]["tasks"] is None
 
 
 def test_init_from_takes_execution_fields_and_refuses_architecture_ones(tmp_path):

@@ -122,6 +122,9 @@ def test_sigterm_outside_the_steps_ends_preempted_and_resumes(tmp_path, monkeypa
     second = train(no_before, resume=True, hooks=[sigterm_at(4)])
     assert second.status == "preempted" and second.step == 4 and "after" not in second.evals
     assert "4" in os.listdir(second.checkpoint_dir)
+    calls.clear()  # SIGTERM in the final evaluation's first task: no partial "after" is reported
+    cut = train(no_before, resume=True)
+    assert cut.status == "preempted" and "after" not in cut.evals and len(calls) == 1
     third = train(no_before, resume=True)
     assert third.status == "completed" and third.step == 4 and third.history == []
     assert list(first.evals["before"]) == ["demo-retrieval"]
@@ -232,9 +235,14 @@ def test_resume_without_a_checkpoint_keeps_an_earlier_log(tmp_path):
     tmp_path.mkdir(exist_ok=True)
     old = "".join(json.dumps({"step": s, "train/loss": 1.0}) + "\n" for s in range(1, 41))
     (tmp_path / "metrics.jsonl").write_text(old)
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "events.out.tfevents.old").write_text("x")
     assert train(load_run_config(data=run_dict(tmp_path, steps=2)), resume=True).status == "completed"
     kept = [n for n in os.listdir(tmp_path) if n.startswith("metrics.jsonl.")]
     assert len(kept) == 1 and (tmp_path / kept[0]).read_text() == old
+    (events,) = [n for n in os.listdir(tmp_path) if n.startswith("tensorboard.")]  # its events too
+    assert os.listdir(tmp_path / events) == ["events.out.tfevents.old"]
+    assert "events.out.tfevents.old" not in os.listdir(tmp_path / "tensorboard")
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]
 
 

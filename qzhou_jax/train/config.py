@@ -172,8 +172,9 @@ class DataConfig:
                                   f"(tasks present: {sorted(tasks)})")
         for key in ("batch_size", "pair_batch_size", "query_max_length", "passage_max_length"):
             _positive(getattr(self, key), key)
-        if self.hard_negatives < 0 or self.workers < 0 or self.prefetch < 0:
-            raise ConfigError("hard_negatives, workers and prefetch must be >= 0")
+        for key in ("hard_negatives", "workers", "prefetch"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: expected an integer >= 0, got {getattr(self, key)!r}")
 
     def resolved(self, ds: DatasetConfig) -> dict:
         """The dataset's effective batch size, group size and lengths."""

@@ -468,8 +468,10 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
         log.info("passes over each dataset after %d steps: %s", result.step, passes)
     if result.status == "completed":
         if cfg.eval.tasks and not preempt.flag:
-            result.evals["after"] = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt, eval_specs, eval_stop)
-            _log_eval(logger, result.step, result.evals["after"], preempt)
+            after = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt, eval_specs, eval_stop)
+            if not preempt.flag:  # one cut short by SIGTERM is not reported: --resume runs it again
+                result.evals["after"] = after
+            _log_eval(logger, result.step, after, preempt)
         if cfg.export_hf and not preempt.flag:
             result.hf_dir = _export(cfg, trainer, tok_dir)
         if preempt.flag:  # the last checkpoint is written: a rerun with --resume evaluates and exports

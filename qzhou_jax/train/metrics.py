@@ -25,7 +25,8 @@ class MetricsLog:
 
     Rows are labelled with the number of steps done. On resume from step k, rows after k
     (written by the interrupted attempt after its checkpoint) are dropped, so the log
-    reads as one run.
+    reads as one run. A fresh run in a folder with an earlier log renames that log and
+    its TensorBoard folder with their modification time appended.
     """
 
     def __init__(self, out_dir: str, tensorboard: bool = True, enabled: bool = True, resume_step: int | None = None):
@@ -37,14 +38,16 @@ class MetricsLog:
         os.makedirs(out_dir, exist_ok=True)
         if resume_step is not None and os.path.isfile(self.path):
             self._truncate(resume_step)
-        elif resume_step is None and os.path.isfile(self.path):  # a fresh run: keep the old log aside
-            os.replace(self.path, f"{self.path}.{int(os.path.getmtime(self.path))}")
+        tb_dir = os.path.join(out_dir, "tensorboard")
+        if resume_step is None:  # a fresh run: keep an earlier run's log and events aside
+            for old in (self.path, tb_dir):
+                if os.path.exists(old):
+                    os.replace(old, f"{old}.{int(os.path.getmtime(old))}")
         self.file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), 
-                                   purge_step=None if resume_step is None else resume_step + 1)
+            self.tb = SummaryWriter(tb_dir, purge_step=None if resume_step is None else resume_step + 1)
 
     def _truncate(self, step: int) -> None:
         keep = []
