@@ -267,8 +267,24 @@ exit "$(cat ~/qzhou-run/exit_code)"
 EOF
 }
 
-start_training() {  # start_training RESUME(0|1)
+check_training_config() {  # before a slice is created or a run started: what the workers will read
   [[ -n "$config" ]] || die "--config is required to train"
+  [[ "$config" == /* ]] && return 0  # a path on the workers (a shared mount): not checked here
+  [[ -f "$root/$config" ]] || die "--config $config: no such file under $root (the workers read it from the \
+shipped copy of this tree, relative to its root)"
+  if git -C "$root" rev-parse --is-inside-work-tree >/dev/null 2>&1 && git -C "$root" check-ignore -q -- "$config"; then
+    die "--config $config: ignored by git, so not shipped to the workers"
+  fi
+  local cli
+  cli="$(command -v qzhou-jax || true)"
+  if [[ -n "$cli" ]]; then  # every key and --set value, as the workers will check them
+    (cd "$root" && "$cli" train --config "$config" "${sets[@]}" --print-config >/dev/null) ||
+      die "--config $config ${sets[*]}: refused (above)"
+  fi
+}
+
+start_training() {  # start_training RESUME(0|1)
+  check_training_config
   local coordinator args=(train --config "$config" "${sets[@]}" "${extra[@]}")
   [[ "$1" -eq 1 ]] && args+=(--resume)
   if [[ $dry_run -eq 1 ]]; then
@@ -318,6 +334,7 @@ run_finished() {  # whether worker 0 wrote an exit status
 
 cmd_run() {
   local attempt=0 rc state want_resume=$resume
+  check_training_config
   while true; do
     cmd_up
     if [[ "$up_result" == created || $attempt -eq 0 ]]; then
@@ -336,7 +353,7 @@ cmd_run() {
       break
     done
     if [[ $rc -eq 0 ]]; then
-      say "training finished"
+      if [[ $dry_run -eq 1 ]]; then say "dry run: nothing was created or started"; else say "training finished"; fi
       return 0
     fi
     state="$(node_state)"

@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as e:  # training stopped on a non-finite loss (train.skip_nonfinite)
         print(f"qzhou-jax {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the commands leave no half-written output
+        print(f"qzhou-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -417,6 +417,20 @@ def read_json(path: str, missing: str = "file not found") -> Any:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write under a temporary name, then rename: readers never see half a file."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
     """A YAML mapping from a file; errors name the file (and line for syntax errors)."""
     import yaml

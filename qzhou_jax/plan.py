@@ -51,6 +51,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from typing import Any, Callable, Mapping
@@ -376,6 +377,7 @@ class Plan:
     warnings: list[str]
     suggestions: list[str]
     speedups: list[str] = dataclasses.field(default_factory=list)
+    param_bytes: int = 0          # the parameters' shard per device (float32 master weights)
 
     @property
     def verdict(self) -> str:
@@ -627,7 +629,7 @@ def make_plan(run, target: Target, *, mfu: float = DEFAULT_MFU, headroom: float 
         sp.fit = "no" if sp.error or gib > limit_gib else "tight" if gib > limit_gib * (1 - headroom) else "yes"
     plan = Plan(target=target, model=_model_summary(run), mesh=mesh_shape, chunk_size=chunk, limit_gib=limit_gib,
                 limit_source=limit_source, mfu=mfu, headroom=headroom, steps=plans, warnings=warnings,
-                suggestions=[])
+                suggestions=[], param_bytes=param_bytes)
     if not plan.fits:
         plan.suggestions = suggest(run, plan)
     else:
@@ -750,9 +752,12 @@ def suggest(run, plan: Plan) -> list[str]:
     elif per_pass > dp:
         smaller = [c for c in range(dp, per_pass, dp) if n % c == 0]
         if smaller:
-            c = smaller[0]
+            fitting = [c for c in smaller if _fits_with_chunk(run, plan, c)]
+            c = fitting[-1] if fitting else smaller[0]  # the largest chunk that fits: fewest passes
+            how = ("the largest that fits by the estimate" if fitting
+                   else "the smallest; even it does not fit by the estimate")
             out.append(f"--set train.chunk_size={c}  (GradCache: embed {c} queries at a time, "
-                       f"{c // dp} per data-parallel device instead of {per_pass // dp}; same gradient)")
+                       f"{c // dp} per data-parallel device instead of {per_pass // dp}, {how}; same gradient)")
     heads_split = cfg.num_key_value_heads % (2 * mesh["tensor"]) == 0
     if heads_split and plan.target.num_devices % (2 * mesh["tensor"]) == 0 and mesh["fsdp"] > 1:
         t = 2 * mesh["tensor"]
@@ -767,6 +772,35 @@ def suggest(run, plan: Plan) -> list[str]:
     if not out or per_pass <= dp:
         out.append("shorter data.passage_max_length / query_max_length, or more devices")
     return out
+
+
+def _fits_with_chunk(run, plan: Plan, chunk: int, rules: Mapping[str, Any] | None = None) -> bool:
+    """Whether every step of `plan` would fit (within the headroom) with GradCache chunk `chunk`.
+
+    A step's peak (compiled or estimated) is split into what does not depend on the chunk
+    (train state, gradients and GradCache's accumulator, gathered layer weights: the analytic
+    model's terms) and the rest, which is scaled by the analytic model's ratio of the two
+    chunks' activations, kept chunks and batch buffers: a compiled peak the model
+    underestimates (a TPU program with XLA attention) scales with the chunk all the same."""
+    from qzhou_jax.train.step import kept_chunks
+
+    cfg, mesh, keep = run.model_config, _abstract_mesh(plan.mesh), run.train.keep_chunks
+    fixed_parts = ("state", "gradients", "layers")
+    for sp in plan.steps:
+        n = sp.shape.n
+        if n % chunk:
+            return False
+        now = estimate_step_bytes(cfg, sp.shape, mesh, plan.chunk_size, sp.state_bytes, plan.param_bytes, rules,
+                                  sp.kept_chunks)
+        kept = kept_chunks(n, chunk, keep) if keep and chunk < n else 0
+        then = estimate_step_bytes(cfg, sp.shape, mesh, chunk, sp.state_bytes, plan.param_bytes, rules, kept)
+        fixed_now, fixed_then = (sum(e[k] for k in fixed_parts) for e in (now, then))
+        varying_now, varying_then = now["peak"] - fixed_now, then["peak"] - fixed_then
+        varying = max(sp.peak_bytes - fixed_now, 0)
+        peak = fixed_then + (varying * varying_then / varying_now if varying_now > 0 else varying)
+        if peak > plan.limit_gib * GIB * (1 - plan.headroom):
+            return False
+    return True
 
 
 # --------------------------------------------------------------------- CLI
@@ -797,19 +831,22 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from qzhou_jax.config import write_json
     from qzhou_jax.train.config import load_run_config
 
     target = parse_target(args.topology, devices=args.devices, memory_gib=args.memory_gib,
                           peak_tflops=args.peak_tflops)
     run = load_run_config(args.config, args.overrides)
+    if args.json and args.json != "-":  # before minutes of compiling
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder) or os.path.isdir(args.json):
+            raise ValueError(f"--json {args.json}: cannot write there ({folder} is not a folder)"
+                             if not os.path.isdir(folder) else f"--json {args.json}: is a folder")
     plan = make_plan(run, target, mfu=args.mfu, headroom=args.headroom, estimate=args.estimate,
                      progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(plan.format(), file=sys.stderr if args.json == "-" else sys.stdout)
-    if args.json:
-        text = json.dumps(plan.to_dict(), indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
+    if args.json == "-":
+        print(json.dumps(plan.to_dict(), indent=2))
+    elif args.json:
+        write_json(args.json, plan.to_dict())
     return 0 if plan.fits else 1

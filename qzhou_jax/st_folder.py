@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.metadata
-import json
 import logging
 import os
 from typing import Any, Mapping
@@ -106,12 +105,9 @@ def _read(path: str) -> Any:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    """Write under a temporary name, then rename: readers never see half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    from qzhou_jax.config import write_json
+
+    write_json(path, obj)
 
 
 # ------------------------------------------------------------------ settings file

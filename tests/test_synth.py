@@ -576,6 +576,15 @@ def test_cli_mine_and_score_filter_with_a_model(tiny_model_dir, tmp_path, capsys
     assert cli.main(["synth", "mine", "--model", str(tmp_path / "no-model"), "--input", str(src),
                      "--output", str(tmp_path / "x.jsonl"), "--ranks", "0", "5"]) == 2
     assert "--ranks" in capsys.readouterr().err
+    for flag, value in (("--max-length", "0"), ("--batch-size", "0")):  # zero-length texts embed to zeros
+        with pytest.raises(SystemExit):
+            cli.main(["synth", "mine", "--model", str(tiny_model_dir), "--input", str(src),
+                      "--output", str(tmp_path / "x.jsonl"), flag, value])
+        assert f"{flag}: expected a positive integer, got '0'" in capsys.readouterr().err
+    assert cli.main(["synth", "score-filter", "--model", str(tmp_path / "no-model"), "--input", str(src),
+                     "--output", str(tmp_path / "x.jsonl"), "--min-score", "2"]) == 2
+    assert "--min-score: a cosine similarity, in [-1, 1]" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x.jsonl")
     # a --corpus with titles reads them as BEIR documents: title + newline + text
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"title": "T", "text": rows[1]["pos"][0]}, {"text": "plain"}])
     from qzhou_jax.synth.cli import _corpus
@@ -685,6 +694,31 @@ def test_cli_dedup_and_decontaminate(tmp_path, capsys):
     assert cli.main(["synth", "dedup", "--task", "classification", "--input", str(oa), str(b),
                      "--output", str(oa), str(ob), "--overwrite"]) == 0
     assert len(read_out(oa)) == 2 and read_out(ob) == [{"text": "fine", "label": "pos"}]
+
+
+def test_an_interrupted_dedup_writes_no_output(tmp_path, capsys, monkeypatch):
+    """Outputs are renamed into place together at the end: Ctrl-C while the second file is
+    written leaves neither (a rerun is not refused for an output that exists), and exits 130."""
+    from qzhou_jax.synth import filters
+
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": "one", "label": "x"}, {"text": "two", "label": "y"}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": "three", "label": "x"}])
+    oa, ob = tmp_path / "oa.jsonl", tmp_path / "ob.jsonl"
+    real, calls = filters.Dedup.filter, []
+
+    def interrupted(self, records):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, records)
+
+    monkeypatch.setattr(filters.Dedup, "filter", interrupted)
+    argv = ["synth", "dedup", "--task", "classification", "--input", str(a), str(b), "--output", str(oa), str(ob)]
+    assert cli.main(argv) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["a.jsonl", "b.jsonl"]
+    monkeypatch.setattr(filters.Dedup, "filter", real)
+    assert cli.main(argv) == 0 and len(read_out(oa)) == 2 and len(read_out(ob)) == 1
 
 
 def test_decontaminate_real_chinese_data(shared_data):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import math
 import os
@@ -35,7 +34,7 @@ import numpy as np
 from qzhou_jax import st_folder
 from qzhou_jax.checkpoint import safetensors_io
 from qzhou_jax.checkpoint.hf import hf_names, hf_shape, iter_hf_tensors
-from qzhou_jax.config import ModelConfig
+from qzhou_jax.config import ModelConfig, write_json
 from qzhou_jax.model.qwen2 import param_specs
 from qzhou_jax.tokenizer import VOCABULARY_FILES
 
@@ -151,15 +150,6 @@ def _check_output(out: str, overwrite: bool, inputs: Iterable[str | os.PathLike 
         raise OutputExistsError(
             f"{out}: holds training checkpoints (step folders {', '.join(steps[:4])}{' ...' if len(steps) > 4 else ''})"
             f"; refusing to replace it")
-
-
-def write_json(path: str, obj: Any) -> None:
-    """Write under a temporary name, then rename: readers never see half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def tokenizer_files(src: str | os.PathLike) -> list[str]:

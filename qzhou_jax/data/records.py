@@ -14,12 +14,13 @@ location ("file:line") and names the field, e.g. ``data.jsonl:17: field 'score':
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Union
+from typing import Any, Iterable, Iterator, Mapping, Sequence, Union
 
 from qzhou_jax.data.jsonl import RecordError, decode_json_line, iter_lines
 
@@ -324,18 +325,34 @@ def write_records(path: str | os.PathLike, records: Iterable[Record], overwrite:
     (a bad input record raising half way) leaves no output file. An existing ``path`` is an error unless
     ``overwrite``.
     """
-    path = check_output_path(path, overwrite)
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    with staged_outputs([path], overwrite) as (tmp,):
+        return write_jsonl(tmp, records)
+
+
+def write_jsonl(path: str, records: Iterable[Record]) -> int:
+    """Records as JSONL into `path` (a temporary file of `staged_outputs`); returns the count."""
     n = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record_to_dict(record), ensure_ascii=False, separators=(",", ":")))
-                f.write("\n")
-                n += 1
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record_to_dict(record), ensure_ascii=False, separators=(",", ":")))
+            f.write("\n")
+            n += 1
     return n
+
+
+@contextlib.contextmanager
+def staged_outputs(paths: Sequence[str | os.PathLike], overwrite: bool = False) -> Iterator[list[str]]:
+    """Temporary files next to several outputs, renamed into place together when the block ends
+    and removed when it fails or is interrupted: a job writing several files leaves all of them
+    or none (each checked with `check_output_path` first)."""
+    paths = [check_output_path(p, overwrite) for p in paths]
+    tmps = [os.path.join(os.path.dirname(os.path.abspath(p)), f".{os.path.basename(p)}.tmp{os.getpid()}")
+            for p in paths]
+    try:
+        yield tmps
+        for tmp, path in zip(tmps, paths):
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)

@@ -36,8 +36,10 @@ import os
 import sys
 from typing import Any
 
-from qzhou_jax.cli_args import add_model_run_args, model_run_overrides
-from qzhou_jax.data.records import DEFAULT_FIELDS, FAMILIES, BadRecords, check_output_path, write_records
+from qzhou_jax.cli_args import (add_model_run_args, model_run_overrides, non_negative_float, non_negative_int,
+                                positive_float, positive_int)
+from qzhou_jax.data.records import (DEFAULT_FIELDS, FAMILIES, BadRecords, check_output_path, staged_outputs,
+                                    write_jsonl, write_records)
 
 log = logging.getLogger("qzhou_jax.synth")
 
@@ -204,9 +206,9 @@ def cmd_dedup(args: argparse.Namespace) -> int:
         errors = BadRecords(skip=args.skip_bad_records)
         d.scan(iter_records(path, args.task, fields, errors))
         errors.warn(path, log)
-    for path, out in zip(args.input, args.output):
-        write_records(out, d.filter(iter_records(path, args.task, fields, BadRecords(skip=True))),
-                      overwrite=args.overwrite)
+    with staged_outputs(args.output, args.overwrite) as tmps:  # every output, or none
+        for path, tmp in zip(args.input, tmps):
+            write_jsonl(tmp, d.filter(iter_records(path, args.task, fields, BadRecords(skip=True))))
     stats = d.summary()
     for path, s in zip(args.output, stats["datasets"]):
         s["output"] = path
@@ -252,28 +254,28 @@ def _llm_args(p: argparse.ArgumentParser, tolerance: float) -> None:
     g.add_argument("--llm-model", required=True, help="model name the endpoint serves")
     g.add_argument("--llm-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the API key (default OPENAI_API_KEY; '' for none)")
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--max-tokens", type=int, default=2048, help="longest answer, in the LLM's tokens")
+    g.add_argument("--temperature", type=non_negative_float, default=0.8)
+    g.add_argument("--max-tokens", type=positive_int, default=2048, help="longest answer, in the LLM's tokens")
     g.add_argument("--extra-body", default=None,
                    help="JSON object merged into each request; null removes a field, e.g. "
                         "'{\"max_tokens\": null, \"max_completion_tokens\": 4096}'")
-    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    g.add_argument("--retries", type=int, default=6, help="retries of a failed request (backoff doubles)")
-    g.add_argument("--workers", type=int, default=16, help="requests in flight")
-    g.add_argument("--max-tries", type=int, default=20, help="answers asked per text before giving up (SPEC: 20)")
-    g.add_argument("--max-failures", type=int, default=None,
+    g.add_argument("--timeout", type=positive_float, default=120.0, help="seconds per request")
+    g.add_argument("--retries", type=non_negative_int, default=6, help="retries of a failed request (backoff doubles)")
+    g.add_argument("--workers", type=positive_int, default=16, help="requests in flight")
+    g.add_argument("--max-tries", type=positive_int, default=20, help="answers asked per text before giving up (SPEC: 20)")
+    g.add_argument("--max-failures", type=positive_int, default=None,
                    help="failed requests in a row that stop the run (endpoint down; default max(20, 2 x workers))")
-    g.add_argument("--length-tolerance", type=float, default=tolerance,
+    g.add_argument("--length-tolerance", type=non_negative_float, default=tolerance,
                    help=f"allowed length change, a fraction (default {tolerance})")
-    g.add_argument("--limit", type=int, default=None, help="only the first N input records (to try prompts)")
+    g.add_argument("--limit", type=positive_int, default=None, help="only the first N input records (to try prompts)")
     g.add_argument("--resume", action="store_true", help="continue the run recorded in OUTPUT.partial")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("embedding model")
     g.add_argument("--model", required=True, help="model folder (HF safetensors or qzhou-jax Orbax, with tokenizer)")
-    g.add_argument("--max-length", type=int, default=512, help="tokens per text (default 512)")
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--max-length", type=positive_int, default=512, help="tokens per text (default 512)")
+    g.add_argument("--batch-size", type=positive_int, default=64)
     add_model_run_args(g)
     g.add_argument("--instruction", default=None,
                    help="instruction to encode the queries of records without one with (QZhou's "

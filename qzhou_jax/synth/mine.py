@@ -154,6 +154,8 @@ def check_filter_args(min_score: float | None, drop_fraction: float | None) -> N
         raise ValueError("give exactly one of --min-score and --drop-fraction")
     if drop_fraction is not None and not 0.0 <= drop_fraction < 1.0:
         raise ValueError(f"--drop-fraction: expected a fraction in [0, 1), got {drop_fraction}")
+    if min_score is not None and not -1.0 <= min_score <= 1.0:
+        raise ValueError(f"--min-score: a cosine similarity, in [-1, 1]; got {min_score}")
 
 
 def mine_negatives(records: Sequence[RetrievalRecord], encode: EncodeFn, *, ranks: tuple[int, int] = (10, 30),
