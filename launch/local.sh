@@ -82,7 +82,7 @@ PY
 
 pids=()
 cleanup() {
-  for pid in "${pids[@]}"; do
+  for pid in ${pids[@]+"${pids[@]}"}; do
     kill "$pid" 2>/dev/null || true
   done
 }

@@ -45,6 +45,8 @@ options (environment variable in brackets):
                        (default 0.10.2)
   --port PORT          jax.distributed coordinator port on worker 0 (default 8476)
   --dry-run            print the gcloud commands instead of running them
+  --skip-config-check  do not check the config locally with `qzhou-jax train --print-config`
+                       (for paths, such as init_from, that exist only on the workers)
   -h, --help           this text
 
 The run's out_dir (checkpoints, metrics) must be one folder shared by every worker that
@@ -88,6 +90,7 @@ setup_cmd=""
 jax_version=0.10.2
 port=8476
 dry_run=0
+check_config=1
 extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -109,6 +112,7 @@ while [[ $# -gt 0 ]]; do
     --jax-version) jax_version="$2"; shift 2 ;;
     --port) port="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
+    --skip-config-check) check_config=0; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; extra=("$@"); break ;;
     *) die "unknown option '$1' (see --help)" ;;
@@ -206,7 +210,7 @@ cmd_up() {  # sets up_result to "created" or "reused"; gcloud's output goes to s
       [[ "$provisioning" == queued-spot ]] && spot=(--spot)
       say "requesting $accel ($version) as queued resource $name"
       gc compute tpus queued-resources create "$name" --zone "$zone" --node-id "$name" \
-        --accelerator-type "$accel" --runtime-version "$version" "${spot[@]}" >&2
+        --accelerator-type "$accel" --runtime-version "$version" ${spot[@]+"${spot[@]}"} >&2
       local q
       while [[ $dry_run -eq 0 ]]; do
         q="$(queued_state)"
@@ -223,7 +227,7 @@ cmd_up() {  # sets up_result to "created" or "reused"; gcloud's output goes to s
       [[ "$provisioning" == preemptible ]] && flag=(--preemptible)
       say "creating $accel ($version) slice $name ($provisioning)"
       gc compute tpus tpu-vm create "$name" --zone "$zone" --accelerator-type "$accel" --version "$version" \
-        "${flag[@]}" >&2
+        ${flag[@]+"${flag[@]}"} >&2
       ;;
   esac
   up_result=created
@@ -275,17 +279,24 @@ shipped copy of this tree, relative to its root)"
   if git -C "$root" rev-parse --is-inside-work-tree >/dev/null 2>&1 && git -C "$root" check-ignore -q -- "$config"; then
     die "--config $config: ignored by git, so not shipped to the workers"
   fi
-  local cli
+  [[ $check_config -eq 1 ]] || return 0
+  local cli rc=0
   cli="$(command -v qzhou-jax || true)"
-  if [[ -n "$cli" ]]; then  # every key and --set value, as the workers will check them
-    (cd "$root" && "$cli" train --config "$config" "${sets[@]}" --print-config >/dev/null) ||
-      die "--config $config ${sets[*]}: refused (above)"
+  [[ -n "$cli" ]] || return 0
+  # every key and --set value, by the shipped tree's code, with the workers' --env variables
+  (cd "$root" && env ${envs[@]+"${envs[@]}"} PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$cli" train \
+     --config "$config" ${sets[@]+"${sets[@]}"} --print-config >/dev/null) || rc=$?
+  if [[ $rc -eq 2 ]]; then
+    die "--config $config ${sets[*]+${sets[*]}}: refused (above); if it names a path that exists only on the \
+workers, pass --skip-config-check"
+  elif [[ $rc -ne 0 ]]; then
+    say "warning: could not check --config locally (qzhou-jax exited with $rc); the workers will"
   fi
 }
 
 start_training() {  # start_training RESUME(0|1)
   check_training_config
-  local coordinator args=(train --config "$config" "${sets[@]}" "${extra[@]}")
+  local coordinator args=(train --config "$config" ${sets[@]+"${sets[@]}"} ${extra[@]+"${extra[@]}"})
   [[ "$1" -eq 1 ]] && args+=(--resume)
   if [[ $dry_run -eq 1 ]]; then
     coordinator="WORKER0_IP:$port"
@@ -298,7 +309,7 @@ start_training() {  # start_training RESUME(0|1)
     # jax.distributed: coordinator on worker 0; process ids and count come from the TPU metadata.
     printf 'export JAX_COORDINATOR_ADDRESS=%q\n' "$coordinator"
     local kv
-    for kv in "${envs[@]}"; do
+    for kv in ${envs[@]+"${envs[@]}"}; do
       printf 'export %s=%q\n' "${kv%%=*}" "${kv#*=}"
     done
     printf 'ARGS=(%s)\n' "$(printf '%q ' "${args[@]}")"

@@ -121,5 +121,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The console script: `main`, and after Ctrl-C the process ends by SIGINT, as shells expect
+    (a loop running one command after another stops too)."""
+    rc = main()
+    if rc == 130:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -45,13 +45,16 @@ def _int(text: str) -> int:
 
 
 def add_model_run_args(parser) -> None:
-    """--dtype and --attention-impl: how a loaded model computes (its saved config otherwise)."""
+    """--dtype, --attention-impl and --pooling: how a loaded model computes (its saved config
+    otherwise)."""
     from qzhou_jax.config import ATTENTION_IMPLS
 
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype")
     parser.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default=None,
                         help="attention kernel: xla, cudnn (GPU) or splash (TPU; long texts in linear memory); "
                              "default: the model config's")
+    parser.add_argument("--pooling", choices=["mean", "last"], default=None,
+                        help="pooling (default: the model config's, or its sentence-transformers Pooling module)")
 
 
 def model_run_overrides(args: argparse.Namespace) -> dict:
@@ -61,4 +64,6 @@ def model_run_overrides(args: argparse.Namespace) -> dict:
         out["compute_dtype"] = args.dtype
     if args.attention_impl:
         out["attention_impl"] = args.attention_impl
+    if getattr(args, "pooling", None):
+        out["pooling"] = args.pooling
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Literal
 
 ATTENTION_KINDS = ("bidirectional", "causal")
@@ -216,12 +217,7 @@ class ModelConfig:
             # another library's embedding model: sentence-transformers' files say how it pools
             from qzhou_jax import st_folder
 
-            try:
-                qz = st_folder.model_fields(os.path.dirname(where))
-            except ValueError:
-                if "pooling" not in overrides:  # pooling this package cannot compute, and none asked for
-                    raise
-                qz = {}
+            qz = st_folder.model_fields(os.path.dirname(where), pooling="pooling" not in overrides)
         for key in ("pooling", "normalize", "embedding_dim", "compute_dtype"):
             if key in (qz or {}):
                 fields[key] = qz[key]
@@ -472,6 +468,8 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             value = raw
         if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("{", "[")):
             value = raw  # "Query: find it" is a text; a mapping or list is written {...} / [...]
+        if isinstance(value, dict) and re.fullmatch(r"\{\w+\}", raw.strip()):
+            value = raw  # a placeholder such as {assets}, not a mapping
         parts = key.strip().split(".")
         node: Any = data
         for i, part in enumerate(parts[:-1]):

@@ -788,7 +788,7 @@ def _fits_with_chunk(run, plan: Plan, chunk: int, rules: Mapping[str, Any] | Non
     fixed_parts = ("state", "gradients", "layers")
     for sp in plan.steps:
         n = sp.shape.n
-        if n % chunk:
+        if chunk < n and n % chunk:  # a batch not above the chunk runs without GradCache
             return False
         now = estimate_step_bytes(cfg, sp.shape, mesh, plan.chunk_size, sp.state_bytes, plan.param_bytes, rules,
                                   sp.kept_chunks)

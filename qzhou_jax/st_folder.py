@@ -184,16 +184,18 @@ def _pooling(path: str) -> str:
     on = [k for k, v in raw.items() if k.startswith("pooling_mode_") and v]
     if len(on) != 1 or on[0] not in _POOLING_FLAGS:
         raise ValueError(f"{path}: pooling {', '.join(on) or '(none set)'} is not supported: qzhou-jax models pool "
-                         "by pooling_mode_mean_tokens or pooling_mode_lasttoken, one of them")
+                         "by pooling_mode_mean_tokens or pooling_mode_lasttoken, one of them (to use the weights "
+                         "with one of those anyway: --pooling for encode/eval/synth, model.pooling for a run)")
     if raw.get("include_prompt") is False:
         log.warning("%s: include_prompt is false, but qzhou-jax pools over the prompt's tokens too: its embeddings "
                     "of prompted texts differ from sentence-transformers'", path)
     return _POOLING_FLAGS[on[0]]
 
 
-def model_fields(folder: str) -> dict[str, Any]:
-    """The model fields a HF folder's sentence-transformers files set: pooling, normalize,
-    embedding_dim (truncate_dim); {} when it has none.
+def model_fields(folder: str, pooling: bool = True) -> dict[str, Any]:
+    """The model fields a HF folder's sentence-transformers files set: pooling (unless
+    `pooling` is false: the caller chooses it), normalize, embedding_dim (truncate_dim); {}
+    when it has none.
 
     A module other than Transformer, Pooling and Normalize (a Dense projection, say) is
     reported and left out: the model then embeds without it.
@@ -208,7 +210,7 @@ def model_fields(folder: str) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
     for m, kind in zip(modules, kinds):
-        if kind == "Pooling":
+        if kind == "Pooling" and pooling:
             fields["pooling"] = _pooling(os.path.join(folder, m.get("path") or "", "config.json"))
         elif kind not in _KNOWN_MODULES:
             log.warning("%s: ignoring module %r (%s): qzhou-jax embeds with Transformer -> Pooling -> Normalize, so "

@@ -533,6 +533,10 @@ def test_sentence_transformers_settings_survive_conversions(tmp_path, good_hf):
     with pytest.raises(ValueError, match=r"1_Pooling/config.json: pooling pooling_mode_cls_token is not supported"):
         load_pretrained(other)
     assert load_pretrained(other, pooling="mean").config.pooling == "mean"  # unless the caller chooses
+    from qzhou_jax.train.config import model_config
+
+    cfg = model_config({"pooling": "mean"}, str(other))  # a run's init_from, with its own pooling
+    assert (cfg.pooling, cfg.normalize) == ("mean", False)  # the folder's other settings stay
 
 
 # ---------------------------------------------------------------------- CLI

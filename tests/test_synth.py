@@ -687,10 +687,14 @@ def test_cli_dedup_and_decontaminate(tmp_path, capsys):
     assert cli.main(["synth", "decontaminate", "--task", "classification", "--input", str(oa), "--output", str(out),
                      "--against", str(ev), "--workers", "2", "--overwrite"]) == 0
     assert read_out(out) == [{"text": "Good movie", "label": "pos"}]
-    # an output that is a later input would be replaced before it is read; in place is fine
-    assert cli.main(["synth", "dedup", "--task", "classification", "--input", str(a), str(b),
-                     "--output", str(b), str(ob), "--overwrite"]) == 2
-    assert "also a later --input" in capsys.readouterr().err
+    # outputs replace files only once every input is read: an output may be a later input
+    b_copy = write_jsonl(tmp_path / "b_copy.jsonl", [{"text": "good movie!", "label": "pos"},
+                                                     {"text": "fine", "label": "pos"}])
+    a_copy = write_jsonl(tmp_path / "a_copy.jsonl", [{"text": "Good movie", "label": "pos"},
+                                                     {"text": "this movie was really bad", "label": "neg"}])
+    assert cli.main(["synth", "dedup", "--task", "classification", "--input", str(a_copy), str(b_copy),
+                     "--output", str(b_copy), str(a_copy), "--overwrite"]) == 0
+    assert len(read_out(b_copy)) == 2 and read_out(a_copy) == [{"text": "fine", "label": "pos"}]
     assert cli.main(["synth", "dedup", "--task", "classification", "--input", str(oa), str(b),
                      "--output", str(oa), str(ob), "--overwrite"]) == 0
     assert len(read_out(oa)) == 2 and read_out(ob) == [{"text": "fine", "label": "pos"}]

@@ -45,6 +45,8 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
 )
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+DEFAULT_MAX_SEQ_LENGTH = st_folder.DEFAULT_MAX_SEQ_LENGTH
+DEFAULT_QUERY_INSTRUCTION = st_folder.DEFAULT_QUERY_INSTRUCTION
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Markers of a folder this package may replace with overwrite=True.
@@ -260,13 +262,18 @@ def write_hf_folder(folder: str, params: Mapping[str, Any], cfg: ModelConfig, dt
 
 def save_hf(params: Mapping[str, Any], cfg: ModelConfig, out: str | os.PathLike, dtype: str | None = None,
             tokenizer_dir: str | os.PathLike | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-            settings: st_folder.Settings | None = None, overwrite: bool = False) -> str:
+            settings: st_folder.Settings | None = None, overwrite: bool = False,
+            max_seq_length: int | None = None, query_instruction: str | None = None) -> str:
     """Write `params` (nested dict, any sharding) as a HF + sentence-transformers folder.
 
     dtype: tensor dtype on disk (default: the parameters' own dtype). settings:
-    sentence-transformers' max_seq_length and prompts (default: `st_folder`'s defaults).
-    Tensors are gathered one layer at a time. Returns the absolute output path.
+    sentence-transformers' max_seq_length and prompts (default: `st_folder`'s defaults);
+    max_seq_length / query_instruction change those. Tensors are gathered one layer at a
+    time. Returns the absolute output path.
     """
+    settings = (settings or st_folder.Settings()).with_query_instruction(query_instruction)
+    if max_seq_length is not None:
+        settings = settings.replace(max_seq_length=max_seq_length)
     dtype = dtype or _leaf_dtype(params)
     out = os.path.abspath(os.fspath(out))
     check_tokenizer(tokenizer_dir, out)

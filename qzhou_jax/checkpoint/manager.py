@@ -106,6 +106,7 @@ class RunCheckpoints:
         return state, dict(restored["data"]), step
 
     def restore_newest_readable(self, target: Any, run_config: Mapping | None = None,
+                                model_config: ModelConfig | None = None,
                                 policy_fields: Collection[str] = ()) -> tuple[Any, dict, int]:
         """``restore`` of the newest checkpoint that reads.
 
@@ -115,9 +116,10 @@ class RunCheckpoints:
         inspection, out of Orbax's way) and a warning names each. When no step reads, nothing is
         renamed and the newest step's error is raised (a changed model config fails every step alike).
         Several processes do not fall back (they would have to agree on the step): the error names the
-        folder to move aside. With `run_config` (the current run's), the error names the settings
-        that shape the train state (the model's, less its `policy_fields`, and whether gradients are
-        clipped) and differ from the `run_config.yaml` the checkpoints were written with."""
+        folder to move aside. With the current run's `model_config` and `run_config`, the error names
+        the settings that shape the train state and differ from those the checkpoints were written
+        with: the model's fields less its `policy_fields` (against `qzhou_config.json`) and whether
+        gradients are clipped (against `run_config.yaml`)."""
         steps = sorted(self.all_steps(), reverse=True)
         if not steps:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to resume from")
@@ -131,7 +133,7 @@ class RunCheckpoints:
                 if jax.process_count() > 1 or step == steps[-1]:
                     path = os.path.join(self.directory, str(steps[0]))
                     first = failed[0][1] if failed else reason
-                    changed = self._state_changes(run_config, policy_fields)
+                    changed = self._state_changes(model_config, run_config, policy_fields)
                     if changed:
                         raise ValueError(f"{path}: checkpoint {steps[0]} could not be restored: {first}; the run "
                                          "config differs from the one that wrote the checkpoints (run_config.yaml) "
@@ -158,31 +160,36 @@ class RunCheckpoints:
             return restored
         raise AssertionError("unreachable")
 
-    def _state_changes(self, run_config: Mapping | None, policy_fields: Collection[str]) -> list[str]:
-        """The settings shaping the train state that differ between `run_config` and the
-        run_config.yaml next to the checkpoints."""
-        path = os.path.join(self.directory, "run_config.yaml")
-        if run_config is None or not os.path.isfile(path):
-            return []
-        import yaml
+    def _state_changes(self, model_config: ModelConfig | None, run_config: Mapping | None,
+                       policy_fields: Collection[str]) -> list[str]:
+        """The settings shaping the train state that differ from the checkpoints' own."""
+        import dataclasses
 
-        try:
-            with open(path, encoding="utf-8") as f:
-                before = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError):
-            return []
+        changed = []
+        saved_model = os.path.join(self.directory, "qzhou_config.json")
+        if model_config is not None and os.path.isfile(saved_model):
+            from qzhou_jax.checkpoint.orbax_io import read_model_config
 
-        now = dict(run_config)
+            try:
+                before = dataclasses.asdict(read_model_config(saved_model))
+            except (OSError, ValueError):
+                before = None
+            if before is not None:
+                now = dataclasses.asdict(model_config)
+                changed += [f"model.{k}: {before[k]!r} -> {now[k]!r}" for k in now
+                            if k not in policy_fields and before.get(k) != now[k]]
+        saved_run = os.path.join(self.directory, "run_config.yaml")
+        if run_config is not None and os.path.isfile(saved_run):
+            import yaml
 
-        def model(cfg: Mapping) -> dict:
-            return {k: v for k, v in (cfg.get("model") or {}).items() if k not in policy_fields}
-
-        def clip(cfg: Mapping) -> Any:
-            return (cfg.get("train") or {}).get("clip_norm")
-
-        changed = _changes({"model": model(before)}, {"model": model(now)})
-        if bool(clip(before) and clip(before) > 0) != bool(clip(now) and clip(now) > 0):  # the optimizer chain
-            changed.append(f"train.clip_norm: {clip(before)!r} -> {clip(now)!r}")
+            try:
+                with open(saved_run, encoding="utf-8") as f:
+                    clip_before = ((yaml.safe_load(f) or {}).get("train") or {}).get("clip_norm")
+            except (OSError, yaml.YAMLError, AttributeError):
+                return changed
+            clip_now = (dict(run_config).get("train") or {}).get("clip_norm")
+            if bool(clip_before and clip_before > 0) != bool(clip_now and clip_now > 0):  # the optimizer chain
+                changed.append(f"train.clip_norm: {clip_before!r} -> {clip_now!r}")
         return changed
 
     def _try_restore(self, target: Any, step: int) -> tuple[Any, str]:

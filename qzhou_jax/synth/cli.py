@@ -190,14 +190,11 @@ def cmd_dedup(args: argparse.Namespace) -> int:
 
     if len(args.input) != len(args.output):
         raise ValueError(f"--output: one per --input ({len(args.input)} inputs, {len(args.output)} outputs)")
-    outputs = [os.path.abspath(p) for p in args.output]
+    outputs = [os.path.realpath(p) for p in args.output]
     if len(set(outputs)) != len(outputs):
         raise ValueError("--output: the same file is named twice")
-    inputs = [os.path.abspath(p) for p in args.input]
-    for i, path in enumerate(args.output):
+    for path in args.output:  # an output may be an input: outputs replace files only once all are read
         check_output_path(path, args.overwrite)
-        if outputs[i] in inputs[i + 1:]:
-            raise ValueError(f"--output {path}: also a later --input, which would be replaced before it is read")
     fields = _fields(args, args.task)
     d = Dedup()
     # first pass: every input is read and checked before anything is written, and the positives

@@ -323,7 +323,7 @@ def model_config(section: dict[str, Any], init_from: str | None) -> ModelConfig:
                               f"only {', '.join(POLICY_FIELDS)} may be set")
         folder = resolve_init_from(init_from)
         try:
-            base = read_model_config(folder)
+            base = read_model_config(folder, **{k: section[k] for k in ("pooling",) if k in section})
         except FileNotFoundError as e:
             raise ConfigError(f"init_from: {e}") from None
         data = {**to_dict(base), **section}
@@ -404,7 +404,7 @@ def check_init_from(cfg: RunConfig) -> None:
     from qzhou_jax.checkpoint.orbax_io import read_model_config
 
     folder = resolve_init_from(cfg.init_from)
-    stored = read_model_config(folder)
+    stored = read_model_config(folder, pooling=cfg.model_config.pooling)  # the run's pooling: not architecture
     for name in ARCH_FIELDS:
         a, b = getattr(stored, name), getattr(cfg.model_config, name)
         if a != b:

@@ -304,9 +304,13 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
     start_step = 0
     restored = resume and ckpts.latest_step() is not None
     if restored:
+        if min(ckpts.all_steps()) > len(data):  # before a (long) restore: no checkpoint can continue
+            raise ValueError(f"train.total_steps: {len(data)}, but every checkpoint in {ckpts.directory} is past it "
+                             f"(steps {sorted(ckpts.all_steps())}); a resumed run can keep or extend its plan, not "
+                             "shorten it below the steps done")
         tx = make_optimizer(cfg.train)
         target = abstract_train_state(model_cfg, tx, train_state_shardings(model_cfg, tx, mesh))
-        state, data_state, saved = ckpts.restore_newest_readable(target, cfg.to_dict(), POLICY_FIELDS)
+        state, data_state, saved = ckpts.restore_newest_readable(target, cfg.to_dict(), model_cfg, POLICY_FIELDS)
         start_step = data.check_state(data_state)
         if int(state.step) != start_step:
             raise ValueError(f"{ckpts.directory}/{saved}: train state at step {int(state.step)} but data at "

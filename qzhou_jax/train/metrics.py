@@ -20,6 +20,17 @@ def step_flops(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]]) -> float
     return total
 
 
+def _set_aside(path: str) -> str:
+    """Rename `path` to `<path>.<mtime>` (`-1`, `-2`, ... when that is taken); returns the name."""
+    base = f"{path}.{int(os.path.getmtime(path))}"
+    target, i = base, 0
+    while os.path.exists(target):
+        i += 1
+        target = f"{base}-{i}"
+    os.replace(path, target)
+    return target
+
+
 class MetricsLog:
     """Appends metrics to <out>/metrics.jsonl and TensorBoard events under <out>/tensorboard.
 
@@ -42,7 +53,7 @@ class MetricsLog:
         if resume_step is None:  # a fresh run: keep an earlier run's log and events aside
             for old in (self.path, tb_dir):
                 if os.path.exists(old):
-                    os.replace(old, f"{old}.{int(os.path.getmtime(old))}")
+                    _set_aside(old)
         self.file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
