@@ -656,6 +656,11 @@ def test_decontaminate(tmp_path):
     assert zh.hit("据报道，国家卫生健康委员会今天发布了关于流感疫苗接种的最新指导意见，请关注")
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         list(eval_texts([str(tmp_path / "nope")]))
+    # STS-B rows: the two sentences are evaluation texts, their metadata is not
+    sts = write_jsonl(tmp_path / "sts_dev.jsonl", [{"sentence1": "A man plays a guitar.", "sentence2": "A man plays.",
+                                                    "score": 4.2, "sid": "0001", "genre": "main-captions",
+                                                    "dataset": "MSRvid", "year": "2012test"}])
+    assert sorted(eval_texts([str(sts)])) == ["A man plays a guitar.", "A man plays."]
     # a BEIR folder with qrels: only the split's queries and their relevant documents, not the
     # whole corpus (which the training split shares)
     (beir / "qrels").mkdir()

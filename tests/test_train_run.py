@@ -229,6 +229,30 @@ def test_a_refused_resume_rewrites_nothing(tmp_path):
     assert sorted(d for d in os.listdir(ckpt) if d[0].isdigit()) == ["4"]  # nothing renamed "unreadable"
 
 
+def test_print_config_round_trips_and_shows_the_resolved_model(tmp_path, capsys):
+    import yaml
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(run_dict(tmp_path / "out")))
+    assert cli_main(["train", "--config", str(cfg), "--set", "train.lr=2e-5", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    again = tmp_path / "printed.yaml"
+    again.write_text(printed)
+    assert load_run_config(str(again)) == load_run_config(str(cfg), ["train.lr=2e-5"])
+    assert "#   num_hidden_layers: 2\n" in printed  # the tiny preset's, resolved
+    assert "#   hidden_size: 64\n" in printed
+
+
+def test_a_batch_that_does_not_divide_over_the_devices_names_the_dataset_key(tmp_path):
+    data = run_dict(tmp_path, steps=2)
+    data["mesh"] = {"data": 4, "fsdp": 2, "tensor": 1}
+    data["data"]["datasets"][1]["batch_size"] = 6
+    with pytest.raises(ValueError, match=r"data.datasets\[1\] \(sts\): global batch of 6 does not divide over 8 "
+                                         r"data-parallel shards \(set its batch_size.*multiple of 8\)"):
+        train(load_run_config(data=data))
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
 def test_resume_without_a_checkpoint_keeps_an_earlier_log(tmp_path):
     """--resume with no checkpoint is a fresh start (what a requeued job's first start does):
     an earlier metrics.jsonl in out_dir is kept aside, as without --resume, not truncated."""

@@ -182,10 +182,11 @@ class TrainData:
                          for i, (src, spec) in enumerate(zip(sources, specs))]
         weights = list(weights) if weights is not None else [None] * len(sources)
         entries = []
-        for b, spec, w in zip(self.builders, specs, weights):
+        for i, (b, spec, w) in enumerate(zip(self.builders, specs, weights)):
             if spec.batch_size % host.blocks:
-                raise ValueError(f"dataset {b.name!r}: global batch of {spec.batch_size} does not divide over "
-                                 f"{host.blocks} data-parallel shards")
+                raise ValueError(f"data.datasets[{i}] ({b.name}): global batch of {spec.batch_size} does not divide "
+                                 f"over {host.blocks} data-parallel shards (set its batch_size, or data.batch_size / "
+                                 f"pair_batch_size, to a multiple of {host.blocks})")
             entries.append(DatasetEntry(b.name, spec.task, b.size, spec.batch_size, w))
             if b.labels is not None and b.labels.dropped:
                 log.warning("dataset %s: %d records are the only text of their label and are not used as anchors",

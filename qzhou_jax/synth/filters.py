@@ -35,8 +35,10 @@ __all__ = ["Dedup", "dedup", "EvalIndex", "eval_texts", "decontaminated", "decon
 
 log = logging.getLogger(__name__)
 
+# identifiers, labels and metadata: not evaluation texts (STS-B's rows carry sid, genre, dataset, year)
 ID_FIELDS = frozenset({"_id", "id", "qid", "pid", "docid", "doc_id", "query_id", "query-id", "corpus-id",
-                       "corpus_id", "label", "score"})
+                       "corpus_id", "label", "score", "sid", "genre", "dataset", "year", "source", "split", "lang",
+                       "language"})
 
 
 def _digest(*parts: str) -> bytes:

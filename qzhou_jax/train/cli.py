@@ -30,9 +30,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_run_config(args.config, args.set or [])  # every key checked before any device work
     if args.print_config:
+        import dataclasses
+
         import yaml
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        resolved = yaml.safe_dump({"model": dataclasses.asdict(cfg.model_config)}, sort_keys=False)
+        print("# the model it resolves to (preset / init_from plus the fields above):")
+        print("".join(f"# {line}\n" for line in resolved.splitlines()), end="")
         return 0
     result = train(cfg, resume=args.resume)
     _report(result)
