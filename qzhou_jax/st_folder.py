@@ -67,11 +67,13 @@ class Settings:
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
 
-    def with_query_instruction(self, instruction: str | None) -> "Settings":
-        """The "query" prompt set to QZhou's template around `instruction` (None: unchanged)."""
-        if instruction is None:
-            return self
-        return self.replace(prompts={**self.resolved_prompts(), "query": query_prompt(instruction)})
+    def overridden(self, max_seq_length: int | None = None, query_instruction: str | None = None) -> "Settings":
+        """These settings with `max_seq_length` and the "query" prompt (QZhou's template around
+        `query_instruction`) replaced where given (None: unchanged)."""
+        out = self if max_seq_length is None else self.replace(max_seq_length=max_seq_length)
+        if query_instruction is None:
+            return out
+        return out.replace(prompts={**out.resolved_prompts(), "query": query_prompt(query_instruction)})
 
     def resolved_prompts(self) -> dict[str, str]:
         if self.prompts is not None:

@@ -114,9 +114,7 @@ def orbax_to_hf(src: str | os.PathLike, out: str | os.PathLike, mesh: Mesh | Non
     export._check_output(out, overwrite, (src, tokenizer_dir))
     ckpt = orbax_io.open_params_checkpoint(src, config=config, tokenizer_dir=tokenizer_dir)
     export.check_tokenizer(ckpt.tokenizer_dir, out, required=tokenizer_dir is not None)
-    settings = (ckpt.settings or st_folder.Settings()).with_query_instruction(query_instruction)
-    if max_seq_length is not None:
-        settings = settings.replace(max_seq_length=max_seq_length)
+    settings = (ckpt.settings or st_folder.Settings()).overridden(max_seq_length, query_instruction)
     dtype = dtype or ckpt.stored_dtype()
     with export.atomic_output_dir(out, overwrite, (src, ckpt.pytree_dir, ckpt.tokenizer_dir)) as tmp:
         files = export.write_hf_folder(tmp, ckpt.lazy(mesh, rules), ckpt.config, dtype, ckpt.tokenizer_dir,

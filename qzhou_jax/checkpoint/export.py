@@ -271,9 +271,7 @@ def save_hf(params: Mapping[str, Any], cfg: ModelConfig, out: str | os.PathLike,
     max_seq_length / query_instruction change those. Tensors are gathered one layer at a
     time. Returns the absolute output path.
     """
-    settings = (settings or st_folder.Settings()).with_query_instruction(query_instruction)
-    if max_seq_length is not None:
-        settings = settings.replace(max_seq_length=max_seq_length)
+    settings = (settings or st_folder.Settings()).overridden(max_seq_length, query_instruction)
     dtype = dtype or _leaf_dtype(params)
     out = os.path.abspath(os.fspath(out))
     check_tokenizer(tokenizer_dir, out)

@@ -136,8 +136,9 @@ class RunCheckpoints:
                     changed = self._state_changes(model_config, run_config, policy_fields)
                     if changed:
                         raise ValueError(f"{path}: checkpoint {steps[0]} could not be restored: {first}; the run "
-                                         "config differs from the one that wrote the checkpoints (run_config.yaml) "
-                                         f"in {'; '.join(changed)}: restore those settings to resume")
+                                         "config differs from the one that wrote the checkpoints (their "
+                                         f"qzhou_config.json and run_config.yaml) in {'; '.join(changed)}: restore "
+                                         "those settings to resume")
                     hint = (f"; if its files are damaged, move it aside (mv {path} {path}.unreadable) on the "
                             "shared storage and resume from the previous step" if len(steps) > 1 else "")
                     raise ValueError(f"{path}: checkpoint {steps[0]} could not be restored: {first} (does the "

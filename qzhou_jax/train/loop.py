@@ -240,6 +240,11 @@ def _portable_kernel(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, model={**section, "attention_impl": "xla"})
 
 
+def _shorter_plan(total_steps: int, why: str) -> None:
+    raise ValueError(f"train.total_steps: {total_steps}, but {why}; a resumed run can keep or extend its plan, not "
+                     "shorten it below the steps done")
+
+
 def _check_writable(path: str, what: str) -> None:
     """Fail early (before datasets are indexed) when ``path`` cannot become a writable folder;
     nothing is created."""
@@ -305,9 +310,8 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
     restored = resume and ckpts.latest_step() is not None
     if restored:
         if min(ckpts.all_steps()) > len(data):  # before a (long) restore: no checkpoint can continue
-            raise ValueError(f"train.total_steps: {len(data)}, but every checkpoint in {ckpts.directory} is past it "
-                             f"(steps {sorted(ckpts.all_steps())}); a resumed run can keep or extend its plan, not "
-                             "shorten it below the steps done")
+            _shorter_plan(len(data), f"every checkpoint in {ckpts.directory} is past it "
+                                     f"(steps {sorted(ckpts.all_steps())})")
         tx = make_optimizer(cfg.train)
         target = abstract_train_state(model_cfg, tx, train_state_shardings(model_cfg, tx, mesh))
         state, data_state, saved = ckpts.restore_newest_readable(target, cfg.to_dict(), model_cfg, POLICY_FIELDS)
@@ -316,9 +320,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
             raise ValueError(f"{ckpts.directory}/{saved}: train state at step {int(state.step)} but data at "
                              f"{start_step}")
         if start_step > len(data):  # refused before anything of the run is rewritten
-            raise ValueError(f"train.total_steps: {len(data)}, but checkpoint {ckpts.directory}/{saved} is at step "
-                             f"{start_step}; a resumed run can keep or extend its plan, not shorten it below the "
-                             "steps done")
+            _shorter_plan(len(data), f"checkpoint {ckpts.directory}/{saved} is at step {start_step}")
         trainer = Trainer(model_cfg, cfg.train, None, loss_cfg=cfg.loss, mesh=mesh, state=state)
         log.info("resumed from %s at step %d", ckpts.directory, start_step)
     else:
@@ -506,4 +508,4 @@ def export_settings(cfg: RunConfig):
     instruction = next((d.instruction for d in cfg.data.datasets if d.task == "retrieval" and d.instruction), None)
     length = max(max(cfg.data.resolved(d)["query_max_length"], cfg.data.resolved(d)["passage_max_length"])
                  for d in cfg.data.datasets)
-    return Settings(max_seq_length=length).with_query_instruction(instruction)
+    return Settings().overridden(max_seq_length=length, query_instruction=instruction)
