@@ -386,7 +386,7 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     except (ValueError, TypeError) as e:
         msg = str(e)
         if path and not msg.startswith(path):
-            head = msg.split(":", 1)[0].split(".", 1)[0].split("/", 1)[0]
+            head = re.split(r"[.\[/]", msg.split(":", 1)[0], maxsplit=1)[0]
             msg = f"{path}.{msg}" if head in fields else f"{path}: {msg}"
         raise ConfigError(msg) from None
 

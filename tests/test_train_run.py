@@ -603,6 +603,7 @@ def test_config_errors_name_the_key_before_any_device_work(tmp_path, monkeypatch
     for bad, key in (({"train": {"lr": "fast"}}, "train.lr"), ({"trian": {}}, "trian"),
                      ({"data": {"datasets": [{"name": "x", "task": "nope", "path": "x"}]}}, "data.datasets[0].task"),
                      ({"checkpoint": {"every": 1.5}}, "checkpoint.every"),
+                     ({"data": {"length_buckets": [64, 0]}}, "data.length_buckets[1]: expected a positive integer"),
                      ({"out_dir": "gs://bucket/run"}, "out_dir: 'gs://bucket/run' is a URL"),
                      ({"checkpoint": {"dir": "gs://bucket/ckpt"}}, "checkpoint.dir: 'gs://bucket/ckpt' is a URL")):
         raw = run_dict(tmp_path)
@@ -652,8 +653,10 @@ def test_bad_record_stops_with_file_line_or_is_skipped(tmp_path, capsys):
 
 
 # -------------------------------------------------------------------- CLI
-def test_train_command_and_stage2_init_from(tmp_path):
+def test_train_command_and_stage2_init_from(tmp_path, caplog):
     import yaml
+
+    from qzhou_jax.train.config import check_init_from
 
     cfg = tmp_path / "stage1.yaml"
     raw = run_dict(tmp_path / "s1", steps=3, datasets=run_dict("")["data"]["datasets"][:1], eta=None)
@@ -680,6 +683,19 @@ def test_train_command_and_stage2_init_from(tmp_path):
         res = train(load_run_config(data=stage2), stop_after=1)
         assert res.status == "stopped"
         firsts[name] = res.history[0]["loss"]
+    # a finished stage 1 gives no warning; one cut short (its newest step below its total_steps) does
+    stage2 = load_run_config(data=dict(run_dict(tmp_path / "s2-check", steps=2),
+                                       init_from=str(tmp_path / "s1" / "checkpoints")))
+    with caplog.at_level("WARNING"):
+        check_init_from(stage2)
+    assert "unfinished" not in caplog.text
+    run_file = tmp_path / "s1" / "checkpoints" / "run_config.yaml"
+    recorded = yaml.safe_load(run_file.read_text())
+    run_file.write_text(yaml.safe_dump(dict(recorded, train=dict(recorded["train"], total_steps=10))))
+    with caplog.at_level("WARNING"):
+        check_init_from(stage2)
+    assert "newest checkpoint is step 3 of the 10" in caplog.text
+    run_file.write_text(yaml.safe_dump(recorded))
     # stage 2 starts from stage 1's parameters, whether given as its checkpoints or its export
     np.testing.assert_allclose(firsts["ckpt"], firsts["hf"], rtol=1e-5)
     assert abs(firsts["ckpt"] - firsts["random"]) > 1e-4

@@ -405,7 +405,34 @@ def check_init_from(cfg: RunConfig) -> None:
 
     folder = resolve_init_from(cfg.init_from)
     stored = read_model_config(folder, pooling=cfg.model_config.pooling)  # the run's pooling: not architecture
+    _warn_unfinished(expand_path(cfg.init_from))
     for name in ARCH_FIELDS:
         a, b = getattr(stored, name), getattr(cfg.model_config, name)
         if a != b:
             raise ConfigError(f"model.{name}: the config gives {b!r} but init_from ({folder}) has {a!r}")
+
+
+def _warn_unfinished(path: str) -> None:
+    """A warning when `init_from` is an earlier run's checkpoints/ folder whose newest step is
+    below that run's `train.total_steps` (a stage 2 started while stage 1 was cut short)."""
+    import logging
+
+    import yaml
+
+    from qzhou_jax.checkpoint.orbax_io import _step_dirs
+
+    steps = _step_dirs(path) if os.path.isdir(path) else []
+    run_file = os.path.join(path, "run_config.yaml")
+    if not steps or not os.path.isfile(run_file):
+        return
+    try:
+        with open(run_file) as f:
+            total = ((yaml.safe_load(f) or {}).get("train") or {}).get("total_steps")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return
+    if isinstance(total, int) and steps[-1][0] < total:
+        logging.getLogger(__name__).warning(
+            "init_from %s: its newest checkpoint is step %d of the %d that run was configured for; "
+            "this run starts from that unfinished model (name a step folder to choose one explicitly)",
+            path, steps[-1][0], total)
+
