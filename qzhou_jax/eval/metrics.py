@@ -62,28 +62,43 @@ def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -
 
 
 # ------------------------------------------------------------------ pair scores
+def _precision(a: np.ndarray, b: np.ndarray) -> type:
+    """The dtype scikit-learn computes paired distances in: float32 when both sides are
+    float32 (as this package's encoders return them), float64 otherwise."""
+    return np.float32 if np.asarray(a).dtype == np.float32 and np.asarray(b).dtype == np.float32 else np.float64
+
+
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity of matching rows in float64, computed as mteb does (scikit-learn's
-    1 - paired_cosine_distances: 1 - |a/|a| - b/|b||^2 / 2), which keeps identical pairs at
-    exactly 1 so that their ties, and hence Spearman ranks, match the reference."""
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
+    """Cosine similarity of matching rows as mteb computes it: scikit-learn's
+    1 - paired_cosine_distances (1 - |a/|a| - b/|b||^2 / 2, which keeps identical pairs at
+    exactly 1), in the embeddings' precision (`_precision`)."""
+    dt = _precision(a, b)
+    a = np.asarray(a, dt)
+    b = np.asarray(b, dt)
     na = np.sqrt(np.einsum("ij,ij->i", a, a))[:, None]
     nb = np.sqrt(np.einsum("ij,ij->i", b, b))[:, None]
-    diff = a / np.where(na == 0, 1.0, na) - b / np.where(nb == 0, 1.0, nb)
+    diff = a / np.where(na == 0, 1, na) - b / np.where(nb == 0, 1, nb)
     return 1 - 0.5 * np.einsum("ij,ij->i", diff, diff)
 
 
 def pair_scores(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
-    """mteb's per-pair scores: cosine and dot (higher = closer), euclidean and manhattan distances."""
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
+    """mteb's per-pair scores, in the precision mteb computes each: cosine (scikit-learn),
+    euclidean and manhattan distances (scikit-learn) and the dot product (numpy, row by
+    row) in the embeddings' precision, and the model's similarity (cosine, through torch)
+    always in float32. Rounding matters here: float32 ties scores that float64 separates,
+    and ties move pair classification's AP and thresholds."""
+    dt = _precision(a, b)
+    a = np.asarray(a, dt)
+    b = np.asarray(b, dt)
     diff = a - b
+    a32, b32 = (x.astype(np.float32) for x in (a, b))
+    unit = [x / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), np.float32(1e-12))[:, None] for x in (a32, b32)]
     return {
         "cosine": cosine_rows(a, b),
+        "similarity": (unit[0] * unit[1]).sum(axis=-1),
         "euclidean": np.sqrt(np.einsum("ij,ij->i", diff, diff)),
-        "manhattan": np.abs(diff).sum(axis=1),
-        "dot": np.einsum("ij,ij->i", a, b),
+        "manhattan": np.abs(diff).sum(axis=-1),
+        "dot": np.array([np.dot(x, y) for x, y in zip(a, b)], dt).reshape(len(a)),
     }
 
 
@@ -149,7 +164,7 @@ def pair_classification_scores(a: np.ndarray, b: np.ndarray, labels: Sequence[in
     recall and AP, and the max over functions (`max_ap` is the main score)."""
     labels = np.asarray(labels, np.int64)
     scores = pair_scores(a, b)
-    funcs = [("similarity", scores["cosine"], True), ("cosine", scores["cosine"], True),
+    funcs = [("similarity", scores["similarity"], True), ("cosine", scores["cosine"], True),
              ("manhattan", scores["manhattan"], False), ("euclidean", scores["euclidean"], False),
              ("dot", scores["dot"], True)]
     out: dict[str, float] = {}
