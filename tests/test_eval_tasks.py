@@ -183,6 +183,11 @@ def test_bad_beir_input_names_file_and_id(tmp_path, corpus, queries, qrels, mess
     ("pair_classification", [{"text1": "a", "text2": "b", "label": 2}], r"data.jsonl:1: field 'label' must be 0 or 1"),
     ("clustering", [{"text": "a"}], r"data.jsonl:1: missing field 'label' or 'labels'"),
     ("sts", [], r"data.jsonl: no records \(empty file\)"),
+    ("sts", [{"text1": "a", "text2": "b", "score": 3}], r"data.jsonl: 1 pair, all with score 3; STS .* at least two"),
+    ("sts", [{"text1": "a", "text2": "b", "score": 2}, {"text1": "c", "text2": "d", "score": 2.0}],
+     r"data.jsonl: 2 pairs, all with score 2;"),
+    ("clustering", [{"text": "a", "label": 1}, {"text": "b", "label": 2}],
+     r"^task 't': \S*data.jsonl: 2 texts x max_fraction_of_documents_to_embed 0.1 leaves none"),
 ])
 def test_bad_jsonl_input_names_file_and_line(tmp_path, task_type, rows, message):
     if task_type == "classification":
@@ -192,7 +197,8 @@ def test_bad_jsonl_input_names_file_and_line(tmp_path, task_type, rows, message)
     else:
         _write(tmp_path / "data.jsonl", rows)
         files = {"path": str(tmp_path / "data.jsonl")}
-    spec = TaskSpec(name="t", type=task_type, files=files)
+    options = {"max_fraction_of_documents_to_embed": 0.1} if task_type == "clustering" else {}
+    spec = TaskSpec(name="t", type=task_type, files=files, options=options)
     with pytest.raises(ValueError, match=message):
         evaluate([spec], RecordingEncoder())
 
@@ -414,6 +420,17 @@ def test_non_finite_gold_scores_name_the_line(tmp_path):
     spec = TaskSpec(name="t", type="sts", files={"path": str(tmp_path / "data.jsonl")})
     with pytest.raises(ValueError, match=r"data.jsonl:2: field 'score' must be a finite number, got nan"):
         evaluate([spec], RecordingEncoder())
+
+
+def test_test_labels_missing_from_training_are_warned_about(tmp_path, caplog):
+    _write(tmp_path / "train.jsonl", [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(8)])
+    _write(tmp_path / "test.jsonl", [{"text": f"u{i}", "label": "abz"[i % 3]} for i in range(6)])
+    spec = TaskSpec(name="c", type="classification", options={"n_experiments": 1},
+                    files={"path": str(tmp_path / "test.jsonl"), "train": str(tmp_path / "train.jsonl")})
+    with caplog.at_level("WARNING"):
+        evaluate([spec], RecordingEncoder())
+    assert "test.jsonl: 2 test record(s) carry labels the training file" in caplog.text
+    assert "('z')" in caplog.text
 
 
 def test_tasks_whose_result_files_would_collide(tmp_path):

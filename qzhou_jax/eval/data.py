@@ -235,6 +235,9 @@ def load_pairs(path: str, task_type: str, fields: Mapping[str, str] | None = Non
     _nonempty(path, len(t1))
     if key == "label" and len(set(values)) < 2:
         raise RecordError(f"{path}: all pairs have label {values[0]}; pair classification needs both 0 and 1")
+    if key == "score" and len(set(values)) < 2:
+        raise RecordError(f"{path}: {len(values)} pair{'s' * (len(values) > 1)}, all with score {values[0]:g}; "
+                          "STS correlates scores with similarities and needs at least two different scores")
     return PairData(t1, t2, values, [path])
 
 

@@ -7,6 +7,7 @@ An evaluator takes a `TaskSpec` and an `encode(texts, instruction)` function and
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import defaultdict
 from typing import Any, Callable, Sequence
@@ -19,6 +20,7 @@ from qzhou_jax.eval import metrics as M
 from qzhou_jax.eval.tasks import TaskSpec
 
 EncodeFn = Callable[[Sequence[str], "str | None"], np.ndarray]
+log = logging.getLogger(__name__)
 
 
 def _need_sklearn(task_type: str):
@@ -169,6 +171,12 @@ def evaluate_classification(spec: TaskSpec, encode: EncodeFn) -> tuple[dict[str,
     if type(train.labels[0]) is not type(test.labels[0]):
         raise RecordError(f"{test.files[0]}: labels are {type(test.labels[0]).__name__}s but the training "
                           f"labels in {train.files[0]} are {type(train.labels[0]).__name__}s")
+    unseen = sorted(set(test.labels) - set(train.labels), key=str)
+    if unseen:
+        log.warning("%s: %d test record(s) carry labels the training file %s does not have (%s); "
+                    "the classifier can never predict them", test.files[0],
+                    sum(lab in set(unseen) for lab in test.labels), train.files[0],
+                    ", ".join(map(repr, unseen[:5])) + (", ..." if len(unseen) > 5 else ""))
     seed, n_exp = int(spec.option("seed")), int(spec.option("n_experiments"))
     spl = int(spec.option("samples_per_label"))
     subsets = undersample(train.labels, spl, n_exp, seed)
@@ -271,7 +279,7 @@ def evaluate_clustering(spec: TaskSpec, encode: EncodeFn) -> tuple[dict[str, Any
             n = int(frac * len(texts)) if frac is not None else int(max_docs)
             pick = rng.sample(range(len(texts)), k=min(len(texts), n))
         if not pick:
-            raise ValueError(f"{spec.files['path']}: task {spec.name!r}: {len(texts)} texts x "
+            raise ValueError(f"{spec.files['path']}: {len(texts)} texts x "
                              f"max_fraction_of_documents_to_embed {frac} leaves none to cluster")
         emb = encode([texts[i] for i in pick], instr)
         encoded = len(pick)
