@@ -385,7 +385,7 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
         msg = str(e)
-        if path and not msg.startswith(path):
+        if path and not msg.startswith((f"{path}.", f"{path}:", f"{path}[")):
             head = re.split(r"[.\[/]", msg.split(":", 1)[0], maxsplit=1)[0]
             msg = f"{path}.{msg}" if head in fields else f"{path}: {msg}"
         raise ConfigError(msg) from None
@@ -427,6 +427,28 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
             os.remove(tmp)
 
 
+def unique_keys_loader() -> type:
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last
+    silently: `path: a` then `path: b` would train on b)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice in one mapping (lines {seen[key] + 1} and "
+                        f"{key_node.start_mark.line + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
     """A YAML mapping from a file; errors name the file (and line for syntax errors)."""
     import yaml
@@ -434,7 +456,7 @@ def load_yaml(path: str | os.PathLike) -> dict:
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=unique_keys_loader())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: config file not found") from None
     except yaml.YAMLError as e:

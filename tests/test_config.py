@@ -111,3 +111,27 @@ def test_init_from_takes_execution_fields_and_refuses_architecture_ones(tmp_path
     assert (cfg.weight_grad_dtype, cfg.compute_dtype, cfg.hidden_size) == ("float32", "bfloat16", 64)
     with pytest.raises(ConfigError, match="model.hidden_size: the architecture comes from init_from"):
         model_config({"hidden_size": 32}, str(tmp_path))
+
+
+def test_yaml_key_given_twice_is_refused_with_both_lines(tmp_path, caplog):
+    from qzhou_jax.config import ConfigError, load_yaml
+    from qzhou_jax.eval.tasks import load_task_specs
+    from qzhou_jax.train.config import load_run_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  datasets:\n    - name: a\n      path: first.jsonl\n      path: second.jsonl\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:5: not valid YAML \(key 'path' appears twice in one mapping "
+                                          r"\(lines 4 and 5\)\)"):
+        load_yaml(path)
+    # YAML merge keys may still be overridden
+    path.write_text("a: &base\n  x: 1\n  y: 2\nb:\n  <<: *base\n  x: 3\n")
+    assert load_yaml(path)["b"] == {"x": 3, "y": 2}
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text("- name: t\n  type: sts\n  path: a.jsonl\n  type: retrieval\n")
+    with pytest.raises(ValueError, match=r"tasks.yaml:4: not valid YAML \(key 'type' appears twice"):
+        load_task_specs(str(tasks))
+    # eta 1 with non-retrieval datasets trains them never: said at load time
+    datasets = [{"name": "s", "task": "sts", "path": "x"}, {"name": "r", "task": "retrieval", "path": "y"}]
+    with caplog.at_level("WARNING"):
+        load_run_config(data={"model": {"preset": "tiny"}, "data": {"eta": 1.0, "datasets": datasets}})
+    assert "data.eta: 1 gives the non-retrieval datasets no batches: s" in caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 
@@ -404,7 +405,8 @@ def test_sampler_is_deterministic_prefix_stable_and_covers_each_epoch():
     rows = np.concatenate([p1.batch(s)[1] for s in range(200) if p1.dataset(s) == 0])
     passes = [rows[i:i + 37] for i in range(0, len(rows) - 36, 37)]
     assert len(passes) >= 3 and all(sorted(p.tolist()) == list(range(37)) for p in passes)
-    with pytest.raises(ValueError, match="quarter"):
+    with pytest.raises(ValueError, match=r"data.datasets\[0\] \(small\): a batch of 8 exceeds a quarter of its 30 "
+                                         "records .* lower its batch_size or add records"):
         BatchPlan([DatasetEntry("small", "sts", 30, 8)], 10)
 
 
@@ -422,6 +424,32 @@ def test_every_batch_is_from_one_dataset_and_host_slices_partition_it():
         parts = [h[s].batch for h in halves]
         for key, value in item.batch.items():
             np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), value, err_msg=key)
+
+
+def test_an_instruction_that_fills_the_length_is_refused_when_the_data_opens(caplog):
+    from qzhou_jax.tokenizer import Tokenizer, format_prompt
+    from qzhou_jax.train.loop import tokenizer_path
+
+    instruction = "Given a web search query, retrieve relevant passages that answer the query"
+    cfg = load_run_config(data=run_dict("/tmp/unused", steps=4))
+    tok = Tokenizer(tokenizer_path(cfg), max_length=512)
+    prompt = len(tok.encode([format_prompt("", instruction)])[0])
+    raw = run_dict("/tmp/unused", steps=4, query_max_length=prompt)
+    raw["data"]["datasets"][0]["instruction"] = instruction
+    with pytest.raises(ValueError, match=rf"data.datasets\[0\] \(ret\): its instruction takes {prompt} tokens of "
+                                         rf"the {prompt} of query_max_length, so no query text would be left"):
+        TrainData.from_config(load_run_config(data=raw), tok, HostRows.of_process(0, 1))
+    # symmetric datasets carry it on both sides: the passage length counts too
+    raw = run_dict("/tmp/unused", steps=4, query_max_length=prompt + 20, passage_max_length=prompt)
+    raw["data"]["datasets"][1]["instruction"] = instruction
+    raw["data"]["datasets"][1]["passage_max_length"] = prompt
+    with pytest.raises(ValueError, match=r"data.datasets\[1\] \(sts\): .* no passage text would be left"):
+        TrainData.from_config(load_run_config(data=raw), tok, HostRows.of_process(0, 1))
+    raw = run_dict("/tmp/unused", steps=4, query_max_length=prompt + 2)
+    raw["data"]["datasets"][0]["instruction"] = instruction
+    with caplog.at_level("WARNING"):
+        TrainData.from_config(load_run_config(data=raw), tok, HostRows.of_process(0, 1))
+    assert f"its instruction takes {prompt} of the {prompt + 2} tokens of query_max_length: 2 are left" in caplog.text
 
 
 def test_random_negatives_are_never_the_rows_own_positives():
@@ -447,9 +475,17 @@ def test_random_negatives_are_never_the_rows_own_positives():
     _, p_texts, _ = builder._texts(0, [3], 0)  # fewer distinct texts than negatives: repeats
     assert p_texts == ["other", "same", "same", "same"]
     assert builder._texts(0, [0], 0)[1] == ["same", "other", "other", "other"]
-    builder = BatchBuilder(ListSource(few[:3], name="same"), spec, tok, seed=0)
-    with pytest.raises(ValueError, match=r"data.datasets \(same\): found 0 of the 3 random negatives"):
-        builder._texts(0, [0], 0)  # every other record's positive is its own
+    # every record's positive is the same text: refused when the dataset is opened, not when a batch
+    # first draws it
+    with pytest.raises(ValueError, match=r"dataset 'same': every record's positive is the same text"):
+        BatchBuilder(ListSource(few[:3], name="same"), spec, tok, seed=0)
+    listed = [RetrievalRecord(f"q{i}", ("same",), ("n1", "n2", "n3")) for i in range(3)]
+    BatchBuilder(ListSource(listed, name="listed"), spec, tok, seed=0)  # enough listed negatives: fine
+    # a query whose records hold every positive there is: found out when a batch draws it
+    shared_all = [RetrievalRecord("q", ("a",)), RetrievalRecord("q", ("b",)), RetrievalRecord("q", ("a",))]
+    builder = BatchBuilder(ListSource(shared_all, name="shared_all"), spec, tok, seed=0)
+    with pytest.raises(ValueError, match=r"data.datasets \(shared_all\): found 0 of the 3 random negatives"):
+        builder._texts(0, [0], 0)  # every other record's positive is a positive of its query
 
 
 def test_negatives_are_never_a_positive_of_the_query_in_another_record(tmp_path):
@@ -604,13 +640,18 @@ def test_config_errors_name_the_key_before_any_device_work(tmp_path, monkeypatch
                      ({"data": {"datasets": [{"name": "x", "task": "nope", "path": "x"}]}}, "data.datasets[0].task"),
                      ({"checkpoint": {"every": 1.5}}, "checkpoint.every"),
                      ({"data": {"length_buckets": [64, 0]}}, "data.length_buckets[1]: expected a positive integer"),
+                     ({"data": {"datasets": [{"name": "x", "task": "sts", "path": "a"},
+                                             {"name": "x", "task": "sts", "path": "b"}]}},
+                      "data.datasets: duplicate name 'x'"),
+                     ({"data": {"datasets": [{"name": "x", "task": "sts", "path": "a", "fields": {"txt1": "s1"}}]}},
+                      "data.datasets[0].fields: unknown field 'txt1' for sts (known: text1, text2, score)"),
                      ({"out_dir": "gs://bucket/run"}, "out_dir: 'gs://bucket/run' is a URL"),
                      ({"checkpoint": {"dir": "gs://bucket/ckpt"}}, "checkpoint.dir: 'gs://bucket/ckpt' is a URL")):
         raw = run_dict(tmp_path)
         for k, v in bad.items():
             raw[k] = {**raw.get(k, {}), **v} if isinstance(raw.get(k), dict) else v
         path.write_text(yaml.safe_dump(raw))
-        with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        with pytest.raises(ConfigError, match=re.escape(key)):
             load_run_config(path)
         assert cli_main(["train", "--config", str(path)]) == 2
 

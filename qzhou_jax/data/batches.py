@@ -148,6 +148,13 @@ class BatchBuilder:
             self.positives = getattr(source, "query_positives", None)
             if self.positives is None:  # a source that does not index its texts: read them once
                 self.positives = QueryPositives.from_records(source[i] for i in range(len(source)))
+            fewest = self.positives.fewest_negatives
+            if (spec.hard_negatives and self.positives.distinct_positives < 2
+                    and (fewest is None or fewest < spec.hard_negatives)):
+                raise ValueError(f"dataset {self.name!r}: every record's positive is the same text, and records "
+                                 f"listing fewer than {spec.hard_negatives} hard negatives take the rest from "
+                                 "other records' positives: there are none to take; add records or hard "
+                                 "negatives, or lower hard_negatives")
         if spec.task == "classification":
             labels = getattr(source, "labels", None)
             if labels is None:

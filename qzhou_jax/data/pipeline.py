@@ -33,6 +33,7 @@ import numpy as np
 from qzhou_jax.data.batches import BatchBuilder, BatchSpec
 from qzhou_jax.data.sampler import BatchPlan, DatasetEntry, summarize
 from qzhou_jax.hosts import HostExchange
+from qzhou_jax.tokenizer import format_prompt
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -169,6 +170,25 @@ class HostRows:
         return local // len(self.mine) * self.blocks
 
 
+def _check_instruction_room(tokenizer: Any, spec: BatchSpec, where: str) -> None:
+    """The dataset's instruction must leave room for the text: texts are cut from the end, so
+    a prompt as long as the limit turns every input into the bare instruction (identical
+    queries, a loss with nothing to learn)."""
+    if not spec.instruction:
+        return
+    prompt = len(tokenizer.encode([format_prompt("", spec.instruction)])[0])
+    sides = [("query", spec.query_max_length)]
+    if spec.symmetric:
+        sides.append(("passage", spec.passage_max_length))
+    for side, limit in sides:
+        if prompt >= limit:
+            raise ValueError(f"{where}: its instruction takes {prompt} tokens of the {limit} of {side}_max_length, "
+                             f"so no {side} text would be left; raise {side}_max_length or shorten the instruction")
+        if prompt > 0.75 * limit:
+            log.warning("%s: its instruction takes %d of the %d tokens of %s_max_length: %d are left for the text",
+                        where, prompt, limit, side, limit - prompt)
+
+
 class TrainData:
     def __init__(self, sources: Sequence[Any], specs: Sequence[BatchSpec], tokenizer: Any, *, total_steps: int,
                  seed: int = 0, alpha: float = 0.5, eta: float | None = None,
@@ -188,6 +208,7 @@ class TrainData:
                                  f"over {host.blocks} data-parallel shards (set its batch_size, or data.batch_size / "
                                  f"pair_batch_size, to a multiple of {host.blocks})")
             entries.append(DatasetEntry(b.name, spec.task, b.size, spec.batch_size, w))
+            _check_instruction_room(tokenizer, spec, f"data.datasets[{i}] ({b.name})")
             if b.labels is not None and b.labels.dropped:
                 log.warning("dataset %s: %d records are the only text of their label and are not used as anchors",
                             b.name, b.labels.dropped)

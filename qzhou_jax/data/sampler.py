@@ -68,11 +68,13 @@ class BatchPlan:
         self.entries = list(entries)
         self.seed = int(seed)
         self.total_steps = int(total_steps)
-        for e in self.entries:
+        for i, e in enumerate(self.entries):
             if 4 * e.batch_size > e.size:
-                raise ValueError(f"dataset {e.name!r}: a batch of {e.batch_size} exceeds a quarter of its {e.size} "
-                                 "records (batches must be able to cross passes without repeating a record); "
-                                 "lower its batch_size")
+                what = "usable anchors" if e.task == "classification" else "records"
+                raise ValueError(f"data.datasets[{i}] ({e.name}): a batch of {e.batch_size} exceeds a quarter of "
+                                 f"its {e.size} {what} (a batch that crosses the end of a pass must not repeat a "
+                                 "record, so every dataset needs at least 4 batches of records); lower its "
+                                 "batch_size or add records")
         self.probs = mixture_probabilities(self.entries, alpha, eta)
         rng = np.random.default_rng([self.seed, 0x5EED])
         # Inverse-CDF draws: the first T steps are the same for any total_steps >= T, so a

@@ -100,8 +100,11 @@ class QueryPositives:
     from a key of every query and positive (two hashes per record at scan time).
     """
 
-    def __init__(self, query_keys: np.ndarray, positive_keys: np.ndarray, positive_counts: np.ndarray):
+    def __init__(self, query_keys: np.ndarray, positive_keys: np.ndarray, positive_counts: np.ndarray,
+                 fewest_negatives: int | None = None):
         self.query_keys = np.asarray(query_keys, np.int64)
+        self.distinct_positives = len(np.unique(np.asarray(positive_keys, np.int64)))
+        self.fewest_negatives = fewest_negatives  # the fewest hard negatives a record lists (None: unknown)
         n = len(self.query_keys)
         _, inverse, counts = np.unique(self.query_keys, return_inverse=True, return_counts=True)
         owner = np.repeat(np.arange(n), np.asarray(positive_counts, np.int64))
@@ -150,6 +153,7 @@ class _ScanKeys:
         self.family = family
         self.labels: list[str] = []
         self.text, self.query, self.pos, self.pos_n = (array.array("q") for _ in range(4))
+        self.fewest_negatives: int | None = None
 
     def add(self, record: Any) -> None:
         if self.family == "classification":
@@ -159,10 +163,12 @@ class _ScanKeys:
             self.query.append(query_key(record))
             self.pos.extend(map(text_key, record.pos))
             self.pos_n.append(len(record.pos))
+            n = len(record.neg)
+            self.fewest_negatives = n if self.fewest_negatives is None else min(self.fewest_negatives, n)
 
     def query_positives(self) -> QueryPositives:
         arr = lambda a: np.frombuffer(a, np.int64) if len(a) else np.zeros(0, np.int64)  # noqa: E731
-        return QueryPositives(arr(self.query), arr(self.pos), arr(self.pos_n))
+        return QueryPositives(arr(self.query), arr(self.pos), arr(self.pos_n), self.fewest_negatives)
 
     def attach(self, source: Any) -> None:
         if self.family == "classification":

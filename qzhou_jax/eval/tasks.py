@@ -381,8 +381,10 @@ def _read_task_file(path: str) -> Any:
             raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     import yaml
 
+    from qzhou_jax.config import unique_keys_loader
+
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=unique_keys_loader())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""

@@ -77,7 +77,8 @@ class DatasetConfig:
     (default: true for sts and classification, SPEC section 2). For retrieval a record's own
     `instruction` field wins. Unset sizes and lengths come from the `data` section, except
     that sts and classification datasets cut both sides at one length (their query length)
-    unless `passage_max_length` is set: a pair and its swapped copy see the same texts.
+    unless this dataset's `passage_max_length` is set: a pair and its swapped copy see the
+    same texts.
     weight: replaces the n^alpha mixture weight of this dataset.
     """
 
@@ -106,6 +107,15 @@ class DatasetConfig:
             raise ConfigError(f"hard_negatives: expected >= 0, got {self.hard_negatives}")
         if self.weight is not None and not (self.weight > 0 and math.isfinite(self.weight)):
             raise ConfigError(f"weight: expected a positive number, got {self.weight}")
+        if self.fields:
+            from qzhou_jax.data.records import DEFAULT_FIELDS, resolve_fields
+
+            if self.format == "beir":
+                raise ConfigError("fields: does not apply to BEIR folders (their layout fixes the field names)")
+            try:
+                resolve_fields(DEFAULT_FIELDS[self.task], self.fields, self.task)
+            except ValueError as e:
+                raise ConfigError(f"fields: {e}") from None
 
     @property
     def is_symmetric(self) -> bool:
@@ -170,6 +180,13 @@ class DataConfig:
             if 0 < self.eta < 1 and not ("retrieval" in tasks and tasks - {"retrieval"}):
                 raise ConfigError("eta: needs both retrieval and non-retrieval datasets "
                                   f"(tasks present: {sorted(tasks)})")
+            idle = [d.name for d in self.datasets if (d.task == "retrieval") == (self.eta == 0)]
+            if self.eta in (0, 1) and idle and len(idle) < len(self.datasets):
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "data.eta: %g gives the %s datasets no batches: %s", self.eta,
+                    "retrieval" if self.eta == 0 else "non-retrieval", ", ".join(idle))
         for key in ("batch_size", "pair_batch_size", "query_max_length", "passage_max_length"):
             _positive(getattr(self, key), key)
         for key in ("hard_negatives", "workers", "prefetch"):
