@@ -226,10 +226,30 @@ def test_cosent_matches_reference(use_valid, tau):
     a, b = _unit(rng, n, d), _unit(rng, n, d)
     y = rng.integers(0, 4, n).astype(np.float32)  # many ties
     valid = (np.arange(n) < 9) if use_valid else None
-    if use_valid:  # padded rows hold garbage that would change the loss if it leaked in
-        y[9:] = 100.0
+    if use_valid:  # padded rows hold garbage that would change the loss if it leaked in, on either
+        y[9:] = [100.0, -100.0, 100.0]  # side of a pair: scored above and below every real row
     loss, metrics = cosent(a, b, y, temperature=tau, valid=valid)
     ref_loss, ref_metrics = ref_cosent(a, b, y, tau, valid)
+    _close(loss, ref_loss)
+    _check_metrics(metrics, ref_metrics)
+
+
+def test_cosent_nearly_ordered_batch_has_a_small_loss():
+    """Similarities ordered almost as the gold scores: log(1 + S) with S small. The appended 1
+    (the 0 inside CoSENT's logsumexp) is what keeps the loss near 0 rather than log(S) << 0."""
+    rng = np.random.default_rng(13)
+    n, d, tau = 10, 16, 0.02
+    a = _unit(rng, n, d)
+    y = np.arange(n, dtype=np.float32)
+    noise = rng.standard_normal((n, d))
+    noise -= np.sum(noise * a, -1, keepdims=True) * a
+    noise /= np.linalg.norm(noise, axis=-1, keepdims=True)
+    cos = np.linspace(0.0, 0.9, n)[:, None]  # higher score, closer pair: cosine steps of 0.1
+    cos[6] = 0.56  # one step of 0.02 only: that pair costs exp(-1)
+    b = (cos * a + np.sqrt(1 - cos ** 2) * noise).astype(np.float32)
+    loss, metrics = cosent(a, b, y, temperature=tau)
+    ref_loss, ref_metrics = ref_cosent(a, b, y, tau)
+    assert 1e-4 < ref_loss < 0.5
     _close(loss, ref_loss)
     _check_metrics(metrics, ref_metrics)
 
@@ -321,6 +341,55 @@ def test_gradients_finite_with_masks():
     y = np.zeros(n, np.float32)  # all ties: no ordered pair
     _finite_grads(lambda a, b: cosent(a, b, y, valid=np.arange(n) < 5)[0], q, pos)
     assert float(cosent(q, pos, y)[0]) == 0.0
+
+
+def _numeric_grads(ref_loss, arrays, eps=1e-6):
+    """Central differences of a float64 reference loss with respect to each array."""
+    arrays = [np.asarray(x, np.float64) for x in arrays]
+    out = []
+    for a in arrays:
+        g = np.zeros_like(a)
+        for idx in np.ndindex(a.shape):
+            old = a[idx]
+            a[idx] = old + eps
+            up = ref_loss(*arrays)
+            a[idx] = old - eps
+            down = ref_loss(*arrays)
+            a[idx] = old
+            g[idx] = (up - down) / (2 * eps)
+        out.append(g)
+    return out
+
+
+@pytest.mark.parametrize("loss_name", ["retrieval", "retrieval_margin", "classification", "cosent"])
+def test_gradients_equal_the_float64_references(loss_name):
+    """d loss / d embeddings against central differences of the SPEC formulas in float64: a
+    stop_gradient or a wrong factor inside a loss changes these, not the loss value."""
+    rng = np.random.default_rng(12)
+    n, k, d, tau = 5, 2, 6, 0.1
+    q, pos, neg = _unit(rng, n, d), _unit(rng, n, d), _unit(rng, n, k, d)
+    la = np.array([0, 0, 1, 2, 2])
+    ln = rng.integers(0, 3, (n, k))
+    y = rng.integers(0, 4, n).astype(np.float32)
+    if loss_name.startswith("retrieval"):
+        margin = 0.3 if loss_name == "retrieval_margin" else None
+        ours = lambda q, p, n_: infonce_retrieval(q, p, n_, temperature=tau, false_negative_margin=margin)[0]  # noqa: E731
+        ref = lambda q, p, n_: ref_retrieval(q, p, n_, tau, True, True, True, margin)[0]  # noqa: E731
+        args = (q, pos, neg)
+    elif loss_name == "classification":
+        ours = lambda a, p, n_: infonce_classification(a, p, n_, la, la, ln, temperature=tau)[0]  # noqa: E731
+        ref = lambda a, p, n_: ref_classification(a, p, n_, la, la, ln, tau)[0]  # noqa: E731
+        args = (q, pos, neg)
+    else:
+        ours = lambda a, b: cosent(a, b, y, temperature=tau)[0]  # noqa: E731
+        ref = lambda a, b: ref_cosent(a, b, y, tau)[0]  # noqa: E731
+        args = (q, pos)
+    got = jax.jit(jax.grad(ours, argnums=tuple(range(len(args)))))(*args)
+    expected = _numeric_grads(ref, args)
+    for name, g, e in zip(("first", "second", "third"), got, expected):
+        assert np.linalg.norm(e) > 1e-3, name
+        err = np.linalg.norm(np.asarray(g, np.float64) - e) / np.linalg.norm(e)
+        assert err < 1e-4, (name, err)
 
 
 def test_sharded_equals_unsharded():

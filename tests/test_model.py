@@ -377,3 +377,15 @@ def test_sharded_forward_equals_single_device(mesh_shape, expect_q, expect_down)
         fn = jax.jit(lambda p, i, m: embed(p, cfg, i, m))
         out = fn(sharded_params, ids_s, mask_s)
     np.testing.assert_allclose(np.asarray(out), single, atol=2e-6)
+
+
+def test_mean_pooling_of_bfloat16_states_sums_in_float32():
+    """A bfloat16 sum over thousands of tokens keeps 8 bits: pooling casts before it sums."""
+    rng = np.random.default_rng(21)
+    h = jnp.asarray(rng.standard_normal((2, 4096, 8)) + 3.0, jnp.bfloat16)
+    mask = np.ones((2, 4096), np.int32)
+    mask[1, 3000:] = 0
+    exact = np.stack([np.asarray(h[0], np.float64).mean(0), np.asarray(h[1, :3000], np.float64).mean(0)])
+    got = jax.jit(lambda h, m: pool(h, m, "mean"))(h, mask)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), exact, rtol=1e-5)

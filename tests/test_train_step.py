@@ -360,12 +360,122 @@ def test_the_logged_learning_rate_is_the_one_applied_after_a_skipped_step():
     np.testing.assert_allclose(lrs, [float(schedule(0)), float(schedule(1)), float(schedule(1))], rtol=1e-6)
 
 
+def test_task_loss_passes_every_setting_and_the_batch_layout_to_the_losses():
+    """task_loss against the losses called directly on the layout the data pipeline writes
+    (passages grouped per query: positive first), with no setting at its default."""
+    from qzhou_jax import losses
+    from qzhou_jax.train.step import task_loss
+
+    rng = np.random.default_rng(31)
+    n, g, d = 6, 3, 8
+
+    def unit(*shape):
+        x = rng.standard_normal(shape)
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    q, p = unit(n, d), unit(n * g, d)
+    pos = np.stack([p[i * g] for i in range(n)])
+    neg = np.stack([p[i * g + 1:(i + 1) * g] for i in range(n)])
+    cfg = LossConfig(temperature=0.03, cosent_temperature=0.07, false_negative_margin=0.1,
+                     query_negatives=False, classification_other_positives=True)
+    q_keys = np.arange(n, dtype=np.int32)
+    p_keys = 100 + np.arange(n * g, dtype=np.int32)
+    p_keys[4] = p_keys[0]  # a duplicate of row 0's positive among row 1's negatives
+    batch = {"q_keys": q_keys, "p_keys": p_keys}
+    got = task_loss(q, p, batch, "retrieval", cfg)[0]
+    want = losses.infonce_retrieval(q, pos, neg, temperature=0.03, query_negatives=False, false_negative_margin=0.1,
+                                    q_keys=q_keys, pos_keys=p_keys[::g], neg_keys=p_keys.reshape(n, g)[:, 1:])[0]
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    assert abs(float(got) - float(task_loss(q, p, batch, "retrieval", LossConfig())[0])) > 1e-3
+    # sts: one passage per query, the CoSENT temperature, padded rows masked
+    scores, valid = rng.integers(0, 5, n).astype(np.float32), np.arange(n) < 4
+    got = task_loss(q, p[:n], {"scores": scores, "valid": valid}, "sts", cfg)[0]
+    want = losses.cosent(q, p[:n], scores, temperature=0.07, valid=valid)[0]
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    assert abs(float(got) - float(losses.cosent(q, p[:n], scores, temperature=0.07)[0])) > 1e-3
+    # classification: negative labels differ from row to row
+    q_labels = np.array([0, 0, 1, 1, 2, 2], np.int32)
+    p_labels = rng.integers(0, 3, n * g).astype(np.int32)
+    p_labels[::g] = q_labels
+    got = task_loss(q, p, {"q_labels": q_labels, "p_labels": p_labels}, "classification", cfg)[0]
+    want = losses.infonce_classification(q, pos, neg, q_labels, p_labels[::g],
+                                         np.stack([p_labels[i * g + 1:(i + 1) * g] for i in range(n)]),
+                                         temperature=0.03, other_positives=True)[0]
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+
+
+def test_non_finite_gradient_with_a_finite_loss_leaves_the_state_unchanged(monkeypatch):
+    from qzhou_jax.train import step as step_mod
+
+    params, batch = _params(), _batch()
+    real = step_mod.loss_and_grads
+
+    def inf_grads(*args, **kwargs):
+        loss, metrics, grads = real(*args, **kwargs)
+        grads = dict(grads, final_norm=grads["final_norm"].at[0].set(jnp.inf))
+        return loss, metrics, grads
+
+    monkeypatch.setattr(step_mod, "loss_and_grads", inf_grads)
+    trainer = Trainer(CFG, TrainConfig(lr=1e-3, warmup_steps=0, total_steps=10), params)
+    before = jax.tree.map(np.array, trainer.state)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        trainer.step(batch)
+    for a, b in zip(jax.tree.leaves(jax.tree.map(np.array, trainer.state)), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_two_sharded_steps_equal_plain_jax_grad_and_optax():
+    """An absolute reference for the whole step: gradients from jax.grad of the model and the
+    loss written out on one device (no GradCache, no mesh), then optax's clip_by_global_norm +
+    adamw. Adam is nearly blind to a constant factor on the gradients, so eps is set near the
+    gradients' size and the clip threshold is one the gradients exceed: a gradient summed
+    instead of averaged over devices, or a wrong norm given to the clip, changes the result."""
+    import optax
+
+    from qzhou_jax import losses
+    from qzhou_jax.train.step import global_norm
+
+    train_cfg = TrainConfig(lr=1e-2, warmup_steps=0, total_steps=10, clip_norm=0.5, eps=1e-3, weight_decay=0.1)
+    params = _params()
+    batches = [_batch(seed=1), _batch(seed=2)]
+
+    def plain_loss(p, b):
+        q = embed(p, CFG, b["q_ids"], b["q_mask"])
+        d = embed(p, CFG, b["p_ids"], b["p_mask"]).reshape(8, 3, -1)
+        return losses.infonce_retrieval(q, d[:, 0], d[:, 1:])[0]
+
+    ref_tx = optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(
+        learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2, eps=1e-3, weight_decay=0.1,
+        mask=weight_decay_mask))
+    ref_params = jax.tree.map(jnp.asarray, params)
+    ref_state = ref_tx.init(ref_params)
+    trainer = Trainer(CFG, train_cfg, params, mesh=sharding.make_mesh(MESHES["data2_fsdp4"]))
+    for b in batches:
+        loss, grads = jax.jit(jax.value_and_grad(plain_loss))(ref_params, b)
+        norm = float(global_norm(grads))
+        assert norm > 1.0  # above the clip threshold
+        updates, ref_state = ref_tx.update(grads, ref_state, ref_params)
+        ref_params = optax.apply_updates(ref_params, updates)
+        metrics = trainer.step(b)
+        np.testing.assert_allclose(metrics["loss"], float(loss), rtol=1e-5)
+        np.testing.assert_allclose(metrics["grad_norm"], norm, rtol=1e-5)
+    start = jax.tree.leaves(params)
+    for (path, got), want, p0 in zip(jax.tree_util.tree_leaves_with_path(jax.tree.map(np.asarray, trainer.params)),
+                                     jax.tree.leaves(ref_params), start):
+        moved = np.asarray(want) - p0
+        err = np.linalg.norm((got - p0) - moved) / max(np.linalg.norm(moved), 1e-30)
+        assert err < 1e-3, (jax.tree_util.keystr(path), err)
+
+
 # ---------------------------------------------------------- optimizer, dtype
 def test_schedules_and_weight_decay_mask():
     cos = learning_rate_schedule(TrainConfig(lr=1.0, warmup_steps=4, total_steps=14, schedule="cosine"))
     lin = learning_rate_schedule(TrainConfig(lr=1.0, warmup_steps=4, total_steps=14, schedule="linear",
                                              final_lr_ratio=0.1))
     const = learning_rate_schedule(TrainConfig(lr=1.0, warmup_steps=4, total_steps=14, schedule="constant"))
+    cos_floor = learning_rate_schedule(TrainConfig(lr=2.0, warmup_steps=4, total_steps=14, schedule="cosine",
+                                                   final_lr_ratio=0.1))
+    np.testing.assert_allclose([float(cos_floor(s)) for s in (4, 9, 14, 30)], [2, 1.1, 0.2, 0.2], atol=1e-6)
     np.testing.assert_allclose([float(cos(s)) for s in (0, 3, 4, 9, 14, 20)], [0.25, 1, 1, 0.5, 0, 0], atol=1e-6)
     np.testing.assert_allclose([float(lin(s)) for s in (1, 4, 9, 14)], [0.5, 1, 0.55, 0.1], atol=1e-6)
     np.testing.assert_allclose([float(const(s)) for s in (0, 4, 100)], [0.25, 1, 1], atol=1e-6)
