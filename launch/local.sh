@@ -30,7 +30,10 @@ examples:
   launch/local.sh -n 2 -d 4 -- train --config configs/demo.yaml --set out_dir=runs/mp --resume
 
 The exit status is the first non-zero exit status of the processes (0 when all succeed).
-When one process fails, the others are stopped.
+When one process fails, the others are stopped (SIGTERM, then SIGKILL after
+LOCAL_SH_GRACE seconds, default 10); when one is preempted (status 75), the others are
+left to save. SIGTERM to the launcher is passed on to every process as a preemption
+notice, and the launcher returns once they have saved and exited (status 75).
 EOF
 }
 
@@ -81,17 +84,39 @@ sys.exit(main(sys.argv[1:]))
 PY
 
 pids=()
-cleanup() {
+# Stop the processes still running: SIGTERM (a trainer saves a checkpoint at its next step),
+# then SIGKILL after GRACE seconds (a process whose peer died is stuck in a collective).
+stop_all() {
+  local grace=$1 pid waited=0
   for pid in ${pids[@]+"${pids[@]}"}; do
-    kill "$pid" 2>/dev/null || true
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  while (( waited < grace * 5 )); do
+    local alive=0
+    for pid in ${pids[@]+"${pids[@]}"}; do
+      kill -0 "$pid" 2>/dev/null && alive=1
+    done
+    (( alive )) || return 0
+    sleep 0.2
+    waited=$((waited + 1))
+  done
+  for pid in ${pids[@]+"${pids[@]}"}; do
+    kill -KILL "$pid" 2>/dev/null || true
   done
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'stop_all 0' EXIT
+# A signal to the launcher is passed on to the processes (SIGTERM: a preemption notice, so
+# each trainer saves and exits 75), and the launcher waits for them and returns their status.
+# A Ctrl-C in a terminal reaches every process of the foreground group already.
+signalled=""
+trap 'signalled=TERM; for p in ${pids[@]+"${pids[@]}"}; do kill -TERM "$p" 2>/dev/null || true; done' TERM
+trap 'signalled=INT' INT
+GRACE=${LOCAL_SH_GRACE:-10}
 
 echo "local.sh: $processes processes x $devices CPU devices, coordinator localhost:$port, logs in $logs" >&2
 for ((i = 0; i < processes; i++)); do
   log="$logs/process_$i.log"
+  : >"$log"
   (
     # Only this launcher's processes: no cluster environment JAX would detect instead.
     unset SLURM_JOB_ID OMPI_COMM_WORLD_SIZE OMPI_MCA_orte_hnp_uri TPU_WORKER_HOSTNAMES TPU_PROCESS_ADDRESSES
@@ -128,8 +153,13 @@ while [[ $remaining -gt 0 ]]; do
       remaining=$((remaining - 1))
       if [[ $rc -ne 0 && $status -eq 0 ]]; then
         status=$rc
-        echo "local.sh: process $i exited with status $rc (log: $logs/process_$i.log); stopping the others" >&2
-        cleanup
+        if [[ $rc -eq 75 ]]; then
+          # preempted: the others stop at the same step (JAX's preemption sync point) and save
+          echo "local.sh: process $i was preempted (status 75); waiting for the others to save" >&2
+        elif [[ -z "$signalled" ]]; then
+          echo "local.sh: process $i exited with status $rc (log: $logs/process_$i.log); stopping the others" >&2
+          stop_all "$GRACE"
+        fi
       fi
     fi
   done

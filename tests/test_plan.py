@@ -468,6 +468,48 @@ def test_local_launcher_joins_processes(tmp_path):
 
 
 @needs_bash
+def test_local_launcher_passes_sigterm_on_and_stops_stuck_processes(tmp_path):
+    """SIGTERM to the launcher reaches every process, and the launcher returns their status
+    (75, a preemption) once they have finished saving; a process whose peer crashed and that
+    does not stop on SIGTERM (stuck in a collective) is killed after LOCAL_SH_GRACE seconds."""
+    import signal
+    import time
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import os, signal, sys, time\n"
+        "mode, out, i = sys.argv[1], sys.argv[2], int(os.environ['JAX_PROCESS_ID'])\n"
+        "def save(*_):\n"
+        "    time.sleep(1.0)\n"
+        "    open(os.path.join(out, f'saved_{i}'), 'w').close()\n"
+        "    sys.exit(75)\n"
+        "if mode == 'term':\n"
+        "    signal.signal(signal.SIGTERM, save)\n"
+        "else:\n"
+        "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "open(os.path.join(out, f'started_{i}'), 'w').close()\n"
+        "if mode == 'crash' and i == 0:\n"
+        "    time.sleep(0.5)\n"
+        "    sys.exit(3)\n"
+        "time.sleep(60)\n")
+    base = ["bash", str(LAUNCH / "local.sh"), "-n", "2", "--logs", str(tmp_path / "logs"), "--exec", "--",
+            sys.executable, str(worker)]
+    proc = subprocess.Popen(base + ["term", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not all((tmp_path / f"started_{i}").exists() for i in range(2)) and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # the launcher only, as `kill <pid>` or a job scheduler would
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75, err
+    assert all((tmp_path / f"saved_{i}").exists() for i in range(2)), err
+    start = time.time()
+    r = subprocess.run(base + ["crash", str(tmp_path)], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "LOCAL_SH_GRACE": "1"})
+    assert r.returncode == 3 and "process 0 exited with status 3" in r.stderr, r.stderr
+    assert time.time() - start < 20
+
+
+@needs_bash
 def test_slurm_script_environment(tmp_path):
     stubs = tmp_path / "bin"
     stubs.mkdir()

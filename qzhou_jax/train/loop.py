@@ -322,7 +322,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
         if start_step > len(data):  # refused before anything of the run is rewritten
             _shorter_plan(len(data), f"checkpoint {ckpts.directory}/{saved} is at step {start_step}")
         trainer = Trainer(model_cfg, cfg.train, None, loss_cfg=cfg.loss, mesh=mesh, state=state)
-        log.info("resumed from %s at step %d", ckpts.directory, start_step)
+        log.warning("resumed from %s at step %d", ckpts.directory, start_step)
     else:
         if ckpts.latest_step() is not None:
             raise ValueError(f"{ckpts.directory}: holds checkpoints (latest step {ckpts.latest_step()}); pass "
