@@ -54,6 +54,39 @@ def uninterrupted(tmp_path_factory):
     return train(load_run_config(data=run_dict(out)))
 
 
+def _train_rows(out_dir):
+    """metrics.jsonl's training rows without the rates (time-dependent)."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if "train/loss" in line]
+    timing = ("train/tokens_per_s", "train/steps_per_s", "train/mfu")
+    return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+
+def test_a_preemption_inside_a_logging_window_logs_the_same_rows_after_resume(tmp_path):
+    """log.every 3, checkpoints every 4: an uninterrupted run logs steps 3, 4 (the checkpoint
+    closes the window), 6, 8, 9. Preempted after step 5, the run writes a partial row at 5;
+    the resumed run replaces it with the window 5..6, as the uninterrupted run logged it."""
+    raw = run_dict(tmp_path / "full", steps=9)
+    raw["log"]["every"] = 3
+    train(load_run_config(data=raw))
+    expected = _train_rows(tmp_path / "full")
+    assert [r["step"] for r in expected] == [3, 4, 6, 8, 9]
+    raw["out_dir"] = str(tmp_path / "cut")
+    cfg = load_run_config(data=raw)
+    # hooks see a step when its metrics are fetched (at the step-4 checkpoint here): SIGTERM then,
+    # and the loop stops after step 5
+    assert train(cfg, hooks=[sigterm_at(4)]).status == "preempted"
+    cut = _train_rows(tmp_path / "cut")
+    assert [(r["step"], r.get("partial")) for r in cut] == [(3, None), (4, None), (5, True)]
+    assert train(cfg, resume=True).status == "completed"
+    got = _train_rows(tmp_path / "cut")
+    assert [r["step"] for r in got] == [3, 4, 6, 8, 9]
+    for g, e in zip(got, expected):
+        assert g.keys() == e.keys()
+        for k in e:
+            assert g[k] == e[k] or (isinstance(e[k], float) and abs(g[k] - e[k]) <= 1e-6 * abs(e[k])), (k, g, e)
+
+
 def test_sigterm_then_resume_gives_identical_losses(tmp_path, uninterrupted, caplog):
     cfg = load_run_config(data=run_dict(tmp_path))
     first = train(cfg, hooks=[sigterm_at(3)])

@@ -307,6 +307,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
 
     ckpts = RunCheckpoints(cfg.checkpoint_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     start_step = 0
+    carried: list[dict] = []  # the steps of a logging window a preemption left open
     restored = resume and ckpts.latest_step() is not None
     if restored:
         if min(ckpts.all_steps()) > len(data):  # before a (long) restore: no checkpoint can continue
@@ -316,6 +317,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
         target = abstract_train_state(model_cfg, tx, train_state_shardings(model_cfg, tx, mesh))
         state, data_state, saved = ckpts.restore_newest_readable(target, cfg.to_dict(), model_cfg, POLICY_FIELDS)
         start_step = data.check_state(data_state)
+        carried = [dict(m) for m in data_state.get("log_window", [])]
         if int(state.step) != start_step:
             raise ValueError(f"{ckpts.directory}/{saved}: train state at step {int(state.step)} but data at "
                              f"{start_step}")
@@ -355,9 +357,13 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
     last_saved = start_step if restored else None
     skips = {"in_a_row": 0, "total": 0}
 
-    def flush() -> None:
+    def flush(preempted: bool = False) -> list[dict]:
+        """Settle the pending steps (fetch their metrics, check them) and log their window. At a
+        preemption the line is marked partial and the window's steps are returned for the
+        checkpoint: the resumed run logs the whole window, as an uninterrupted run does."""
+        nonlocal carried
         if not pending:
-            return
+            return []
         fetched = jax.device_get([p[3] for p in pending])
         now = time.perf_counter()
         dt = max(now - window["t"], 1e-9)
@@ -384,7 +390,8 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
             # the optimizer's own count of applied updates).
             skips["total"] += skipped
             trainer.state = trainer.state._replace(step=trainer.state.step + skipped)
-        steps = result.history[-len(pending):]
+        steps = carried + result.history[-len(pending):]
+        carried = []
         last = steps[-1]
         finite_steps = [m for m in steps if m["finite"] > 0] or steps  # a skipped step's NaN stays out of means
         rates = {"tokens_per_s": window["tokens"] / dt, "steps_per_s": len(pending) / dt,
@@ -395,7 +402,14 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
         summary.update(rates, task=last["task"], dataset=last["dataset"])
         if skips["total"]:
             summary["skipped_steps"] = skips["total"]
-        logger.write(last["step"] + 1, summary)
+        done_now = last["step"] + 1
+        # where an uninterrupted run closes a window: every log.every steps, the last step, and
+        # before each checkpoint and evaluation
+        closes = (done_now % cfg.log.every == 0 or done_now == cfg.train.total_steps
+                  or done_now % cfg.checkpoint.every == 0
+                  or bool(cfg.eval.tasks and cfg.eval.every and done_now % cfg.eval.every == 0))
+        open_window = preempted and not closes
+        logger.write(done_now, summary, partial=open_window)
         if progress is not None:
             post = {"loss": f"{last['loss']:.4f}", "tok/s": f"{rates['tokens_per_s']:,.0f}", "task": last["task"]}
             if "mfu" in rates:
@@ -403,12 +417,16 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
             progress.set_postfix(post, refresh=False)
         pending.clear()
         window.update(t=now, flops=0.0, tokens=0, local=0, text=0)
+        return [m for m in steps if m["finite"] > 0] if open_window else []
 
-    def save(at: int, force: bool = False) -> None:
+    def save(at: int, force: bool = False, log_window: list[dict] | None = None) -> None:
         nonlocal last_saved
         if last_saved == at:
             return
-        ckpts.save(at, trainer.state, data.state(at), force=force)
+        state = data.state(at)
+        if log_window:
+            state["log_window"] = log_window
+        ckpts.save(at, trainer.state, state, force=force)
         last_saved = at
 
     multi = jax.process_count() > 1
@@ -446,8 +464,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
             result.step = done
             stop = ckpts.reached_preemption(done) if multi else preempt.flag
             if stop and cfg.checkpoint.save_on_preemption:
-                flush()
-                save(done, force=True)
+                save(done, force=True, log_window=flush(preempted=True))
                 ckpts.wait()
                 result.status = "preempted"
                 log.warning("preempted: checkpoint for step %d written to %s; rerun with --resume",

@@ -35,8 +35,9 @@ class MetricsLog:
     """Appends metrics to <out>/metrics.jsonl and TensorBoard events under <out>/tensorboard.
 
     Rows are labelled with the number of steps done. On resume from step k, rows after k
-    (written by the interrupted attempt after its checkpoint) are dropped, so the log
-    reads as one run. A fresh run in a folder with an earlier log renames that log and
+    (written by the interrupted attempt after its checkpoint) are dropped, and a row at k
+    marked partial (a window a preemption cut short; its steps travel in the checkpoint and
+    the resumed run logs the window whole), so the log reads as one run. A fresh run in a folder with an earlier log renames that log and
     its TensorBoard folder with their modification time appended.
     """
 
@@ -47,8 +48,9 @@ class MetricsLog:
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
+        partial_dropped = False
         if resume_step is not None and os.path.isfile(self.path):
-            self._truncate(resume_step)
+            partial_dropped = self._truncate(resume_step)
         tb_dir = os.path.join(out_dir, "tensorboard")
         if resume_step is None:  # a fresh run: keep an earlier run's log and events aside
             for old in (self.path, tb_dir):
@@ -58,26 +60,36 @@ class MetricsLog:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(tb_dir, purge_step=None if resume_step is None else resume_step + 1)
+            purge = None if resume_step is None else resume_step + (0 if partial_dropped else 1)
+            self.tb = SummaryWriter(tb_dir, purge_step=purge)
 
-    def _truncate(self, step: int) -> None:
-        keep = []
+    def _truncate(self, step: int) -> bool:
+        """Drop the rows after `step`, and a partial row at `step` (a logging window that a
+        preemption closed early: the resumed run logs that window whole). Whether one was."""
+        keep, partial = [], False
         with open(self.path, encoding="utf-8") as f:
             for line in f:
                 try:
-                    if json.loads(line).get("step", -1) <= step:
-                        keep.append(line)
+                    row = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                if row.get("step", -1) == step and row.get("partial"):
+                    partial = True
+                elif row.get("step", -1) <= step:
+                    keep.append(line)
         tmp = f"{self.path}.tmp{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(keep)
         os.replace(tmp, self.path)
+        return partial
 
-    def write(self, step: int, values: Mapping[str, Any], prefix: str = "train") -> None:
+    def write(self, step: int, values: Mapping[str, Any], prefix: str = "train", partial: bool = False) -> None:
+        """One row; `partial`: a window cut short by a preemption (replaced on resume)."""
         if not self.enabled:
             return
         row = {"step": int(step)}
+        if partial:
+            row["partial"] = True
         for k, v in values.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 row[f"{prefix}/{k}" if prefix else k] = float(v) if math.isfinite(float(v)) else str(v)
