@@ -459,6 +459,28 @@ def test_every_batch_is_from_one_dataset_and_host_slices_partition_it():
             np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), value, err_msg=key)
 
 
+def test_a_data_file_rewritten_with_as_many_records_is_noticed_on_resume(tmp_path, caplog):
+    from qzhou_jax.tokenizer import Tokenizer
+    from qzhou_jax.train.loop import tokenizer_path
+
+    src = tmp_path / "ret.jsonl"
+    shutil.copy(os.path.join(os.path.dirname(__import__("qzhou_jax").__file__), "assets", "demo",
+                             "retrieval_train.jsonl"), src)
+    raw = run_dict(tmp_path, steps=4)
+    raw["data"]["datasets"][0]["path"] = str(src)
+    cfg = load_run_config(data=raw)
+    tok = Tokenizer(tokenizer_path(cfg), max_length=32)
+    saved = TrainData.from_config(cfg, tok, HostRows.of_process(0, 1)).state(3)
+    with caplog.at_level("WARNING"):
+        assert TrainData.from_config(cfg, tok, HostRows.of_process(0, 1)).check_state(saved) == 3
+    assert "rewritten" not in caplog.text
+    lines = src.read_text().splitlines()
+    src.write_text("\n".join(lines[:-1] + [lines[-1].replace('{"query":"', '{"query":"edited ', 1)]) + "\n")
+    with caplog.at_level("WARNING"):
+        assert TrainData.from_config(cfg, tok, HostRows.of_process(0, 1)).check_state(saved) == 3
+    assert "dataset ret: its file is" in caplog.text and "it was rewritten" in caplog.text
+
+
 def test_an_instruction_that_fills_the_length_is_refused_when_the_data_opens(caplog):
     from qzhou_jax.tokenizer import Tokenizer, format_prompt
     from qzhou_jax.train.loop import tokenizer_path

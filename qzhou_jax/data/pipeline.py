@@ -282,7 +282,11 @@ class TrainData:
     # ----------------------------------------------------------------- state
     def state(self, next_step: int) -> dict:
         """The iterator state to checkpoint: the next step and what fixes the order."""
-        return {"version": STATE_VERSION, "next_step": int(next_step), "plan": self.plan.fingerprint()}
+        return {"version": STATE_VERSION, "next_step": int(next_step), "plan": self.plan.fingerprint(),
+                "file_sizes": self._file_sizes()}
+
+    def _file_sizes(self) -> list[int | None]:
+        return [getattr(b.source, "size_bytes", None) for b in self.builders]
 
     def check_state(self, state: Mapping[str, Any]) -> int:
         """The step to resume from; DataStateError when the data or its order changed."""
@@ -295,6 +299,11 @@ class TrainData:
                     f"data state: the checkpoint was written with {key} = {saved.get(key)!r}, the run is configured "
                     f"with {now.get(key)!r}; resuming would change the data order (start a new run, or restore "
                     "the original data configuration)")
+        saved_sizes = state.get("file_sizes") or []
+        for b, was, now in zip(self.builders, saved_sizes, self._file_sizes()):
+            if was is not None and now is not None and was != now:
+                log.warning("dataset %s: its file is %d bytes now, %d when the checkpoint was written, with as many "
+                            "records: it was rewritten, and the resumed steps read the new texts", b.name, now, was)
         return int(state["next_step"])
 
     def describe(self) -> list[dict]:

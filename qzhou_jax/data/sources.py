@@ -209,6 +209,11 @@ class JsonlSource:
         self._lock = threading.Lock()
         self._scan(BadRecords(skip=skip_bad_records))
 
+    @property
+    def size_bytes(self) -> int:
+        """The file's size when it was scanned (a resume compares it, to notice a rewritten file)."""
+        return int(self._stat[0])
+
     def _scan(self, errors: BadRecords) -> None:
         if os.path.isdir(self.path):
             raise FileNotFoundError(f"{self.path}: a folder, not a JSONL file (a BEIR folder? use format beir)")
