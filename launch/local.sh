@@ -83,35 +83,60 @@ from qzhou_jax.cli import main
 sys.exit(main(sys.argv[1:]))
 PY
 
+GRACE=${LOCAL_SH_GRACE:-10}
+if ! [[ "$GRACE" =~ ^[0-9]+$ ]]; then
+  echo "local.sh: LOCAL_SH_GRACE: expected a whole number of seconds, got '$GRACE'" >&2
+  exit 2
+fi
 pids=()
+declare -A done_pids=()
+tail_pid=""
+running() {  # the pids of processes that have not been reaped
+  local pid
+  for pid in ${pids[@]+"${pids[@]}"}; do
+    [[ -n "${done_pids[$pid]:-}" ]] || echo "$pid"
+  done
+}
 # Stop the processes still running: SIGTERM (a trainer saves a checkpoint at its next step),
 # then SIGKILL after GRACE seconds (a process whose peer died is stuck in a collective).
 stop_all() {
-  local grace=$1 pid waited=0
-  for pid in ${pids[@]+"${pids[@]}"}; do
+  local grace=$1 pid waited=0 alive
+  for pid in $(running); do
     kill -TERM "$pid" 2>/dev/null || true
   done
   while (( waited < grace * 5 )); do
-    local alive=0
-    for pid in ${pids[@]+"${pids[@]}"}; do
+    alive=0
+    for pid in $(running); do
       kill -0 "$pid" 2>/dev/null && alive=1
     done
     (( alive )) || return 0
-    sleep 0.2
+    sleep 0.2 || true
     waited=$((waited + 1))
   done
-  for pid in ${pids[@]+"${pids[@]}"}; do
+  for pid in $(running); do
     kill -KILL "$pid" 2>/dev/null || true
   done
 }
-trap 'stop_all 0' EXIT
+on_exit() {
+  stop_all "$GRACE"
+  [[ -z "$tail_pid" ]] || kill "$tail_pid" 2>/dev/null || true
+}
+trap on_exit EXIT
 # A signal to the launcher is passed on to the processes (SIGTERM: a preemption notice, so
 # each trainer saves and exits 75), and the launcher waits for them and returns their status.
-# A Ctrl-C in a terminal reaches every process of the foreground group already.
+# A Ctrl-C in a terminal, or a signal to the whole process group (Slurm, a VM shutdown), has
+# reached every process already; the `|| true` after each sleep keeps the launcher waiting
+# when that signal also ends its own sleep.
 signalled=""
-trap 'signalled=TERM; for p in ${pids[@]+"${pids[@]}"}; do kill -TERM "$p" 2>/dev/null || true; done' TERM
+forward_term() {
+  signalled=TERM
+  local pid
+  for pid in $(running); do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+}
+trap forward_term TERM
 trap 'signalled=INT' INT
-GRACE=${LOCAL_SH_GRACE:-10}
 
 echo "local.sh: $processes processes x $devices CPU devices, coordinator localhost:$port, logs in $logs" >&2
 for ((i = 0; i < processes; i++)); do
@@ -138,10 +163,10 @@ done
 # Show process 0's output as it comes.
 tail -n +1 -f "$logs/process_0.log" &
 tail_pid=$!
+[[ "$signalled" != TERM ]] || forward_term  # a SIGTERM while the processes were starting
 
 status=0
 remaining=$processes
-declare -A done_pids=()
 while [[ $remaining -gt 0 ]]; do
   for i in "${!pids[@]}"; do
     pid="${pids[$i]}"
@@ -156,18 +181,19 @@ while [[ $remaining -gt 0 ]]; do
         if [[ $rc -eq 75 ]]; then
           # preempted: the others stop at the same step (JAX's preemption sync point) and save
           echo "local.sh: process $i was preempted (status 75); waiting for the others to save" >&2
-        elif [[ -z "$signalled" ]]; then
+        elif ! [[ $rc -eq 130 && "$signalled" == INT ]]; then  # after Ctrl-C every process stops by itself
           echo "local.sh: process $i exited with status $rc (log: $logs/process_$i.log); stopping the others" >&2
           stop_all "$GRACE"
         fi
       fi
     fi
   done
-  sleep 0.2
+  sleep 0.2 || true
 done
-sleep 0.3
+sleep 0.3 || true
 kill "$tail_pid" 2>/dev/null || true
 wait "$tail_pid" 2>/dev/null || true
+tail_pid=""
 pids=()
 echo "local.sh: done, status $status (logs in $logs)" >&2
 exit "$status"

@@ -439,7 +439,11 @@ def unique_keys_loader() -> type:
                 if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden
                     continue
                 key = self.construct_object(key_node, deep=deep)
-                if isinstance(key, (str, int, float, bool)) and key in seen:
+                try:
+                    hash(key)
+                except TypeError:  # a list or mapping as a key: PyYAML's own error follows
+                    continue
+                if key in seen:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"key {key!r} appears twice in one mapping (lines {seen[key] + 1} and "
                         f"{key_node.start_mark.line + 1})", key_node.start_mark)

@@ -195,7 +195,8 @@ def test_sts_equals_mteb(world):
     theirs, model = _theirs(task, world)
     ours = _ours(world, {"name": "sts", "type": "sts", "path": "sts.jsonl", "instruction": _instruction(task, None)})
     assert model.instructions_used[("MockSTSTask", "text")] == ours["qzhou_jax"]["instructions"]["text1"]
-    _compare(ours, theirs, ["cosine_spearman", "cosine_pearson", "euclidean_spearman", "manhattan_pearson"])
+    _compare(ours, theirs, ["cosine_spearman", "cosine_pearson", "euclidean_spearman", "manhattan_pearson",
+                            "pearson", "spearman"])
 
 
 def test_pair_classification_equals_mteb(world):

@@ -479,12 +479,13 @@ def test_local_launcher_passes_sigterm_on_and_stops_stuck_processes(tmp_path):
     worker.write_text(
         "import os, signal, sys, time\n"
         "mode, out, i = sys.argv[1], sys.argv[2], int(os.environ['JAX_PROCESS_ID'])\n"
-        "def save(*_):\n"
+        "def save(signum, _):\n"
         "    time.sleep(1.0)\n"
         "    open(os.path.join(out, f'saved_{i}'), 'w').close()\n"
-        "    sys.exit(75)\n"
+        "    os._exit(75 if signum == signal.SIGTERM else 130)\n"
         "if mode == 'term':\n"
         "    signal.signal(signal.SIGTERM, save)\n"
+        "    signal.signal(signal.SIGINT, save)\n"
         "else:\n"
         "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
         "open(os.path.join(out, f'started_{i}'), 'w').close()\n"
@@ -494,14 +495,24 @@ def test_local_launcher_passes_sigterm_on_and_stops_stuck_processes(tmp_path):
         "time.sleep(60)\n")
     base = ["bash", str(LAUNCH / "local.sh"), "-n", "2", "--logs", str(tmp_path / "logs"), "--exec", "--",
             sys.executable, str(worker)]
-    proc = subprocess.Popen(base + ["term", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 30
-    while not all((tmp_path / f"started_{i}").exists() for i in range(2)) and time.time() < deadline:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)  # the launcher only, as `kill <pid>` or a job scheduler would
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 75, err
-    assert all((tmp_path / f"saved_{i}").exists() for i in range(2)), err
+    # the launcher only (`kill <pid>`), then the whole process group (Slurm, a VM shutdown, Ctrl-C):
+    # every process saves before the launcher returns their status
+    for how, sig, status in (("pid", signal.SIGTERM, 75), ("group", signal.SIGTERM, 75),
+                             ("group", signal.SIGINT, 130)):
+        out = tmp_path / f"{how}_{sig.name}"
+        out.mkdir()
+        proc = subprocess.Popen(base + ["term", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        deadline = time.time() + 30
+        while not all((out / f"started_{i}").exists() for i in range(2)) and time.time() < deadline:
+            time.sleep(0.1)
+        if how == "pid":
+            proc.send_signal(sig)
+        else:
+            os.killpg(proc.pid, sig)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == status, (how, sig, err)
+        assert all((out / f"saved_{i}").exists() for i in range(2)), (how, sig, err)
     start = time.time()
     r = subprocess.run(base + ["crash", str(tmp_path)], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "LOCAL_SH_GRACE": "1"})

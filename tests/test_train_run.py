@@ -481,26 +481,26 @@ def test_a_data_file_rewritten_with_as_many_records_is_noticed_on_resume(tmp_pat
     assert "dataset ret: its file is" in caplog.text and "it was rewritten" in caplog.text
 
 
-def test_an_instruction_that_fills_the_length_is_refused_when_the_data_opens(caplog):
+def test_an_instruction_that_fills_the_length_is_refused_when_the_data_opens(tmp_path, caplog):
     from qzhou_jax.tokenizer import Tokenizer, format_prompt
     from qzhou_jax.train.loop import tokenizer_path
 
     instruction = "Given a web search query, retrieve relevant passages that answer the query"
-    cfg = load_run_config(data=run_dict("/tmp/unused", steps=4))
+    cfg = load_run_config(data=run_dict(tmp_path, steps=4))
     tok = Tokenizer(tokenizer_path(cfg), max_length=512)
     prompt = len(tok.encode([format_prompt("", instruction)])[0])
-    raw = run_dict("/tmp/unused", steps=4, query_max_length=prompt)
+    raw = run_dict(tmp_path, steps=4, query_max_length=prompt)
     raw["data"]["datasets"][0]["instruction"] = instruction
     with pytest.raises(ValueError, match=rf"data.datasets\[0\] \(ret\): its instruction takes {prompt} tokens of "
                                          rf"the {prompt} of query_max_length, so no query text would be left"):
         TrainData.from_config(load_run_config(data=raw), tok, HostRows.of_process(0, 1))
     # symmetric datasets carry it on both sides: the passage length counts too
-    raw = run_dict("/tmp/unused", steps=4, query_max_length=prompt + 20, passage_max_length=prompt)
+    raw = run_dict(tmp_path, steps=4, query_max_length=prompt + 20, passage_max_length=prompt)
     raw["data"]["datasets"][1]["instruction"] = instruction
     raw["data"]["datasets"][1]["passage_max_length"] = prompt
     with pytest.raises(ValueError, match=r"data.datasets\[1\] \(sts\): .* no passage text would be left"):
         TrainData.from_config(load_run_config(data=raw), tok, HostRows.of_process(0, 1))
-    raw = run_dict("/tmp/unused", steps=4, query_max_length=prompt + 2)
+    raw = run_dict(tmp_path, steps=4, query_max_length=prompt + 2)
     raw["data"]["datasets"][0]["instruction"] = instruction
     with caplog.at_level("WARNING"):
         TrainData.from_config(load_run_config(data=raw), tok, HostRows.of_process(0, 1))

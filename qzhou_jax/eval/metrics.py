@@ -184,14 +184,16 @@ def pair_classification_scores(a: np.ndarray, b: np.ndarray, labels: Sequence[in
 
 def sts_scores(a: np.ndarray, b: np.ndarray, gold: Sequence[float]) -> dict[str, float]:
     """mteb's STS metrics: Pearson and Spearman of gold scores against cosine similarity,
-    negative euclidean and manhattan distances (the model's own similarity is cosine)."""
+    negative euclidean and manhattan distances, and (`pearson`, `spearman`) the model's own
+    similarity, which is cosine computed as mteb's torch path does (`pair_scores`)."""
     scores = pair_scores(a, b)
     out: dict[str, float] = {}
     for name, s in (("cosine", scores["cosine"]), ("manhattan", -scores["manhattan"]),
                     ("euclidean", -scores["euclidean"])):
         out[f"{name}_pearson"] = pearson(gold, s)
         out[f"{name}_spearman"] = spearman(gold, s)
-    out["pearson"], out["spearman"] = out["cosine_pearson"], out["cosine_spearman"]
+    # mteb's `pearson` / `spearman` use the model's own similarity (cosine, through torch)
+    out["pearson"], out["spearman"] = pearson(gold, scores["similarity"]), spearman(gold, scores["similarity"])
     return out
 
 
