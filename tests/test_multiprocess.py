@@ -109,7 +109,7 @@ def test_a_tensor_axis_across_processes_trains_on_the_whole_batch(tmp_path):
         np.testing.assert_allclose(two[h["step"]], h["loss"], rtol=1e-5, err_msg=f"step {h['step']}")
 
 
-def _launch(cfg_path, cwd, port, log_dir=None, devices=4, **extra_env):
+def _launch(cfg_path, cwd, port, log_dir=None, devices=4, args=(), **extra_env):
     procs = []
     for i in range(2):
         env = {**os.environ, **extra_env, "JAX_PLATFORMS": "cpu",
@@ -117,7 +117,8 @@ def _launch(cfg_path, cwd, port, log_dir=None, devices=4, **extra_env):
                "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
                "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
         out = open(os.path.join(log_dir, f"p{i}.log"), "w") if log_dir else subprocess.PIPE
-        procs.append(subprocess.Popen([sys.executable, "-m", "qzhou_jax.cli", "-v", "train", "--config", str(cfg_path)],
+        procs.append(subprocess.Popen([sys.executable, "-m", "qzhou_jax.cli", "-v", "train", "--config", str(cfg_path),
+                                       *args],
                                       env=env, cwd=str(cwd), stdout=out, stderr=subprocess.STDOUT, text=True))
         if log_dir:
             out.close()  # the child has its own descriptor
@@ -158,6 +159,29 @@ def test_sigterm_to_one_process_saves_every_process_at_the_same_step(tmp_path):
     for log in logs:
         assert f"preempted: checkpoint for step {saved[0]} written" in log
     assert marker.read_text() == f"{saved[0]}\n"
+
+    # Resumed, and preempted again while restoring and compiling. JAX's sync point is the step
+    # after the highest one the processes last reported, 0 before any: the notice set it to 1,
+    # which the resumed run (at step saved + 1 and on) never reached, and it trained on to the
+    # end. It now stops before its first step, or saves after it.
+    first = int(saved[0])
+    procs = _launch(tmp_path / "run.yaml", tmp_path, free_port(), log_dir=str(tmp_path), args=("--resume",))
+    deadline = time.time() + 300
+    try:
+        while "resumed from" not in (tmp_path / "p1.log").read_text():
+            assert time.time() < deadline and all(p.poll() is None for p in procs), \
+                (tmp_path / "p1.log").read_text()[-3000:]
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = [(tmp_path / f"p{i}.log").read_text() for i in range(2)]
+    assert codes == [75, 75], logs[1][-3000:]
+    saved = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
+    assert saved[-1] in (first, first + 1), (saved, logs[1][-2000:])
 
 
 @pytest.mark.parametrize("processes", [2, 4])

@@ -430,6 +430,17 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
         last_saved = at
 
     multi = jax.process_count() > 1
+    if multi and cfg.checkpoint.save_on_preemption and not preempt.flag:
+        # JAX's preemption sync point is the step after the highest one the processes last
+        # reported (0 before any): a notice that came while restoring or compiling set it to 1,
+        # which a resumed run never reaches. Report the starting step, then agree on a notice
+        # that came before it; one that comes later makes the first step the sync point.
+        from qzhou_jax.hosts import preemption_noticed
+
+        at_start = ckpts.reached_preemption(start_step)
+        noticed = exchange.gather("first_step", [int(at_start or preemption_noticed(exchange.client))],
+                                  "preemption check before the first step")
+        preempt.flag = bool(noticed.max())
     if preempt.flag:  # SIGTERM before the first step: nothing new to save
         result.status = "preempted"
         log.warning("preempted before the first step; rerun with --resume")
