@@ -137,23 +137,28 @@ def test_sigterm_to_one_process_saves_every_process_at_the_same_step(tmp_path):
     cfg["checkpoint"] = {"every": 1000, "keep": 2}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     marker = tmp_path / "preempted"  # what launch/slurm_gpu.sbatch reads besides srun's status
-    procs = _launch(tmp_path / "run.yaml", tmp_path, free_port(), log_dir=str(tmp_path),
-                    QZ_PREEMPTED_MARKER=str(marker))
+    def sigterm_to_one_when(ready, procs):
+        """Wait for `ready()`, send SIGTERM to process 1 only, and return both exit codes and logs."""
+        deadline = time.time() + 300
+        try:
+            while not ready():
+                assert time.time() < deadline and all(p.poll() is None for p in procs), \
+                    (tmp_path / "p1.log").read_text()[-3000:]
+                time.sleep(0.05)
+            procs[1].send_signal(signal.SIGTERM)
+            codes = [p.wait(timeout=max(1, deadline - time.time())) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        logs = [(tmp_path / f"p{i}.log").read_text() for i in range(2)]
+        assert codes == [75, 75], logs[1][-3000:]
+        return logs
+
     metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 300
-    try:
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-            assert time.time() < deadline and all(p.poll() is None for p in procs), \
-                (tmp_path / "p0.log").read_text()[-3000:]
-            time.sleep(0.2)
-        procs[1].send_signal(signal.SIGTERM)
-        codes = [p.wait(timeout=max(1, deadline - time.time())) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    logs = [(tmp_path / f"p{i}.log").read_text() for i in range(2)]
-    assert codes == [75, 75], logs[1][-3000:]
+    logs = sigterm_to_one_when(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3,
+                               _launch(tmp_path / "run.yaml", tmp_path, free_port(), log_dir=str(tmp_path),
+                                       QZ_PREEMPTED_MARKER=str(marker)))
     saved = [d for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit()]
     assert len(saved) == 1 and 3 <= int(saved[0]) < 400
     for log in logs:
@@ -165,21 +170,9 @@ def test_sigterm_to_one_process_saves_every_process_at_the_same_step(tmp_path):
     # which the resumed run (at step saved + 1 and on) never reached, and it trained on to the
     # end. It now stops before its first step, or saves after it.
     first = int(saved[0])
-    procs = _launch(tmp_path / "run.yaml", tmp_path, free_port(), log_dir=str(tmp_path), args=("--resume",))
-    deadline = time.time() + 300
-    try:
-        while "resumed from" not in (tmp_path / "p1.log").read_text():
-            assert time.time() < deadline and all(p.poll() is None for p in procs), \
-                (tmp_path / "p1.log").read_text()[-3000:]
-            time.sleep(0.05)
-        procs[1].send_signal(signal.SIGTERM)
-        codes = [p.wait(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    logs = [(tmp_path / f"p{i}.log").read_text() for i in range(2)]
-    assert codes == [75, 75], logs[1][-3000:]
+    logs = sigterm_to_one_when(lambda: "resumed from" in (tmp_path / "p1.log").read_text(),
+                               _launch(tmp_path / "run.yaml", tmp_path, free_port(), log_dir=str(tmp_path),
+                                       args=("--resume",)))
     saved = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
     assert saved[-1] in (first, first + 1), (saved, logs[1][-2000:])
 
