@@ -56,7 +56,7 @@ def load_pretrained(path: str | os.PathLike, mesh: Mesh | None = None, rules: Ma
     return Pretrained(_portable(cfg, mesh, config_overrides), params, path)
 
 
-_KERNEL_PLATFORM = {"cudnn": "gpu", "splash": "tpu"}
+KERNEL_PLATFORM = {"cudnn": "gpu", "splash": "tpu"}
 
 
 def _portable(cfg: ModelConfig, mesh: Mesh | None, overrides: Mapping[str, Any]) -> ModelConfig:
@@ -67,7 +67,7 @@ def _portable(cfg: ModelConfig, mesh: Mesh | None, overrides: Mapping[str, Any])
 
     from qzhou_jax.sharding import platform as platform_of
 
-    want = _KERNEL_PLATFORM.get(cfg.attention_impl)
+    want = KERNEL_PLATFORM.get(cfg.attention_impl)
     if want is None or "attention_impl" in overrides:
         return cfg
     platform = platform_of(mesh)

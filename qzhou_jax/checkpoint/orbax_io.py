@@ -365,7 +365,7 @@ class LazyParams(Mapping):
         return len(self._children)
 
 
-def _step_dirs(root: str) -> list[tuple[int, str]]:
+def step_dirs(root: str) -> list[tuple[int, str]]:
     """Finished steps of a CheckpointManager folder (plain integer names), oldest first."""
     steps = []
     for name in os.listdir(root):
@@ -391,7 +391,7 @@ def _locate(path: str) -> tuple[str, tuple[str, ...], Any, list[str]]:
     if os.path.isfile(os.path.join(path, _PYTREE_METADATA)):
         candidates.append((path, [os.path.dirname(path), os.path.dirname(os.path.dirname(path))]))
     else:
-        steps = _step_dirs(path)
+        steps = step_dirs(path)
         folders = [path] if not steps else [steps[-1][1]]
         for folder in folders:
             for d in _pytree_dirs(folder):

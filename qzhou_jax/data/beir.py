@@ -125,7 +125,7 @@ def load_queries(path: str | os.PathLike, keep: Collection[str] | None = None) -
     return queries
 
 
-def _read_qrels(path: str) -> list[tuple[str, str, str, float]]:
+def read_qrels(path: str) -> list[tuple[str, str, str, float]]:
     """(where, query id, doc id, score) per data line; header optional; (query, doc) pairs unique."""
     rows: list[tuple[str, str, str, float]] = []
     seen: dict[tuple[str, str], int] = {}
@@ -170,7 +170,7 @@ def load_qrels(path: str | os.PathLike, split: str = "test") -> dict[str, dict[s
     if os.path.isdir(path):
         path = os.path.join(path, "qrels", f"{split}.tsv")
     qrels: dict[str, dict[str, int | float]] = {}
-    for _, qid, did, score in _read_qrels(path):
+    for _, qid, did, score in read_qrels(path):
         qrels.setdefault(qid, {})[did] = int(score) if score.is_integer() else score
     return qrels
 
@@ -196,7 +196,7 @@ class BeirSource(ListSource):
     def __init__(self, folder: str | os.PathLike, split: str = "train", name: str | None = None,
                  title_sep: str = "\n", instruction: str | None = None):
         corpus_path, queries_path, qrels_path = beir_files(folder, split)
-        qrels = _read_qrels(qrels_path)
+        qrels = read_qrels(qrels_path)
         if not qrels:
             raise RecordError(f"{qrels_path}: no qrels")
         corpus = load_corpus(corpus_path, keep={did for _, _, did, _ in qrels})

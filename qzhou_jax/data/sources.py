@@ -44,7 +44,7 @@ class Source(Protocol):
     def __getitem__(self, i: int) -> Record: ...
 
 
-def _index(i: Any, n: int) -> int:
+def list_index(i: Any, n: int) -> int:
     """A list-like index: negative counts from the end; out of range raises IndexError."""
     try:
         i = operator.index(i)
@@ -115,7 +115,7 @@ class QueryPositives:
 
     @classmethod
     def from_records(cls, records: Iterable[Record]) -> "QueryPositives":
-        keys = _ScanKeys("retrieval")
+        keys = ScanKeys("retrieval")
         for r in records:
             keys.add(r)
         return keys.query_positives()
@@ -145,7 +145,7 @@ class QueryPositives:
         return [t in own or bool(f) for t, f in zip(texts, self.pairs[at] == wanted)]
 
 
-class _ScanKeys:
+class ScanKeys:
     """What a source keeps of each record while it scans them: label and text key (classification),
     query and positive keys (retrieval). ``attach`` sets the source's attributes."""
 
@@ -220,7 +220,7 @@ class JsonlSource:
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"{self.path}: no such file")
         starts = array.array("q")
-        keys = _ScanKeys(self.family)
+        keys = ScanKeys(self.family)
         end = 0
         with open(self.path, "rb") as f:
             st = os.fstat(f.fileno())
@@ -284,7 +284,7 @@ class JsonlSource:
             return f.read(size)
 
     def __getitem__(self, i: int) -> Record:
-        j = _index(i, len(self))
+        j = list_index(i, len(self))
         start, stop = int(self._bounds[j]), int(self._bounds[j + 1])
         line = self._read(start, stop - start).split(b"\n", 1)[0]
         where = f"{self.path}: record {j} (byte {start})"
@@ -336,7 +336,7 @@ class ListSource:
         self.label_names: list[str] | None = None
         self.text_keys: np.ndarray | None = None
         self.query_positives: QueryPositives | None = None
-        keys = _ScanKeys(family)
+        keys = ScanKeys(family)
         for r in records:
             keys.add(r)
         keys.attach(self)
@@ -352,7 +352,7 @@ class ListSource:
         return len(self.records)
 
     def __getitem__(self, i: int) -> Record:
-        return self.records[_index(i, len(self.records))]
+        return self.records[list_index(i, len(self.records))]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, family={self.family!r}, records={len(self)})"

@@ -22,7 +22,7 @@ import numpy as np
 from qzhou_jax.data.records import (
     DEFAULT_FIELDS, FAMILIES, BadRecords, Record, RecordError, parse_record, resolve_fields,
 )
-from qzhou_jax.data.sources import _index, _ScanKeys
+from qzhou_jax.data.sources import ScanKeys, list_index
 
 __all__ = ["TfdsSource", "import_tfds", "to_python"]
 
@@ -124,7 +124,7 @@ class TfdsSource:
     def _scan(self, errors: BadRecords) -> None:
         n = len(self._source())
         good = np.empty(n, dtype=np.int64)
-        keys = _ScanKeys(self.family)
+        keys = ScanKeys(self.family)
         count = 0
         for k in range(n):
             try:
@@ -148,7 +148,7 @@ class TfdsSource:
         return self._len
 
     def __getitem__(self, i: int) -> Record:
-        j = _index(i, self._len)
+        j = list_index(i, self._len)
         return self._parse(int(self._index[j]) if self._index is not None else j)
 
     def __getstate__(self) -> dict:

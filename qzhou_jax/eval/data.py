@@ -124,7 +124,7 @@ def load_beir(folder: str, split: str, qrels_path: str | None = None) -> Retriev
 
     Files are read and checked by `qzhou_jax.data.beir` (the training reader); qrels naming
     a query or document that does not exist stop with the file, line and id."""
-    from qzhou_jax.data.beir import _read_qrels, load_corpus, load_queries
+    from qzhou_jax.data.beir import read_qrels, load_corpus, load_queries
 
     corpus_file = os.path.join(folder, "corpus.jsonl")
     queries_file = os.path.join(folder, "queries.jsonl")
@@ -134,7 +134,7 @@ def load_beir(folder: str, split: str, qrels_path: str | None = None) -> Retriev
     corpus = load_corpus(corpus_file)
     all_q = load_queries(queries_file)
     qrels: dict[str, dict[str, int]] = {}
-    for where, qid, did, score in _read_qrels(qrels_file):
+    for where, qid, did, score in read_qrels(qrels_file):
         if qid not in all_q:
             raise RecordError(f"{where}: query-id {qid!r} is not in {queries_file}")
         if did not in corpus:

@@ -436,9 +436,9 @@ def _warn_unfinished(path: str) -> None:
 
     import yaml
 
-    from qzhou_jax.checkpoint.orbax_io import _step_dirs
+    from qzhou_jax.checkpoint.orbax_io import step_dirs
 
-    steps = _step_dirs(path) if os.path.isdir(path) else []
+    steps = step_dirs(path) if os.path.isdir(path) else []
     run_file = os.path.join(path, "run_config.yaml")
     if not steps or not os.path.isfile(run_file):
         return

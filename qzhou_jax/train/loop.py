@@ -228,10 +228,10 @@ def _portable_kernel(cfg: RunConfig) -> RunConfig:
     """A run whose model config comes from `init_from` inherits the attention kernel of the
     machine that trained it (cuDNN on GPU, splash on TPU); on another platform, and unless the
     run's own `model` section names a kernel, it runs XLA attention (the same function)."""
-    from qzhou_jax.checkpoint import _KERNEL_PLATFORM
+    from qzhou_jax.checkpoint import KERNEL_PLATFORM
 
     section = dict(cfg.model or {})
-    want = _KERNEL_PLATFORM.get(cfg.model_config.attention_impl)
+    want = KERNEL_PLATFORM.get(cfg.model_config.attention_impl)
     if not cfg.init_from or "attention_impl" in section or want is None or sharding.platform() == want:
         return cfg
     log.warning("init_from %s was trained with attention_impl %r (a %s kernel); on %s this run uses 'xla' "
