@@ -181,7 +181,7 @@ def run_config(task: str, path: str, args, workers: int, total_steps: int):
     data = {"batch_size": args.queries, "pair_batch_size": args.pairs, "hard_negatives": args.hard_negatives,
             "query_max_length": args.query_len, "passage_max_length": args.passage_len,
             "workers": workers, "prefetch": args.prefetch, "datasets": [ds]}
-    return load_run_config(data={"out_dir": os.path.join(os.path.dirname(path), "run"),
+    return load_run_config(data={"out_dir": os.path.join(os.path.dirname(path), "run"), "model": {"preset": "tiny"},
                                  "train": {"warmup_steps": 0, "total_steps": total_steps}, "data": data})
 
 

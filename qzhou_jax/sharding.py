@@ -54,13 +54,16 @@ class MeshConfig:
     fsdp: int = -1
     tensor: int = 1
 
-    def shape(self, num_devices: int) -> tuple[int, int, int]:
+    def __post_init__(self):  # checked when a config loads, before any device is counted
         sizes = [self.data, self.fsdp, self.tensor]
-        if sum(s == -1 for s in sizes) > 1:
-            raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
         for name, s in zip(MESH_AXES, sizes):
             if s == 0 or s < -1:
                 raise ValueError(f"mesh.{name}: expected a positive size or -1, got {s}")
+        if sum(s == -1 for s in sizes) > 1:
+            raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
         known = math.prod(s for s in sizes if s != -1)
         if -1 in sizes:
             if num_devices % known:

@@ -135,3 +135,32 @@ def test_yaml_key_given_twice_is_refused_with_both_lines(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         load_run_config(data={"model": {"preset": "tiny"}, "data": {"eta": 1.0, "datasets": datasets}})
     assert "data.eta: 1 gives the non-retrieval datasets no batches: s" in caplog.text
+
+
+def test_run_config_errors_name_where_the_value_came_from(tmp_path):
+    """A bad value from a `base:` file or a --set names it; mesh sizes are checked when the config
+    loads (--print-config is the launchers' check); a config without a model is refused."""
+    from qzhou_jax.config import ConfigError
+    from qzhou_jax.train.config import load_run_config
+
+    data = {"datasets": [{"name": "r", "task": "retrieval", "path": "r.jsonl"}]}
+    (tmp_path / "base.yaml").write_text(json.dumps({"model": {"preset": "tiny"}, "train": {"lr_typo": 1}}))
+    (tmp_path / "mid.yaml").write_text(json.dumps({"base": "base.yaml", "data": data}))
+    (tmp_path / "top.yaml").write_text(json.dumps({"base": "mid.yaml", "out_dir": str(tmp_path / "out")}))
+    base = tmp_path / "base.yaml"
+    with pytest.raises(ConfigError, match=rf"top.yaml: train.lr_typo \(set in {base}\): unknown key"):
+        load_run_config(tmp_path / "top.yaml")
+    (tmp_path / "base.yaml").write_text(json.dumps({"model": {"preset": "tiny"}}))
+    with pytest.raises(ConfigError, match=r"top.yaml: mesh.data \(from --set mesh.data=0\): expected a positive "
+                                          r"size or -1, got 0"):
+        load_run_config(tmp_path / "top.yaml", ["mesh.data=0"])
+    with pytest.raises(ConfigError, match=r"mesh \(from --set mesh.data=-1\): at most one axis may be -1"):
+        load_run_config(tmp_path / "top.yaml", ["mesh.data=-1"])
+    bad = {"datasets": [{"name": "r", "task": "ranking", "path": "r.jsonl"}]}
+    (tmp_path / "mid.yaml").write_text(json.dumps({"base": "base.yaml", "data": bad}))
+    with pytest.raises(ConfigError, match=r"top.yaml: data.datasets\[0\].task \(set in .*mid.yaml\): "):
+        load_run_config(tmp_path / "top.yaml")
+    (tmp_path / "base.yaml").write_text(json.dumps({"train": {"lr": 1e-4}}))
+    (tmp_path / "mid.yaml").write_text(json.dumps({"base": "base.yaml", "data": data}))
+    with pytest.raises(ConfigError, match=r"top.yaml: model.preset: required without init_from"):
+        load_run_config(tmp_path / "top.yaml")

@@ -1,6 +1,6 @@
 """The configuration of a training run: one YAML file, overridable from the command line.
 
-    qzhou-jax train --config configs/stage1-7b.yaml --set train.lr=2e-5 --set data.batch_size=128
+    qzhou-jax train --config configs/stage1-qwen2.5-7b.yaml --set train.lr=2e-5 --set data.batch_size=128
 
 Top-level sections (every key is checked, unknown keys and wrong types fail with the
 key's path before any device work):
@@ -14,7 +14,7 @@ key's path before any device work):
     train        TrainConfig (optimizer, schedule, total_steps, chunk_size, keep_chunks, seed)
     loss         LossConfig (temperatures, negatives)
     data         DataConfig: datasets, mixture (alpha, eta), batch sizes, lengths
-    checkpoint   CheckpointConfig: every / keep / async
+    checkpoint   CheckpointConfig: dir / every / keep / async_save / save_on_preemption
     eval         EvalConfig: task file, how often
     log          LogConfig: how often, TensorBoard, progress bar
     export_hf    export <out_dir>/hf at the end (default true)
@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from typing import Any, Literal
 
 from qzhou_jax.config import (PRESETS, ConfigError, ModelConfig, apply_overrides, from_dict, load_yaml,
@@ -72,13 +73,17 @@ class DatasetConfig:
 
     task: retrieval (query, pos, neg), sts (text1, text2, score: CoSENT) or
     classification (text, label: class-masked InfoNCE over example-based triplets).
+    path: a JSONL file, a BEIR folder or a TFDS dataset name; format: jsonl (default), beir
+    (a folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv; retrieval only) or tfds
+    (`pip install "qzhou-jax[tfds]"`; data_dir: its data folder); split: the BEIR qrels or
+    TFDS split (default train). skip_bad_records: this dataset's (default: the data section's).
     fields: our field name -> the name in the data (e.g. {query: anchor, pos: positive}).
-    instruction: QZhou's prompt; queries only for retrieval, both sides when `symmetric`
-    (default: true for sts and classification, SPEC section 2). For retrieval a record's own
-    `instruction` field wins. Unset sizes and lengths come from the `data` section, except
-    that sts and classification datasets cut both sides at one length (their query length)
-    unless this dataset's `passage_max_length` is set: a pair and its swapped copy see the
-    same texts.
+    instruction: QZhou's prompt on the first side (the retrieval query, sts text1, the
+    classification anchor), and on both sides when `symmetric` (default: true for sts and
+    classification, SPEC section 2). For retrieval a record's own `instruction` field wins.
+    Unset sizes and lengths come from the `data` section, except that sts and classification
+    datasets cut both sides at one length (their query length) unless this dataset's
+    `passage_max_length` is set: a pair and its swapped copy see the same texts.
     weight: replaces the n^alpha mixture weight of this dataset.
     """
 
@@ -145,6 +150,10 @@ class DataConfig:
     its longest text (or to the dataset's maximum), the same on every host: batches of short
     texts do not pay for the maximum, at the cost of one compiled step per length pair that
     occurs. None (default): powers of two from 128 below each maximum; []: always the maximum.
+    tokenizer: the tokenizer folder; required unless init_from holds one or the preset is tiny
+    (the bundled demo tokenizer). seed: the data order's seed (default: train.seed).
+    skip_bad_records: skip and count records that fail their checks instead of stopping.
+    workers: loader processes (0: batches are built in threads); prefetch: batches prepared ahead.
     """
 
     datasets: tuple[DatasetConfig, ...] = ()
@@ -223,7 +232,8 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """Orbax CheckpointManager settings: a save every `every` steps and at the end, the
-    last `keep` kept, asynchronous writes; on SIGTERM the run saves and exits.
+    last `keep` kept, asynchronous writes (`async_save`); on SIGTERM the run saves and exits
+    with status 75 (`save_on_preemption: false`: SIGTERM ends it as usual, without a save).
     dir: default <out_dir>/checkpoints."""
 
     dir: str | None = None
@@ -277,7 +287,7 @@ class RunConfig:
     data: DataConfig
     out_dir: str = "runs/run"
     init_from: str | None = None
-    model: dict[str, Any] = dataclasses.field(default_factory=lambda: {"preset": "tiny"})
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)  # a preset or init_from is required
     mesh: MeshConfig = MeshConfig()
     train: TrainConfig = TrainConfig()
     loss: LossConfig = LossConfig()
@@ -402,12 +412,91 @@ def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] 
     `key=value` overrides."""
     raw = load_config_file(path) if path is not None else dict(data or {})
     raw = apply_overrides(raw, list(overrides))
+    _warn_unset_variables(raw)
     try:
         return from_dict(RunConfig, raw, "")
     except ConfigError as e:
+        msg = str(e)
+        key = _key_path(msg)
+        origin = _origin(key, path, overrides) if key else ""
+        if origin:  # right after the key: "train.lr_typo (set in stage1.yaml): unknown key ..."
+            msg = f"{key}{origin}{msg[len(key):]}"
         if path is not None:
-            raise ConfigError(f"{os.fspath(path)}: {e}") from None
-        raise
+            msg = f"{os.fspath(path)}: {msg}"
+        raise ConfigError(msg) from None
+
+
+def _warn_unset_variables(raw: Any) -> None:
+    """A warning naming each environment variable a config's paths use but this process lacks
+    (`$QZHOU_DATA/x.jsonl` would otherwise be reported as a missing file). Not an error: a pod
+    launcher checks the config where the variables may be set only on the workers."""
+    import logging
+
+    unset: dict[str, list[str]] = {}
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{where}.{k}" if where else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{where}[{i}]")
+        elif isinstance(node, str):
+            for a, b in re.findall(r"\$(?:\{(\w+)\}|(\w+))", node):
+                if (a or b) not in os.environ:
+                    unset.setdefault(a or b, []).append(where)
+
+    walk(raw, "")
+    for name, keys in unset.items():
+        logging.getLogger(__name__).warning("$%s is not set in this environment (used by %s)", name,
+                                            ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else ""))
+
+
+def _key_path(message: str) -> str | None:
+    """The key path an error message starts with (``data.datasets[0].path: ...``)."""
+    m = re.match(r"[A-Za-z_]\w*(?:\[\d+\])?(?:\.[A-Za-z_]\w*(?:\[\d+\])?)*(?=[:\s])", message)
+    return m.group(0) if m else None
+
+
+def _sets(node: Any, parts: list[str]) -> bool:
+    """Whether a raw config mapping gives the value at ``parts``: the key itself, or a list or value
+    above it (a list replaces the whole list when files merge)."""
+    for part in parts:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit():
+            return True
+        else:
+            return False
+    return True
+
+
+def _origin(key: str, path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...]) -> str:
+    """" (from --set K=V)" or " (set in FILE)" when the value at `key` came from an override or
+    from a `base:` file rather than the file given, else ""."""
+    parts = re.findall(r"[A-Za-z_]\w*|\d+", key)
+    for item in reversed(list(overrides)):
+        key = [p for p in re.split(r"[.\[\]]", item.split("=", 1)[0].strip()) if p]
+        n = min(len(key), len(parts))
+        if key[:n] == parts[:n]:
+            return f" (from --set {item})"
+    if path is None:
+        return ""
+    for file in reversed(_config_files(os.path.abspath(os.fspath(path)))):
+        if _sets(load_yaml(file), parts):
+            return "" if file == os.path.abspath(os.fspath(path)) else f" (set in {file})"
+    return ""
+
+
+def _config_files(path: str, _seen: tuple[str, ...] = ()) -> list[str]:
+    """The files of a config's `base:` chain in the order they merge (the file itself last)."""
+    bases = load_yaml(path).get("base") if path not in _seen else None
+    if isinstance(bases, str):
+        bases = [bases]
+    out: list[str] = []
+    for b in bases if isinstance(bases, list) else []:
+        out += _config_files(os.path.abspath(os.path.join(os.path.dirname(path), expand_path(b))), _seen + (path,))
+    return out + [path]
 
 
 ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

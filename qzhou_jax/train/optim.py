@@ -68,15 +68,13 @@ class TrainConfig:
         if self.lr <= 0:
             raise ValueError(f"train.lr: expected a positive number, got {self.lr!r}")
         for name in ("warmup_steps", "total_steps", "chunk_size", "seed", "skip_nonfinite"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"train.{name}: expected a non-negative integer, got {v!r}")
+            v, least = getattr(self, name), 1 if name == "total_steps" else 0
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise ValueError(f"train.{name}: expected an integer >= {least}, got {v!r}")
         if not isinstance(self.keep_chunks, int) or isinstance(self.keep_chunks, bool) or self.keep_chunks < -1:
             raise ValueError(f"train.keep_chunks: expected an integer >= -1 (-1: all chunks), got {self.keep_chunks!r}")
         if self.keep_chunks and not self.chunk_size:
             raise ValueError(f"train.keep_chunks: {self.keep_chunks} needs GradCache (train.chunk_size > 0)")
-        if self.total_steps < 1:
-            raise ValueError(f"train.total_steps: expected >= 1, got {self.total_steps}")
         if self.warmup_steps > self.total_steps:
             raise ValueError(f"train.warmup_steps ({self.warmup_steps}) exceeds train.total_steps "
                              f"({self.total_steps})")
