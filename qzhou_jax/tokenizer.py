@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import importlib.util
+import logging
 import os
 from typing import Sequence
 
@@ -19,11 +20,12 @@ DEMO_TOKENIZER = os.path.join(ASSETS, "tokenizer")
 # a folder holding none of these holds no tokenizer (transformers would build an empty one from
 # config.json alone, which turns every text into no tokens)
 VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+log = logging.getLogger(__name__)
 
 
 def format_prompt(text: str, instruction: str | None) -> str:
-    """QZhou's template; no instruction leaves the text unchanged."""
-    if not instruction:
+    """QZhou's template; no instruction (None, empty or blank) leaves the text unchanged."""
+    if not instruction or not instruction.strip():
         return text
     return PROMPT_TEMPLATE.format(instruction=instruction, text=text)
 
@@ -55,6 +57,11 @@ class Tokenizer:
         self.hf = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
         if len(self.hf) < 2:
             raise ValueError(f"{self.path}: the tokenizer has an empty vocabulary")
+        if self.hf.truncation_side != "right":  # the instruction comes first: cutting the start would drop it
+            log.warning("%s: the tokenizer's truncation_side is %r; texts are cut from the end here, as in "
+                        "training, so that the instruction survives (exports write truncation_side 'right')",
+                        self.path, self.hf.truncation_side)
+            self.hf.truncation_side = "right"
         pad = self.hf.pad_token_id if self.hf.pad_token_id is not None else self.hf.eos_token_id
         if pad is None:
             raise ValueError(f"{self.path}: tokenizer has neither a pad nor an eos token")

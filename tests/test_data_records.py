@@ -316,11 +316,11 @@ def test_beir_source_small(tmp_path):
     folder = make_beir(tmp_path / "mini")
     src = BeirSource(folder)
     assert src.name == "mini" and src.family == "retrieval" and len(src) == 2
-    # queries.jsonl order; positives in qrels order; title joined with a newline when non-empty
-    assert src[0] == RetrievalRecord("first?", ("Title one\nText one.", "Text two."), ())
+    # queries.jsonl order; positives in qrels order; title joined with a space when non-empty (mteb)
+    assert src[0] == RetrievalRecord("first?", ("Title one Text one.", "Text two."), ())
     assert src[1] == RetrievalRecord("second?", ("Text three.",), ())
     assert src.queries_without_positive == 1 and src.num_qrels == 4
-    assert BeirSource(folder, title_sep=" ", instruction="Find")[0].pos[0] == "Title one Text one."
+    assert BeirSource(folder, title_sep="\n", instruction="Find")[0].pos[0] == "Title one\nText one."
     assert BeirSource(folder, instruction="Find")[0].instruction == "Find"
     assert open_source({"task": "retrieval", "path": folder})[1] == src[1]
     assert load_qrels(folder, "train") == {"q2": {"3": 1}, "q1": {"d1": 1, "d2": 2}, "q3": {"d2": 0}}
@@ -330,6 +330,7 @@ def test_beir_source_small(tmp_path):
     assert load_qrels(folder, "train") == {"q2": {"3": 1}, "q1": {"d1": 1, "d2": 2}, "q3": {"d2": 0}}
     assert load_corpus(folder / "corpus.jsonl", keep={"3"}) == {"3": {"title": "", "text": "Text three."}}
     assert doc_text({"title": "T", "text": ""}) == "T"
+    assert doc_text({"title": "", "text": " body "}) == "body" and doc_text({"title": " T", "text": "b "}) == "T b"
 
 
 def test_beir_errors_name_file_line_and_id(tmp_path):

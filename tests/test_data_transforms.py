@@ -331,3 +331,8 @@ def test_cli_check(tmp_path, capsys):
     over = sum(len(x) > 100 for x in ids)
     assert 0 < over < 4 and "queries: p50 " in out and f"{over} ({over / 4:.1%}) longer than 100 tokens" in out
     assert "passages: p50 " in out and "0 (0.0%) longer than 1536 tokens" in out
+    # --symmetric: passages carry the instruction too, as a symmetric dataset trains them
+    plain, prompted = (len(Tokenizer(tok).encode([format_prompt("p", i)])[0]) for i in (None, "Find it"))
+    assert main(["data", "check", "--task", "retrieval", "--input", str(long), "--tokenizer", tok,
+                 "--instruction", "Find it", "--symmetric"]) == 0
+    assert f"passages: p50 {prompted}, " in capsys.readouterr().out and prompted > plain

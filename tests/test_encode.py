@@ -33,6 +33,30 @@ def test_buckets_and_truncation():
     assert format_prompt("q", None) == "q"
 
 
+def test_a_tokenizer_that_cuts_from_the_start_cuts_from_the_end(tmp_path, caplog):
+    """The instruction comes first: every path cuts texts from the end, and exports say so to
+    sentence-transformers and transformers (which read truncation_side from tokenizer_config.json)."""
+    import shutil
+
+    from qzhou_jax.checkpoint.export import copy_tokenizer
+
+    src = tmp_path / "left"
+    shutil.copytree(DEMO_TOKENIZER, src)
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    (src / "tokenizer_config.json").write_text(json.dumps({**config, "truncation_side": "left"}))
+    with caplog.at_level("WARNING"):
+        tok = Tokenizer(src, max_length=12)
+    assert "truncation_side is 'left'" in caplog.text
+    right = Tokenizer(DEMO_TOKENIZER, max_length=12)
+    long = [format_prompt("word " * 50, "Find the passage")]
+    assert tok.encode(long) == right.encode(long)
+    assert tok.hf.decode(tok.encode(long)[0]).startswith("Instruct: Find")
+    out = tmp_path / "out"
+    out.mkdir()
+    copy_tokenizer(src, str(out))
+    assert json.loads((out / "tokenizer_config.json").read_text())["truncation_side"] == "right"
+
+
 def test_encoder_order_bucketing_and_sharding(model_dir):
     cfg, params, tok_path = load_pretrained(model_dir, compute_dtype="float32")
     tok = Tokenizer(tok_path, max_length=64)

@@ -423,3 +423,20 @@ def test_wrapper_instruction_rule():
     assert model.instruction(sts, None) == "Retrieve semantically similar text"
     assert QZhouMtebModel(enc, use_instructions=False).instruction(sts, None) is None
     assert QZhouMtebModel(enc, instructions={"STSBenchmark": "custom"}).instruction(sts, None) == "custom"
+
+
+def test_wrapper_outside_the_tables_asks_mteb_for_the_query_side_only(recwarn):
+    """A task outside QZhou's tables takes mteb's prompt: asymmetric documents get none (mteb is
+    not asked, so it does not warn about a missing 'document' prompt); a symmetric task's
+    documents get its query prompt (the same instruction on both sides)."""
+    model = QZhouMtebModel(FakeEncoder({}), name="test/fake")
+    base = mteb.get_task("SCIDOCS").metadata
+    asym = base.model_copy(update={"name": "OutsideRetrieval", "prompt": {"query": "Find papers"}})
+    sym = base.model_copy(update={"name": "OutsidePairs", "type": "PairClassification",
+                                  "prompt": {"query": "Same meaning"}})
+    assert model.instruction(asym, PromptType.query) == "Find papers"
+    assert model.instruction(asym, PromptType.document) is None
+    assert model.instruction(sym, PromptType.document) == "Same meaning"
+    assert model.instruction(sym, None) == "Same meaning"  # pair tasks encode without a prompt type
+    assert not [w for w in recwarn if "not found" in str(w.message)]
+

@@ -214,11 +214,22 @@ def test_retrieval_records_instruction_sides(tmp_path):
     assert ("q1", "Find it") in enc.seen and ("q2", "Default") in enc.seen  # a record's own instruction wins
     assert {i for t, i in enc.seen if t.startswith(("p", "n"))} == {None}  # documents: nothing
     assert result["qzhou_jax"]["counts"]["num_documents"] == 3  # union of pos and neg, deduplicated
-    enc = RecordingEncoder()
+    # symmetric: documents get the instruction the queries get, which must then be one
     sym = TaskSpec(name="ArguAna", type="retrieval", files={"path": str(tmp_path / "r.jsonl")}, instruction="Same")
     assert sym.symmetric
+    with pytest.raises(ValueError, match=r"symmetric but its queries get 2 different instructions .*'Find it', "
+                                         r"'Same'"):
+        evaluate([sym], RecordingEncoder())
+    rows[0]["instruction"] = "  "  # blank: none, as in training records, so the task's
+    _write(tmp_path / "r.jsonl", rows)
+    enc = RecordingEncoder()
     evaluate([sym], enc)
-    assert {i for t, i in enc.seen if t.startswith(("p", "n"))} == {"Same"}
+    assert {i for _, i in enc.seen} == {"Same"}
+    rows[1]["instruction"] = rows[0]["instruction"] = "Find it"  # the records' own, on both sides
+    _write(tmp_path / "r.jsonl", rows)
+    enc = RecordingEncoder()
+    evaluate([sym], enc)
+    assert {i for _, i in enc.seen} == {"Find it"}
     enc = RecordingEncoder()
     evaluate([asym], enc, use_instructions=False)
     assert {i for _, i in enc.seen} == {None}

@@ -547,6 +547,28 @@ def test_mine_draws_from_the_rank_window():
         mine_negatives(records, FakeEncoder(), ranks=(0, 5))
 
 
+def test_mine_and_score_filter_encode_passages_with_the_passage_instruction():
+    """Symmetric data (NLI triplets) trains with the instruction on passages too: the corpus and
+    the positives are then encoded with it; asymmetric data encodes them without."""
+    records = [RetrievalRecord(f"q{i}", (f"p{i}",)) for i in range(6)]
+    calls = []
+
+    def encode(texts, instruction):
+        calls.append((len(texts), instruction))
+        rng = np.random.default_rng(len(texts))
+        return rng.normal(size=(len(texts), 4)).astype(np.float32)
+
+    mine_negatives(records, encode, ranks=(1, 3), num_negatives=1, instruction="Same", passage_instruction="Same",
+                   max_score_ratio=0.99)
+    assert {i for _, i in calls} == {"Same"}
+    calls.clear()
+    mine_negatives(records, encode, ranks=(1, 3), num_negatives=1, instruction="Ask")
+    assert sorted(calls, key=str) == [(6, "Ask"), (6, None)]
+    calls.clear()
+    score_filter(records, encode, drop_fraction=0.5, instruction="Same", passage_instruction="Same")
+    assert {i for _, i in calls} == {"Same"}
+
+
 def test_score_filter():
     records = [RetrievalRecord("query a", ("doc 10", "doc 80")), RetrievalRecord("query b", ("doc 85",)),
                RetrievalRecord("query c", ("doc 30",))]
@@ -585,10 +607,10 @@ def test_cli_mine_and_score_filter_with_a_model(tiny_model_dir, tmp_path, capsys
                      "--output", str(tmp_path / "x.jsonl"), "--min-score", "2"]) == 2
     assert "--min-score: a cosine similarity, in [-1, 1]" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x.jsonl")
-    # a --corpus with titles reads them as BEIR documents: title + newline + text
+    # a --corpus with titles reads them as BEIR documents: title + space + text, as mteb
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"title": "T", "text": rows[1]["pos"][0]}, {"text": "plain"}])
     from qzhou_jax.synth.cli import _corpus
-    assert _corpus(str(corpus), "text", "train") == ["T\n" + rows[1]["pos"][0], "plain"]
+    assert _corpus(str(corpus), "text", "train") == ["T " + rows[1]["pos"][0], "plain"]
     filt = tmp_path / "filtered.jsonl"
     assert cli.main(["synth", "score-filter", "--model", str(tiny_model_dir), "--input", str(src),
                      "--output", str(filt), "--drop-fraction", "0.25", "--max-length", "64", "--quiet"]) == 0
@@ -758,7 +780,7 @@ def test_cli_mine_a_beir_folder_searches_its_whole_corpus(shared_data, tiny_mode
                      "--max-length", "32", "--batch-size", "256", "--quiet"]) == 0
     stats = json.loads(capsys.readouterr().err.split(": ", 1)[1])
     corpus = [json.loads(line) for line in open(folder / "corpus.jsonl", encoding="utf-8")]
-    texts = {(d["title"] + "\n" + d["text"]) if d.get("title", "").strip() else d["text"] for d in corpus}
+    texts = {(d["title"] + " " + d["text"]).strip() if d.get("title") else d["text"].strip() for d in corpus}  # mteb
     mined = read_out(out)
     assert stats["corpus"] > 5000 and stats["selected"] == len(mined) > 700 and stats["short"] == 0
     for row in mined:
@@ -775,7 +797,7 @@ def test_read_records_from_a_beir_folder(tmp_path):
     write_jsonl(tmp_path / "corpus.jsonl", [{"_id": "d1", "title": "T", "text": "one"}, {"_id": "d2", "text": "two"}])
     write_jsonl(tmp_path / "queries.jsonl", [{"_id": "q1", "text": "first?"}])
     (tmp_path / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
-    assert read_records(str(tmp_path), "retrieval") == [RetrievalRecord("first?", ("T\none",))]
+    assert read_records(str(tmp_path), "retrieval") == [RetrievalRecord("first?", ("T one",))]
     with pytest.raises(ValueError, match="BEIR"):
         read_records(str(tmp_path), "sts")
     before = file_sha256(str(tmp_path))

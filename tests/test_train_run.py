@@ -238,7 +238,7 @@ def test_skip_nonfinite_skips_isolated_steps_and_stops_on_a_run_of_them(tmp_path
     data["train"] = dict(data.get("train", {}), skip_nonfinite=1)
     with pytest.raises(FloatingPointError, match="step 5"):
         train(load_run_config(data=data))
-    with pytest.raises(ConfigError, match="train.skip_nonfinite: expected a non-negative integer"):
+    with pytest.raises(ConfigError, match="train.skip_nonfinite: expected an integer >= 0"):
         load_run_config(data=dict(data, train=dict(data["train"], skip_nonfinite=-1)))
 
 
@@ -507,6 +507,52 @@ def test_an_instruction_that_fills_the_length_is_refused_when_the_data_opens(tmp
     assert f"its instruction takes {prompt} of the {prompt + 2} tokens of query_max_length: 2 are left" in caplog.text
 
 
+def _decoded(tok, ids, mask):
+    return [tok.hf.decode(row[m.astype(bool)]) for row, m in zip(ids, mask)]
+
+
+def test_instructions_reach_the_sides_training_and_exports_give_them(tmp_path):
+    """The first side of every task gets the instruction, the second side only when symmetric;
+    the exports' query prompt is the instruction most retrieval queries trained with (the demo's
+    records carry their own; the dataset has none); a record's own instruction must leave room."""
+    from qzhou_jax.tokenizer import Tokenizer
+    from qzhou_jax.train.loop import export_settings, tokenizer_path
+
+    raw = run_dict(tmp_path, steps=4)
+    raw["data"]["datasets"][1]["symmetric"] = False
+    cfg = load_run_config(data=raw)
+    tok = Tokenizer(tokenizer_path(cfg), max_length=512)
+    data = TrainData.from_config(cfg, tok, HostRows.of_process(0, 1))
+    sts = next(b for b in data.builders if b.spec.task == "sts")
+    batch = sts.build(0, np.arange(4), 0)
+    assert all(t.startswith("Instruct: Retrieve semantically similar text\nQuery: ")
+               for t in _decoded(tok, batch["q_ids"], batch["q_mask"]))
+    assert not any("Instruct:" in t for t in _decoded(tok, batch["p_ids"], batch["p_mask"]))
+    record_instruction = "Given a question, retrieve passages that answer the question"
+    assert data.query_instruction() == record_instruction
+    assert export_settings(cfg, data).prompts["query"] == f"Instruct: {record_instruction}\nQuery: "
+
+    # records without their own take the dataset's; the most common instruction wins
+    rows = [{"query": f"q{i}", "pos": [f"p{i}"], **({"instruction": "Own"} if i < 3 else {})} for i in range(40)]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = run_dict(tmp_path, steps=4)
+    raw["data"]["datasets"][0].update(path=str(path), instruction="Dataset's")
+    assert TrainData.from_config(load_run_config(data=raw), tok, HostRows.of_process(0, 1)).query_instruction() == \
+        "Dataset's"
+
+    # a record's own instruction that fills the query limit is refused like a dataset's
+    long = "Given a web search query, retrieve relevant passages that answer the query"
+    rows[5]["instruction"] = long
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompt = len(tok.encode([f"Instruct: {long}\nQuery: "])[0])
+    raw = run_dict(tmp_path, steps=4, query_max_length=prompt)
+    raw["data"]["datasets"][0].update(path=str(path))
+    with pytest.raises(ValueError, match=rf"data.datasets\[0\] \(ret\): the instruction of 1 of its records "
+                                         rf"\('Given a web search .*'\) takes {prompt} tokens of the {prompt}"):
+        TrainData.from_config(load_run_config(data=raw), tok, HostRows.of_process(0, 1))
+
+
 def test_random_negatives_are_never_the_rows_own_positives():
     """Without hard negatives, other records' positives fill the group; queries that share a
     document (most BEIR training sets) must not get it as a negative."""
@@ -729,7 +775,7 @@ def test_unwritable_out_dir_and_missing_dataset_name_the_key(tmp_path, capsys):
     raw["eval"] = {"tasks": str(tmp_path / "no-tasks.yaml"), "before": False, "every": 1}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     assert cli_main(["train", "--config", str(tmp_path / "c.yaml")]) == 2
-    assert "no-tasks.yaml: task file not found" in capsys.readouterr().err
+    assert "eval.tasks: " in (err := capsys.readouterr().err) and "no-tasks.yaml: task file not found" in err
     assert not (tmp_path / "c" / "checkpoints").exists()
 
 
@@ -768,8 +814,10 @@ def test_train_command_and_stage2_init_from(tmp_path, caplog):
     for name in ("sentence_bert_config.json", "config_sentence_transformers.json", "modules.json",
                  "1_Pooling/config.json"):
         assert (tmp_path / "s1-converted" / name).read_text() == (tmp_path / "s1" / "hf" / name).read_text(), name
+    # the query prompt is the instruction the queries trained with: the demo records' own, which
+    # wins over the dataset's
     st = json.loads((tmp_path / "s1" / "hf" / "config_sentence_transformers.json").read_text())
-    assert st["prompts"]["query"] == "Instruct: Find the passage that answers the question\nQuery: "
+    assert st["prompts"]["query"] == "Instruct: Given a question, retrieve passages that answer the question\nQuery: "
     firsts = {}
     for name, init in (("ckpt", tmp_path / "s1" / "checkpoints"), ("hf", tmp_path / "s1" / "hf"), ("random", None)):
         stage2 = run_dict(tmp_path / f"s2-{name}", steps=2)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import math
 import os
@@ -190,7 +191,23 @@ def copy_tokenizer(src: str | os.PathLike | None, dst: str) -> list[str]:
     copied = tokenizer_files(src)
     for name in copied:
         shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    _truncate_right(os.path.join(dst, "tokenizer_config.json"))
     return copied
+
+
+def _truncate_right(path: str) -> None:
+    """A copied tokenizer_config.json that cuts texts from the start is set to cut from the end, as
+    this package's encoders do (the instruction comes first; sentence-transformers and transformers
+    read the setting from this file)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):  # absent, or not JSON: the tokenizer's own loader reports it
+        return
+    if isinstance(raw, dict) and raw.get("truncation_side", "right") != "right":
+        log.warning("%s: truncation_side %r written as 'right': texts are cut from the end, as this model "
+                    "was trained and evaluated", path, raw["truncation_side"])
+        write_json(path, {**raw, "truncation_side": "right"})
 
 
 # ---------------------------------------------------------------- safetensors

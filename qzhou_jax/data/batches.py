@@ -12,9 +12,11 @@ Per task (g = 1 + hard negatives):
   No negative, listed or random, is a positive of the query in any record of the dataset
   (`sources.QueryPositives`: one record per (query, positive) pair is a common layout).
   Passages get the instruction only for symmetric datasets.
-- sts: text1 / text2 and the gold score; the instruction on both sides when symmetric.
+- sts: text1 / text2 and the gold score; the instruction on text1, and on text2 too when
+  symmetric (the default for sts and classification; evaluation does the same).
 - classification (example-based triplets, SPEC section 4): the anchor text, another text
-  of its label as positive, k texts of other labels as negatives, and every row's label.
+  of its label as positive, k texts of other labels as negatives, and every row's label; the
+  instruction on the anchor, and on the other texts too when symmetric.
 Every side is cut at the dataset's maximum length and padded (right) to the shortest of the
 spec's buckets that holds its longest row (the maximum when there are none; the training loop
 then pads every host to the longest host's length). Retrieval batches also carry
@@ -182,7 +184,7 @@ class BatchBuilder:
         q_texts: list[str] = []
         p_texts: list[str] = []
         extra: dict[str, list] = {"scores": [], "q_labels": [], "p_labels": []}
-        side_instr = spec.instruction if spec.symmetric else None
+        side_instr = spec.instruction if spec.symmetric else None  # the second side's (sts, classification)
         global_rows = range(row0, row0 + len(rows)) if isinstance(row0, (int, np.integer)) else row0
         if len(global_rows) != len(rows):
             raise ValueError(f"{len(rows)} rows but {len(global_rows)} global row numbers")
@@ -203,12 +205,12 @@ class BatchBuilder:
                 p_instr = instr if spec.symmetric else None
                 p_texts.extend(format_prompt(t, p_instr) for t in [pos] + negs)
             elif spec.task == "sts":
-                q_texts.append(format_prompt(rec.text1, side_instr))
+                q_texts.append(format_prompt(rec.text1, spec.instruction))
                 p_texts.append(format_prompt(rec.text2, side_instr))
                 extra["scores"].append(float(rec.score))
             else:
                 assert self.labels is not None
-                q_texts.append(format_prompt(rec.text, side_instr))
+                q_texts.append(format_prompt(rec.text, spec.instruction))
                 pos = self.labels.positive(i, rng)
                 negs = self.labels.negatives(i, spec.hard_negatives, rng, avoid=(int(self.labels.keys[pos]),))
                 for j in [pos] + negs:

@@ -5,11 +5,9 @@ and ``qrels/<split>.tsv`` (header ``query-id corpus-id score``, tab-separated). 
 ``RetrievalRecord`` per query with at least one qrel of score > 0: the positives are those documents,
 in qrels order, and there are no hard negatives (mine them separately).
 
-Document text: ``title + "\\n" + text`` when the title is non-empty, else ``text``. A newline keeps the
-title a separate line, as it is in the source, instead of running it into the first sentence (titles
-often lack final punctuation, and a space would glue "... in Mice Effects of ..." into one sentence);
-it is one token in Qwen's vocabulary, so the cost is nil. MTEB's own retrieval evaluation joins with a
-space; pass ``title_sep=" "`` to train on exactly that form.
+Document text: ``(title + " " + text).strip()`` when the title is non-empty, else ``text.strip()``:
+MTEB's form (``mteb/_create_dataloaders.py``), so training positives, mined passages and the
+evaluation corpus are the same strings.
 
 The loaders (``load_corpus``, ``load_queries``, ``load_qrels``) check ids and name the file and line of
 anything wrong; the eval package can use them for BEIR-format test sets.
@@ -175,12 +173,11 @@ def load_qrels(path: str | os.PathLike, split: str = "test") -> dict[str, dict[s
     return qrels
 
 
-def doc_text(doc: dict[str, str], title_sep: str = "\n") -> str:
-    """``title + title_sep + text`` when the title is non-empty (after stripping), else ``text``."""
+def doc_text(doc: dict[str, str], title_sep: str = " ") -> str:
+    """A BEIR document as one text, as mteb joins it: ``(title + title_sep + text).strip()`` when the
+    title is non-empty, else ``text.strip()``."""
     title, text = doc.get("title") or "", doc.get("text") or ""
-    if title.strip() and text.strip():
-        return f"{title}{title_sep}{text}"
-    return text if text.strip() else title
+    return (title + title_sep + text).strip() if title else text.strip()
 
 
 class BeirSource(ListSource):
@@ -194,7 +191,7 @@ class BeirSource(ListSource):
     """
 
     def __init__(self, folder: str | os.PathLike, split: str = "train", name: str | None = None,
-                 title_sep: str = "\n", instruction: str | None = None):
+                 title_sep: str = " ", instruction: str | None = None):
         corpus_path, queries_path, qrels_path = beir_files(folder, split)
         qrels = read_qrels(qrels_path)
         if not qrels:

@@ -163,16 +163,21 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sides(record: Any, task: str, instruction: str | None) -> list[tuple[str, list[str]]]:
+def _sides(record: Any, task: str, instruction: str | None, symmetric: bool | None) -> list[tuple[str, list[str]]]:
     """("query" | "passage", texts as the model sees them) of one record, prompts as training applies
-    them (retrieval: queries only; sts and classification: both sides)."""
+    them: the first side always; the second side (retrieval passages, sts text2) when symmetric
+    (default: retrieval no, sts and classification yes)."""
     from qzhou_jax.tokenizer import format_prompt
 
+    symmetric = task != "retrieval" if symmetric is None else symmetric
     if task == "retrieval":
-        return [("query", [format_prompt(record.query, record.instruction or instruction)]),
-                ("passage", list(record.pos) + list(record.neg))]
+        instr = record.instruction or instruction
+        passages = list(record.pos) + list(record.neg)
+        return [("query", [format_prompt(record.query, instr)]),
+                ("passage", [format_prompt(t, instr if symmetric else None) for t in passages])]
     if task == "sts":
-        return [("query", [format_prompt(record.text1, instruction), format_prompt(record.text2, instruction)])]
+        return [("query", [format_prompt(record.text1, instruction),
+                           format_prompt(record.text2, instruction if symmetric else None)])]
     return [("query", [format_prompt(record.text, instruction)])]
 
 
@@ -186,7 +191,7 @@ def _length_report(source: Any, args: argparse.Namespace) -> None:
         sorted(np.random.default_rng(0).choice(n, args.sample, replace=False).tolist())
     texts: dict[str, list[str]] = {"query": [], "passage": []}
     for i in rows:
-        for side, values in _sides(source[int(i)], args.task, args.instruction):
+        for side, values in _sides(source[int(i)], args.task, args.instruction, args.symmetric):
             texts[side].extend(values)
     limits = {"query": args.query_max_length,
               "passage": args.passage_max_length if args.task == "retrieval" else args.query_max_length}
@@ -248,6 +253,9 @@ def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="tokenizer folder (a model folder works): report token lengths and how many texts a "
                         "training run would cut at the limits below")
     g.add_argument("--instruction", default=None, help="the dataset's instruction (records without their own)")
+    g.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
+                   help="the dataset's `symmetric`: the instruction on the second side too (retrieval passages, "
+                        "sts text2); default as training: no for retrieval, yes for sts and classification")
     g.add_argument("--query-max-length", type=int, default=256,
                    help="query limit (sts/classification: both sides; default 256)")
     g.add_argument("--passage-max-length", type=int, default=1536, help="retrieval passage limit (default 1536)")

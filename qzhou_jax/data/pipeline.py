@@ -170,23 +170,33 @@ class HostRows:
         return local // len(self.mine) * self.blocks
 
 
-def _check_instruction_room(tokenizer: Any, spec: BatchSpec, where: str) -> None:
-    """The dataset's instruction must leave room for the text: texts are cut from the end, so
-    a prompt as long as the limit turns every input into the bare instruction (identical
-    queries, a loss with nothing to learn)."""
-    if not spec.instruction:
+def _check_instruction_room(tokenizer: Any, spec: BatchSpec, where: str, source: Any = None) -> None:
+    """The dataset's instruction, and each instruction its records carry (retrieval), must leave
+    room for the text: texts are cut from the end, so a prompt as long as the limit turns every
+    input into the bare instruction (identical queries, a loss with nothing to learn)."""
+    own = getattr(source, "instructions", None) or {}
+    named = ([(spec.instruction, "its instruction")] if spec.instruction else []) + \
+        [(text, f"the instruction of {n} of its records ({_short(text)!r})") for text, n in own.items()]
+    if not named:
         return
-    prompt = len(tokenizer.encode([format_prompt("", spec.instruction)])[0])
+    lengths = [len(ids) for ids in tokenizer.encode([format_prompt("", text) for text, _ in named])]
     sides = [("query", spec.query_max_length)]
     if spec.symmetric:
         sides.append(("passage", spec.passage_max_length))
     for side, limit in sides:
-        if prompt >= limit:
-            raise ValueError(f"{where}: its instruction takes {prompt} tokens of the {limit} of {side}_max_length, "
-                             f"so no {side} text would be left; raise {side}_max_length or shorten the instruction")
-        if prompt > 0.75 * limit:
-            log.warning("%s: its instruction takes %d of the %d tokens of %s_max_length: %d are left for the text",
-                        where, prompt, limit, side, limit - prompt)
+        for (_, what), prompt in zip(named, lengths):
+            if prompt >= limit:
+                raise ValueError(f"{where}: {what} takes {prompt} tokens of the {limit} of {side}_max_length, "
+                                 f"so no {side} text would be left; raise {side}_max_length or shorten the "
+                                 "instruction")
+        k = max(range(len(named)), key=lengths.__getitem__)
+        if lengths[k] > 0.75 * limit:
+            log.warning("%s: %s takes %d of the %d tokens of %s_max_length: %d are left for the text",
+                        where, named[k][1], lengths[k], limit, side, limit - lengths[k])
+
+
+def _short(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 class TrainData:
@@ -202,13 +212,13 @@ class TrainData:
                          for i, (src, spec) in enumerate(zip(sources, specs))]
         weights = list(weights) if weights is not None else [None] * len(sources)
         entries = []
-        for i, (b, spec, w) in enumerate(zip(self.builders, specs, weights)):
+        for i, (b, spec, w, src) in enumerate(zip(self.builders, specs, weights, sources)):
             if spec.batch_size % host.blocks:
                 raise ValueError(f"data.datasets[{i}] ({b.name}): global batch of {spec.batch_size} does not divide "
                                  f"over {host.blocks} data-parallel shards (set its batch_size, or data.batch_size / "
                                  f"pair_batch_size, to a multiple of {host.blocks})")
             entries.append(DatasetEntry(b.name, spec.task, b.size, spec.batch_size, w))
-            _check_instruction_room(tokenizer, spec, f"data.datasets[{i}] ({b.name})")
+            _check_instruction_room(tokenizer, spec, f"data.datasets[{i}] ({b.name})", src)
             if b.labels is not None and b.labels.dropped:
                 log.warning("dataset %s: %d records are the only text of their label and are not used as anchors",
                             b.name, b.labels.dropped)
@@ -248,6 +258,28 @@ class TrainData:
     @property
     def specs(self) -> list[BatchSpec]:
         return [b.spec for b in self.builders]
+
+    def query_instruction(self) -> str | None:
+        """The instruction most retrieval queries train with (a record's own, else its dataset's),
+        counted over the retrieval datasets' records: the "query" prompt of the run's exports.
+        None when no retrieval query has one."""
+        counts: dict[str, int] = {}
+        for b in self.builders:
+            if b.spec.task != "retrieval":
+                continue
+            own = getattr(b.source, "instructions", None) or {}
+            for text, n in own.items():
+                counts[text] = counts.get(text, 0) + n
+            rest = len(b.source) - sum(own.values())
+            if b.spec.instruction and rest > 0:
+                counts[b.spec.instruction] = counts.get(b.spec.instruction, 0) + rest
+        if not counts:
+            return None
+        best = max(counts, key=counts.__getitem__)
+        if len(counts) > 1:
+            log.info("the exports' query prompt is the instruction of %d of the %d retrieval records that have one "
+                     "(%d instructions in all): %r", counts[best], sum(counts.values()), len(counts), best)
+        return best
 
     def __len__(self) -> int:
         return len(self.plan)

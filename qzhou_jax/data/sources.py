@@ -5,7 +5,9 @@ classification sources also expose ``labels`` (int label id per record) and ``la
 sampler can pick same-class positives without reading texts.
 
 Retrieval sources expose ``query_positives`` (a ``QueryPositives``): which texts are positives of a
-record's query in any record, for data with one record per (query, positive) pair.
+record's query in any record, for data with one record per (query, positive) pair; and
+``instructions``: how many records carry each of their own instructions (at most
+``ScanKeys.MAX_INSTRUCTIONS`` distinct ones are kept; ``instructions_capped`` says whether more were seen).
 
 ``JsonlSource`` validates a whole file once, up front, and then keeps only byte offsets: a bad line
 stops the run before any device work starts, and memory does not grow with the texts. Records are
@@ -15,6 +17,7 @@ re-read from disk on access, which is what grain's random-access model wants.
 from __future__ import annotations
 
 import array
+import collections
 import hashlib
 import logging
 import operator
@@ -147,13 +150,18 @@ class QueryPositives:
 
 class ScanKeys:
     """What a source keeps of each record while it scans them: label and text key (classification),
-    query and positive keys (retrieval). ``attach`` sets the source's attributes."""
+    query and positive keys and the records' own instructions, counted (retrieval). ``attach`` sets
+    the source's attributes."""
+
+    MAX_INSTRUCTIONS = 10_000  # distinct per-record instructions counted; more are only flagged
 
     def __init__(self, family: str):
         self.family = family
         self.labels: list[str] = []
         self.text, self.query, self.pos, self.pos_n = (array.array("q") for _ in range(4))
         self.fewest_negatives: int | None = None
+        self.instructions: collections.Counter[str] = collections.Counter()
+        self.instructions_capped = False
 
     def add(self, record: Any) -> None:
         if self.family == "classification":
@@ -165,6 +173,12 @@ class ScanKeys:
             self.pos_n.append(len(record.pos))
             n = len(record.neg)
             self.fewest_negatives = n if self.fewest_negatives is None else min(self.fewest_negatives, n)
+            instr = record.instruction
+            if instr:
+                if instr in self.instructions or len(self.instructions) < self.MAX_INSTRUCTIONS:
+                    self.instructions[instr] += 1
+                else:
+                    self.instructions_capped = True
 
     def query_positives(self) -> QueryPositives:
         arr = lambda a: np.frombuffer(a, np.int64) if len(a) else np.zeros(0, np.int64)  # noqa: E731
@@ -176,6 +190,8 @@ class ScanKeys:
             source.text_keys = np.frombuffer(self.text, np.int64).copy()
         elif self.family == "retrieval":
             source.query_positives = self.query_positives()
+            source.instructions = dict(self.instructions)
+            source.instructions_capped = self.instructions_capped
 
 
 class JsonlSource:
@@ -203,6 +219,8 @@ class JsonlSource:
         self.text_keys: np.ndarray | None = None
         self.label_names: list[str] | None = None
         self.query_positives: QueryPositives | None = None
+        self.instructions: dict[str, int] = {}
+        self.instructions_capped = False
         self._abspath = os.path.abspath(self.path)
         self._file = None
         self._pid = None
@@ -336,6 +354,8 @@ class ListSource:
         self.label_names: list[str] | None = None
         self.text_keys: np.ndarray | None = None
         self.query_positives: QueryPositives | None = None
+        self.instructions: dict[str, int] = {}
+        self.instructions_capped = False
         keys = ScanKeys(family)
         for r in records:
             keys.add(r)

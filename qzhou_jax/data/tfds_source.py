@@ -87,6 +87,8 @@ class TfdsSource:
         self.text_keys: np.ndarray | None = None
         self.label_names: list[str] | None = None
         self.query_positives = None
+        self.instructions: dict[str, int] = {}
+        self.instructions_capped = False
         self._class_names = self._label_class_names()
         self._scan(BadRecords(skip=skip_bad_records))
 

@@ -124,7 +124,7 @@ def load_beir(folder: str, split: str, qrels_path: str | None = None) -> Retriev
 
     Files are read and checked by `qzhou_jax.data.beir` (the training reader); qrels naming
     a query or document that does not exist stop with the file, line and id."""
-    from qzhou_jax.data.beir import read_qrels, load_corpus, load_queries
+    from qzhou_jax.data.beir import doc_text, load_corpus, load_queries, read_qrels
 
     corpus_file = os.path.join(folder, "corpus.jsonl")
     queries_file = os.path.join(folder, "queries.jsonl")
@@ -143,8 +143,7 @@ def load_beir(folder: str, split: str, qrels_path: str | None = None) -> Retriev
     if not qrels:
         raise RecordError(f"{qrels_file}: no relevance judgements (empty file)")
     doc_ids = list(corpus)
-    # a document is its title and text joined by a space, as in mteb
-    docs = [(d["title"] + " " + d["text"]).strip() if d["title"] else d["text"] for d in corpus.values()]
+    docs = [doc_text(d) for d in corpus.values()]  # title and text joined by a space, as in mteb
     query_ids = [q for q in all_q if q in qrels]  # file order
     return RetrievalData(query_ids, [all_q[q] for q in query_ids], [None] * len(query_ids), doc_ids, docs, qrels,
                          None, [corpus_file, queries_file, qrels_file])
@@ -169,6 +168,7 @@ def load_retrieval_records(path: str, fields: Mapping[str, str] | None = None,
         instr = _get(obj, names["instruction"], where, required=False)
         if instr is not None:
             instr = _str(instr, names["instruction"][0], where)
+            instr = instr if instr.strip() else None  # blank is none, as in training records
         if reranking and not (pos and neg):  # mteb drops such records too: nothing to rank
             dropped += 1
             continue

@@ -54,15 +54,15 @@ def evaluate_retrieval(spec: TaskSpec, encode: EncodeFn) -> tuple[dict[str, Any]
         data = D.load_retrieval_records(path, spec.fields, reranking=reranking)
     q_instr = [own if own is not None else spec.instruction for own in data.query_instructions]
     doc_instr = None
-    if spec.symmetric:
-        doc_instr = spec.instruction
-        if doc_instr is None:
-            distinct = {i for i in q_instr if i is not None}
-            if len(distinct) > 1:
-                raise ValueError(f"{spec.where} is symmetric but its records carry "
-                                 f"{len(distinct)} different instructions; set the documents' 'instruction' "
-                                 "in the task file")
-            doc_instr = next(iter(distinct), None)
+    if spec.symmetric:  # one instruction on both sides, as training gives a symmetric dataset's passages
+        distinct = set(q_instr)
+        if len(distinct) > 1:
+            raise ValueError(f"{spec.where} is symmetric but its queries get {len(distinct)} different "
+                             f"instructions (their records' own and the task's: "
+                             f"{', '.join(repr(i) for i in sorted(distinct, key=str)[:3])}"
+                             f"{', ...' if len(distinct) > 3 else ''}); the documents need the same one as "
+                             "the queries: give the records one instruction, or make the task asymmetric")
+        doc_instr = next(iter(distinct), None)
     q_emb = None
     groups: dict[str | None, list[int]] = defaultdict(list)
     for i, instr in enumerate(q_instr):

@@ -95,19 +95,19 @@ class QZhouMtebModel(AbsEncoder):
             return None
         name = task_metadata.name
         found = table_entry(name)
-        if name in self.instructions:
-            text = self.instructions[name]
-        elif found is not None:
-            text = found[1]["instruction"]
-        else:
-            text = self.get_instruction(task_metadata, prompt_type) or None
         if found is not None:
             symmetric = bool(found[1]["symmetric"])
         else:
             symmetric = is_symmetric(name, _TYPES.get(task_metadata.type, "sts"))
-        if prompt_type == PromptType.query or symmetric:
-            return text
-        return None
+        if not (prompt_type == PromptType.query or symmetric):
+            return None  # documents of asymmetric tasks: no instruction (mteb is not asked for one)
+        if name in self.instructions:
+            return self.instructions[name]
+        if found is not None:
+            return found[1]["instruction"]
+        # the query side's prompt, also for both sides of symmetric tasks (a task whose prompt is a
+        # {"query": ...} mapping names none for documents, or for calls without a prompt type)
+        return self.get_instruction(task_metadata, PromptType.query) or None
 
     def encode(self, inputs: Any, *, task_metadata: Any, hf_split: str, hf_subset: str,
                prompt_type: PromptType | None = None, **kwargs: Any) -> np.ndarray:

@@ -133,7 +133,7 @@ def _read(args: argparse.Namespace, family: str):
 
 def _corpus(path: str, field: str, split: str) -> list[str]:
     """Passages of a BEIR folder or a JSONL file; objects with a title read as BEIR's documents
-    (title + newline + text), so they match positives read from BEIR folders."""
+    (`beir.doc_text`), so they match positives read from BEIR folders."""
     from qzhou_jax.data.beir import beir_files, doc_text, load_corpus
     from qzhou_jax.data.jsonl import RecordError, iter_jsonl
 
@@ -165,7 +165,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
     encode = _encode_fn(args)
     out, stats = mine_negatives(records, encode, ranks=tuple(args.ranks), num_negatives=args.num_negatives,
                                 corpus=corpus, fill=args.fill, seed=args.seed, max_score_ratio=args.max_score_ratio,
-                                instruction=args.instruction)
+                                instruction=args.instruction, passage_instruction=args.passage_instruction)
     stats["written"] = write_records(args.output, out, overwrite=args.overwrite)
     _report(f"wrote {args.output}", stats)
     return 0
@@ -178,7 +178,7 @@ def cmd_score_filter(args: argparse.Namespace) -> int:
     check_output_path(args.output, args.overwrite)
     records = _read(args, "retrieval")
     out, stats = score_filter(records, _encode_fn(args), min_score=args.min_score, drop_fraction=args.drop_fraction,
-                              instruction=args.instruction)
+                              instruction=args.instruction, passage_instruction=args.passage_instruction)
     stats["written"] = write_records(args.output, out, overwrite=args.overwrite)
     _report(f"wrote {args.output}", stats)
     return 0
@@ -277,6 +277,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--instruction", default=None,
                    help="instruction to encode the queries of records without one with (QZhou's "
                         "'Instruct: ...\\nQuery: ...'); the records themselves are written unchanged")
+    g.add_argument("--passage-instruction", default=None,
+                   help="instruction to encode the passages with: for symmetric data (NLI triplets), the "
+                        "dataset's instruction, as training gives both sides (default: none, as asymmetric "
+                        "retrieval)")
 
 
 def add_synth_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -3,7 +3,8 @@
 
 Both take ``encode(texts, instruction) -> float32 [n, dim]`` (``Encoder.encode``), so any model
 qzhou-jax can load does the scoring. Queries are encoded with their record's instruction
-(QZhou's prompt), passages without, as at evaluation.
+(QZhou's prompt), passages without, as asymmetric retrieval is trained and evaluated, or with
+``passage_instruction`` for symmetric data (NLI triplets: the same instruction on both sides).
 
 Mining: the corpus (by default every distinct positive and negative of the input; or the user's
 passages) is searched for each selected query on the default device (``search``); the positives
@@ -125,11 +126,11 @@ def _encode_queries(records: Sequence[RetrievalRecord], encode: EncodeFn,
 
 
 def positive_scores(records: Sequence[RetrievalRecord], encode: EncodeFn, query_emb: np.ndarray | None = None,
-                    instruction: str | None = None) -> list[np.ndarray]:
+                    instruction: str | None = None, passage_instruction: str | None = None) -> list[np.ndarray]:
     """Cosine of each record's query (with its instruction) to each of its positives."""
     q = _unit(query_emb if query_emb is not None else _encode_queries(records, encode, instruction))
     flat = [p for r in records for p in r.pos]
-    p = _unit(encode(flat, None)) if flat else np.zeros((0, q.shape[1]), np.float32)
+    p = _unit(encode(flat, passage_instruction)) if flat else np.zeros((0, q.shape[1]), np.float32)
     out, start = [], 0
     for i, r in enumerate(records):
         out.append(p[start:start + len(r.pos)] @ q[i])
@@ -161,12 +162,13 @@ def check_filter_args(min_score: float | None, drop_fraction: float | None) -> N
 def mine_negatives(records: Sequence[RetrievalRecord], encode: EncodeFn, *, ranks: tuple[int, int] = (10, 30),
                    num_negatives: int = 4, corpus: Sequence[str] | None = None, fill: bool = False, seed: int = 0,
                    max_score_ratio: float | None = None, query_block: int = 1024,
-                   instruction: str | None = None) -> tuple[list[RetrievalRecord], dict]:
+                   instruction: str | None = None,
+                   passage_instruction: str | None = None) -> tuple[list[RetrievalRecord], dict]:
     """Records with mined hard negatives, and counts.
 
     Selected are the records without negatives (``fill``: every record with fewer than
     ``num_negatives``, topped up to that many). Others are returned unchanged. ``instruction`` is
-    used to encode the queries of records without their own.
+    used to encode the queries of records without their own, ``passage_instruction`` the corpus.
     """
     check_mine_args(ranks, num_negatives, max_score_ratio)
     lo, hi = int(ranks[0]), int(ranks[1])
@@ -192,7 +194,7 @@ def mine_negatives(records: Sequence[RetrievalRecord], encode: EncodeFn, *, rank
     firsts = {q: r for r, q in zip(sel, row_query)}
     distinct = [firsts[q] for q in range(len(slot))]
     q_emb = _encode_queries(distinct, encode, instruction)
-    d_emb = encode(texts, None)
+    d_emb = encode(texts, passage_instruction)
     # every positive of the same query counts as its own (data often holds one record per
     # (query, positive) pair): none of them may come back as a negative
     positives_of: dict[str, set[str]] = defaultdict(set)
@@ -220,7 +222,8 @@ def mine_negatives(records: Sequence[RetrievalRecord], encode: EncodeFn, *, rank
     q_emb = q_emb[row_query]
     pos_best = None
     if max_score_ratio is not None:
-        pos_best = np.array([s.max() for s in positive_scores(sel, encode, q_emb)])
+        pos_best = np.array([s.max() for s in positive_scores(sel, encode, q_emb,
+                                                              passage_instruction=passage_instruction)])
     window_scores = []
     for row, (i, r) in enumerate(zip(chosen, sel)):
         ranked = [(j, s) for j, s in zip(idx[row], val[row]) if keys[j] not in excluded[row]]
@@ -240,13 +243,13 @@ def mine_negatives(records: Sequence[RetrievalRecord], encode: EncodeFn, *, rank
 
 
 def score_filter(records: Sequence[RetrievalRecord], encode: EncodeFn, *, min_score: float | None = None,
-                 drop_fraction: float | None = None,
-                 instruction: str | None = None) -> tuple[list[RetrievalRecord], dict]:
+                 drop_fraction: float | None = None, instruction: str | None = None,
+                 passage_instruction: str | None = None) -> tuple[list[RetrievalRecord], dict]:
     """Drop positives the model scores below ``min_score`` (a record left without positives is
     dropped), or the ``drop_fraction`` of records whose best positive scores lowest. Exactly one of
     the two is given. Counts include the score distribution to choose a threshold from."""
     check_filter_args(min_score, drop_fraction)
-    scores = positive_scores(records, encode, instruction=instruction)
+    scores = positive_scores(records, encode, instruction=instruction, passage_instruction=passage_instruction)
     best = np.array([s.max() for s in scores])
     stats: dict[str, Any] = {"records": len(records),
                              "best_positive_score_percentiles": {

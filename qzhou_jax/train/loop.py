@@ -38,7 +38,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -51,6 +51,9 @@ from qzhou_jax.train.config import POLICY_FIELDS, RunConfig, resolve_init_from
 from qzhou_jax.train.metrics import MetricsLog, step_flops
 from qzhou_jax.train.optim import make_optimizer
 from qzhou_jax.train.step import Trainer, check_batch, check_finite, train_state_shardings
+
+if TYPE_CHECKING:
+    from qzhou_jax.data.pipeline import TrainData
 
 log = logging.getLogger(__name__)
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: rerun with --resume
@@ -124,8 +127,11 @@ def _eval_specs(cfg: RunConfig) -> list:
     from qzhou_jax.eval.tasks import load_task_specs
     from qzhou_jax.train.config import expand_path
 
-    specs = load_task_specs(expand_path(cfg.eval.tasks))
-    check_tasks(specs)
+    try:
+        specs = load_task_specs(expand_path(cfg.eval.tasks))
+        check_tasks(specs)
+    except (OSError, ValueError) as e:  # name the config key, as every other config error does
+        raise (FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError)(f"eval.tasks: {e}") from None
     return specs
 
 
@@ -331,7 +337,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
                              "--resume to continue that run, or choose another out_dir")
         trainer = Trainer(model_cfg, cfg.train, _initial_params(cfg, mesh), loss_cfg=cfg.loss, mesh=mesh,
                           donate_params=True)
-    ckpts.write_metadata(model_cfg, tok_dir, cfg.to_dict(), export_settings(cfg))
+    ckpts.write_metadata(model_cfg, tok_dir, cfg.to_dict(), export_settings(cfg, data))
 
     # a resume without a checkpoint is a fresh start: an earlier log is kept aside, not truncated
     logger = MetricsLog(out_dir, cfg.log.tensorboard, enabled=main, resume_step=start_step if restored else None)
@@ -507,7 +513,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
                 result.evals["after"] = after
             _log_eval(logger, result.step, after, preempt)
         if cfg.export_hf and not preempt.flag:
-            result.hf_dir = _export(cfg, trainer, tok_dir)
+            result.hf_dir = _export(cfg, trainer, tok_dir, data)
         if preempt.flag:  # the last checkpoint is written: a rerun with --resume evaluates and exports
             result.status = "preempted"
             log.warning("preempted after the last step (checkpoint %d written); rerun with --resume to finish "
@@ -517,7 +523,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
     return result
 
 
-def _export(cfg: RunConfig, trainer: Trainer, tok_dir: str) -> str | None:
+def _export(cfg: RunConfig, trainer: Trainer, tok_dir: str, data: TrainData) -> str | None:
     from qzhou_jax.checkpoint.export import save_hf
 
     out = os.path.join(cfg.output_dir, "hf")
@@ -525,15 +531,16 @@ def _export(cfg: RunConfig, trainer: Trainer, tok_dir: str) -> str | None:
         log.warning("multi-process run: export the result with `qzhou-jax convert` from %s", cfg.checkpoint_dir)
         return None
     return save_hf(trainer.params, cfg.model_config, out, dtype=cfg.model_config.param_dtype, tokenizer_dir=tok_dir,
-                   settings=export_settings(cfg), overwrite=True)
+                   settings=export_settings(cfg, data), overwrite=True)
 
 
-def export_settings(cfg: RunConfig):
+def export_settings(cfg: RunConfig, data: TrainData):
     """The sentence-transformers settings of the run's model: the longest text it trained on
-    as max_seq_length, the first retrieval dataset's instruction in the "query" prompt."""
+    as max_seq_length, the instruction most of its retrieval queries trained with (records'
+    own or their dataset's) in the "query" prompt."""
     from qzhou_jax.st_folder import Settings
 
-    instruction = next((d.instruction for d in cfg.data.datasets if d.task == "retrieval" and d.instruction), None)
+    instruction = data.query_instruction()
     length = max(max(cfg.data.resolved(d)["query_max_length"], cfg.data.resolved(d)["passage_max_length"])
                  for d in cfg.data.datasets)
     return Settings().overridden(max_seq_length=length, query_instruction=instruction)
