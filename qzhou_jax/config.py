@@ -476,7 +476,7 @@ def load_yaml(path: str | os.PathLike) -> dict:
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """Apply `key.path=value` strings (values parsed as YAML: `train.lr=2e-5`,
-    `data.datasets.0.batch_size=16`, `model.remat=full`, `eval.tasks=null`; mappings and lists
+    `data.datasets.0.batch_size=16` or `data.datasets[0].batch_size=16`, `model.remat=full`, `eval.tasks=null`; mappings and lists
     only in flow style, `{...}` / `[...]`, so `instruction=Query: find it` stays a text) to a
     copy of `data`."""
     import copy
@@ -496,7 +496,7 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             value = raw  # "Query: find it" is a text; a mapping or list is written {...} / [...]
         if isinstance(value, dict) and re.fullmatch(r"\{\w+\}", raw.strip()):
             value = raw  # a placeholder such as {assets}, not a mapping
-        parts = key.strip().split(".")
+        parts = re.sub(r"\[(\d+)\]", r".\1", key.strip()).split(".")  # data.datasets[0].x as errors name it
         node: Any = data
         for i, part in enumerate(parts[:-1]):
             where = ".".join(parts[: i + 1])

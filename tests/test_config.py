@@ -164,3 +164,21 @@ def test_run_config_errors_name_where_the_value_came_from(tmp_path):
     (tmp_path / "mid.yaml").write_text(json.dumps({"base": "base.yaml", "data": data}))
     with pytest.raises(ConfigError, match=r"top.yaml: model.preset: required without init_from"):
         load_run_config(tmp_path / "top.yaml")
+    # --set takes list items as errors name them; a $ in a text is not a variable
+    (tmp_path / "base.yaml").write_text(json.dumps({"model": {"preset": "tiny"}}))
+    cfg = load_run_config(tmp_path / "top.yaml", ["data.datasets[0].batch_size=4",
+                                                  "data.datasets[0].instruction=Given a $5 budget, find it"])
+    assert cfg.data.datasets[0].batch_size == 4
+
+
+def test_unset_variables_in_paths_are_named(tmp_path, monkeypatch, caplog):
+    from qzhou_jax.train.config import load_run_config
+
+    monkeypatch.delenv("QZ_UNSET_DATA", raising=False)
+    raw = {"model": {"preset": "tiny"}, "data": {"datasets": [
+        {"name": "r", "task": "retrieval", "path": "$QZ_UNSET_DATA/r.jsonl", "instruction": "Spend $5 on it"}]}}
+    with caplog.at_level("WARNING"):
+        load_run_config(data=raw)
+    assert "$QZ_UNSET_DATA is not set in this environment (used by data.datasets[0].path)" in caplog.text
+    assert "$5" not in caplog.text
+

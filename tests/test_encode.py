@@ -1,6 +1,7 @@
 """Tokenizer bucketing, the Encoder, and `qzhou-jax encode` on a local HF checkpoint."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -55,6 +56,19 @@ def test_a_tokenizer_that_cuts_from_the_start_cuts_from_the_end(tmp_path, caplog
     out.mkdir()
     copy_tokenizer(src, str(out))
     assert json.loads((out / "tokenizer_config.json").read_text())["truncation_side"] == "right"
+    # the side can also come from tokenizer.json when tokenizer_config.json does not say
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    fast = json.loads((src / "tokenizer.json").read_text())
+    (src / "tokenizer.json").write_text(json.dumps({**fast, "truncation": {
+        "direction": "Left", "max_length": 16, "strategy": "LongestFirst", "stride": 0}}))
+    copy_tokenizer(src, str(out))
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(src).truncation_side == "left"
+    assert AutoTokenizer.from_pretrained(out).truncation_side == "right"
+    # a tokenizer that cuts from the end is copied as it is
+    copy_tokenizer(DEMO_TOKENIZER, str(out))
+    for name in os.listdir(DEMO_TOKENIZER):
+        assert (out / name).read_bytes() == open(os.path.join(DEMO_TOKENIZER, name), "rb").read(), name
 
 
 def test_encoder_order_bucketing_and_sharding(model_dir):
@@ -99,11 +113,22 @@ def test_encode_cli_writes_float32_in_input_order(model_dir, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "s.npy"), emb, atol=2e-6)
 
 
+def test_encode_warns_about_empty_texts(model_dir, tmp_path, caplog):
+    inp = _write(tmp_path / "in.jsonl", ['{"text": "a"}', "", '{"text": ""}'])  # the blank line is no row
+    with caplog.at_level("WARNING"):
+        assert cli.main(["encode", "--model", str(model_dir), "--input", str(inp), "--output",
+                         str(tmp_path / "e.npy"), "--quiet"]) == 0
+    assert "1 of the 2 texts are empty: their rows are zeros" in caplog.text
+    emb = np.load(tmp_path / "e.npy")
+    assert emb.shape[0] == 2 and not emb[1].any() and emb[0].any()
+
+
 @pytest.mark.parametrize("lines,message", [
     ([], "no records"),
     (['{"text": "ok"}', "{not json"], ":2: not valid JSON"),
     (['{"text": "ok"}', '{"body": "x"}'], ":2: missing field 'text'"),
     (['{"text": 3}'], ":1: field 'text' must be a string"),
+    (['{"text": "ok"}', '["a", "b"]'], ":2: expected a JSON object with a 'text' field or a JSON string, got list"),
 ])
 def test_encode_bad_input_names_file_and_line_and_writes_nothing(model_dir, tmp_path, capsys, lines, message):
     inp = _write(tmp_path / "bad.jsonl", lines)
@@ -120,6 +145,9 @@ def test_encode_missing_model_folder(tmp_path, capsys):
     rc = cli.main(["encode", "--model", str(tmp_path / "nope"), "--input", str(inp),
                    "--output", str(tmp_path / "o.npy")])
     assert rc == 2 and "nope" in capsys.readouterr().err
+    rc = cli.main(["encode", "--model", str(tmp_path / "nope"), "--input", str(inp), "--attention-impl", "cudnn",
+                   "--output", str(tmp_path / "o.npy")])  # a GPU kernel on this CPU: said before any loading
+    assert rc == 2 and "--attention-impl: 'cudnn' is a GPU kernel" in capsys.readouterr().err
 
 
 

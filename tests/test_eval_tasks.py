@@ -230,6 +230,11 @@ def test_retrieval_records_instruction_sides(tmp_path):
     enc = RecordingEncoder()
     evaluate([sym], enc)
     assert {i for _, i in enc.seen} == {"Find it"}
+    rows[1]["instruction"] = "Other"  # without instructions, records' own ones do not matter either
+    _write(tmp_path / "r.jsonl", rows)
+    enc = RecordingEncoder()
+    evaluate([sym], enc, use_instructions=False)
+    assert {i for _, i in enc.seen} == {None}
     enc = RecordingEncoder()
     evaluate([asym], enc, use_instructions=False)
     assert {i for _, i in enc.seen} == {None}

@@ -141,7 +141,7 @@ def test_batch_must_divide_over_hosts(no_device_work):
 
 def test_bad_chunk_and_numbers(tmp_path, capsys, no_device_work):
     assert main(["plan", "--config", _yaml(tmp_path), "--topology", "cpu:8", "--set", "train.chunk_size=6"]) == 2
-    assert "chunk_size: 6 does not divide" in capsys.readouterr().err
+    assert "chunk_size (from --set train.chunk_size=6): 6 does not divide" in capsys.readouterr().err
     assert main(["plan", "--config", _yaml(tmp_path), "--topology", "cpu:8", "--mfu", "0"]) == 2
     assert "--mfu" in capsys.readouterr().err
     assert main(["plan", "--config", _yaml(tmp_path), "--devices", "8"]) == 2
@@ -630,7 +630,7 @@ def test_tpu_launcher_dry_run(tmp_path):
     cases = [([], "--config is required"), (["--config", "configs/nope.yaml"], "no such file")]
     if os.path.isfile(os.path.join(bindir, "qzhou-jax")):  # the local check runs where the command is installed
         cases.append((["--config", "configs/stage1-qwen2.5-7b.yaml", "--set", "out_dir=gs://b/r"],
-                      "out_dir: 'gs://b/r' is a URL"))
+                      "out_dir (from --set out_dir=gs://b/r): 'gs://b/r' is a URL"))
     for extra, words in cases:
         r = _sh(run + extra, env={"PATH": f"{bindir}:{os.environ.get('PATH', '')}"})
         assert r.returncode == 2 and words in r.stderr, r.stderr

@@ -344,7 +344,7 @@ def test_resume_with_a_bfloat16_first_moment(tmp_path, uninterrupted, caplog):
     full = losses(uninterrupted)
     for s, v in losses(resumed).items():
         np.testing.assert_allclose(v, full[s], rtol=2e-3, err_msg=f"step {s}")
-    with pytest.raises(ConfigError, match="train.mu_dtype: expected one of"):
+    with pytest.raises(ConfigError, match=r"train.mu_dtype \(from --set train.mu_dtype=float16\): expected one of"):
         load_run_config(data=run_dict(out), overrides=["train.mu_dtype=float16"])
 
 
@@ -540,6 +540,27 @@ def test_instructions_reach_the_sides_training_and_exports_give_them(tmp_path):
     raw["data"]["datasets"][0].update(path=str(path), instruction="Dataset's")
     assert TrainData.from_config(load_run_config(data=raw), tok, HostRows.of_process(0, 1)).query_instruction() == \
         "Dataset's"
+
+    # weighted by the queries each dataset contributes (its draws), not by its record count
+    from qzhou_jax.data.batches import BatchSpec
+    from qzhou_jax.data.sources import ListSource
+
+    def retrieval(n, instruction):
+        return ListSource.from_dicts([{"query": f"{instruction} q{i}", "pos": [f"{instruction} p{i}"],
+                                       "instruction": instruction} for i in range(n)], "retrieval")
+
+    spec = BatchSpec("retrieval", 4, 1, 32, 32)
+    few_draws = TrainData([retrieval(400, "A"), retrieval(100, "B")], [spec, spec], tok, total_steps=20,
+                          weights=[0.01, 100.0])
+    assert few_draws.query_instruction() == "B"
+    # queries trained without any instruction: the exports' query prompt is empty, not a default
+    raw = run_dict(tmp_path, steps=4, eta=None)
+    raw["data"]["datasets"] = [{"name": "plain", "task": "retrieval", "path": str(path), "instruction": "  "}]
+    path.write_text("".join(json.dumps({"query": f"q{i}", "pos": [f"p{i}"]}) + "\n" for i in range(40)))
+    cfg = load_run_config(data=raw)
+    assert cfg.data.datasets[0].instruction is None  # blank is none
+    plain = TrainData.from_config(cfg, tok, HostRows.of_process(0, 1))
+    assert plain.query_instruction() is None and export_settings(cfg, plain).prompts == {"query": "", "document": ""}
 
     # a record's own instruction that fills the query limit is refused like a dataset's
     long = "Given a web search query, retrieve relevant passages that answer the query"
@@ -755,6 +776,12 @@ def test_config_errors_name_the_key_before_any_device_work(tmp_path, monkeypatch
         with pytest.raises(ConfigError, match=re.escape(key)):
             load_run_config(path)
         assert cli_main(["train", "--config", str(path)]) == 2
+    # a GPU kernel on this CPU: refused before the data is read or anything is compiled
+    raw = run_dict(tmp_path)
+    raw["model"]["attention_impl"] = "cudnn"
+    with pytest.raises(ValueError, match="model.attention_impl: 'cudnn' is a GPU kernel and this machine's JAX "
+                                         "platform is cpu"):
+        train(load_run_config(data=raw))
 
 
 def test_unwritable_out_dir_and_missing_dataset_name_the_key(tmp_path, capsys):

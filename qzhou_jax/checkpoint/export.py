@@ -172,6 +172,7 @@ def check_tokenizer(src: str | os.PathLike | None, out: str, required: bool = Tr
             if required:
                 raise FileNotFoundError(f"{src}: tokenizer folder not found")
         elif tokenizer_files(src):
+            _check_loads(src)
             return True
         elif required:
             raise FileNotFoundError(f"{src}: no tokenizer files (none of {', '.join(VOCABULARY_FILES)})")
@@ -179,6 +180,17 @@ def check_tokenizer(src: str | os.PathLike | None, out: str, required: bool = Tr
                 "pass a tokenizer folder (--tokenizer)", out,
                 "none given" if src is None else f"none in {src}")
     return False
+
+
+def _check_loads(src: str) -> None:
+    """Tokenizer files that transformers cannot load (a truncated or foreign tokenizer.json) are
+    refused here, not when the converted model is first used."""
+    from qzhou_jax.tokenizer import Tokenizer
+
+    try:
+        Tokenizer(src)
+    except Exception as e:  # whatever transformers raises on bad files (KeyError, JSON errors, ...)
+        raise ValueError(f"{src}: its tokenizer files do not load ({type(e).__name__}: {e})") from None
 
 
 def copy_tokenizer(src: str | os.PathLike | None, dst: str) -> list[str]:
@@ -196,17 +208,27 @@ def copy_tokenizer(src: str | os.PathLike | None, dst: str) -> list[str]:
 
 
 def _truncate_right(path: str) -> None:
-    """A copied tokenizer_config.json that cuts texts from the start is set to cut from the end, as
-    this package's encoders do (the instruction comes first; sentence-transformers and transformers
-    read the setting from this file)."""
+    """A copied tokenizer_config.json is set to cut texts from the end, as this package's encoders
+    do (the instruction comes first; sentence-transformers and transformers read the setting from
+    this file, or from tokenizer.json's "truncation" when this file does not say)."""
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
     except (OSError, ValueError):  # absent, or not JSON: the tokenizer's own loader reports it
         return
-    if isinstance(raw, dict) and raw.get("truncation_side", "right") != "right":
-        log.warning("%s: truncation_side %r written as 'right': texts are cut from the end, as this model "
-                    "was trained and evaluated", path, raw["truncation_side"])
+    if not isinstance(raw, dict):
+        return
+    side = raw.get("truncation_side")
+    if side is None:  # then transformers takes tokenizer.json's
+        try:
+            with open(os.path.join(os.path.dirname(path), "tokenizer.json"), encoding="utf-8") as f:
+                truncation = json.load(f).get("truncation") or {}
+            side = str(truncation.get("direction", "right")).lower()
+        except (OSError, ValueError, AttributeError):
+            return
+    if side != "right":
+        log.warning("tokenizer_config.json: truncation_side %r written as 'right': texts are cut from the end, as "
+                    "this model was trained and evaluated", side)
         write_json(path, {**raw, "truncation_side": "right"})
 
 

@@ -43,10 +43,13 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
 
 
 def read_texts(path: str | os.PathLike, field: str = "text") -> list[str]:
-    """Texts from a JSONL file of objects with `field` (or of bare JSON strings)."""
+    """Texts from a JSONL file of objects with `field` (or of bare JSON strings), one per non-blank line."""
     texts = []
     for lineno, obj in iter_jsonl(path):
-        value = obj if isinstance(obj, str) else obj.get(field) if isinstance(obj, dict) else None
+        if not isinstance(obj, (dict, str)):
+            raise RecordError(f"{path}:{lineno}: expected a JSON object with a {field!r} field or a JSON string, "
+                              f"got {type(obj).__name__}")
+        value = obj if isinstance(obj, str) else obj.get(field)
         if isinstance(obj, dict) and field not in obj:
             raise RecordError(f"{path}:{lineno}: missing field {field!r}")
         if not isinstance(value, str):

@@ -175,6 +175,9 @@ def _check_instruction_room(tokenizer: Any, spec: BatchSpec, where: str, source:
     room for the text: texts are cut from the end, so a prompt as long as the limit turns every
     input into the bare instruction (identical queries, a loss with nothing to learn)."""
     own = getattr(source, "instructions", None) or {}
+    if getattr(source, "instructions_capped", False):
+        log.warning("%s: its records carry more than %d different instructions; the lengths of the first %d are "
+                    "checked", where, len(own), len(own))
     named = ([(spec.instruction, "its instruction")] if spec.instruction else []) + \
         [(text, f"the instruction of {n} of its records ({_short(text)!r})") for text, n in own.items()]
     if not named:
@@ -260,25 +263,28 @@ class TrainData:
         return [b.spec for b in self.builders]
 
     def query_instruction(self) -> str | None:
-        """The instruction most retrieval queries train with (a record's own, else its dataset's),
-        counted over the retrieval datasets' records: the "query" prompt of the run's exports.
-        None when no retrieval query has one."""
-        counts: dict[str, int] = {}
-        for b in self.builders:
-            if b.spec.task != "retrieval":
+        """The instruction most retrieval queries train with (a record's own, else its dataset's):
+        each retrieval dataset's instructions counted over its records and weighted by the queries
+        it contributes per step on average (its draw probability times its batch size). The
+        "query" prompt of the run's exports; None when no retrieval query has one."""
+        weights: dict[str, float] = {}
+        for d, b in enumerate(self.builders):
+            if b.spec.task != "retrieval" or not len(b.source):
                 continue
+            per_record = float(self.plan.probs[d]) * b.spec.batch_size / len(b.source)
             own = getattr(b.source, "instructions", None) or {}
             for text, n in own.items():
-                counts[text] = counts.get(text, 0) + n
-            rest = len(b.source) - sum(own.values())
-            if b.spec.instruction and rest > 0:
-                counts[b.spec.instruction] = counts.get(b.spec.instruction, 0) + rest
-        if not counts:
+                weights[text] = weights.get(text, 0.0) + n * per_record
+            with_own = getattr(b.source, "records_with_instruction", sum(own.values()))
+            rest = len(b.source) - with_own
+            if b.spec.instruction and b.spec.instruction.strip() and rest > 0:
+                weights[b.spec.instruction] = weights.get(b.spec.instruction, 0.0) + rest * per_record
+        if not weights:
             return None
-        best = max(counts, key=counts.__getitem__)
-        if len(counts) > 1:
-            log.info("the exports' query prompt is the instruction of %d of the %d retrieval records that have one "
-                     "(%d instructions in all): %r", counts[best], sum(counts.values()), len(counts), best)
+        best = max(weights, key=weights.__getitem__)
+        if len(weights) > 1:
+            log.info("the exports' query prompt is the instruction of %.0f%% of the retrieval queries with one "
+                     "(%d instructions in all): %r", 100 * weights[best] / sum(weights.values()), len(weights), best)
         return best
 
     def __len__(self) -> int:

@@ -7,7 +7,8 @@ sampler can pick same-class positives without reading texts.
 Retrieval sources expose ``query_positives`` (a ``QueryPositives``): which texts are positives of a
 record's query in any record, for data with one record per (query, positive) pair; and
 ``instructions``: how many records carry each of their own instructions (at most
-``ScanKeys.MAX_INSTRUCTIONS`` distinct ones are kept; ``instructions_capped`` says whether more were seen).
+``ScanKeys.MAX_INSTRUCTIONS`` distinct ones are kept; ``instructions_capped`` says whether more were
+seen, ``records_with_instruction`` counts them all).
 
 ``JsonlSource`` validates a whole file once, up front, and then keeps only byte offsets: a bad line
 stops the run before any device work starts, and memory does not grow with the texts. Records are
@@ -162,6 +163,7 @@ class ScanKeys:
         self.fewest_negatives: int | None = None
         self.instructions: collections.Counter[str] = collections.Counter()
         self.instructions_capped = False
+        self.with_instruction = 0  # records with their own instruction, counted or not
 
     def add(self, record: Any) -> None:
         if self.family == "classification":
@@ -175,6 +177,7 @@ class ScanKeys:
             self.fewest_negatives = n if self.fewest_negatives is None else min(self.fewest_negatives, n)
             instr = record.instruction
             if instr:
+                self.with_instruction += 1
                 if instr in self.instructions or len(self.instructions) < self.MAX_INSTRUCTIONS:
                     self.instructions[instr] += 1
                 else:
@@ -192,6 +195,7 @@ class ScanKeys:
             source.query_positives = self.query_positives()
             source.instructions = dict(self.instructions)
             source.instructions_capped = self.instructions_capped
+            source.records_with_instruction = self.with_instruction
 
 
 class JsonlSource:
@@ -221,6 +225,7 @@ class JsonlSource:
         self.query_positives: QueryPositives | None = None
         self.instructions: dict[str, int] = {}
         self.instructions_capped = False
+        self.records_with_instruction = 0
         self._abspath = os.path.abspath(self.path)
         self._file = None
         self._pid = None
@@ -356,6 +361,7 @@ class ListSource:
         self.query_positives: QueryPositives | None = None
         self.instructions: dict[str, int] = {}
         self.instructions_capped = False
+        self.records_with_instruction = 0
         keys = ScanKeys(family)
         for r in records:
             keys.add(r)

@@ -89,6 +89,7 @@ class TfdsSource:
         self.query_positives = None
         self.instructions: dict[str, int] = {}
         self.instructions_capped = False
+        self.records_with_instruction = 0
         self._class_names = self._label_class_names()
         self._scan(BadRecords(skip=skip_bad_records))
 

@@ -59,7 +59,7 @@ def evaluate_retrieval(spec: TaskSpec, encode: EncodeFn) -> tuple[dict[str, Any]
         if len(distinct) > 1:
             raise ValueError(f"{spec.where} is symmetric but its queries get {len(distinct)} different "
                              f"instructions (their records' own and the task's: "
-                             f"{', '.join(repr(i) for i in sorted(distinct, key=str)[:3])}"
+                             f"{', '.join('none' if i is None else repr(i) for i in sorted(distinct, key=str)[:3])}"
                              f"{', ...' if len(distinct) > 3 else ''}); the documents need the same one as "
                              "the queries: give the records one instruction, or make the task asymmetric")
         doc_instr = next(iter(distinct), None)

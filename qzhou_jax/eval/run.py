@@ -83,8 +83,8 @@ def evaluate_task(spec: TaskSpec, encoder: Any, *, model: Any = None, progress: 
                   use_instructions: bool = True) -> dict[str, Any]:
     """One task's result dict (see the module docstring)."""
     spec.check_files()
-    if not use_instructions:
-        spec = dataclasses.replace(spec, instruction=None)
+    if not use_instructions:  # records' own instructions are dropped too: no side gets one
+        spec = dataclasses.replace(spec, instruction=None, symmetric=False)
     counter: dict[str, int] = {}
     t0 = time.perf_counter()
     try:
@@ -216,7 +216,7 @@ def write_results(results: Mapping[str, Mapping[str, Any]], path: str | os.PathL
 def summary_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     """A plain-text table: task, type, split, main metric, score (x100), seconds; then the
     mean over tasks and the mean over task types (as MTEB's leaderboards average)."""
-    rows = [("task", "type", "split", "metric", "score", "seconds")]
+    rows = [("task", "type", "split", "metric", "score x100", "seconds")]
     by_type: dict[str, list[float]] = {}
     values = []
     for name, r in results.items():

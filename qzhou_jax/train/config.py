@@ -106,6 +106,8 @@ class DatasetConfig:
     def __post_init__(self):
         if not self.name:
             raise ConfigError("name: must not be empty")
+        if self.instruction is not None and not self.instruction.strip():  # blank is none, as in records
+            object.__setattr__(self, "instruction", None)
         for key in ("batch_size", "query_max_length", "passage_max_length"):
             _positive(getattr(self, key), key)
         if self.hard_negatives is not None and self.hard_negatives < 0:
@@ -442,7 +444,7 @@ def _warn_unset_variables(raw: Any) -> None:
             for i, v in enumerate(node):
                 walk(v, f"{where}[{i}]")
         elif isinstance(node, str):
-            for a, b in re.findall(r"\$(?:\{(\w+)\}|(\w+))", node):
+            for a, b in re.findall(r"\$(?:\{([A-Za-z_]\w*)\}|([A-Za-z_]\w*))", node):
                 if (a or b) not in os.environ:
                     unset.setdefault(a or b, []).append(where)
 

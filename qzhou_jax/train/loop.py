@@ -224,6 +224,7 @@ def train(cfg: RunConfig, resume: bool = False, *, hooks: Sequence[Callable[[int
         jax.config.update("jax_compilation_cache_dir", expand_path(cfg.compilation_cache_dir))
     sharding.maybe_initialize_distributed()
     cfg = _portable_kernel(cfg)
+    sharding.check_kernel_platform(cfg.model_config.attention_impl, "model.attention_impl")
     # SIGTERM from here on (indexing, restore, compile, evaluation) ends the run with status
     # "preempted" (exit code 75, which the launchers requeue) instead of killing it.
     with _Preemption(cfg.checkpoint.save_on_preemption) as preempt:
@@ -537,10 +538,12 @@ def _export(cfg: RunConfig, trainer: Trainer, tok_dir: str, data: TrainData) -> 
 def export_settings(cfg: RunConfig, data: TrainData):
     """The sentence-transformers settings of the run's model: the longest text it trained on
     as max_seq_length, the instruction most of its retrieval queries trained with (records'
-    own or their dataset's) in the "query" prompt."""
+    own or their dataset's) in the "query" prompt, empty when they had none."""
     from qzhou_jax.st_folder import Settings
 
     instruction = data.query_instruction()
     length = max(max(cfg.data.resolved(d)["query_max_length"], cfg.data.resolved(d)["passage_max_length"])
                  for d in cfg.data.datasets)
+    if instruction is None:  # queries trained without one: an empty prompt, not the web-search default
+        return Settings(max_seq_length=length, prompts={"query": "", "document": ""})
     return Settings().overridden(max_seq_length=length, query_instruction=instruction)
