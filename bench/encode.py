@@ -154,9 +154,9 @@ def main() -> None:
     tokens = args.batch * args.seq
     flops = cfg.flops_per_token(args.seq) * tokens
     peak = common.matmul_peak_tflops()
-    print(f"device {common.device_name()}; measured matmul peak {peak:.0f} TFLOP/s")
+    print(f"device {common.device_name()}; measured matmul peak {peak:.3g} TFLOP/s")
     print(f"encode {args.preset} {dtype}, batch {args.batch} x {args.seq} tokens, "
-          f"{cfg.num_params(False) / 1e9:.3f}B non-embedding params")
+          f"{cfg.num_params(False):,} non-embedding params")
     rng = np.random.default_rng(0)
     ids = rng.integers(1, min(cfg.vocab_size, 150000), size=(args.batch, args.seq)).astype(np.int32)
     mask = np.ones_like(ids)

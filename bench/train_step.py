@@ -216,7 +216,7 @@ def main() -> None:
     print(f"device {common.device_name()}; measured matmul peak {peak:.3g} TFLOP/s "
           f"({'f32' if on_cpu else 'bf16'})")
     print(f"train step {args.preset}: {args.queries} queries x (1 + 1 + {args.hard_negatives}) x {args.seq} tokens "
-          f"= {tokens:,} tokens, {cfg.num_params(False) / 1e9:.3f}B non-embedding params, compute {dtype}, "
+          f"= {tokens:,} tokens, {cfg.num_params(False):,} non-embedding params, compute {dtype}, "
           f"remat {remat_desc(cfg)}, GradCache chunk {args.chunk_size or 'off'}"
           f"{f', {args.keep_chunks} chunks kept' if args.chunk_size and args.keep_chunks else ''}"
           f"{f', Adam first moment {args.mu_dtype}' if args.mu_dtype != 'float32' else ''}"

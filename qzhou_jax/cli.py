@@ -31,6 +31,11 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from qzhou_jax.tokenizer import Tokenizer
 
     texts = read_texts(args.input, args.field)  # validate input and output before loading the model
+    empty = sum(not t for t in texts)
+    if empty:
+        logging.getLogger(__name__).warning(
+            "%s: %d of the %d texts are empty: %s", args.input, empty, len(texts),
+            "they embed the bare instruction" if args.instruction else "their rows are zeros")
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--output {args.output}: no such folder {folder}")

@@ -63,6 +63,9 @@ def model_run_overrides(args: argparse.Namespace) -> dict:
     if args.dtype:
         out["compute_dtype"] = args.dtype
     if args.attention_impl:
+        from qzhou_jax.sharding import check_kernel_platform
+
+        check_kernel_platform(args.attention_impl, "--attention-impl")
         out["attention_impl"] = args.attention_impl
     if getattr(args, "pooling", None):
         out["pooling"] = args.pooling

@@ -268,6 +268,14 @@ def platform(mesh: Mesh | None = None) -> str:
     return next(iter(mesh.devices.flat if mesh is not None else jax.devices())).platform
 
 
+
+def check_kernel_platform(attention_impl: str, where: str) -> None:
+    """cuDNN attention exists only on GPUs: elsewhere it fails deep inside the first compile, so
+    refuse it up front (splash runs anywhere, interpreted off TPU, with a warning)."""
+    if attention_impl == "cudnn" and platform() != "gpu":
+        raise ValueError(f"{where}: 'cudnn' is a GPU kernel and this machine's JAX platform is {platform()}; "
+                         "use 'xla' (the same attention, any platform)")
+
 def current_data_parallel_size() -> int:
     """The data-parallel size of the mesh in use (`use_mesh`); 1 without one."""
     ctx = _CONTEXT.get()

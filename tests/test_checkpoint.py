@@ -475,6 +475,12 @@ def test_a_folder_without_tokenizer_files_is_refused_before_anything_is_written(
         with pytest.raises(FileNotFoundError, match="tokenizer"):
             conv.hf_to_orbax(good_hf, tmp_path / "out", tokenizer_dir=tok)
         assert_nothing_left(tmp_path / "out")
+    broken = tmp_path / "broken"  # tokenizer files that transformers cannot load
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match=rf"{broken}: its tokenizer files do not load"):
+        conv.hf_to_orbax(good_hf, tmp_path / "out", tokenizer_dir=broken)
+    assert_nothing_left(tmp_path / "out")
     assert written == []
     conv.hf_to_orbax(good_hf, tmp_path / "orbax")
     with pytest.raises(FileNotFoundError, match="tokenizer folder not found"):

@@ -398,6 +398,28 @@ def test_chat_client_retries_and_errors(llm_server, monkeypatch):
         ChatClient("localhost:8000", "m")
 
 
+def test_an_unreachable_endpoint_stops_at_once_until_it_has_answered(caplog):
+    """Nothing listening on --llm-url's port (a typo) is fatal at the first request instead of
+    minutes of silent retries; once the server has answered, a refused connection is a restart
+    and is retried."""
+    import socket
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    client = ChatClient(f"http://127.0.0.1:{port}/v1", "m", api_key_env=None, backoff=0.01, retries=2)
+    t0 = time.perf_counter()
+    with pytest.raises(LLMError, match=rf"cannot reach http://127.0.0.1:{port}/v1/chat/completions: .*refused.*"
+                                       r"--llm-url") as e:
+        client([{"role": "user", "content": "hi"}])
+    assert e.value.fatal and time.perf_counter() - t0 < 5
+    client.answered = 1
+    with caplog.at_level("WARNING"), pytest.raises(LLMError, match="gave up after 3 tries") as e:
+        client([{"role": "user", "content": "hi"}])
+    assert not e.value.fatal and "retrying up to 2 times" in caplog.text
+
+
 def test_chat_client_cancel_ends_the_backoff(llm_server):
     import time
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import random
 import socket
@@ -35,6 +36,7 @@ __all__ = ["LLM", "LLMError", "ChatClient"]
 Message = Mapping[str, str]
 LLM = Callable[[Sequence[Message]], str]
 
+log = logging.getLogger(__name__)
 _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 _FATAL_STATUS = {401, 402, 403, 404, 405}
 
@@ -81,6 +83,8 @@ class ChatClient:
         self.url = self.base_url.rstrip("/") + "/chat/completions"
         self.calls = 0
         self.retried = 0
+        self.answered = 0  # calls that got a completion: before the first, an unreachable server is fatal
+        self._warned = False
         self._lock = threading.Lock()
         self._cancelled = threading.Event()
 
@@ -121,7 +125,10 @@ class ChatClient:
             try:
                 with urllib.request.urlopen(self._request(messages), timeout=self.timeout) as resp:
                     raw = resp.read()
-                return self._content(raw)
+                content = self._content(raw)
+                with self._lock:
+                    self.answered += 1
+                return content
             except urllib.error.HTTPError as e:
                 detail = e.read()[:300].decode("utf-8", "replace")
                 last = f"HTTP {e.code} from {self.url}: {detail}"
@@ -130,8 +137,16 @@ class ChatClient:
                 retry_after = e.headers.get("Retry-After") if e.headers else None
             except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError,
                     http.client.HTTPException) as e:
-                last = f"{self.url}: {getattr(e, 'reason', e)}"
+                reason = getattr(e, "reason", e)
+                last = f"{self.url}: {reason}"
+                if not self.answered and isinstance(reason, (ConnectionRefusedError, socket.gaierror)):
+                    # nothing listens there (a wrong host or port): retrying for minutes helps nobody
+                    raise LLMError(f"cannot reach {self.url}: {reason}; is the server running, and are the host "
+                                   "and port of --llm-url right?", fatal=True, kind="unreachable") from None
             if attempt < self.retries:
+                if not self._warned:
+                    self._warned = True
+                    log.warning("LLM request failed (%s); retrying up to %d times with backoff", last, self.retries)
                 self._wait(attempt, retry_after)
         raise LLMError(f"gave up after {self.retries + 1} tries: {last}", kind="no answer after retries")
 

@@ -22,6 +22,39 @@ def _report(result, stream=None) -> None:
           file=stream)
     if result.hf_dir:
         print(f"HF / sentence-transformers export: {result.hf_dir}", file=stream)
+    print(f"metrics: {os.path.join(result.out_dir, 'metrics.jsonl')} (TensorBoard: tensorboard --logdir "
+          f"{result.out_dir})", file=stream)
+
+
+def _logged_scores(out_dir: str, step: int) -> dict[str, float]:
+    """The evaluation scores metrics.jsonl holds for `step` (a resumed run evaluated before it started)."""
+    scores: dict[str, float] = {}
+    try:
+        with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                if row.get("step") == step:
+                    scores.update({k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/")})
+    except (OSError, ValueError):
+        pass
+    return scores
+
+
+def _score_table(result, stream) -> None:
+    """Main score of each evaluation task before and after training (before: from metrics.jsonl
+    when a resumed run did not evaluate it again; "-" where there is none)."""
+    from qzhou_jax.train.loop import main_scores
+
+    final = result.evals.get("after", {})
+    if not final:
+        return
+    before = main_scores(result.evals.get("before", {})) or _logged_scores(result.out_dir, 0)
+    after = main_scores(final)
+    print(f"\n{'evaluation task':24s} {'metric':16s} {'before':>8s} {'after':>8s}", file=stream)
+    for name in after:
+        metric = final[name].get("qzhou_jax", {}).get("task", {}).get("main_score", "")
+        was = f"{before[name]:8.4f}" if name in before else f"{'-':>8s}"
+        print(f"{name:24s} {metric:16s} {was} {after[name]:8.4f}", file=stream)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -40,10 +73,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("".join(f"# {line}\n" for line in resolved.splitlines()), end="")
         return 0
     result = train(cfg, resume=args.resume)
+    _score_table(result, sys.stderr)
     _report(result)
-    if result.evals:
-        print(json.dumps({k: {t: r.get("main_score") for t, r in v.items()} for k, v in result.evals.items()},
-                         indent=1), file=sys.stderr)
     if result.status == "preempted" and os.environ.get("QZ_PREEMPTED_MARKER"):
         # for launchers: srun may report another task's status (launch/slurm_gpu.sbatch)
         with open(os.environ["QZ_PREEMPTED_MARKER"], "w") as f:
@@ -79,7 +110,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from qzhou_jax.train.config import load_run_config
-    from qzhou_jax.train.loop import PREEMPTED_EXIT_CODE, main_scores, train
+    from qzhou_jax.train.loop import PREEMPTED_EXIT_CODE, train
 
     out = os.path.abspath(args.out)
     overrides = [f"out_dir={out}"] + (args.set or [])
@@ -103,11 +134,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("the demo was interrupted; `qzhou-jax demo --resume` (with the same options) continues it",
               file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    before, after = main_scores(result.evals.get("before", {})), main_scores(result.evals.get("after", {}))
-    final = result.evals.get("after", {})
-    print(f"\n{'held-out task':24s} {'metric':16s} {'before':>8s} {'after':>8s}")
-    for name in after:
-        metric = final[name].get("qzhou_jax", {}).get("task", {}).get("main_score", "")
-        print(f"{name:24s} {metric:16s} {before.get(name, float('nan')):8.4f} {after[name]:8.4f}")
+    _score_table(result, sys.stdout)
     _report(result, sys.stdout)
     return 0
