@@ -481,6 +481,33 @@ def test_a_data_file_rewritten_with_as_many_records_is_noticed_on_resume(tmp_pat
     assert "dataset ret: its file is" in caplog.text and "it was rewritten" in caplog.text
 
 
+def test_a_checkpoint_of_older_beir_texts_is_noticed_on_resume(tmp_path, caplog):
+    """BEIR documents were once title + newline + text; they are now joined as mteb joins them.
+    A checkpoint written before records no text form: its resume says the texts changed."""
+    from qzhou_jax.data.batches import BatchSpec
+    from qzhou_jax.data.beir import BeirSource
+    from qzhou_jax.tokenizer import DEMO_TOKENIZER, Tokenizer
+
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": f"T{i}", "text": f"text {i}"})
+                                                 + "\n" for i in range(40)))
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"q {i}"}) + "\n"
+                                                  for i in range(40)))
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n"
+                                                + "".join(f"q{i}\td{i}\t1\n" for i in range(40)))
+    tok = Tokenizer(DEMO_TOKENIZER, max_length=32)
+    data = TrainData([BeirSource(folder)], [BatchSpec("retrieval", 4, 1, 32, 32)], tok, total_steps=10)
+    saved = data.state(3)
+    with caplog.at_level("WARNING"):
+        assert data.check_state(saved) == 3
+    assert "texts are built" not in caplog.text
+    with caplog.at_level("WARNING"):
+        assert data.check_state({k: v for k, v in saved.items() if k != "text_forms"}) == 3
+    assert "dataset beir: its texts are built as BEIR document = (title + ' ' + text).strip() now, as BEIR " \
+           "document = title + newline + text when the checkpoint was written" in caplog.text
+
+
 def test_an_instruction_that_fills_the_length_is_refused_when_the_data_opens(tmp_path, caplog):
     from qzhou_jax.tokenizer import Tokenizer, format_prompt
     from qzhou_jax.train.loop import tokenizer_path

@@ -212,6 +212,7 @@ class BeirSource(ListSource):
                 positives.setdefault(qid, []).append(text)
         self.folder = os.fspath(folder)
         self.split = split
+        self.text_form = f"BEIR document = (title + {title_sep!r} + text).strip()"  # checked on resume
         self.num_qrels = len(qrels)
         self.queries_without_positive = len(queries) - len(positives)
         records = [RetrievalRecord(text, tuple(positives[qid]), (), instruction)

@@ -37,6 +37,7 @@ from qzhou_jax.tokenizer import format_prompt
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
+OLD_BEIR_TEXT_FORM = "BEIR document = title + newline + text"
 
 
 @dataclasses.dataclass
@@ -321,7 +322,10 @@ class TrainData:
     def state(self, next_step: int) -> dict:
         """The iterator state to checkpoint: the next step and what fixes the order."""
         return {"version": STATE_VERSION, "next_step": int(next_step), "plan": self.plan.fingerprint(),
-                "file_sizes": self._file_sizes()}
+                "file_sizes": self._file_sizes(), "text_forms": self._text_forms()}
+
+    def _text_forms(self) -> list[str | None]:
+        return [getattr(b.source, "text_form", None) for b in self.builders]
 
     def _file_sizes(self) -> list[int | None]:
         return [getattr(b.source, "size_bytes", None) for b in self.builders]
@@ -342,6 +346,12 @@ class TrainData:
             if was is not None and now is not None and was != now:
                 log.warning("dataset %s: its file is %d bytes now, %d when the checkpoint was written, with as many "
                             "records: it was rewritten, and the resumed steps read the new texts", b.name, now, was)
+        # how a source builds its texts (BEIR: title and text joined by a newline before this was recorded)
+        saved_forms = state.get("text_forms") or [OLD_BEIR_TEXT_FORM if f else None for f in self._text_forms()]
+        for b, was, now in zip(self.builders, saved_forms, self._text_forms()):
+            if was is not None and now is not None and was != now:
+                log.warning("dataset %s: its texts are built as %s now, as %s when the checkpoint was written: the "
+                            "resumed steps read them in the new form", b.name, now, was)
         return int(state["next_step"])
 
     def describe(self) -> list[dict]:
