@@ -288,6 +288,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 # (YAML), checking every key and type and naming the key's path in any error, before
 # any device work starts.
 
+def python_scalars(obj: Any) -> None:
+    """Turn a (frozen) dataclass's numpy scalar fields (a sweep over np.linspace) into Python
+    numbers, so that checks and YAML dumps see the plain types."""
+    import numpy as np
+
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, np.generic):
+            object.__setattr__(obj, f.name, v.item())
+
+
 class ConfigError(ValueError):
     """A bad configuration value; the message starts with the key's path (e.g. `train.lr`)."""
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _NEG = -1e30  # "minus infinity" for masked logits; finite so gradients never see inf - inf
 _HI = jax.lax.Precision.HIGHEST
@@ -58,8 +59,8 @@ def _check(cond: bool, name: str, msg: str) -> None:
 
 
 def _check_temperature(temperature) -> None:
-    if isinstance(temperature, (int, float)):
-        _check(temperature > 0, "temperature", f"must be > 0, got {temperature}")
+    if isinstance(temperature, (int, float, np.generic)):  # a concrete number (traced ones are not read)
+        _check(float(temperature) > 0, "temperature", f"must be > 0, got {temperature}")
 
 
 def _sim(x: jax.Array, y: jax.Array) -> jax.Array:

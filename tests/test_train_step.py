@@ -290,6 +290,78 @@ def test_malformed_batches():
         shard_batch(dict(labels, q_labels=np.array(list("abcdefgh"))), mesh, task="classification")
 
 
+def test_values_and_params_that_would_train_silently_are_refused(tmp_path):
+    """Token ids past the vocabulary (NaN embeddings: another model's tokenizer), empty rows,
+    float ids, params of another model size and mis-shaped inputs to `embed` each stop with the
+    argument named; numpy scalars from a sweep are plain numbers in the configs."""
+    trainer = Trainer(CFG, TrainConfig(lr=1e-3, warmup_steps=0, total_steps=5), _params())
+    batch = _batch()
+    with pytest.raises(ValueError, match=r"retrieval batch: q_ids holds ids from \d+ to 300, outside the model's "
+                                         r"vocabulary \[0, 256\): is the tokenizer the model's\?"):
+        trainer.step(dict(batch, q_ids=np.where(batch["q_mask"], 300, 0).astype(np.int32)))
+    with pytest.raises(ValueError, match="p_ids must hold integer token ids, got dtype float32"):
+        trainer.step(dict(batch, p_ids=batch["p_ids"].astype(np.float32)))
+    empty = batch["p_mask"].copy()
+    empty[4] = 0
+    with pytest.raises(ValueError, match=r"retrieval batch: p_mask row 4 has no token \(1 such rows\)"):
+        trainer.step(dict(batch, p_mask=empty))
+    sts = _batch("sts")
+    sts["q_mask"][3] = 0  # a padded pair, marked invalid, is allowed
+    trainer.step(dict(sts, valid=np.arange(8) != 3), "sts")
+    assert int(trainer.state.step) == 1
+    # params of another size: three layers declared, two given
+    bigger = CFG.replace(num_hidden_layers=3)
+    with pytest.raises(ValueError, match=r"params: parameter 'layers/input_norm' has shape \(2, 64\), config "
+                                         r"implies \(3, 64\)"):
+        Trainer(bigger, TrainConfig(warmup_steps=0, total_steps=5), _params())
+    with pytest.raises(ValueError, match=r"params: parameter 'layers/input_norm' has shape"):
+        Trainer(bigger, TrainConfig(warmup_steps=0, total_steps=5), None, state=trainer.state)
+    from qzhou_jax.checkpoint import save_hf
+
+    with pytest.raises(ValueError, match=r"params: parameter 'layers/input_norm' has shape"):
+        save_hf(_params(), bigger, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    ids, mask = _tokens(np.random.default_rng(0), 2, 8)
+    for args, message in (((ids, mask[:, :7]), r"attention_mask: shape \(2, 7\) differs from input_ids' \(2, 8\)"),
+                          ((ids[0], mask[0]), r"input_ids: expected a \[batch, length\] array, got shape \(8,\)"),
+                          ((ids.astype(np.float32), mask), "input_ids: expected integer token ids")):
+        with pytest.raises(ValueError, match=message):
+            embed(_params(), CFG, *args)
+    assert LossConfig(temperature=np.float32(0.25)).temperature == 0.25
+    assert type(TrainConfig(chunk_size=np.int64(4), warmup_steps=0, total_steps=8).chunk_size) is int
+
+
+def test_a_custom_loss_replaces_the_task_loss_with_and_without_gradcache():
+    """`loss_fn` (same signature as task_loss) is what the step differentiates: the built-in loss
+    plus a term, with its own metric, gives the same step through GradCache as on the full batch,
+    and a term that does not depend on the embeddings changes the loss, not the gradients."""
+    from qzhou_jax.train import task_loss
+
+    def with_spread(q, p, batch, task, loss_cfg):
+        loss, metrics = task_loss(q, p, batch, task, loss_cfg)
+        spread = jnp.mean(jnp.square(q @ q.T))
+        return loss + 0.5 * spread, {**metrics, "spread": spread}
+
+    runs = {}
+    for chunk in (0, 4):
+        trainer = Trainer(CFG, TrainConfig(lr=1e-3, warmup_steps=0, total_steps=5, chunk_size=chunk), _params(),
+                          loss_fn=with_spread)
+        runs[chunk] = [trainer.step(_batch(seed=s)) for s in range(2)]
+    for a, b in zip(runs[0], runs[4]):
+        np.testing.assert_allclose([a["loss"], a["grad_norm"], a["spread"]], [b["loss"], b["grad_norm"], b["spread"]],
+                                   rtol=1e-5)
+    plain = Trainer(CFG, TrainConfig(lr=1e-3, warmup_steps=0, total_steps=5), _params()).step(_batch())
+    assert "spread" not in plain and runs[0][0]["loss"] > plain["loss"]
+
+    def shifted(q, p, batch, task, loss_cfg):
+        loss, metrics = task_loss(q, p, batch, task, loss_cfg)
+        return loss + 1.0, metrics
+
+    moved = Trainer(CFG, TrainConfig(lr=1e-3, warmup_steps=0, total_steps=5), _params(), loss_fn=shifted).step(_batch())
+    np.testing.assert_allclose([moved["loss"], moved["grad_norm"]], [plain["loss"] + 1.0, plain["grad_norm"]],
+                               rtol=1e-6)
+
+
 def _batch_with_copies():
     """Rows 0 and 1 share a positive (same tokens, same key); row 2's first hard negative
     repeats row 3's positive; row 5's query repeats row 4's."""

@@ -36,7 +36,7 @@ from qzhou_jax import st_folder
 from qzhou_jax.checkpoint import safetensors_io
 from qzhou_jax.checkpoint.hf import hf_names, hf_shape, iter_hf_tensors
 from qzhou_jax.config import ModelConfig, write_json
-from qzhou_jax.model.qwen2 import param_specs
+from qzhou_jax.model.qwen2 import check_params, param_specs
 from qzhou_jax.tokenizer import VOCABULARY_FILES
 
 log = logging.getLogger(__name__)
@@ -310,6 +310,7 @@ def save_hf(params: Mapping[str, Any], cfg: ModelConfig, out: str | os.PathLike,
     max_seq_length / query_instruction change those. Tensors are gathered one layer at a
     time. Returns the absolute output path.
     """
+    check_params(params, cfg)  # before anything is written
     settings = (settings or st_folder.Settings()).overridden(max_seq_length, query_instruction)
     dtype = dtype or _leaf_dtype(params)
     out = os.path.abspath(os.fspath(out))

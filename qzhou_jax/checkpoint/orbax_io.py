@@ -43,7 +43,7 @@ from qzhou_jax import sharding, st_folder
 from qzhou_jax.checkpoint.export import (atomic_output_dir, check_tokenizer, copy_tokenizer, release_host_memory,
                                          write_json)
 from qzhou_jax.config import ModelConfig, read_json
-from qzhou_jax.model.qwen2 import ParamSpec, param_specs
+from qzhou_jax.model.qwen2 import ParamSpec, check_params, param_specs
 
 log = logging.getLogger(__name__)
 
@@ -153,20 +153,6 @@ def write_orbax_folder(folder: str, cfg: ModelConfig, leaves: Iterable[tuple[str
     return info
 
 
-def _check_params(params: Mapping[str, Any], cfg: ModelConfig) -> list[tuple[str, Any]]:
-    out = []
-    for path, spec in param_specs(cfg).items():
-        node: Any = params
-        for part in path.split("/"):
-            if not isinstance(node, Mapping) or part not in node:
-                raise ValueError(f"params: missing parameter {path!r}")
-            node = node[part]
-        if tuple(node.shape) != spec.shape:
-            raise ValueError(f"params: parameter {path!r} has shape {tuple(node.shape)}, config implies {spec.shape}")
-        out.append((path, node))
-    return out
-
-
 def save_orbax_params(params: Mapping[str, Any], cfg: ModelConfig, out: str | os.PathLike,
                       tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False,
                       source_dtype: str | None = None, settings: st_folder.Settings | None = None) -> str:
@@ -175,7 +161,7 @@ def save_orbax_params(params: Mapping[str, Any], cfg: ModelConfig, out: str | os
     cfg.param_dtype is recorded as the parameters' dtype (set it to match them); settings:
     the sentence-transformers max_seq_length and prompts a later HF export writes.
     """
-    leaves = _check_params(params, cfg)
+    leaves = check_params(params, cfg)
     dtype = str(np.dtype(leaves[0][1].dtype))
     if dtype != cfg.param_dtype:
         cfg = cfg.replace(param_dtype=dtype)

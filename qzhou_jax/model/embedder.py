@@ -45,9 +45,23 @@ def finish(pooled: jax.Array, cfg: ModelConfig, dim: int | None = None) -> jax.A
 
 def embed(params: Mapping[str, Any], cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array,
           dim: int | None = None) -> jax.Array:
-    """Pure function: encoder params + token batch -> float32 embeddings [B, dim]."""
+    """Pure function: encoder params + token batch -> float32 embeddings [B, dim].
+
+    input_ids: integer [B, L]; attention_mask: [B, L], 1 for tokens (either padding side)."""
+    _check_inputs(input_ids, attention_mask)
     hidden = qwen2.forward(params, cfg, input_ids, attention_mask)
     return finish(pool(hidden, attention_mask, cfg.pooling), cfg, dim)
+
+
+def _check_inputs(input_ids: Any, attention_mask: Any) -> None:
+    """Shapes and dtypes, at trace time (values are not read)."""
+    ids, mask = jnp.shape(input_ids), jnp.shape(attention_mask)
+    if len(ids) != 2:
+        raise ValueError(f"input_ids: expected a [batch, length] array, got shape {ids}")
+    if mask != ids:
+        raise ValueError(f"attention_mask: shape {mask} differs from input_ids' {ids}")
+    if not jnp.issubdtype(jnp.result_type(input_ids), jnp.integer):
+        raise ValueError(f"input_ids: expected integer token ids, got dtype {jnp.result_type(input_ids)}")
 
 
 def embed_many(params: Mapping[str, Any], cfg: ModelConfig, inputs, dim: int | None = None) -> list[jax.Array]:

@@ -87,6 +87,23 @@ def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
     }
 
 
+def check_params(params: Mapping[str, Any], cfg: ModelConfig) -> list[tuple[str, Any]]:
+    """(path, array) of every weight `param_specs(cfg)` declares, in its order; ValueError naming
+    the first weight that is missing or whose shape is not the config's (params of another
+    model size would otherwise export or train silently: a missing layer index is clamped)."""
+    out = []
+    for path, spec in param_specs(cfg).items():
+        node: Any = params
+        for part in path.split("/"):
+            if not isinstance(node, Mapping) or part not in node:
+                raise ValueError(f"params: missing parameter {path!r}")
+            node = node[part]
+        if tuple(node.shape) != spec.shape:
+            raise ValueError(f"params: parameter {path!r} has shape {tuple(node.shape)}, config implies {spec.shape}")
+        out.append((path, node))
+    return out
+
+
 def _dtype(name: str):
     return jnp.dtype(name)
 

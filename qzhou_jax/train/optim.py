@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from qzhou_jax.config import python_scalars
+
 SCHEDULES = ("cosine", "linear", "constant")
 MU_DTYPES = ("float32", "bfloat16")
 
@@ -58,6 +60,7 @@ class TrainConfig:
     mu_dtype: str = "float32"
 
     def __post_init__(self):
+        python_scalars(self)
         self.validate()
 
     def validate(self) -> None:

@@ -64,9 +64,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qzhou_jax import losses, sharding
-from qzhou_jax.config import ModelConfig
+from qzhou_jax.config import ModelConfig, python_scalars
 from qzhou_jax.model.embedder import embed_many, embed_many_backward, embed_many_saving
-from qzhou_jax.model.qwen2 import param_specs
+from qzhou_jax.model.qwen2 import check_params, param_specs
 from qzhou_jax.train.optim import TrainConfig, learning_rate_schedule, make_optimizer
 
 TASKS = ("retrieval", "sts", "classification")
@@ -103,6 +103,7 @@ class LossConfig:
     classification_other_positives: bool = False
 
     def __post_init__(self):
+        python_scalars(self)
         for name in ("temperature", "cosent_temperature"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
@@ -124,6 +125,16 @@ class TrainState(NamedTuple):
 def _group(batch: Mapping[str, Any]) -> int:
     n, rows = batch["q_ids"].shape[0], batch["p_ids"].shape[0]
     return rows // n
+
+
+LossFn = Callable[..., "tuple[jax.Array, dict]"]
+"""A replacement for `task_loss`: ``loss_fn(q_emb, p_emb, batch, task, loss_cfg) -> (loss, metrics)``,
+on the global float32 embedding matrices q_emb [n, d] and p_emb [n * g, d] (each query's g
+passages in a row, its positive first) and the step's batch (the task's keys: labels, scores,
+text keys, `valid`). Traced under `jax.jit` and differentiated with respect to the embeddings,
+so GradCache applies to it as to the built-in losses; metrics are scalars (logged per task).
+Extending `task_loss` keeps the built-in behaviour: ``loss, m = task_loss(...); return loss +
+extra, {**m, "extra": extra}``."""
 
 
 def task_loss(q_emb: jax.Array, p_emb: jax.Array, batch: Mapping[str, Any], task: str,
@@ -176,12 +187,14 @@ def _unflatten(flat: Mapping[str, Any], like: Any) -> Any:
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), [flat[p] for p in paths])
 
 
-def _full_batch(params, batch, cfg, task, loss_cfg):
-    def loss_fn(p):
-        q, d = embed_batch(p, cfg, batch)
-        return task_loss(q, d, batch, task, loss_cfg)
+def _full_batch(params, batch, cfg, task, loss_cfg, loss_fn=None):
+    objective = loss_fn or task_loss
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    def loss_of(p):
+        q, d = embed_batch(p, cfg, batch)
+        return objective(q, d, batch, task, loss_cfg)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     return loss, metrics, grads
 
 
@@ -223,7 +236,7 @@ def kept_chunks(n: int, chunk_size: int, keep_chunks: int) -> int:
     return n_chunks if keep_chunks < 0 else min(keep_chunks, n_chunks)
 
 
-def _grad_cache(params, batch, cfg, task, loss_cfg, chunk_size, keep_chunks=0):
+def _grad_cache(params, batch, cfg, task, loss_cfg, chunk_size, keep_chunks=0, loss_fn=None):
     g = _group(batch)
     groups = tuple(1 if k.startswith("q") else g for k in _SIDES)
     tokens = tuple(_to_chunks(batch[k], chunk_size, grp) for k, grp in zip(_SIDES, groups))
@@ -249,7 +262,8 @@ def _grad_cache(params, batch, cfg, task, loss_cfg, chunk_size, keep_chunks=0):
 
     # 2. Loss and its gradient with respect to the full embedding matrices.
     (loss, metrics), (dq, dp) = jax.value_and_grad(
-        lambda q, p: task_loss(q, p, batch, task, loss_cfg), argnums=(0, 1), has_aux=True)(q_emb, p_emb)
+        lambda q, p: (loss_fn or task_loss)(q, p, batch, task, loss_cfg), argnums=(0, 1),
+        has_aux=True)(q_emb, p_emb)
     d_emb = (_to_chunks(dq, chunk_size, 1), _to_chunks(dp, chunk_size, g))
 
     # 3. Each chunk's embedding gradient pulled back to the parameters and accumulated:
@@ -278,9 +292,10 @@ def _grad_cache(params, batch, cfg, task, loss_cfg, chunk_size, keep_chunks=0):
 
 def loss_and_grads(params: Mapping[str, Any], batch: Mapping[str, Any], cfg: ModelConfig, task: str,
                    loss_cfg: LossConfig = LossConfig(), chunk_size: int = 0,
-                   keep_chunks: int = 0) -> tuple[jax.Array, dict, Any]:
+                   keep_chunks: int = 0, loss_fn: LossFn | None = None) -> tuple[jax.Array, dict, Any]:
     """(loss, metrics, d loss / d params) for one batch; GradCache when chunk_size > 0, with
     `keep_chunks` chunks (-1: all) keeping their layer inputs between its two passes.
+    `loss_fn` replaces `task_loss` (same signature; see `LossFn`).
 
     Pure and traceable: call it under `jax.jit` (inside `sharding.use_mesh` for sharded runs).
     """
@@ -291,9 +306,9 @@ def loss_and_grads(params: Mapping[str, Any], batch: Mapping[str, Any], cfg: Mod
     if chunk_size and chunk_size < n:
         if n % chunk_size:
             raise ValueError(f"chunk_size {chunk_size} does not divide the batch of {n} queries")
-        loss, metrics, grads = _grad_cache(params, batch, cfg, task, loss_cfg, chunk_size, keep_chunks)
+        loss, metrics, grads = _grad_cache(params, batch, cfg, task, loss_cfg, chunk_size, keep_chunks, loss_fn)
     else:
-        loss, metrics, grads = _full_batch(params, batch, cfg, task, loss_cfg)
+        loss, metrics, grads = _full_batch(params, batch, cfg, task, loss_cfg, loss_fn)
     return loss, metrics, _constrain_params(grads, cfg)
 
 
@@ -306,9 +321,10 @@ def global_norm(tree: Any) -> jax.Array:
 def train_step(state: TrainState, batch: Mapping[str, Any], *, cfg: ModelConfig, task: str,
                tx: optax.GradientTransformation, schedule: Callable | None = None,
                loss_cfg: LossConfig = LossConfig(), chunk_size: int = 0,
-               keep_chunks: int = 0) -> tuple[TrainState, dict]:
+               keep_chunks: int = 0, loss_fn: LossFn | None = None) -> tuple[TrainState, dict]:
     """One optimizer step. Non-finite loss or gradients leave the state unchanged (finite = 0)."""
-    loss, metrics, grads = loss_and_grads(state.params, batch, cfg, task, loss_cfg, chunk_size, keep_chunks)
+    loss, metrics, grads = loss_and_grads(state.params, batch, cfg, task, loss_cfg, chunk_size, keep_chunks,
+                                          loss_fn)
     grad_norm = global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -398,6 +414,7 @@ def init_train_state(params: Mapping[str, Any], cfg: ModelConfig, tx: optax.Grad
     if jax.tree.structure(params) != expected:
         raise ValueError(f"params: expected the structure of model.encoder.params() ({expected}), "
                          f"got {jax.tree.structure(params)}")
+    check_params(params, cfg)  # shapes too: another size's params would train silently
     params = jax.device_put(params, shardings.params)
 
     def init(p):
@@ -409,7 +426,8 @@ def init_train_state(params: Mapping[str, Any], cfg: ModelConfig, tx: optax.Grad
 
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, task: str, *, mesh: Mesh,
                     rules: Mapping[str, Any] | None = None, loss_cfg: LossConfig = LossConfig(),
-                    chunk_size: int = 0, keep_chunks: int = 0, schedule: Callable | None = None) -> Callable:
+                    chunk_size: int = 0, keep_chunks: int = 0, schedule: Callable | None = None,
+                    loss_fn: LossFn | None = None) -> Callable:
     """`step(state, batch) -> (state, metrics)`: jitted over `mesh`, the state donated.
 
     The batch must be sharded already (`shard_batch`) and checked (`check_batch`).
@@ -418,7 +436,7 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, task: st
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
     state_sh = train_state_shardings(cfg, tx, mesh, rules)
     fn = functools.partial(train_step, cfg=cfg, task=task, tx=tx, schedule=schedule, loss_cfg=loss_cfg,
-                           chunk_size=chunk_size, keep_chunks=keep_chunks)
+                           chunk_size=chunk_size, keep_chunks=keep_chunks, loss_fn=loss_fn)
     jitted = jax.jit(fn, out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
 
     def step(state: TrainState, batch: Mapping[str, Any]):
@@ -489,6 +507,31 @@ def check_batch(batch: Mapping[str, Any], task: str, mesh: Mesh | None = None,
             raise ValueError(f"chunk_size {chunk_size} does not divide the batch of {n} queries "
                              f"(GradCache embeds whole chunks of queries with their {g} passages each)")
     return {"n": n, "group": g, "q_len": shape["q_ids"][1], "p_len": shape["p_ids"][1]}
+
+
+def check_batch_values(batch: Mapping[str, Any], task: str, vocab_size: int) -> None:
+    """Token ids and masks held on the host (numpy; device arrays are not read back): ids must be
+    integers in [0, vocab_size) (an id past the embedding table gives NaN embeddings: a tokenizer
+    of another model), and every row must have a token (an empty row pools to a zero vector that
+    would be trained on; sts rows marked invalid excepted)."""
+    valid = batch.get("valid")
+    for side in ("q", "p"):
+        ids, mask = batch[f"{side}_ids"], batch[f"{side}_mask"]
+        if isinstance(ids, jax.Array) or isinstance(mask, jax.Array):
+            continue
+        ids, mask = np.asarray(ids), np.asarray(mask)
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"{task} batch: {side}_ids must hold integer token ids, got dtype {ids.dtype}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{task} batch: {side}_ids holds ids from {lo} to {hi}, outside the model's vocabulary "
+                             f"[0, {vocab_size}): is the tokenizer the model's?")
+        empty = mask.sum(axis=1) == 0
+        if valid is not None and not isinstance(valid, jax.Array):
+            empty &= np.asarray(valid, bool)
+        if empty.any():
+            raise ValueError(f"{task} batch: {side}_mask row {int(np.argmax(empty))} has no token ({int(empty.sum())} "
+                             f"such rows): an empty text embeds to zeros")
 
 
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh, rules: Mapping[str, Any] | None = None,
@@ -563,10 +606,11 @@ class Trainer:
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, params: Mapping[str, Any] | None, *,
                  loss_cfg: LossConfig = LossConfig(), mesh: Mesh | None = None,
                  rules: Mapping[str, Any] | None = None, donate_params: bool = False,
-                 state: TrainState | None = None):
+                 state: TrainState | None = None, loss_fn: LossFn | None = None):
         """`params` starts a fresh state; or pass `state` (e.g. restored from a checkpoint)
-        with params=None."""
+        with params=None. `loss_fn` replaces the built-in losses (`LossFn`)."""
         self.model_cfg, self.train_cfg, self.loss_cfg = model_cfg, train_cfg, loss_cfg
+        self.loss_fn = loss_fn
         self.mesh = mesh or single_device_mesh()
         self.rules = rules
         self.tx = make_optimizer(train_cfg)
@@ -574,6 +618,8 @@ class Trainer:
         if (params is None) == (state is None):
             raise ValueError("Trainer: pass exactly one of params and state")
         check_keep_chunks(model_cfg, train_cfg.keep_chunks)
+        if state is not None:
+            check_params(state.params, model_cfg)
         self.state = state if state is not None else init_train_state(
             params, model_cfg, self.tx, self.mesh, rules, donate=donate_params)
         self._steps: dict[str, Callable] = {}
@@ -583,6 +629,8 @@ class Trainer:
 
     @property
     def params(self) -> Any:
+        """The current float32 parameters. The next `step` donates the state, which deletes these
+        arrays: copy what must outlive it (`jax.tree.map(jnp.copy, trainer.params)`)."""
         return self.state.params
 
     def step_fn(self, task: str) -> Callable:
@@ -591,7 +639,7 @@ class Trainer:
             self._steps[task] = make_train_step(
                 self.model_cfg, self.tx, task, mesh=self.mesh, rules=self.rules, loss_cfg=self.loss_cfg,
                 chunk_size=self.train_cfg.chunk_size, keep_chunks=self.train_cfg.keep_chunks,
-                schedule=self.schedule)
+                schedule=self.schedule, loss_fn=self.loss_fn)
         return self._steps[task]
 
     def prepare(self, batch: Mapping[str, Any], task: str) -> dict[str, jax.Array]:
@@ -603,6 +651,7 @@ class Trainer:
             s = tuple(np.shape(v))
             shapes[k] = jax.ShapeDtypeStruct((host.global_rows(s[0]),) + s[1:] if s and host else s, np.int32)
         check_batch(shapes, task, self.mesh, self.rules, self.train_cfg.chunk_size)
+        check_batch_values(batch, task, self.model_cfg.vocab_size)
         return shard_batch(batch, self.mesh, self.rules, task)
 
     def step(self, batch: Mapping[str, Any], task: str = "retrieval") -> dict[str, float]:
