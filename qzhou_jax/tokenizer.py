@@ -74,6 +74,13 @@ class Tokenizer:
     def __len__(self) -> int:
         return len(self.hf)
 
+    def check_fits(self, vocab_size: int, where: str) -> None:
+        """Every id this tokenizer can produce must index the model's embedding table (an id past it
+        gives NaN embeddings): a tokenizer of another model is refused before any work."""
+        if len(self) > vocab_size:
+            raise ValueError(f"{where}: the tokenizer in {self.path} has {len(self)} tokens, the model's vocabulary "
+                             f"{vocab_size}: is it the model's tokenizer?")
+
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text (the tokenizer's own special tokens), truncated to max_length."""
         out = self.hf(list(texts), add_special_tokens=True, truncation=True, max_length=self.max_length,

@@ -79,15 +79,17 @@ def test_the_score_table_of_a_resumed_run_reads_the_scores_before_training(tmp_p
     from qzhou_jax.train.cli import _score_table
     from qzhou_jax.train.loop import RunResult
 
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/a": 0.25}) + "\n"
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/a": 0.25, "eval/c": "nan"}) + "\n"
                                             + json.dumps({"step": 5, "train/loss": 1.0, "eval/a": 0.5}) + "\n")
     task = {"qzhou_jax": {"task": {"main_score": "ndcg_at_10"}}}
     result = RunResult("completed", 9, [], {"after": {"a": {"main_score": 0.75, **task},
-                                                      "b": {"main_score": 0.5, **task}}}, str(tmp_path), "")
+                                                      "b": {"main_score": 0.5, **task},
+                                                      "c": {"main_score": 0.5, **task}}}, str(tmp_path), "")
     out = io.StringIO()
     _score_table(result, out)
     rows = [line.split() for line in out.getvalue().splitlines()[2:]]
-    assert rows == [["a", "ndcg_at_10", "0.2500", "0.7500"], ["b", "ndcg_at_10", "-", "0.5000"]]
+    assert rows == [["a", "ndcg_at_10", "0.2500", "0.7500"], ["b", "ndcg_at_10", "-", "0.5000"],
+                    ["c", "ndcg_at_10", "nan", "0.5000"]]
 
 
 @pytest.mark.parametrize("name", ["stage1", "stage2"])

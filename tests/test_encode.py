@@ -87,6 +87,9 @@ def test_encoder_order_bucketing_and_sharding(model_dir):
     assert enc.batch_size == 8  # rounded up to the data-parallel size
     np.testing.assert_allclose(enc.encode(TEXTS, instruction="Find it"), ref, atol=2e-6)
     assert 0.0 <= enc.padding_fraction < 1.0
+    with pytest.raises(ValueError, match=r"tokenizer: the tokenizer in .* has 2000 tokens, the model's vocabulary "
+                                         r"1000: is it the model's tokenizer\?"):
+        Encoder(params, cfg.replace(vocab_size=1000), tok)  # ids past 1000 would embed to NaN
 
 
 def _write(path, lines):

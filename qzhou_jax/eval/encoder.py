@@ -68,6 +68,7 @@ class Encoder:
             leaf = jax.tree.leaves(params)[0]
             mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
             mesh = mesh if isinstance(mesh, Mesh) and mesh.size > 1 else None
+        tokenizer.check_fits(cfg.vocab_size, "tokenizer")
         self.params, self.cfg, self.tokenizer, self.mesh = params, cfg, tokenizer, mesh
         dp = sharding.data_parallel_size(mesh) if mesh is not None else 1
         self.batch_size = int(math.ceil(batch_size / dp) * dp)

@@ -10,7 +10,9 @@ the status and the start of the server's answer. ``fatal`` tells the caller whet
 prompt could succeed: a bad key or model name (401/403/404) is fatal; a prompt over the model's
 context (HTTP 400), an answer without content, or a request that kept failing through every
 retry (the server may fail on that prompt alone) are not: the caller counts failures in a row to
-tell an endpoint that is down. ``cancel()`` ends the backoff waits at once (a stopping run).
+tell an endpoint that is down. Until the endpoint has answered once, a refused connection or an
+unknown host name is fatal at the first try (a wrong --llm-url); after that it is a restart, and
+retried. ``cancel()`` ends the backoff waits at once (a stopping run).
 
 ``extra_body`` is merged into each request; a ``None`` value removes a field (``{"temperature":
 None, "max_tokens": None, "max_completion_tokens": 4096}`` for endpoints that refuse the classic
@@ -139,7 +141,8 @@ class ChatClient:
                     http.client.HTTPException) as e:
                 reason = getattr(e, "reason", e)
                 last = f"{self.url}: {reason}"
-                if not self.answered and isinstance(reason, (ConnectionRefusedError, socket.gaierror)):
+                unknown_host = isinstance(reason, socket.gaierror) and reason.errno != socket.EAI_AGAIN
+                if not self.answered and (isinstance(reason, ConnectionRefusedError) or unknown_host):
                     # nothing listens there (a wrong host or port): retrying for minutes helps nobody
                     raise LLMError(f"cannot reach {self.url}: {reason}; is the server running, and are the host "
                                    "and port of --llm-url right?", fatal=True, kind="unreachable") from None

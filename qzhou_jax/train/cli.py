@@ -34,7 +34,12 @@ def _logged_scores(out_dir: str, step: int) -> dict[str, float]:
             for line in f:
                 row = json.loads(line)
                 if row.get("step") == step:
-                    scores.update({k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/")})
+                    for k, v in row.items():
+                        if k.startswith("eval/"):
+                            try:  # a non-finite score is logged as text ("nan")
+                                scores[k[len("eval/"):]] = float(v)
+                            except (TypeError, ValueError):
+                                pass
     except (OSError, ValueError):
         pass
     return scores

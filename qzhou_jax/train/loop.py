@@ -286,6 +286,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
     tok_dir = tokenizer_path(cfg)
     tokenizer = Tokenizer(tok_dir, max_length=max(max(s["query_max_length"], s["passage_max_length"])
                                                    for s in map(cfg.data.resolved, cfg.data.datasets)))
+    tokenizer.check_fits(cfg.model_config.vocab_size, "data.tokenizer")  # on every host, before any step
     main = jax.process_index() == 0
     mesh = sharding.make_mesh(cfg.mesh)
     data = TrainData.from_config(cfg, tokenizer, HostRows.from_mesh(mesh))  # the rows this host's devices hold

@@ -527,8 +527,8 @@ def check_batch_values(batch: Mapping[str, Any], task: str, vocab_size: int) -> 
             raise ValueError(f"{task} batch: {side}_ids holds ids from {lo} to {hi}, outside the model's vocabulary "
                              f"[0, {vocab_size}): is the tokenizer the model's?")
         empty = mask.sum(axis=1) == 0
-        if valid is not None and not isinstance(valid, jax.Array):
-            empty &= np.asarray(valid, bool)
+        if valid is not None:
+            empty &= np.asarray(jax.device_get(valid), bool)
         if empty.any():
             raise ValueError(f"{task} batch: {side}_mask row {int(np.argmax(empty))} has no token ({int(empty.sum())} "
                              f"such rows): an empty text embeds to zeros")
