@@ -338,16 +338,21 @@ def test_a_custom_loss_replaces_the_task_loss_with_and_without_gradcache():
     and a term that does not depend on the embeddings changes the loss, not the gradients."""
     from qzhou_jax.train import task_loss
 
-    def with_spread(q, p, batch, task, loss_cfg):
+    def with_spread(q, p, batch, task, loss_cfg):  # plus a term on a key of its own (teacher scores)
         loss, metrics = task_loss(q, p, batch, task, loss_cfg)
-        spread = jnp.mean(jnp.square(q @ q.T))
+        spread = jnp.mean(jnp.square(q @ q.T - batch["teacher"][:, None]))
         return loss + 0.5 * spread, {**metrics, "spread": spread}
 
+    teacher = np.linspace(0.0, 1.0, 8).astype(np.float32)
     runs = {}
     for chunk in (0, 4):
         trainer = Trainer(CFG, TrainConfig(lr=1e-3, warmup_steps=0, total_steps=5, chunk_size=chunk), _params(),
-                          loss_fn=with_spread)
-        runs[chunk] = [trainer.step(_batch())]
+                          loss_fn=with_spread, extra_keys=("teacher",))
+        runs[chunk] = [trainer.step(dict(_batch(), teacher=teacher))]
+    with pytest.raises(ValueError, match=r"teacher must have one row per query \(8\) or per passage \(24\)"):
+        trainer.step(dict(_batch(), teacher=teacher[:5]))
+    with pytest.raises(ValueError, match=r"unknown keys \['teacher'\]"):
+        Trainer(CFG, TrainConfig(warmup_steps=0, total_steps=5), _params()).step(dict(_batch(), teacher=teacher))
     for a, b in zip(runs[0], runs[4]):
         np.testing.assert_allclose([a["loss"], a["grad_norm"], a["spread"]], [b["loss"], b["grad_norm"], b["spread"]],
                                    rtol=1e-5)

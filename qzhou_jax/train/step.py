@@ -456,11 +456,13 @@ def _describe_dp(mesh: Mesh, rules: Mapping[str, Any] | None) -> str:
 
 
 def check_batch(batch: Mapping[str, Any], task: str, mesh: Mesh | None = None,
-                rules: Mapping[str, Any] | None = None, chunk_size: int = 0) -> dict[str, int]:
+                rules: Mapping[str, Any] | None = None, chunk_size: int = 0,
+                extra_keys: tuple[str, ...] = ()) -> dict[str, int]:
     """Validate a (global) batch's keys and shapes before any device work; returns n, g, Lq, Lp.
 
     Raises ValueError with the numbers when the batch does not divide over the
-    data-parallel devices or by `chunk_size`.
+    data-parallel devices or by `chunk_size`. `extra_keys`: keys a custom `loss_fn` reads, each
+    with one row per query or per passage (first dimension n or n * g).
     """
     if task not in TASKS:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
@@ -468,6 +470,10 @@ def check_batch(batch: Mapping[str, Any], task: str, mesh: Mesh | None = None,
     if missing:
         raise ValueError(f"{task} batch: missing {missing} (has {sorted(batch)})")
     known = {k for t in TASKS for k in _REQUIRED[t] + _OPTIONAL[t]}
+    clash = sorted(set(extra_keys) & known)
+    if clash:
+        raise ValueError(f"extra_keys: {clash} are the step's own batch keys")
+    known |= set(extra_keys)
     unknown = sorted(k for k in batch if k not in known)
     if unknown:
         raise ValueError(f"{task} batch: unknown keys {unknown} (a {task} batch holds {list(_REQUIRED[task])}"
@@ -495,6 +501,11 @@ def check_batch(batch: Mapping[str, Any], task: str, mesh: Mesh | None = None,
     for key, want in per_row.items():
         if key in shape and shape[key] != (want,):
             raise ValueError(f"{task} batch: {key} must have shape ({want},), got {shape[key]}")
+    for key in extra_keys:
+        got = tuple(np.shape(batch[key])) if key in batch else None
+        if got is not None and (not got or got[0] not in (n, rows)):
+            raise ValueError(f"{task} batch: {key} must have one row per query ({n}) or per passage ({rows}), "
+                             f"got shape {got}")
     if mesh is not None:
         dp = sharding.data_parallel_size(mesh, rules)
         if n % dp:
@@ -535,15 +546,15 @@ def check_batch_values(batch: Mapping[str, Any], task: str, vocab_size: int) -> 
 
 
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh, rules: Mapping[str, Any] | None = None,
-                task: str | None = None) -> dict[str, jax.Array]:
+                task: str | None = None, extra_keys: tuple[str, ...] = ()) -> dict[str, jax.Array]:
     """Global arrays, first dimension over the data-parallel axes; ints as int32, floats float32.
 
     With several processes, each passes its host-local rows, the blocks of the batch its devices
     hold in global order (`data.pipeline.HostRows.from_mesh`; `jax.make_array_from_process_local_data`).
-    With `task`, keys it does not use are dropped.
+    With `task`, keys it does not use (nor `extra_keys`) are dropped.
     """
     host = _host_rows(mesh, rules) if jax.process_count() > 1 else None
-    keys = [k for k in batch if task is None or k in _REQUIRED[task] + _OPTIONAL[task]]
+    keys = [k for k in batch if task is None or k in _REQUIRED[task] + _OPTIONAL[task] + tuple(extra_keys)]
     out = {}
     for k in keys:
         v = batch[k]
@@ -606,11 +617,14 @@ class Trainer:
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, params: Mapping[str, Any] | None, *,
                  loss_cfg: LossConfig = LossConfig(), mesh: Mesh | None = None,
                  rules: Mapping[str, Any] | None = None, donate_params: bool = False,
-                 state: TrainState | None = None, loss_fn: LossFn | None = None):
+                 state: TrainState | None = None, loss_fn: LossFn | None = None,
+                 extra_keys: tuple[str, ...] = ()):
         """`params` starts a fresh state; or pass `state` (e.g. restored from a checkpoint)
-        with params=None. `loss_fn` replaces the built-in losses (`LossFn`)."""
+        with params=None. `loss_fn` replaces the built-in losses (`LossFn`); `extra_keys` are
+        batch keys it reads besides the task's (teacher scores, ...), one row per query or per
+        passage, sharded as the batch."""
         self.model_cfg, self.train_cfg, self.loss_cfg = model_cfg, train_cfg, loss_cfg
-        self.loss_fn = loss_fn
+        self.loss_fn, self.extra_keys = loss_fn, tuple(extra_keys)
         self.mesh = mesh or single_device_mesh()
         self.rules = rules
         self.tx = make_optimizer(train_cfg)
@@ -650,9 +664,9 @@ class Trainer:
         for k, v in batch.items():  # host-local rows -> global shape
             s = tuple(np.shape(v))
             shapes[k] = jax.ShapeDtypeStruct((host.global_rows(s[0]),) + s[1:] if s and host else s, np.int32)
-        check_batch(shapes, task, self.mesh, self.rules, self.train_cfg.chunk_size)
+        check_batch(shapes, task, self.mesh, self.rules, self.train_cfg.chunk_size, self.extra_keys)
         check_batch_values(batch, task, self.model_cfg.vocab_size)
-        return shard_batch(batch, self.mesh, self.rules, task)
+        return shard_batch(batch, self.mesh, self.rules, task, self.extra_keys)
 
     def step(self, batch: Mapping[str, Any], task: str = "retrieval") -> dict[str, float]:
         """One optimizer step; returns the metrics as floats. Raises on a non-finite loss."""
