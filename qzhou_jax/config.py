@@ -487,9 +487,9 @@ def load_yaml(path: str | os.PathLike) -> dict:
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """Apply `key.path=value` strings (values parsed as YAML: `train.lr=2e-5`,
-    `data.datasets.0.batch_size=16` or `data.datasets[0].batch_size=16`, `model.remat=full`, `eval.tasks=null`; mappings and lists
-    only in flow style, `{...}` / `[...]`, so `instruction=Query: find it` stays a text) to a
-    copy of `data`."""
+    `data.datasets.0.batch_size=16` or `data.datasets[0].batch_size=16`, `model.remat=full`,
+    `eval.tasks=null`; mappings and lists only in flow style, `{...}` / `[...]`, so
+    `instruction=Query: find it` stays a text) to a copy of `data`."""
     import copy
 
     import yaml
