@@ -795,7 +795,13 @@ def test_config_errors_name_the_key_before_any_device_work(tmp_path, monkeypatch
                      ({"data": {"datasets": [{"name": "x", "task": "sts", "path": "a", "fields": {"txt1": "s1"}}]}},
                       "data.datasets[0].fields: unknown field 'txt1' for sts (known: text1, text2, score)"),
                      ({"out_dir": "gs://bucket/run"}, "out_dir: 'gs://bucket/run' is a URL"),
-                     ({"checkpoint": {"dir": "gs://bucket/ckpt"}}, "checkpoint.dir: 'gs://bucket/ckpt' is a URL")):
+                     ({"checkpoint": {"dir": "gs://bucket/ckpt"}}, "checkpoint.dir: 'gs://bucket/ckpt' is a URL"),
+                     ({"loss": {"function": "no_such_package.losses:f"}},
+                      "loss.function: cannot import 'no_such_package.losses'"),
+                     ({"loss": {"function": "qzhou_jax.losses:no_such_loss"}},
+                      "loss.function: qzhou_jax.losses has no 'no_such_loss'"),
+                     ({"loss": {"function": "missing.py:f"}}, "loss.function: missing.py: file not found"),
+                     ({"loss": {"options": {"margin": 0.1}}}, "loss.options: set only with loss.function")):
         raw = run_dict(tmp_path)
         for k, v in bad.items():
             raw[k] = {**raw.get(k, {}), **v} if isinstance(raw.get(k), dict) else v
@@ -809,6 +815,30 @@ def test_config_errors_name_the_key_before_any_device_work(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="model.attention_impl: 'cudnn' is a GPU kernel and this machine's JAX "
                                          "platform is cpu"):
         train(load_run_config(data=raw))
+
+
+def test_a_loss_function_named_in_the_config_is_what_the_run_trains_on(tmp_path, uninterrupted):
+    """`loss.function` (a file here) replaces the built-in losses and reads `loss.options`: a
+    constant added to the loss leaves the gradients, hence every step, as the built-in run's,
+    and the function's own metric is logged per task."""
+    (tmp_path / "my_loss.py").write_text(
+        "from qzhou_jax.train import task_loss\n\n"
+        "def shifted(q, p, batch, task, loss_cfg):\n"
+        "    loss, metrics = task_loss(q, p, batch, task, loss_cfg)\n"
+        "    shift = loss_cfg.options['shift']\n"
+        "    return loss + shift, {**metrics, 'shift': loss * 0 + shift}\n")
+    raw = run_dict(tmp_path / "run")
+    raw["loss"] = {"function": f"{tmp_path}/my_loss.py:shifted", "options": {"shift": 1.5}}
+    cfg = load_run_config(data=raw)
+    result = train(cfg)
+    before, after = losses(uninterrupted), losses(result)
+    assert sorted(after) == sorted(before)
+    np.testing.assert_allclose([after[k] for k in sorted(after)], [before[k] + 1.5 for k in sorted(before)],
+                               rtol=1e-5)
+    rows = _train_rows(tmp_path / "run")
+    assert any(r.get("train/retrieval/shift") == 1.5 for r in rows), rows[0]
+    with pytest.raises(ValueError, match="a loss_fn was passed and loss.function is"):  # Trainer(loss_fn=...)
+        cfg.loss.objective(lambda *a: None)
 
 
 def test_unwritable_out_dir_and_missing_dataset_name_the_key(tmp_path, capsys):

@@ -12,7 +12,7 @@ key's path before any device work):
                  without init_from; with it, only the embedding and execution fields)
     mesh         MeshConfig: data / fsdp / tensor sizes (-1: the remaining devices)
     train        TrainConfig (optimizer, schedule, total_steps, chunk_size, keep_chunks, seed)
-    loss         LossConfig (temperatures, negatives)
+    loss         LossConfig (temperatures, negatives, or a `function` of your own)
     data         DataConfig: datasets, mixture (alpha, eta), batch sizes, lengths
     checkpoint   CheckpointConfig: dir / every / keep / async_save / save_on_preemption
     eval         EvalConfig: task file, how often

@@ -91,6 +91,10 @@ class LossConfig:
     other rows' positives of the same query, using the batch's text keys (``q_keys``/``p_keys``, which the data pipeline always writes).
     classification_other_positives adds the other anchors' positives to the classification
     denominator (class-masked like every candidate); the paper's formula leaves them out.
+    function: another objective in place of `task_loss` (a `LossFn`), named
+    ``"package.module:name"`` (importable) or ``"path/to/file.py:name"`` (relative to the working
+    directory); it is imported when the config is built, so a typo fails before any device
+    work. options: settings of that function, which reads them as ``loss_cfg.options``.
     """
 
     temperature: float = 0.02
@@ -101,9 +105,15 @@ class LossConfig:
     false_negative_margin: float | None = None
     mask_duplicate_texts: bool = True
     classification_other_positives: bool = False
+    function: str | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         python_scalars(self)
+        if self.options and not self.function:
+            raise ValueError("loss.options: set only with loss.function (the built-in losses take none)")
+        if self.function is not None:
+            load_function(self.function, "loss.function")
         for name in ("temperature", "cosent_temperature"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
@@ -111,6 +121,64 @@ class LossConfig:
         m = self.false_negative_margin
         if m is not None and not (isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m)):
             raise ValueError(f"loss.false_negative_margin: expected a finite number or None (off), got {m!r}")
+
+
+    def objective(self, loss_fn: "LossFn | None" = None) -> "LossFn":
+        """The loss to train on: `loss_fn` (the Python API's), else `function`, else `task_loss`."""
+        if loss_fn is not None and self.function is not None:
+            raise ValueError(f"a loss_fn was passed and loss.function is {self.function!r}: choose one")
+        if loss_fn is not None:
+            return loss_fn
+        return task_loss if self.function is None else load_function(self.function, "loss.function")
+
+    def __hash__(self) -> int:  # options is a dict: hashed by its JSON form
+        import json
+
+        return hash(tuple(json.dumps(v, sort_keys=True, default=repr) if f.name == "options" else v
+                          for f in dataclasses.fields(self) for v in (getattr(self, f.name),)))
+
+
+def load_function(spec: str, key: str) -> Callable:
+    """The callable named by ``"package.module:name"`` or ``"path/to/file.py:name"`` (a file is
+    loaded once per path); errors name `key`."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{key}: expected 'package.module:name' or 'path/to/file.py:name', got {spec!r}")
+    if module_name.endswith(".py"):
+        import hashlib
+
+        path = os.path.abspath(os.path.expanduser(os.path.expandvars(module_name)))
+        name = f"_qzhou_user_{hashlib.sha1(path.encode()).hexdigest()[:12]}"
+        module = sys.modules.get(name)
+        if module is None:
+            if not os.path.isfile(path):
+                raise ValueError(f"{key}: {module_name}: file not found")
+            loader_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            try:
+                loader_spec.loader.exec_module(module)
+            except Exception as e:
+                raise ValueError(f"{key}: importing {path} failed: {type(e).__name__}: {e}") from e
+            sys.modules[name] = module
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ValueError(f"{key}: cannot import {module_name!r} ({e}); install it or put its folder "
+                             "on PYTHONPATH, or name a file: 'path/to/file.py:name'") from e
+        except Exception as e:
+            raise ValueError(f"{key}: importing {module_name} failed: {type(e).__name__}: {e}") from e
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise ValueError(f"{key}: {module_name} has no {attr!r}")
+    if not callable(fn):
+        raise ValueError(f"{key}: {spec} is a {type(fn).__name__}, not a function")
+    return fn
 
 
 class TrainState(NamedTuple):
@@ -187,12 +255,10 @@ def _unflatten(flat: Mapping[str, Any], like: Any) -> Any:
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), [flat[p] for p in paths])
 
 
-def _full_batch(params, batch, cfg, task, loss_cfg, loss_fn=None):
-    objective = loss_fn or task_loss
-
+def _full_batch(params, batch, cfg, task, loss_cfg, loss_fn):
     def loss_of(p):
         q, d = embed_batch(p, cfg, batch)
-        return objective(q, d, batch, task, loss_cfg)
+        return loss_fn(q, d, batch, task, loss_cfg)
 
     (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     return loss, metrics, grads
@@ -236,7 +302,7 @@ def kept_chunks(n: int, chunk_size: int, keep_chunks: int) -> int:
     return n_chunks if keep_chunks < 0 else min(keep_chunks, n_chunks)
 
 
-def _grad_cache(params, batch, cfg, task, loss_cfg, chunk_size, keep_chunks=0, loss_fn=None):
+def _grad_cache(params, batch, cfg, task, loss_cfg, chunk_size, keep_chunks, loss_fn):
     g = _group(batch)
     groups = tuple(1 if k.startswith("q") else g for k in _SIDES)
     tokens = tuple(_to_chunks(batch[k], chunk_size, grp) for k, grp in zip(_SIDES, groups))
@@ -262,7 +328,7 @@ def _grad_cache(params, batch, cfg, task, loss_cfg, chunk_size, keep_chunks=0, l
 
     # 2. Loss and its gradient with respect to the full embedding matrices.
     (loss, metrics), (dq, dp) = jax.value_and_grad(
-        lambda q, p: (loss_fn or task_loss)(q, p, batch, task, loss_cfg), argnums=(0, 1),
+        lambda q, p: loss_fn(q, p, batch, task, loss_cfg), argnums=(0, 1),
         has_aux=True)(q_emb, p_emb)
     d_emb = (_to_chunks(dq, chunk_size, 1), _to_chunks(dp, chunk_size, g))
 
@@ -295,13 +361,14 @@ def loss_and_grads(params: Mapping[str, Any], batch: Mapping[str, Any], cfg: Mod
                    keep_chunks: int = 0, loss_fn: LossFn | None = None) -> tuple[jax.Array, dict, Any]:
     """(loss, metrics, d loss / d params) for one batch; GradCache when chunk_size > 0, with
     `keep_chunks` chunks (-1: all) keeping their layer inputs between its two passes.
-    `loss_fn` replaces `task_loss` (same signature; see `LossFn`).
+    `loss_fn` replaces `task_loss` (same signature; see `LossFn`), as `loss_cfg.function` does.
 
     Pure and traceable: call it under `jax.jit` (inside `sharding.use_mesh` for sharded runs).
     """
     if task not in TASKS:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
     check_keep_chunks(cfg, keep_chunks)
+    loss_fn = loss_cfg.objective(loss_fn)
     n = batch["q_ids"].shape[0]
     if chunk_size and chunk_size < n:
         if n % chunk_size:
@@ -624,6 +691,7 @@ class Trainer:
         batch keys it reads besides the task's (teacher scores, ...), one row per query or per
         passage, sharded as the batch."""
         self.model_cfg, self.train_cfg, self.loss_cfg = model_cfg, train_cfg, loss_cfg
+        loss_cfg.objective(loss_fn)  # both set: an error now, not at the first step
         self.loss_fn, self.extra_keys = loss_fn, tuple(extra_keys)
         self.mesh = mesh or single_device_mesh()
         self.rules = rules
