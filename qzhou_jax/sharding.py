@@ -18,6 +18,7 @@ import math
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -289,6 +290,27 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = ctx
     return jax.lax.with_sharding_constraint(x, named_sharding(axes, mesh, rules, x.shape))
+
+
+def lookup(table: jax.Array, ids: jax.Array, table_axes: Sequence[str | None] = ("vocab", "embed")) -> jax.Array:
+    """`table[ids]` (an embedding lookup, ids [batch, seq]) that keeps the table's hidden
+    dimension sharded as the table is: the rows are gathered over the batch axes that do not
+    shard the table, so the output needs no communication beyond the vocabulary split, and
+    its transpose (the scatter-add of the table's gradient) adds up rows without gathering
+    them. Without this, a mesh whose batch spans both `data` and `fsdp` made XLA replicate the
+    whole [tokens, hidden] gradient on every device to scatter it ("Involuntary full
+    rematerialization"). Callers constrain the output to the activations' layout."""
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        return jnp.take(table, ids, axis=0)
+    mesh, rules = ctx
+    taken = {a for logical in table_axes[1:] for a in _mesh_axes_for(logical, rules)}
+    rows = tuple(a for a in _mesh_axes_for("batch", rules) if a not in taken)
+    local = {**rules, "batch": rows or None}
+    ids = jax.lax.with_sharding_constraint(ids, named_sharding(("batch", "seq"), mesh, local, ids.shape))
+    out = jnp.take(table, ids, axis=0)
+    return jax.lax.with_sharding_constraint(
+        out, named_sharding(("batch", "seq") + tuple(table_axes[1:]), mesh, local, out.shape))
 
 
 def describe(state: Any) -> list[tuple[str, tuple[int, ...], str]]:

@@ -132,6 +132,25 @@ def test_sharded_trainer_step_matches_single_device_and_shards_optimizer_state()
 
 
 # ------------------------------------------------------------------ GradCache
+def test_the_embedding_gradient_is_not_gathered_whole_on_a_data_by_fsdp_mesh():
+    """On a mesh whose batch spans `data` and `fsdp`, the embedding table's gradient used to be
+    scattered from the whole [rows, seq, hidden] activation gradient, gathered on every device
+    (XLA: "Involuntary full rematerialization"); the lookup now gathers rows only over the
+    axes that do not shard the table, so no collective moves a global activation."""
+    import re
+
+    params, batch = _params(), _batch()
+    mesh = sharding.make_mesh(MESHES["data2_fsdp4"])
+    placed = jax.device_put(params, param_shardings(CFG, mesh))
+    fn = jax.jit(lambda p, b: loss_and_grads(p, b, CFG, "retrieval")[::2])
+    with sharding.use_mesh(mesh):
+        hlo = fn.lower(placed, shard_batch(batch, mesh)).compile().as_text()
+    whole = [f"[{batch[k].shape[0]},{batch[k].shape[1]}," for k in ("q_ids", "p_ids")]  # a side's rows, all of them
+    gathered = re.findall(r"= \(?(f32\[[\d,]+\])[^=]*? all-gather(?:-start)?\(", hlo)
+    assert gathered, "no all-gather found: the pattern no longer matches XLA's HLO text"
+    assert not [g for g in gathered if any(w in g for w in whole)], gathered
+
+
 def test_a_mesh_that_leaves_large_parameters_whole_fails_with_the_numbers():
     """A mesh axis that does not divide the dimension the rules split over it is dropped from
     that array's spec: fine for 2 KV heads over tensor=4, an out-of-memory for a 3584-wide

@@ -33,7 +33,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from qzhou_jax.config import ModelConfig
-from qzhou_jax.sharding import constrain, current_data_parallel_size
+from qzhou_jax.sharding import constrain, current_data_parallel_size, lookup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -466,7 +466,7 @@ def _embed_tokens(embed_tokens: jax.Array, cfg: ModelConfig, inputs: Sequence[tu
         ids = merge_rows([inputs[i][0] for i in idx], parts)
         mask = merge_rows([inputs[i][1] for i in idx], parts)
         cos, sin = rope_tables(merge_rows([positions(inputs[i]) for i in idx], parts), cfg.head_dim, cfg.rope_theta)
-        x = jnp.take(embed_tokens, ids, axis=0).astype(cdt)
+        x = lookup(embed_tokens, ids).astype(cdt)
         xs.append(constrain(x, ("batch", "seq", "act_embed")))
         ctx.append((cos, sin, mask))
     return groups, tuple(xs), ctx
