@@ -191,9 +191,11 @@ def test_a_non_finite_step_is_caught_before_a_checkpoint_records_it(tmp_path, mo
     assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
 
 
-def _nonfinite_at(monkeypatch, steps):
+def _nonfinite_at(monkeypatch, steps, by_state=False):
     """The train step reports a non-finite loss at these data steps and, as its guard does,
-    applies no update (the state's step does not advance)."""
+    applies no update (the state's step does not advance). The steps are counted in this process,
+    or with `by_state` read from the state (which a resumed run restores; log.every 1 keeps it
+    equal to the data step)."""
     from qzhou_jax.train.step import Trainer
 
     real, seen = Trainer.step_fn, {"n": 0}
@@ -202,7 +204,7 @@ def _nonfinite_at(monkeypatch, steps):
         fn = real(self, task)
 
         def step(state, batch):
-            at = seen["n"]
+            at = int(state.step) if by_state else seen["n"]
             seen["n"] += 1
             new, metrics = fn(state, batch)
             if at in steps:
@@ -232,6 +234,8 @@ def test_skip_nonfinite_skips_isolated_steps_and_stops_on_a_run_of_them(tmp_path
     data["train"]["total_steps"] = 10
     resumed = train(load_run_config(data=data), resume=True)  # state and data agree on step 8
     assert resumed.status == "completed" and resumed.step == 10
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert rows[-1]["step"] == 10 and rows[-1]["train/skipped_steps"] == 1  # the count outlives the restart
 
     _nonfinite_at(monkeypatch, {3, 4})
     data = run_dict(tmp_path / "b", steps=8)
@@ -240,6 +244,48 @@ def test_skip_nonfinite_skips_isolated_steps_and_stops_on_a_run_of_them(tmp_path
         train(load_run_config(data=data))
     with pytest.raises(ConfigError, match="train.skip_nonfinite: expected an integer >= 0"):
         load_run_config(data=dict(data, train=dict(data["train"], skip_nonfinite=-1)))
+
+
+def test_a_run_of_nonfinite_steps_across_a_preemption_still_stops(tmp_path, monkeypatch):
+    """skip_nonfinite 1, steps 4 and 5 non-finite, SIGTERM after step 4: the checkpoint keeps the
+    count of skipped steps in a row, so the resumed run stops at step 5 as an uninterrupted one."""
+    _nonfinite_at(monkeypatch, {3, 4}, by_state=True)
+    data = run_dict(tmp_path, steps=8)
+    data["train"] = dict(data["train"], skip_nonfinite=1)
+    cfg = load_run_config(data=data)
+    first = train(cfg, hooks=[sigterm_at(4)])
+    assert first.status == "preempted" and first.step == 4
+    with pytest.raises(FloatingPointError, match="step 5"):
+        train(cfg, resume=True)
+
+
+def test_an_evaluation_owed_at_a_preemption_runs_on_resume_and_is_logged_once(tmp_path):
+    """eval.every 4 of 8 steps: SIGTERM during step 4 skips the step-4 evaluation; the resumed run
+    evaluates step 4 first. Resuming the finished run again (a rerun after its export, say)
+    evaluates the last step again without a second row. Scores equal an uninterrupted run's."""
+    def rows_of(out):
+        with open(out / "metrics.jsonl") as f:
+            return [json.loads(line) for line in f]
+
+    def evals(out):
+        return [(r["step"], {k: v for k, v in r.items() if k.startswith("eval/")}) for r in rows_of(out)
+                if any(k.startswith("eval/") for k in r)]
+
+    raw = run_dict(tmp_path / "full")
+    raw["eval"] = {"tasks": "{assets}/demo/tasks.yaml", "every": 4, "before": False, "batch_size": 16}
+    train(load_run_config(data=raw))
+    expected = evals(tmp_path / "full")
+    assert [s for s, _ in expected] == [4, 8]
+    raw["out_dir"] = str(tmp_path / "cut")
+    cfg = load_run_config(data=raw)
+    assert train(cfg, hooks=[sigterm_at(4)]).status == "preempted"
+    assert evals(tmp_path / "cut") == []
+    again = train(cfg, resume=True)
+    assert again.status == "completed" and "step_4" in again.evals
+    assert evals(tmp_path / "cut") == expected
+    assert train(cfg, resume=True).status == "completed"
+    assert evals(tmp_path / "cut") == expected
+    assert [r["step"] for r in rows_of(tmp_path / "cut") if "train/loss" in r] == list(range(1, 9))
 
 
 def test_a_refused_resume_rewrites_nothing(tmp_path):
@@ -405,8 +451,36 @@ def test_existing_checkpoints_need_resume(tmp_path, uninterrupted):
 
 def test_resume_refuses_changed_data(tmp_path, uninterrupted):
     changed = load_run_config(data=run_dict(uninterrupted.out_dir), overrides=["data.seed=99"])
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(ValueError, match="data.seed .default: train.seed. was 3 when the checkpoint was written, now 99"):
         train(changed, resume=True)
+
+
+def test_run_config_changes_are_named_inside_lists():
+    from qzhou_jax.checkpoint.manager import _changes
+
+    before = {"data": {"datasets": [{"name": "a", "path": "x"}, {"name": "b", "path": "y"}]}, "train": {"lr": 1}}
+    after = {"data": {"datasets": [{"name": "a", "path": "x2"}, {"name": "b", "path": "y"}]}, "train": {"lr": 2}}
+    assert _changes(before, after) == ["data.datasets[0].path: 'x' -> 'x2'", "train.lr: 1 -> 2"]
+    assert _changes({"a": [1]}, {"a": [1, 2]}) == ["a: [1] -> [1, 2]"]
+
+
+def test_a_changed_data_order_is_named_by_its_config_key():
+    from qzhou_jax.data.pipeline import _order_change
+
+    entries = [DatasetEntry("ret", "retrieval", 100, 8), DatasetEntry("sts", "sts", 500, 16)]
+    before = BatchPlan(entries, 10, 0, 0.5, None).fingerprint()
+    for changed, message in (
+            ([DatasetEntry("ret", "retrieval", 100, 4), entries[1]],
+             "data.datasets[0].batch_size (default: data.batch_size) (ret): 8 when the checkpoint was written, 4 now"),
+            ([entries[0], DatasetEntry("sts", "sts", 500, 32)], "data.datasets[1].batch_size (default: data.pair_batch_size)"),
+            ([entries[0], DatasetEntry("pairs", "sts", 500, 16)], "data.datasets[1].name: 'sts' when the checkpoint"),
+            ([entries[0], DatasetEntry("sts", "sts", 600, 16)], "data.datasets[1] (sts): 500 records when the checkpoint "
+                                                              "was written, 600 now"),
+            (entries[:1], "data.datasets: 2 datasets when the checkpoint was written (ret, sts), 1 now")):
+        assert message in _order_change(before, BatchPlan(changed, 10, 0, 0.5, None).fingerprint())
+    assert "draw probabilities (data.alpha, data.eta" in _order_change(before, BatchPlan(entries, 10, 0, 0.3, None)
+                                                                     .fingerprint())
+    assert _order_change(before, BatchPlan(entries, 10, 0, 0.5, None).fingerprint()) is None
 
 
 # ------------------------------------------------------------------ sampler

@@ -243,6 +243,8 @@ def _changes(before: Any, after: Any, prefix: str = "") -> list[str]:
         for k in list(before) + [k for k in after if k not in before]:
             out += _changes(before.get(k), after.get(k), f"{prefix}{k}.")
         return out
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after) and before != after:
+        return [c for i, (a, b) in enumerate(zip(before, after)) for c in _changes(a, b, f"{prefix[:-1]}[{i}].")]
     return [] if before == after else [f"{prefix[:-1]}: {before!r} -> {after!r}"]
 
 

@@ -335,12 +335,10 @@ class TrainData:
         if state.get("version") != STATE_VERSION:
             raise DataStateError(f"data state: unknown version {state.get('version')!r}")
         saved, now = state.get("plan", {}), self.plan.fingerprint()
-        for key in ("seed", "datasets", "probs"):
-            if saved.get(key) != now.get(key):
-                raise DataStateError(
-                    f"data state: the checkpoint was written with {key} = {saved.get(key)!r}, the run is configured "
-                    f"with {now.get(key)!r}; resuming would change the data order (start a new run, or restore "
-                    "the original data configuration)")
+        change = _order_change(saved, now)
+        if change:
+            raise DataStateError(f"data state: {change}; resuming would change the data order (start a new run, "
+                                 "or restore the original data configuration)")
         saved_sizes = state.get("file_sizes") or []
         for b, was, now in zip(self.builders, saved_sizes, self._file_sizes()):
             if was is not None and now is not None and was != now:
@@ -356,3 +354,35 @@ class TrainData:
 
     def describe(self) -> list[dict]:
         return summarize(self.plan.entries, self.plan.probs)
+
+
+def _order_change(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str | None:
+    """What differs between two `BatchPlan.fingerprint()`s, named by the config keys that set it."""
+    if saved.get("seed") != now.get("seed"):
+        return (f"data.seed (default: train.seed) was {saved.get('seed')!r} when the checkpoint was written, "
+                f"now {now.get('seed')!r}")
+    was, is_ = saved.get("datasets") or [], now.get("datasets") or []
+    if len(was) != len(is_):
+        names = [d[0] for d in was]
+        return (f"data.datasets: {len(was)} datasets when the checkpoint was written ({', '.join(map(str, names))}), "
+                f"{len(is_)} now")
+    for i, (a, b) in enumerate(zip(was, is_)):
+        if a == b:
+            continue
+        where = f"data.datasets[{i}]"
+        if a[0] != b[0]:
+            return f"{where}.name: {a[0]!r} when the checkpoint was written, {b[0]!r} now"
+        if a[1] != b[1]:
+            return f"{where}.task ({b[0]}): {a[1]!r} when the checkpoint was written, {b[1]!r} now"
+        if a[2] != b[2]:
+            return (f"{where} ({b[0]}): {a[2]} records when the checkpoint was written, {b[2]} now (its file or "
+                    "its filters changed)")
+        key = "pair_batch_size" if b[1] == "sts" else "batch_size"
+        return (f"{where}.batch_size (default: data.{key}) ({b[0]}): {a[3]} when the checkpoint was written, "
+                f"{b[3]} now")
+    if saved.get("probs") != now.get("probs"):
+        diff = [f"{d[0]} {p:.4g} -> {q:.4g}" for d, p, q in zip(is_, saved.get("probs") or [], now.get("probs") or [])
+                if p != q]
+        return ("the datasets' draw probabilities (data.alpha, data.eta, data.datasets[].weight) changed: "
+                + ", ".join(diff))
+    return None

@@ -316,6 +316,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
     ckpts = RunCheckpoints(cfg.checkpoint_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     start_step = 0
     carried: list[dict] = []  # the steps of a logging window a preemption left open
+    data_state: dict = {}
     restored = resume and ckpts.latest_step() is not None
     if restored:
         if min(ckpts.all_steps()) > len(data):  # before a (long) restore: no checkpoint can continue
@@ -341,8 +342,13 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
                           donate_params=True)
     ckpts.write_metadata(model_cfg, tok_dir, cfg.to_dict(), export_settings(cfg, data))
 
+    # The evaluation owed at the step resumed from (every eval.every steps, and the final one) runs
+    # again: a preemption may have cut it short or come before it.
+    eval_due = restored and bool(cfg.eval.tasks) and (
+        start_step == cfg.train.total_steps or bool(cfg.eval.every and start_step % cfg.eval.every == 0))
     # a resume without a checkpoint is a fresh start: an earlier log is kept aside, not truncated
-    logger = MetricsLog(out_dir, cfg.log.tensorboard, enabled=main, resume_step=start_step if restored else None)
+    logger = MetricsLog(out_dir, cfg.log.tensorboard, enabled=main, resume_step=start_step if restored else None,
+                        rerun_eval=eval_due)
     result = RunResult("completed", start_step, [], {}, out_dir, ckpts.directory)
     if main:
         for row in data.describe():
@@ -351,6 +357,10 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
     if cfg.eval.tasks and cfg.eval.before and start_step == 0:
         result.evals["before"] = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt, eval_specs, eval_stop)
         _log_eval(logger, 0, result.evals["before"], preempt)
+    if eval_due and start_step < cfg.train.total_steps and not preempt.flag:
+        res = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt, eval_specs, eval_stop)
+        result.evals[f"step_{start_step}"] = res
+        _log_eval(logger, start_step, res, preempt)
 
     peak = peak_flops(jax.devices()[0], cfg.log.peak_tflops)
     n_dev = jax.device_count()
@@ -361,17 +371,20 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
         progress = tqdm(total=cfg.train.total_steps, initial=start_step, desc="train", unit="step",
                         dynamic_ncols=True)
     pending: list[tuple[int, str, str, Any]] = []  # (step, task, dataset, metrics on device)
-    window = {"t": time.perf_counter(), "flops": 0.0, "tokens": 0, "local": 0, "text": 0}
+    # a window a preemption left open carries its steps and this host's token counts (padding)
+    text, local = data_state.get("log_window_tokens") or (0, 0)
+    window = {"t": time.perf_counter(), "flops": 0.0, "tokens": 0, "local": int(local), "text": int(text)}
     last_saved = start_step if restored else None
-    skips = {"in_a_row": 0, "total": 0}
+    skips = {"in_a_row": 0, "total": 0, **data_state.get("nonfinite_skips", {})}  # train.skip_nonfinite's count
 
-    def flush(preempted: bool = False) -> list[dict]:
+    def flush(preempted: bool = False) -> dict | None:
         """Settle the pending steps (fetch their metrics, check them) and log their window. At a
-        preemption the line is marked partial and the window's steps are returned for the
-        checkpoint: the resumed run logs the whole window, as an uninterrupted run does."""
+        preemption the line is marked partial and the window (its steps and token counts) is
+        returned for the checkpoint: the resumed run logs the whole window, as an uninterrupted
+        run does."""
         nonlocal carried
         if not pending:
-            return []
+            return None
         fetched = jax.device_get([p[3] for p in pending])
         now = time.perf_counter()
         dt = max(now - window["t"], 1e-9)
@@ -423,17 +436,21 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
             if "mfu" in rates:
                 post["mfu"] = f"{rates['mfu']:.2f}"
             progress.set_postfix(post, refresh=False)
+        left_open = {"steps": [m for m in steps if m["finite"] > 0], "tokens": [window["text"], window["local"]]}
         pending.clear()
         window.update(t=now, flops=0.0, tokens=0, local=0, text=0)
-        return [m for m in steps if m["finite"] > 0] if open_window else []
+        return left_open if open_window else None
 
-    def save(at: int, force: bool = False, log_window: list[dict] | None = None) -> None:
+    def save(at: int, force: bool = False, log_window: dict | None = None) -> None:
         nonlocal last_saved
         if last_saved == at:
             return
         state = data.state(at)
         if log_window:
-            state["log_window"] = log_window
+            state["log_window"] = log_window["steps"]
+            state["log_window_tokens"] = log_window["tokens"]
+        if skips["in_a_row"] or skips["total"]:
+            state["nonfinite_skips"] = dict(skips)
         ckpts.save(at, trainer.state, state, force=force)
         last_saved = at
 
@@ -509,17 +526,24 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
         passes = ", ".join(f"{k} {v:.2f}" for k, v in data.plan.epochs_seen(result.step).items())
         log.info("passes over each dataset after %d steps: %s", result.step, passes)
     if result.status == "completed":
-        if cfg.eval.tasks and not preempt.flag:
-            after = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt, eval_specs, eval_stop)
-            if not preempt.flag:  # one cut short by SIGTERM is not reported: --resume runs it again
-                result.evals["after"] = after
-            _log_eval(logger, result.step, after, preempt)
-        if cfg.export_hf and not preempt.flag:
-            result.hf_dir = _export(cfg, trainer, tok_dir, data)
-        if preempt.flag:  # the last checkpoint is written: a rerun with --resume evaluates and exports
+        left = []  # what SIGTERM kept from running; the last checkpoint is written, --resume runs it
+        if cfg.eval.tasks:
+            if not preempt.flag:
+                after = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt, eval_specs, eval_stop)
+                if not preempt.flag:  # one cut short by SIGTERM is not reported: --resume runs it again
+                    result.evals["after"] = after
+                _log_eval(logger, result.step, after, preempt)
+            if "after" not in result.evals:
+                left.append("the evaluation")
+        if cfg.export_hf:
+            if preempt.flag:
+                left.append("the export")
+            else:
+                result.hf_dir = _export(cfg, trainer, tok_dir, data)
+        if left:
             result.status = "preempted"
-            log.warning("preempted after the last step (checkpoint %d written); rerun with --resume to finish "
-                        "the evaluation and export", result.step)
+            log.warning("preempted after the last step (checkpoint %d written); rerun with --resume to finish %s",
+                        result.step, " and ".join(left))
     logger.close()
     result.seconds = time.perf_counter() - t_start
     return result

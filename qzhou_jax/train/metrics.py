@@ -37,20 +37,23 @@ class MetricsLog:
     Rows are labelled with the number of steps done. On resume from step k, rows after k
     (written by the interrupted attempt after its checkpoint) are dropped, and a row at k
     marked partial (a window a preemption cut short; its steps travel in the checkpoint and
-    the resumed run logs the window whole), so the log reads as one run. A fresh run in a folder with an earlier log renames that log and
-    its TensorBoard folder with their modification time appended.
+    the resumed run logs the window whole), and with `rerun_eval` the evaluation rows at k (the
+    resumed run evaluates step k again), so the log reads as one run; TensorBoard's events
+    are purged alike. A fresh run in a folder with an earlier log renames that log and its
+    TensorBoard folder with their modification time appended.
     """
 
-    def __init__(self, out_dir: str, tensorboard: bool = True, enabled: bool = True, resume_step: int | None = None):
+    def __init__(self, out_dir: str, tensorboard: bool = True, enabled: bool = True, resume_step: int | None = None,
+                 rerun_eval: bool = False):
         self.enabled = enabled
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.tb = None
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
-        partial_dropped = False
+        dropped, kept_at_step = False, []
         if resume_step is not None and os.path.isfile(self.path):
-            partial_dropped = self._truncate(resume_step)
+            dropped, kept_at_step = self._truncate(resume_step, rerun_eval)
         tb_dir = os.path.join(out_dir, "tensorboard")
         if resume_step is None:  # a fresh run: keep an earlier run's log and events aside
             for old in (self.path, tb_dir):
@@ -60,28 +63,36 @@ class MetricsLog:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            purge = None if resume_step is None else resume_step + (0 if partial_dropped else 1)
+            # TensorBoard purges by step, every tag alike: when a row at the resume step is replaced,
+            # purge from that step and write the rows kept there again
+            purge = None if resume_step is None else resume_step + (0 if dropped else 1)
             self.tb = SummaryWriter(tb_dir, purge_step=purge)
+            for row in kept_at_step if dropped else ():
+                self._add_scalars(row)
 
-    def _truncate(self, step: int) -> bool:
-        """Drop the rows after `step`, and a partial row at `step` (a logging window that a
-        preemption closed early: the resumed run logs that window whole). Whether one was."""
-        keep, partial = [], False
+    def _truncate(self, step: int, drop_eval: bool) -> tuple[bool, list[dict]]:
+        """Drop the rows after `step`, a partial row at `step` (a logging window that a
+        preemption closed early: the resumed run logs that window whole) and, with `drop_eval`,
+        the evaluation rows at `step`. (whether a row at `step` was dropped, the rows kept there)"""
+        keep, at_step, dropped = [], [], False
         with open(self.path, encoding="utf-8") as f:
             for line in f:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if row.get("step", -1) == step and row.get("partial"):
-                    partial = True
-                elif row.get("step", -1) <= step:
+                s = row.get("step", -1)
+                if s == step and (row.get("partial") or drop_eval and any(k.startswith("eval/") for k in row)):
+                    dropped = True
+                elif s <= step:
                     keep.append(line)
+                    if s == step:
+                        at_step.append(row)
         tmp = f"{self.path}.tmp{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(keep)
         os.replace(tmp, self.path)
-        return partial
+        return dropped, at_step
 
     def write(self, step: int, values: Mapping[str, Any], prefix: str = "train", partial: bool = False) -> None:
         """One row; `partial`: a window cut short by a preemption (replaced on resume)."""
@@ -97,10 +108,13 @@ class MetricsLog:
                 row[f"{prefix}/{k}" if prefix else k] = v
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        self._add_scalars(row)
+
+    def _add_scalars(self, row: Mapping[str, Any]) -> None:
         if self.tb is not None:
             for k, v in row.items():
-                if k != "step" and isinstance(v, float):
-                    self.tb.add_scalar(k, v, global_step=step)
+                if k not in ("step", "partial") and isinstance(v, float):
+                    self.tb.add_scalar(k, v, global_step=row["step"])
 
     def close(self) -> None:
         if not self.enabled:
