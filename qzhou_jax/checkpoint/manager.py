@@ -123,6 +123,15 @@ class RunCheckpoints:
         steps = sorted(self.all_steps(), reverse=True)
         if not steps:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to resume from")
+        shapes = self._shape_changes(target, steps[0])
+        if shapes:  # another model: every step would fail alike; say so before reading any array
+            path = os.path.join(self.directory, str(steps[0]))
+            changed = self._state_changes(model_config, run_config, policy_fields)
+            why = (f"the run config differs from the one that wrote the checkpoints (their qzhou_config.json) in "
+                   f"{'; '.join(changed)}: restore those settings to resume" if changed else
+                   "does the model config match the checkpoint's?")
+            raise ValueError(f"{path}: checkpoint {steps[0]} holds parameters of other shapes "
+                             f"({'; '.join(shapes[:3])}{'; ...' if len(shapes) > 3 else ''}); {why}")
         failed: list[tuple[int, str]] = []
         for step in steps:
             restored, reason = self._try_restore(target, step)
@@ -192,6 +201,23 @@ class RunCheckpoints:
             if bool(clip_before and clip_before > 0) != bool(clip_now and clip_now > 0):  # the optimizer chain
                 changed.append(f"train.clip_norm: {clip_before!r} -> {clip_now!r}")
         return changed
+
+    def _shape_changes(self, target: Any, step: int) -> list[str]:
+        """'name: (saved shape) -> (target shape)' for the parameters whose shapes differ between
+        checkpoint `step` (its metadata) and `target`; [] when they agree or the metadata does not read
+        (the restore then reports it)."""
+        from qzhou_jax.checkpoint.orbax_io import _tree_metadata
+
+        try:
+            meta = _tree_metadata(os.path.join(self.directory, str(step), "state"))
+            saved = {jax.tree_util.keystr(p): tuple(leaf.shape)
+                     for p, leaf in jax.tree_util.tree_leaves_with_path(meta["params"])}
+        except Exception:  # unreadable metadata is the restore's to report (and to fall back from)
+            return []
+        want = {jax.tree_util.keystr(p): tuple(leaf.shape)
+                for p, leaf in jax.tree_util.tree_leaves_with_path(target.params)}
+        out = [f"params{k}: {saved.get(k, 'absent')} -> {shape}" for k, shape in want.items() if saved.get(k) != shape]
+        return out + [f"params{k}: {shape} -> absent" for k, shape in saved.items() if k not in want]
 
     def _try_restore(self, target: Any, step: int) -> tuple[Any, str]:
         """(restore(...), "") or (None, the error's first line). Orbax and TensorStore raise many types;
