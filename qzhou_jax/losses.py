@@ -158,17 +158,19 @@ def infonce_retrieval(q, pos, neg=None, *, temperature=0.02, in_batch_negatives=
 
     pos_sim = jnp.sum(q * pos, axis=-1)
     sims, valid, same = [], [], []
+    if keys is not None:  # [n, n]: row j's query is row i's (a query with several positives)
+        same_query = (keys[0][:, None] == keys[0][None, :]).astype(jnp.float32)
     if in_batch_negatives:
         sims.append(_sim(q, pos))  # the diagonal is the positive itself, already in column 0
         valid.append(others)
         if keys is not None:
-            # another copy of the positive, a positive equal to the query, or another positive
-            # of the same query (a query with several relevant passages, one row per pair)
-            same.append((keys[1][None, :] == keys[1][:, None]) | (keys[1][None, :] == keys[0][:, None])
-                        | (keys[0][None, :] == keys[0][:, None]))
+            # a positive equal to a positive of any row with the row's query (another copy of its
+            # own, or another relevant passage of the same query, one row per pair, wherever it
+            # appears in the batch), or to the query; and the positives of rows with that query
+            other_pos = jnp.matmul(same_query, (keys[1][:, None] == keys[1][None, :]).astype(jnp.float32),
+                                   precision=_HI) > 0
+            same.append(other_pos | (keys[1][None, :] == keys[0][:, None]) | (same_query > 0))
     if hard_negatives and k > 0:
-        if keys is not None:  # [n, n]: row j's query is row i's (a query with several positives)
-            same_query = (keys[0][:, None] == keys[0][None, :]).astype(jnp.float32)
         if in_batch_negatives:
             sims.append(_sim(q, neg.reshape(n * k, d)))  # column c belongs to query c // k
             if keys is not None:

@@ -49,10 +49,11 @@ def ref_retrieval(q, pos, neg, tau, in_batch, hard, qneg, margin, keys=None):
 
     def candidates_of(i, s_pos):
         c = []
+        same_query_pos = {pk[j] for j in range(n) if qk[j] == qk[i]}
         if in_batch:
-            c += [pos[j] for j in range(n) if j != i and pk[j] not in (pk[i], qk[i]) and qk[j] != qk[i]]
+            c += [pos[j] for j in range(n) if j != i and pk[j] != qk[i] and pk[j] not in same_query_pos
+                  and qk[j] != qk[i]]
         if hard:
-            same_query_pos = {pk[j] for j in range(n) if qk[j] == qk[i]}
             c += [neg[j, l] for j in (range(n) if in_batch else [i]) for l in range(k)
                   if nk[j, l] not in (pk[i], qk[i]) and nk[j, l] not in same_query_pos]
         if qneg:
@@ -204,6 +205,20 @@ def test_retrieval_keeps_other_positives_of_the_same_query():
         _close(got, ref)
         # in-batch: rows 0 and 1 each drop the other's positive and both drop neg[0, 0]
         assert float(m["duplicates"]) == (4 / n if in_batch else 1 / n)
+
+
+def test_a_positive_of_the_same_query_is_left_out_wherever_it_appears_in_the_batch():
+    """Rows (A, X), (B, Y), (A, Y): Y is relevant to A through row 2, so row 0 leaves out row 1's
+    copy of Y as well as row 2's, as it would a hard negative Y."""
+    rng = np.random.default_rng(6)
+    q, pos = _unit(rng, 3, 8), _unit(rng, 3, 8)
+    q[2], pos[2] = q[0], pos[1]
+    qk, pk = np.array([10, 11, 10]), np.array([20, 21, 21])
+    loss, m = infonce_retrieval(q, pos, None, q_keys=qk, pos_keys=pk, query_negatives=False)
+    # row 0: both Y; row 1: row 2's Y (its own positive's copy); row 2: row 0's X and row 1's Y
+    assert float(m["duplicates"]) == pytest.approx(5 / 3)
+    ref, _ = ref_retrieval(q, pos, None, 0.02, True, False, False, None, keys=(qk, pk, np.zeros((3, 0), int)))
+    _close(loss, ref)
 
 
 def test_retrieval_margin_masks_candidates():
