@@ -59,8 +59,10 @@ def _check(cond: bool, name: str, msg: str) -> None:
 
 
 def _check_temperature(temperature) -> None:
-    if isinstance(temperature, (int, float, np.generic)):  # a concrete number (traced ones are not read)
-        _check(float(temperature) > 0, "temperature", f"must be > 0, got {temperature}")
+    if isinstance(temperature, jax.core.Tracer):  # traced: not readable here
+        return
+    _check(not isinstance(temperature, bool) and np.ndim(temperature) == 0 and float(temperature) > 0,
+           "temperature", f"must be a number > 0, got {temperature!r}")
 
 
 def _sim(x: jax.Array, y: jax.Array) -> jax.Array:

@@ -172,6 +172,23 @@ def test_a_mesh_that_leaves_large_parameters_whole_fails_with_the_numbers():
     # a rule naming a mesh axis that does not exist is an error, not a silent replication
     with pytest.raises(ValueError, match=r"sharding rule 'embed' -> 'fsdpp': not a mesh axis"):
         param_shardings(CFG, sharding.make_mesh(MESHES["fsdp8"]), dict(sharding.DEFAULT_RULES, embed="fsdpp"))
+    # creating or loading the model alone is refused alike (bfloat16 weights: 13.2 GiB per device),
+    # before anything is allocated
+    with pytest.raises(ValueError, match=r"model parameters: 13\.17 GiB per device instead of 2\.20 GiB"):
+        create_model(seven_b.replace(param_dtype="bfloat16"), mesh=sharding.make_mesh({"fsdp": 6}, jax.devices()[:6]))
+
+
+def test_a_trainer_places_a_given_state_on_its_mesh():
+    """A state from one device (or host arrays) is put into the Trainer's shardings; a state of
+    another optimizer is refused by name."""
+    one = Trainer(CFG, TrainConfig(lr=1e-3, warmup_steps=0, total_steps=5), _params())
+    one.step(_batch())
+    mesh = sharding.make_mesh(MESHES["data2_fsdp4"])
+    moved = Trainer(CFG, TrainConfig(lr=1e-3, warmup_steps=0, total_steps=5), None, state=one.state, mesh=mesh)
+    assert moved.state.params["embed_tokens"].sharding == param_shardings(CFG, mesh)["embed_tokens"]
+    assert np.isfinite(moved.step(_batch())["loss"])
+    with pytest.raises(ValueError, match="optimizer state does not have the structure"):
+        Trainer(CFG, TrainConfig(clip_norm=0.0, warmup_steps=0, total_steps=5), None, state=moved.state, mesh=mesh)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 4])
@@ -347,6 +364,10 @@ def test_values_and_params_that_would_train_silently_are_refused(tmp_path):
                           ((ids.astype(np.float32), mask), "input_ids: expected integer token ids")):
         with pytest.raises(ValueError, match=message):
             embed(_params(), CFG, *args)
+    for dim in (0, -5, 100, 2.5):  # not silently the full width, a slice from the end, or 64 of 100
+        with pytest.raises(ValueError, match=f"dim: expected an integer from 1 to the hidden size 64, got {dim}"):
+            embed(_params(), CFG, ids, mask, dim=dim)
+    assert embed(_params(), CFG, ids, mask, dim=16).shape == (2, 16)
     assert LossConfig(temperature=np.float32(0.25)).temperature == 0.25
     assert type(TrainConfig(chunk_size=np.int64(4), warmup_steps=0, total_steps=8).chunk_size) is int
 

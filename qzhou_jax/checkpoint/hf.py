@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from qzhou_jax import sharding
 from qzhou_jax.checkpoint.safetensors_io import TensorStore
 from qzhou_jax.config import ModelConfig
-from qzhou_jax.model.qwen2 import ParamSpec, param_specs
+from qzhou_jax.model.qwen2 import ParamSpec, check_param_split, param_specs
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,7 @@ def iter_params(store: TensorStore, cfg: ModelConfig, mesh: Mesh | None = None,
     """("layers/q_kernel", sharded array) per parameter of a checked HF checkpoint, one
     parameter at a time (stacked ones are filled one layer at a time)."""
     prefix = check_tensors(store, cfg, where or store.folder)
+    check_param_split(cfg, mesh, rules)
     dtype = np.dtype(jnp.dtype(cfg.param_dtype))
     for path, spec in param_specs(cfg).items():
         target = _target_sharding(spec, mesh, rules)

@@ -43,7 +43,7 @@ from qzhou_jax import sharding, st_folder
 from qzhou_jax.checkpoint.export import (atomic_output_dir, check_tokenizer, copy_tokenizer, release_host_memory,
                                          write_json)
 from qzhou_jax.config import ModelConfig, read_json
-from qzhou_jax.model.qwen2 import ParamSpec, check_params, param_specs
+from qzhou_jax.model.qwen2 import ParamSpec, check_param_split, check_params, param_specs
 
 log = logging.getLogger(__name__)
 
@@ -465,6 +465,7 @@ def load_orbax(path: str | os.PathLike, mesh: Mesh | None = None, rules: Mapping
     cfg = ckpt.config
     if "param_dtype" not in config_overrides and cfg.param_dtype != ckpt.stored_dtype():
         cfg = cfg.replace(param_dtype=ckpt.stored_dtype())
+    check_param_split(cfg, mesh, rules)
     return cfg, ckpt.restore_all(mesh, rules, dtype=cfg.param_dtype), ckpt.tokenizer_dir
 
 

@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from qzhou_jax.config import ModelConfig
@@ -34,6 +35,9 @@ def pool(hidden: jax.Array, attention_mask: jax.Array, kind: str) -> jax.Array:
 
 def finish(pooled: jax.Array, cfg: ModelConfig, dim: int | None = None) -> jax.Array:
     """Matryoshka truncation (to `dim` or cfg.embedding_dim) then L2 normalization."""
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, (int, np.integer))
+                            or not 1 <= dim <= pooled.shape[-1]):
+        raise ValueError(f"dim: expected an integer from 1 to the hidden size {pooled.shape[-1]}, got {dim!r}")
     dim = dim or cfg.embedding_dim
     if dim is not None:
         pooled = pooled[..., :dim]

@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 from qzhou_jax import sharding
 from qzhou_jax.config import ModelConfig
 from qzhou_jax.model.embedder import EmbeddingModel
+from qzhou_jax.model.qwen2 import check_param_split
 
 
 def abstract_model(cfg: ModelConfig, seed: int = 0) -> EmbeddingModel:
@@ -34,6 +35,7 @@ def create_model(cfg: ModelConfig, seed: int = 0, mesh: Mesh | None = None,
     """
     if mesh is None:
         return EmbeddingModel(cfg, rngs=nnx.Rngs(seed))
+    check_param_split(cfg, mesh, rules)
     graphdef, abstract_state = nnx.split(abstract_model(cfg, seed))
     shardings = sharding.state_shardings(abstract_state, mesh, rules)
 

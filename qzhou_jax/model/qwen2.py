@@ -33,7 +33,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from qzhou_jax.config import ModelConfig
-from qzhou_jax.sharding import constrain, current_data_parallel_size, lookup
+from qzhou_jax.sharding import check_split, constrain, current_data_parallel_size, lookup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,15 @@ class ParamSpec:
     @property
     def stacked(self) -> bool:
         return bool(self.axes) and self.axes[0] == "layers"
+
+
+def check_param_split(cfg: ModelConfig, mesh: Any, rules: Mapping[str, Any] | None = None, *,
+                      bytes_per_element: int | None = None, what: str = "model parameters") -> None:
+    """`sharding.check_split` over every weight of `cfg` (bytes: param_dtype's by default): an error
+    with the numbers when `mesh` would leave large weights whole on every device."""
+    if mesh is not None:
+        check_split({p: (s.shape, s.axes) for p, s in param_specs(cfg).items()}, mesh, rules,
+                    bytes_per_element=bytes_per_element or jnp.dtype(cfg.param_dtype).itemsize, what=what)
 
 
 def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:

@@ -66,7 +66,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from qzhou_jax import losses, sharding
 from qzhou_jax.config import ModelConfig, python_scalars
 from qzhou_jax.model.embedder import embed_many, embed_many_backward, embed_many_saving
-from qzhou_jax.model.qwen2 import check_params, param_specs
+from qzhou_jax.model.qwen2 import check_param_split, check_params, param_specs
 from qzhou_jax.train.optim import TrainConfig, learning_rate_schedule, make_optimizer
 
 TASKS = ("retrieval", "sts", "classification")
@@ -116,7 +116,7 @@ class LossConfig:
             load_function(self.function, "loss.function")
         for name in ("temperature", "cosent_temperature"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v)):
                 raise ValueError(f"loss.{name}: expected a positive number, got {v!r}")
         m = self.false_negative_margin
         if m is not None and not (isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m)):
@@ -456,8 +456,8 @@ def train_state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, me
 
     Raises ValueError (`sharding.check_split`) when the mesh leaves large parameters whole on
     every device (a mesh axis that does not divide the dimension the rules split over it)."""
-    sharding.check_split({p: (s.shape, s.axes) for p, s in param_specs(cfg).items()}, mesh, rules,
-                         bytes_per_element=16, what="train state (float32 parameters, gradients, Adam moments)")
+    check_param_split(cfg, mesh, rules, bytes_per_element=16,
+                      what="train state (float32 parameters, gradients, Adam moments)")
     p_sh = param_shardings(cfg, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_opt = jax.eval_shape(tx.init, abstract_params(cfg))
@@ -700,8 +700,13 @@ class Trainer:
         if (params is None) == (state is None):
             raise ValueError("Trainer: pass exactly one of params and state")
         check_keep_chunks(model_cfg, train_cfg.keep_chunks)
-        if state is not None:
+        if state is not None:  # placed in the mesh's shardings (a no-op for a state restored into them)
             check_params(state.params, model_cfg)
+            shardings = self.state_shardings()
+            if jax.tree.structure(state) != jax.tree.structure(shardings):
+                raise ValueError("Trainer: the state's optimizer state does not have the structure of train_cfg's "
+                                 "optimizer (was it made with another TrainConfig, e.g. clip_norm on or off?)")
+            state = jax.device_put(state, shardings)
         self.state = state if state is not None else init_train_state(
             params, model_cfg, self.tx, self.mesh, rules, donate=donate_params)
         self._steps: dict[str, Callable] = {}
