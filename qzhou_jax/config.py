@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 from typing import Any, Literal
+
+log = logging.getLogger(__name__)
 
 ATTENTION_KINDS = ("bidirectional", "causal")
 POOLINGS = ("mean", "last")
@@ -158,7 +161,8 @@ class ModelConfig:
 
         `is_causal: false` selects bidirectional attention, `true` causal; when the field is
         absent (plain Qwen2.5 LM checkpoints) the embedding default, bidirectional, applies.
-        `rope_theta` is read top-level or from transformers-5 `rope_parameters`. Pooling,
+        `rope_theta` is read from transformers-5 `rope_parameters` (a top-level one that differs
+        is reported and, as in transformers, not used) or else top-level. Pooling,
         normalization, Matryoshka truncation and the compute dtype come from the `qzhou_jax`
         key this package writes, or else from the folder's sentence-transformers files (`st_folder.model_fields`).
         """
@@ -180,10 +184,15 @@ class ModelConfig:
                 raise ValueError(f"{where}: missing field {name!r}")
             return raw[name]
 
-        rope_theta = raw.get("rope_theta")
         rope_params = raw.get("rope_parameters") or {}
+        # transformers 5 builds RoPE from rope_parameters and takes the top-level rope_theta
+        # only where that dict has none
+        rope_theta, top_theta = rope_params.get("rope_theta"), raw.get("rope_theta")
         if rope_theta is None:
-            rope_theta = rope_params.get("rope_theta")
+            rope_theta = top_theta
+        elif top_theta is not None and float(top_theta) != float(rope_theta):
+            log.warning("%s: rope_theta %s (top level) and rope_parameters' rope_theta %s differ: using %s, "
+                        "as transformers does", where, top_theta, rope_theta, rope_theta)
         if rope_theta is None:
             raise ValueError(f"{where}: missing field 'rope_theta' (top level or in rope_parameters)")
         scaling = raw.get("rope_scaling") or {}

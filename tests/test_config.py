@@ -34,6 +34,26 @@ def test_rope_parameters_and_is_causal():
     assert ModelConfig.from_hf(_hf_dict(is_causal=False)).attention == "bidirectional"
 
 
+def test_rope_theta_given_twice_follows_transformers(caplog):
+    """transformers 5 takes rope_parameters' rope_theta over a top-level one that differs (it
+    builds the rotary frequencies from that dict), and so does qzhou-jax, with a warning."""
+    d = _hf_dict(rope_theta=10000.0, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    with caplog.at_level("WARNING"):
+        assert ModelConfig.from_hf(d).rope_theta == 500000.0
+    assert "rope_theta 10000.0" in caplog.text and "500000.0" in caplog.text
+    import transformers
+
+    model = transformers.Qwen2Model(transformers.Qwen2Config(**d))
+    assert model.config.rope_parameters["rope_theta"] == 500000.0  # what transformers runs
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the same value twice, or only one of them: nothing to say
+        assert ModelConfig.from_hf(_hf_dict(rope_theta=500000.0, rope_parameters={
+            "rope_type": "default", "rope_theta": 500000.0})).rope_theta == 500000.0
+        assert ModelConfig.from_hf(_hf_dict(rope_theta=20000.0, rope_parameters={
+            "rope_type": "default"})).rope_theta == 20000.0
+    assert caplog.text == ""
+
+
 def test_to_hf_round_trip():
     cfg = ModelConfig.preset("qwen2.5-1.5b", pooling="last", embedding_dim=256)
     hf = cfg.to_hf()
