@@ -153,6 +153,23 @@ def test_encode_missing_model_folder(tmp_path, capsys):
     assert rc == 2 and "--attention-impl: 'cudnn' is a GPU kernel" in capsys.readouterr().err
 
 
+def test_encode_hf_folder_without_config_json_says_so(model_dir, tmp_path, capsys):
+    """A folder with HF weights but no config.json is a HF folder missing its config (as `convert
+    hf-to-orbax` says), not an unfinished Orbax checkpoint."""
+    import shutil
+
+    inp = _write(tmp_path / "in.jsonl", ['"plain string"'])
+    for weights in ("model.safetensors", "model.safetensors.index.json"):
+        folder = tmp_path / weights
+        shutil.copytree(model_dir, folder, ignore=shutil.ignore_patterns("config.json"))
+        if weights.endswith("index.json"):
+            os.rename(folder / "model.safetensors", folder / "model-00001-of-00001.safetensors")
+            (folder / weights).write_text(json.dumps({"metadata": {}, "weight_map": {}}))
+        rc = cli.main(["encode", "--model", str(folder), "--input", str(inp), "--output", str(tmp_path / "o.npy")])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"{folder / 'config.json'}: no config.json found" in err, err
+        assert "_METADATA" not in err and not (tmp_path / "o.npy").exists()
+
 
 def test_encode_missing_output_folder_stops_before_loading_the_model(tmp_path, capsys):
     inp = _write(tmp_path / "in.jsonl", ['"plain string"'])

@@ -47,6 +47,9 @@ def load_pretrained(path: str | os.PathLike, mesh: Mesh | None = None, rules: Ma
         raise ValueError(f"{path}: incomplete Orbax checkpoint (QZHOU_CHECKPOINT marker missing: the conversion "
                          "that wrote it did not finish)")
     if not os.path.isfile(os.path.join(path, "config.json")):
+        if any(os.path.isfile(os.path.join(path, n)) for n in ("model.safetensors", "model.safetensors.index.json")):
+            # HF weights without their config (as `convert hf-to-orbax` says), not a training checkpoint
+            raise FileNotFoundError(f"{os.path.join(path, 'config.json')}: no config.json found")
         # a training checkpoint: a run's checkpoints/ folder (latest step) or one step of it
         cfg, params, tokenizer_dir = load_orbax(path, mesh, rules, **config_overrides)
         if tokenizer_dir is None:
