@@ -1,7 +1,8 @@
 """The sentence-transformers files of a model folder, written and read back.
 
     modules.json                         Transformer -> Pooling [-> Normalize]
-    sentence_bert_config.json            max_seq_length
+    sentence_bert_config.json            max_seq_length (sentence-transformers 6 keeps it as
+                                         tokenizer_config.json's model_max_length instead)
     1_Pooling/config.json                mean or last-token pooling, prompt included
     config_sentence_transformers.json    prompts ("query" in QZhou's template), truncate_dim
 
@@ -227,14 +228,32 @@ def model_fields(folder: str, pooling: bool = True) -> dict[str, Any]:
     return fields
 
 
+def _tokenizer_length(folder: str) -> int:
+    """The max_seq_length sentence-transformers loads for a folder whose sentence_bert_config.json
+    has none (version 6 saves it so, as the tokenizer's model_max_length): that length, capped at
+    the model's max_position_embeddings (transformers' defaults where a file has neither)."""
+    def field(name: str, key: str, default: int) -> int:
+        path = os.path.join(folder, name)
+        raw = _read(path) if os.path.isfile(path) else {}
+        value = raw.get(key) if isinstance(raw, Mapping) else None
+        return default if isinstance(value, bool) or not isinstance(value, (int, float)) else value
+
+    return int(min(field("tokenizer_config.json", "model_max_length", int(1e30)),
+                   field("config.json", "max_position_embeddings", 32768)))
+
+
 def settings(folder: str) -> Settings:
     """max_seq_length and prompts of a HF folder's sentence-transformers files (unset
-    where it has none)."""
+    where it has none). A sentence-transformers folder without max_seq_length in
+    sentence_bert_config.json gets the length sentence-transformers loads (`_tokenizer_length`);
+    a plain HF folder's tokenizer length is not one."""
     length = prompts = default = None
     path = os.path.join(folder, "sentence_bert_config.json")
     if os.path.isfile(path):
         raw = _read(path)
         length = raw.get("max_seq_length") if isinstance(raw, Mapping) else None
+    if length is None and os.path.isfile(os.path.join(folder, "modules.json")):
+        length = _tokenizer_length(folder)
     path = os.path.join(folder, "config_sentence_transformers.json")
     if os.path.isfile(path):
         raw = _read(path)

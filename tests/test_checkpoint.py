@@ -545,6 +545,35 @@ def test_sentence_transformers_settings_survive_conversions(tmp_path, good_hf):
     assert (cfg.pooling, cfg.normalize) == ("mean", False)  # the folder's other settings stay
 
 
+def test_max_seq_length_of_a_sentence_transformers_6_folder_survives_conversions(tmp_path, good_hf):
+    """sentence-transformers 6 writes no max_seq_length into sentence_bert_config.json: it keeps it
+    as the tokenizer's model_max_length and, on loading, caps that at max_position_embeddings."""
+    from sentence_transformers import SentenceTransformer, models
+
+    from qzhou_jax import st_folder
+
+    st = SentenceTransformer(modules=[models.Transformer(good_hf, max_seq_length=100), models.Pooling(32),
+                                      models.Normalize()], device="cpu")
+    st.save(str(tmp_path / "st"))
+    assert "max_seq_length" not in json.loads((tmp_path / "st" / "sentence_bert_config.json").read_text())
+    conv.hf_to_orbax(tmp_path / "st", tmp_path / "o")
+    conv.orbax_to_hf(tmp_path / "o", tmp_path / "h")
+    assert _st_files(tmp_path / "h")["sentence_bert_config.json"]["max_seq_length"] == 100
+    assert SentenceTransformer(str(tmp_path / "h"), device="cpu").max_seq_length == 100
+    # a tokenizer length beyond the model's positions (or none, transformers' 1e30) is capped as
+    # sentence-transformers caps it (the tiny model has 256 positions)
+    tok_config = tmp_path / "st" / "tokenizer_config.json"
+    raw = json.loads(tok_config.read_text())
+    for length in (131072, None):
+        raw.pop("model_max_length", None)
+        tok_config.write_text(json.dumps(raw if length is None else {**raw, "model_max_length": length}))
+        assert SentenceTransformer(str(tmp_path / "st"), device="cpu").max_seq_length == 256
+        assert st_folder.settings(str(tmp_path / "st")).max_seq_length == 256
+    # a plain HF folder (no modules.json): its tokenizer's length says nothing about truncation
+    assert json.loads(open(os.path.join(good_hf, "tokenizer_config.json")).read())["model_max_length"] == 32768
+    assert st_folder.settings(good_hf).max_seq_length is None
+
+
 # ---------------------------------------------------------------------- CLI
 def test_cli(tmp_path, good_hf, capsys):
     parser = argparse.ArgumentParser(prog="qzhou-jax")
