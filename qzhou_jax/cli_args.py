@@ -45,14 +45,16 @@ def _int(text: str) -> int:
 
 
 def add_model_run_args(parser) -> None:
-    """--dtype, --attention-impl and --pooling: how a loaded model computes (its saved config
-    otherwise)."""
-    from qzhou_jax.config import ATTENTION_IMPLS
+    """--dtype, --attention-impl, --attention and --pooling: how a loaded model computes (its
+    saved config otherwise)."""
+    from qzhou_jax.config import ATTENTION_IMPLS, ATTENTION_KINDS
 
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype")
     parser.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default=None,
                         help="attention kernel: xla, cudnn (GPU) or splash (TPU; long texts in linear memory); "
                              "default: the model config's")
+    parser.add_argument("--attention", choices=ATTENTION_KINDS, default=None,
+                        help="attention direction (default: the model config's; config.json's is_causal)")
     parser.add_argument("--pooling", choices=["mean", "last"], default=None,
                         help="pooling (default: the model config's, or its sentence-transformers Pooling module)")
 
@@ -67,6 +69,8 @@ def model_run_overrides(args: argparse.Namespace) -> dict:
 
         check_kernel_platform(args.attention_impl, "--attention-impl")
         out["attention_impl"] = args.attention_impl
+    if getattr(args, "attention", None):
+        out["attention"] = args.attention
     if getattr(args, "pooling", None):
         out["pooling"] = args.pooling
     return out

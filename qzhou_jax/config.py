@@ -160,7 +160,8 @@ class ModelConfig:
         """Build from a HuggingFace Qwen2 `config.json` (a path, a folder or a dict).
 
         `is_causal: false` selects bidirectional attention, `true` causal; when the field is
-        absent (plain Qwen2.5 LM checkpoints) the embedding default, bidirectional, applies.
+        absent, a folder's kind decides (`unstated_attention`), a dict gets the embedding
+        default, bidirectional.
         `rope_theta` is read from transformers-5 `rope_parameters` (a top-level one that differs
         is reported and, as in transformers, not used) or else top-level. Pooling,
         normalization, Matryoshka truncation and the compute dtype come from the `qzhou_jax`
@@ -221,6 +222,8 @@ class ModelConfig:
         )
         if raw.get("is_causal") is not None:
             fields["attention"] = "causal" if raw["is_causal"] else "bidirectional"
+        elif not isinstance(source, dict) and "attention" not in overrides and "qzhou_jax" not in raw:
+            fields["attention"] = unstated_attention(raw, os.path.dirname(where), where)
         qz = raw.get("qzhou_jax")
         if qz is None and not isinstance(source, dict):
             # another library's embedding model: sentence-transformers' files say how it pools
@@ -270,6 +273,25 @@ class ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def unstated_attention(raw: dict, folder: str, where: str) -> str:
+    """The attention of a HF folder whose config.json has no is_causal (transformers then
+    attends causally): causal for a sentence-transformers folder (modules.json), so that it embeds
+    as sentence-transformers computes; bidirectional, QZhou's architecture, for a base LM (an
+    init_from) and, with a warning, for a model with its own code (auto_map), which may do either."""
+    if raw.get("auto_map"):
+        log.warning("%s: no is_causal, and the model runs its own code (auto_map): whether it attends causally or "
+                    "bidirectionally is unknown; assuming bidirectional. Choose with --attention (encode, eval, "
+                    "synth), model.attention (a run's init_from) or is_causal in config.json", where)
+        return "bidirectional"
+    if os.path.isfile(os.path.join(folder, "modules.json")):
+        log.info("%s: no is_causal: causal attention, as transformers and sentence-transformers compute for this "
+                 "sentence-transformers folder (--attention bidirectional for the other)", where)
+        return "causal"
+    log.info("%s: no is_causal: bidirectional attention, QZhou's (transformers attends causally; --attention "
+             "causal for that)", where)
+    return "bidirectional"
 
 
 _QWEN25_SMALL = dict(vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6,

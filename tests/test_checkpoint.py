@@ -545,6 +545,42 @@ def test_sentence_transformers_settings_survive_conversions(tmp_path, good_hf):
     assert (cfg.pooling, cfg.normalize) == ("mean", False)  # the folder's other settings stay
 
 
+def test_sentence_transformers_folder_without_is_causal_embeds_as_sentence_transformers(tmp_path):
+    """transformers attends causally when config.json has no is_causal: another library's
+    sentence-transformers folder embeds so here too, and keeps it through HF -> Orbax -> HF."""
+    from sentence_transformers import SentenceTransformer, models
+
+    from qzhou_jax import cli
+
+    src = make_hf(tmp_path / "lm", causal_lm=True)
+    raw = json.loads((tmp_path / "lm" / "config.json").read_text())
+    del raw["is_causal"]  # as in every Qwen2 / Qwen2.5 checkpoint
+    (tmp_path / "lm" / "config.json").write_text(json.dumps(raw))
+    folder = str(tmp_path / "st")
+    SentenceTransformer(modules=[models.Transformer(src), models.Pooling(32, pooling_mode="lasttoken"),
+                                 models.Normalize()], device="cpu").save(folder)
+    texts = ["hello world", "the quick brown fox jumps over the lazy dog", "a"]
+    want = SentenceTransformer(folder, device="cpu").encode(texts)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(t) + "\n" for t in texts))
+
+    def encode(*flags):
+        assert cli.main(["encode", "--model", folder, "--input", str(inp), "--output", str(tmp_path / "e.npy"),
+                         "--dtype", "float32", "--quiet", *flags]) == 0
+        return np.load(tmp_path / "e.npy")
+
+    np.testing.assert_allclose(encode(), want, atol=1e-5)
+    conv.hf_to_orbax(folder, tmp_path / "o")
+    conv.orbax_to_hf(tmp_path / "o", tmp_path / "h")
+    assert json.loads((tmp_path / "h" / "config.json").read_text())["is_causal"] is True
+    np.testing.assert_allclose(SentenceTransformer(str(tmp_path / "h"), device="cpu").encode(texts), want, atol=1e-5)
+    # --attention chooses the other: what sentence-transformers computes with is_causal: false
+    bidirectional = encode("--attention", "bidirectional")
+    (tmp_path / "st" / "config.json").write_text(json.dumps({**raw, "is_causal": False}))
+    np.testing.assert_allclose(bidirectional, SentenceTransformer(folder, device="cpu").encode(texts), atol=1e-5)
+    assert np.abs(bidirectional - want).max() > 1e-3
+
+
 def test_max_seq_length_of_a_sentence_transformers_6_folder_survives_conversions(tmp_path, good_hf):
     """sentence-transformers 6 writes no max_seq_length into sentence_bert_config.json: it keeps it
     as the tokenizer's model_max_length and, on loading, caps that at max_position_embeddings."""

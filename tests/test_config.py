@@ -54,6 +54,46 @@ def test_rope_theta_given_twice_follows_transformers(caplog):
     assert caplog.text == ""
 
 
+def test_absent_is_causal_follows_the_kind_of_folder(tmp_path, caplog):
+    """Without is_causal, transformers (and so sentence-transformers) attends causally: a
+    sentence-transformers folder of another library embeds so; a base LM folder (an init_from)
+    gets QZhou's bidirectional attention; a model with its own code (auto_map) cannot be known."""
+    d = _hf_dict()
+    del d["is_causal"]
+
+    def folder(name, modules=False, **changes):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({**d, **changes}))
+        if modules:
+            (path / "modules.json").write_text(json.dumps(
+                [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]))
+        return path
+
+    def attention(path, **overrides):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="qzhou_jax.config"):
+            return ModelConfig.from_hf(path, **overrides).attention
+
+    assert attention(folder("lm")) == "bidirectional"
+    assert [r.levelname for r in caplog.records] == ["INFO"] and "bidirectional" in caplog.text
+    st = folder("st", modules=True)
+    assert attention(st) == "causal"
+    assert [r.levelname for r in caplog.records] == ["INFO"] and "sentence-transformers" in caplog.text
+    assert attention(st, attention="bidirectional") == "bidirectional" and caplog.records == []
+    assert attention(folder("st_false", modules=True, is_causal=False)) == "bidirectional"
+    assert caplog.records == []
+    for path in (folder("custom", auto_map={"AutoModel": "modeling_x.XModel"}),
+                 folder("st_custom", modules=True, auto_map={"AutoModel": "modeling_x.XModel"})):
+        assert attention(path) == "bidirectional"
+        assert [r.levelname for r in caplog.records] == ["WARNING"] and "auto_map" in caplog.text
+        assert "--attention" in caplog.text and "model.attention" in caplog.text
+        assert attention(path, attention="causal") == "causal" and caplog.records == []
+    # this package's exports always say; a config without a folder keeps the embedding default
+    assert attention(folder("export", modules=True, qzhou_jax={"pooling": "mean"})) == "bidirectional"
+    assert ModelConfig.from_hf(d).attention == "bidirectional"
+
+
 def test_to_hf_round_trip():
     cfg = ModelConfig.preset("qwen2.5-1.5b", pooling="last", embedding_dim=256)
     hf = cfg.to_hf()

@@ -352,7 +352,7 @@ def model_config(section: dict[str, Any], init_from: str | None) -> ModelConfig:
                               f"only {', '.join(POLICY_FIELDS)} may be set")
         folder = resolve_init_from(init_from)
         try:
-            base = read_model_config(folder, **{k: section[k] for k in ("pooling",) if k in section})
+            base = read_model_config(folder, **{k: section[k] for k in ("pooling", "attention") if k in section})
         except FileNotFoundError as e:
             raise ConfigError(f"init_from: {e}") from None
         data = {**to_dict(base), **section}
