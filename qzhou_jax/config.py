@@ -283,14 +283,14 @@ def unstated_attention(raw: dict, folder: str, where: str) -> str:
     if raw.get("auto_map"):
         log.warning("%s: no is_causal, and the model runs its own code (auto_map): whether it attends causally or "
                     "bidirectionally is unknown; assuming bidirectional. Choose with --attention (encode, eval, "
-                    "synth), model.attention (a run's init_from) or is_causal in config.json", where)
+                    "synth), model.attention (a training run) or is_causal in config.json (convert)", where)
         return "bidirectional"
     if os.path.isfile(os.path.join(folder, "modules.json")):
         log.info("%s: no is_causal: causal attention, as transformers and sentence-transformers compute for this "
-                 "sentence-transformers folder (--attention bidirectional for the other)", where)
+                 "sentence-transformers folder (--attention or model.attention bidirectional for the other)", where)
         return "causal"
-    log.info("%s: no is_causal: bidirectional attention, QZhou's (transformers attends causally; --attention "
-             "causal for that)", where)
+    log.info("%s: no is_causal: bidirectional attention, QZhou's (transformers attends causally; --attention or "
+             "model.attention causal for that)", where)
     return "bidirectional"
 
 

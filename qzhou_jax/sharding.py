@@ -304,7 +304,8 @@ def lookup(table: jax.Array, ids: jax.Array, table_axes: Sequence[str | None] = 
     if ctx is None:
         return jnp.take(table, ids, axis=0)
     mesh, rules = ctx
-    taken = {a for logical in table_axes[1:] for a in _mesh_axes_for(logical, rules)}
+    split = logical_to_spec(table_axes, mesh, rules, table.shape)  # as the table is held (an axis that
+    taken = set(spec_axes(PartitionSpec(*tuple(split)[1:])))       # does not divide it is not used)
     rows = tuple(a for a in _mesh_axes_for("batch", rules) if a not in taken)
     local = {**rules, "batch": rows or None}
     ids = jax.lax.with_sharding_constraint(ids, named_sharding(("batch", "seq"), mesh, local, ids.shape))

@@ -286,6 +286,18 @@ def test_an_evaluation_owed_at_a_preemption_runs_on_resume_and_is_logged_once(tm
     assert train(cfg, resume=True).status == "completed"
     assert evals(tmp_path / "cut") == expected
     assert [r["step"] for r in rows_of(tmp_path / "cut") if "train/loss" in r] == list(range(1, 9))
+    # a crash after the step-4 checkpoint, whose evaluation had been logged: not evaluated again
+    raw["out_dir"] = str(tmp_path / "crash")
+    cfg = load_run_config(data=raw)
+
+    def crash(step, metrics):
+        if step == 4:
+            raise RuntimeError("node lost")
+    with pytest.raises(RuntimeError, match="node lost"):
+        train(cfg, hooks=[crash])
+    again = train(cfg, resume=True)
+    assert "step_4" not in again.evals and "after" in again.evals
+    assert evals(tmp_path / "crash") == expected
 
 
 def test_a_refused_resume_rewrites_nothing(tmp_path):
@@ -366,6 +378,18 @@ def test_resume_on_another_mesh_and_worker_count(tmp_path, uninterrupted, caplog
     for s, v in losses(second).items():
         np.testing.assert_allclose(v, full[s], rtol=2e-5, err_msg=f"step {s}")
     assert [h["dataset"] for h in second.history] == [h["dataset"] for h in uninterrupted.history[4:]]
+
+
+def test_a_resume_that_changes_what_the_model_computes_says_so(tmp_path, uninterrupted, caplog):
+    """Pooling and attention may change on resume (the arrays fit), but the steps after compute
+    another function than those before: a warning names the fields against qzhou_config.json."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted.out_dir, out)
+    cfg = load_run_config(data=run_dict(out, steps=9), overrides=["model.pooling=last"])
+    with caplog.at_level("WARNING"):
+        assert train(cfg, resume=True).status == "completed"
+    assert "the model computes differently from the steps trained so far" in caplog.text
+    assert "model.pooling: 'mean' -> 'last'" in caplog.text
 
 
 def test_resume_with_a_bfloat16_first_moment(tmp_path, uninterrupted, caplog):
@@ -896,11 +920,16 @@ def test_a_loss_function_named_in_the_config_is_what_the_run_trains_on(tmp_path,
     """`loss.function` (a file here) replaces the built-in losses and reads `loss.options`: a
     constant added to the loss leaves the gradients, hence every step, as the built-in run's,
     and the function's own metric is logged per task."""
-    (tmp_path / "my_loss.py").write_text(
+    (tmp_path / "my_loss.py").write_text(  # a dataclass too: the file is a module while it runs
+        "from __future__ import annotations\n"
+        "import dataclasses\n"
         "from qzhou_jax.train import task_loss\n\n"
+        "@dataclasses.dataclass\n"
+        "class Options:\n"
+        "    shift: float = 0.0\n\n"
         "def shifted(q, p, batch, task, loss_cfg):\n"
         "    loss, metrics = task_loss(q, p, batch, task, loss_cfg)\n"
-        "    shift = loss_cfg.options['shift']\n"
+        "    shift = Options(**loss_cfg.options).shift\n"
         "    return loss + shift, {**metrics, 'shift': loss * 0 + shift}\n")
     raw = run_dict(tmp_path / "run")
     raw["loss"] = {"function": f"{tmp_path}/my_loss.py:shifted", "options": {"shift": 1.5}}

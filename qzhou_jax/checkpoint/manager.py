@@ -173,21 +173,7 @@ class RunCheckpoints:
     def _state_changes(self, model_config: ModelConfig | None, run_config: Mapping | None,
                        policy_fields: Collection[str]) -> list[str]:
         """The settings shaping the train state that differ from the checkpoints' own."""
-        import dataclasses
-
-        changed = []
-        saved_model = os.path.join(self.directory, "qzhou_config.json")
-        if model_config is not None and os.path.isfile(saved_model):
-            from qzhou_jax.checkpoint.orbax_io import read_model_config
-
-            try:
-                before = dataclasses.asdict(read_model_config(saved_model))
-            except (OSError, ValueError):
-                before = None
-            if before is not None:
-                now = dataclasses.asdict(model_config)
-                changed += [f"model.{k}: {before[k]!r} -> {now[k]!r}" for k in now
-                            if k not in policy_fields and before.get(k) != now[k]]
+        changed = [] if model_config is None else self.model_changes(model_config, exclude=policy_fields)
         saved_run = os.path.join(self.directory, "run_config.yaml")
         if run_config is not None and os.path.isfile(saved_run):
             import yaml
@@ -201,6 +187,25 @@ class RunCheckpoints:
             if bool(clip_before and clip_before > 0) != bool(clip_now and clip_now > 0):  # the optimizer chain
                 changed.append(f"train.clip_norm: {clip_before!r} -> {clip_now!r}")
         return changed
+
+    def model_changes(self, model_config: ModelConfig, fields: Collection[str] | None = None,
+                      exclude: Collection[str] = ()) -> list[str]:
+        """'model.<field>: saved -> now' for the fields of `model_config` (all, or `fields`, less
+        `exclude`) that differ from the checkpoints' qzhou_config.json ([] without one)."""
+        import dataclasses
+
+        from qzhou_jax.checkpoint.orbax_io import read_model_config
+
+        saved_model = os.path.join(self.directory, "qzhou_config.json")
+        if not os.path.isfile(saved_model):
+            return []
+        try:
+            before = dataclasses.asdict(read_model_config(saved_model))
+        except (OSError, ValueError):
+            return []
+        now = dataclasses.asdict(model_config)
+        return [f"model.{k}: {before[k]!r} -> {now[k]!r}" for k in now
+                if (fields is None or k in fields) and k not in exclude and before.get(k) != now[k]]
 
     def _shape_changes(self, target: Any, step: int) -> list[str]:
         """'name: (saved shape) -> (target shape)' for the parameters whose shapes differ between

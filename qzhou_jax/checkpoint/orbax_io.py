@@ -465,7 +465,7 @@ def load_orbax(path: str | os.PathLike, mesh: Mesh | None = None, rules: Mapping
     cfg = ckpt.config
     if "param_dtype" not in config_overrides and cfg.param_dtype != ckpt.stored_dtype():
         cfg = cfg.replace(param_dtype=ckpt.stored_dtype())
-    check_param_split(cfg, mesh, rules)
+    check_param_split(cfg, mesh, rules, strict=False)
     return cfg, ckpt.restore_all(mesh, rules, dtype=cfg.param_dtype), ckpt.tokenizer_dir
 
 

@@ -59,12 +59,22 @@ class ParamSpec:
 
 
 def check_param_split(cfg: ModelConfig, mesh: Any, rules: Mapping[str, Any] | None = None, *,
-                      bytes_per_element: int | None = None, what: str = "model parameters") -> None:
+                      bytes_per_element: int | None = None, what: str = "model parameters",
+                      strict: bool = True) -> None:
     """`sharding.check_split` over every weight of `cfg` (bytes: param_dtype's by default): an error
-    with the numbers when `mesh` would leave large weights whole on every device."""
-    if mesh is not None:
+    with the numbers when `mesh` would leave large weights whole on every device; a warning with
+    `strict=False` (loading a model for inference or conversion, which may fit replicated)."""
+    if mesh is None:
+        return
+    try:
         check_split({p: (s.shape, s.axes) for p, s in param_specs(cfg).items()}, mesh, rules,
                     bytes_per_element=bytes_per_element or jnp.dtype(cfg.param_dtype).itemsize, what=what)
+    except ValueError as e:
+        if strict:
+            raise
+        import logging
+
+        logging.getLogger(__name__).warning("%s", e)
 
 
 def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:

@@ -512,7 +512,8 @@ def check_init_from(cfg: RunConfig) -> None:
     from qzhou_jax.checkpoint.orbax_io import read_model_config
 
     folder = resolve_init_from(cfg.init_from)
-    stored = read_model_config(folder, pooling=cfg.model_config.pooling)  # the run's pooling: not architecture
+    # the run's pooling and attention: not architecture (and read once, quietly)
+    stored = read_model_config(folder, pooling=cfg.model_config.pooling, attention=cfg.model_config.attention)
     _warn_unfinished(expand_path(cfg.init_from))
     for name in ARCH_FIELDS:
         a, b = getattr(stored, name), getattr(cfg.model_config, name)

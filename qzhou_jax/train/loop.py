@@ -334,6 +334,11 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
             _shorter_plan(len(data), f"checkpoint {ckpts.directory}/{saved} is at step {start_step}")
         trainer = Trainer(model_cfg, cfg.train, None, loss_cfg=cfg.loss, mesh=mesh, state=state)
         log.warning("resumed from %s at step %d", ckpts.directory, start_step)
+        changed = ckpts.model_changes(model_cfg, ("attention", "pooling", "normalize", "embedding_dim"))
+        if changed:  # allowed (the arrays fit), but the model now computes another function
+            log.warning("%s: the model computes differently from the steps trained so far (their "
+                        "qzhou_config.json): %s; set these in the run's model section to keep them",
+                        ckpts.directory, "; ".join(changed))
     else:
         if ckpts.latest_step() is not None:
             raise ValueError(f"{ckpts.directory}: holds checkpoints (latest step {ckpts.latest_step()}); pass "
@@ -344,8 +349,10 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
 
     # The evaluation owed at the step resumed from (every eval.every steps, and the final one) runs
     # again: a preemption may have cut it short or come before it.
+    # A checkpoint written after its step's evaluation was logged says so (`evaluated`).
     eval_due = restored and bool(cfg.eval.tasks) and (
-        start_step == cfg.train.total_steps or bool(cfg.eval.every and start_step % cfg.eval.every == 0))
+        start_step == cfg.train.total_steps or bool(cfg.eval.every and start_step % cfg.eval.every == 0)
+        and data_state.get("evaluated") != start_step)
     # a resume without a checkpoint is a fresh start: an earlier log is kept aside, not truncated
     logger = MetricsLog(out_dir, cfg.log.tensorboard, enabled=main, resume_step=start_step if restored else None,
                         rerun_eval=eval_due)
@@ -375,6 +382,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
     text, local = data_state.get("log_window_tokens") or (0, 0)
     window = {"t": time.perf_counter(), "flops": 0.0, "tokens": 0, "local": int(local), "text": int(text)}
     last_saved = start_step if restored else None
+    evaluated = {"at": None}  # the step whose in-loop evaluation was logged last
     skips = {"in_a_row": 0, "total": 0, **data_state.get("nonfinite_skips", {})}  # train.skip_nonfinite's count
 
     def flush(preempted: bool = False) -> dict | None:
@@ -451,6 +459,8 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
             state["log_window_tokens"] = log_window["tokens"]
         if skips["in_a_row"] or skips["total"]:
             state["nonfinite_skips"] = dict(skips)
+        if evaluated["at"] == at:
+            state["evaluated"] = at
         ckpts.save(at, trainer.state, state, force=force)
         last_saved = at
 
@@ -497,6 +507,8 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
                 res = _evaluate(cfg, trainer.params, tok_dir, mesh, preempt, eval_specs, eval_stop)
                 result.evals[f"step_{done}"] = res
                 _log_eval(logger, done, res, preempt)
+                if not preempt.flag:
+                    evaluated["at"] = done
             result.step = done
             stop = ckpts.reached_preemption(done) if multi else preempt.flag
             if stop and cfg.checkpoint.save_on_preemption:

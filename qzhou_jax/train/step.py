@@ -160,11 +160,12 @@ def load_function(spec: str, key: str) -> Callable:
                 raise ValueError(f"{key}: {module_name}: file not found")
             loader_spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[name] = module  # before running it, as an import does (dataclasses look it up)
             try:
                 loader_spec.loader.exec_module(module)
             except Exception as e:
+                del sys.modules[name]
                 raise ValueError(f"{key}: importing {path} failed: {type(e).__name__}: {e}") from e
-            sys.modules[name] = module
     else:
         try:
             module = importlib.import_module(module_name)
