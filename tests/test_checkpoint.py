@@ -323,6 +323,16 @@ def test_shape_disagrees_with_config(tmp_path, good_hf):
     assert_nothing_left(tmp_path / "out")
 
 
+def test_integer_weights_are_refused(tmp_path, good_hf):
+    """A weight stored as integers (a quantized file) is not cast into garbage floats."""
+    src = _copy(good_hf, tmp_path)
+    _rewrite(src, lambda t: {k: (v.astype(np.int8) if k.endswith("q_proj.weight") else v) for k, v in t.items()})
+    with pytest.raises(ValueError, match=r"tensor 'layers\.0\.self_attn\.q_proj\.weight' is stored as int8, not "
+                                         r"floating point"):
+        conv.hf_to_orbax(src, tmp_path / "out")
+    assert_nothing_left(tmp_path / "out")
+
+
 @pytest.mark.parametrize("damage", ["truncated", "corrupt_header", "empty", "list_header", "negative_offset"])
 def test_corrupt_or_truncated_safetensors(tmp_path, good_hf, damage):
     src = _copy(good_hf, tmp_path)

@@ -97,6 +97,10 @@ def check_tensors(store: TensorStore, cfg: ModelConfig, where: str) -> str:
         got = tuple(store.shape(name))
         if got != shape:
             raise ValueError(f"{where}: tensor {name!r} has shape {got}, config.json implies {shape}")
+        kind = np.dtype(store.dtype(name))
+        if kind.kind in "iub":  # cast to float, integers would load as garbage weights
+            raise ValueError(f"{where}: tensor {name!r} is stored as {kind.name}, not floating point (a quantized "
+                             "checkpoint? load the unquantized weights)")
     return prefix
 
 
