@@ -107,12 +107,34 @@ def _skip_absent_tpu() -> None:
     jax.config.update("jax_platforms", "cuda,cpu" if cuda else "cpu")
 
 
+class Terminated(BaseException):
+    """SIGTERM during a command that does not handle it itself (all but `train` and `demo`, which
+    save a checkpoint): it unwinds as Ctrl-C does, so no half-written output is left behind."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "plan":
         _skip_absent_tpu()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    import signal
+    import threading
+
+    own = args.command not in ("train", "demo") and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if own else None
+    try:
+        return _run(args)
+    finally:
+        if own:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except (ValueError, OSError) as e:  # bad input, a missing file, a folder that cannot be written
@@ -124,17 +146,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: the commands leave no half-written output
         print(f"qzhou-jax {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:  # SIGTERM, likewise
+        print(f"qzhou-jax {args.command}: terminated", file=sys.stderr)
+        return 143
 
 
 def entry() -> None:
-    """The console script: `main`, and after Ctrl-C the process ends by SIGINT, as shells expect
-    (a loop running one command after another stops too)."""
+    """The console script: `main`, and after Ctrl-C (SIGTERM) the process ends by SIGINT (SIGTERM),
+    as shells and schedulers expect (a loop running one command after another stops too)."""
     rc = main()
-    if rc == 130:
+    if rc in (130, 143):
         import signal
 
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
+        sig = signal.SIGINT if rc == 130 else signal.SIGTERM
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
     sys.exit(rc)
 
 

@@ -275,6 +275,51 @@ def test_cli_failing_run_leaves_no_output(tmp_path, capsys):
     assert len(recs) == 10 and all(len(r.neg) == 2 and r.instruction == "Classify" for r in recs)
 
 
+def test_cli_an_empty_result_unwritable_folder_or_sigterm_keep_the_old_output(tmp_path, capsys, monkeypatch):
+    """No records (an empty input, or every row skipped) is an error that keeps an existing output;
+    an output folder that cannot be written fails before any work; SIGTERM unwinds as Ctrl-C does
+    (exit 143, the temporary file removed, the old output kept, the signal's handler restored)."""
+    import os
+    import signal
+
+    from qzhou_jax.data import records
+
+    old = tmp_path / "keep.jsonl"
+    old.write_text("good old output\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    bad_rows = write_jsonl(tmp_path / "bad.jsonl", [{"a": 1}, {"b": 2}])
+    for src, extra in ((empty, []), (bad_rows, ["--skip-bad-records"])):
+        assert main(["data", "transform", "sts-swap", "--input", str(src), "--output", str(old), "--overwrite",
+                     *extra]) == 2
+        assert f"{src}: no sts records to write" in capsys.readouterr().err
+        assert old.read_text() == "good old output\n"
+    one_label = write_jsonl(tmp_path / "one.jsonl", [{"text": t, "label": "x"} for t in "abc"])
+    assert main(["data", "transform", "classification-triplets", "--input", str(one_label), "--output",
+                 str(tmp_path / "o.jsonl")]) == 2
+    assert f"{one_label}: negatives need texts of at least two labels, got only 'x'" in capsys.readouterr().err
+    src = write_jsonl(tmp_path / "pairs.jsonl", [{"text1": "a", "text2": "b", "score": 1.0}])
+    with monkeypatch.context() as m:
+        m.setattr(records.os, "access", lambda *a: False)
+        assert main(["data", "transform", "sts-swap", "--input", str(src), "--output", str(old), "--overwrite"]) == 2
+    assert f"{old}: cannot write in {tmp_path} (no write permission)" in capsys.readouterr().err
+
+    real = records.write_jsonl
+
+    def killed_midway(path, recs):
+        with open(path, "w") as f:
+            f.write('{"half": ')
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(path, recs)  # the handler raises before this line finishes
+
+    monkeypatch.setattr(records, "write_jsonl", killed_midway)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["data", "transform", "sts-swap", "--input", str(src), "--output", str(old), "--overwrite"]) == 143
+    assert "terminated" in capsys.readouterr().err
+    assert old.read_text() == "good old output\n" and not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_cli_other_kinds_and_errors(tmp_path, capsys):
     src = write_jsonl(tmp_path / "rc.jsonl", [{"context": "C", "question": "Q", "answer": "A"}])
     out = tmp_path / "rc_out.jsonl"

@@ -685,7 +685,7 @@ def test_decontaminate(tmp_path):
     write_jsonl(beir / "queries.jsonl", [{"_id": "q1", "text": "Does zinc shorten the common cold?"}])
     long_doc = " ".join(WORDS[:20])
     write_jsonl(beir / "corpus.jsonl", [{"_id": "d1", "title": "Zinc", "text": long_doc}])
-    index = EvalIndex(eval_texts([str(beir)]), ngram=13)
+    index = EvalIndex(eval_texts([str(beir / "queries.jsonl"), str(beir / "corpus.jsonl")]), ngram=13)
     assert index.texts == 3  # ids are not texts
     records = [RetrievalRecord("does zinc shorten the common cold", ("p",)),  # exact (normalized) query
                RetrievalRecord("q", ("intro " + " ".join(WORDS[3:16]) + " outro",)),  # a 13-word run
@@ -715,6 +715,17 @@ def test_decontaminate(tmp_path):
     assert texts == ["Does zinc shorten the common cold?", "Vitamin C does not prevent colds in most people."]
     kept, _ = decontaminate(records, EvalIndex(texts))
     assert records[1] in kept  # the long document is the corpus's, not the test split's
+
+
+def test_a_beir_folder_without_qrels_is_not_read_as_plain_text(tmp_path):
+    """A folder with corpus.jsonl and queries.jsonl but no qrels/ is a BEIR folder missing its split,
+    not a folder of JSONL files (whose every document would count as evaluation text)."""
+    folder = tmp_path / "ev"
+    folder.mkdir()
+    write_jsonl(folder / "corpus.jsonl", [{"_id": "d1", "text": "a document shared with training"}])
+    write_jsonl(folder / "queries.jsonl", [{"_id": "q1", "text": "a question"}])
+    with pytest.raises(FileNotFoundError, match=r"qrels/test\.tsv: no such file"):
+        list(eval_texts([str(folder)]))
 
 
 def test_cli_dedup_and_decontaminate(tmp_path, capsys):

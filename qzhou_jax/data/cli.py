@@ -85,7 +85,12 @@ def cmd_transform(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.input}: no such file")
     not_json = BadRecords(skip=args.skip_bad_records)  # lines that are not JSON, counted as rows too
     rows = _counted(iter_rows(args.input, not_json))
-    n = write_records(args.output, fn(rows, **kwargs), overwrite=args.overwrite)
+    try:  # no record at all is an error before the output is renamed into place (an old one is kept)
+        n = write_records(args.output, _some(fn(rows, **kwargs), args.input, family), overwrite=args.overwrite)
+    except ValueError as e:
+        if str(e).startswith(args.input):
+            raise
+        raise ValueError(f"{args.input}: {e}") from None
     not_json.warn(args.input, log)
     errors.warn(args.input, log)
     extra = "".join(f", {k.replace('_', ' ')}: {_fmt(v)}" for k, v in stats.items() if k != "records")
@@ -94,6 +99,16 @@ def cmd_transform(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}: {n} {family} records from {rows.count + not_json.count} input rows"
           f"{skipped}{extra}", file=sys.stderr)
     return 0
+
+
+def _some(records, path: str, family: str):
+    """`records`, raising at their end when there were none."""
+    n = 0
+    for r in records:
+        n += 1
+        yield r
+    if not n:
+        raise ValueError(f"{path}: no {family} records to write (empty input, or every row skipped)")
 
 
 class _counted:

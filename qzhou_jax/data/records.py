@@ -315,6 +315,8 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: no such folder for the output")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{path}: cannot write in {folder} (no write permission)")
     return path
 
 

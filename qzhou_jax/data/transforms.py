@@ -220,8 +220,8 @@ def classification_to_triplets(records: Iterable[Any], num_negatives: int = 4, s
     if not texts:
         raise RecordError("no classification records")
     if len(groups) < 2 and num_negatives > 0:
-        raise ValueError(f"classification_to_triplets needs texts of at least two labels for negatives, "
-                         f"got only {names[0]!r}")
+        raise ValueError(f"negatives need texts of at least two labels, got only {names[0]!r} "
+                         "(--num-negatives 0 writes pairs without them)")
 
     labels = np.asarray(label_ids)
     rank = [0] * len(texts)  # position of each text in its label's group

@@ -148,12 +148,14 @@ def _beir_split_texts(folder: str, split: str) -> Iterator[str]:
 
 def eval_texts(paths: Sequence[str], split: str = "test") -> Iterator[str]:
     """Evaluation texts: every string of every JSON line of the given files (ids, labels and
-    scores excepted); for a BEIR folder (one with a qrels/ folder), the queries of ``split`` and
-    the documents relevant to them, not the whole corpus (train and test splits often share it);
-    for any other folder, every .jsonl file below it."""
+    scores excepted); for a BEIR folder (one with a qrels/ folder, or with corpus.jsonl and
+    queries.jsonl: then the missing qrels/<split>.tsv is an error), the queries of ``split`` and
+    the documents relevant to them, not the whole corpus (train and test splits often share it;
+    name its files to use all of it); for any other folder, every .jsonl file below it."""
     for path in paths:
-        if os.path.isdir(path) and os.path.isdir(os.path.join(path, "qrels")):
-            yield from _beir_split_texts(path, split)
+        if os.path.isdir(path) and (os.path.isdir(os.path.join(path, "qrels")) or all(
+                os.path.isfile(os.path.join(path, f)) for f in ("corpus.jsonl", "queries.jsonl"))):
+            yield from _beir_split_texts(path, split)  # without qrels/: an error naming it
             continue
         if os.path.isdir(path):
             files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(".jsonl"))
