@@ -24,16 +24,32 @@ def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
                 yield lineno, line
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """An object's dict; a key given twice (json.loads would keep the last silently) raises."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
 def decode_json_line(line: bytes, where: str) -> Any:
-    """``json.loads`` of one line, with errors as RecordError naming ``where``."""
+    """``json.loads`` of one line, with errors as RecordError naming ``where``; an object with a
+    key given twice is one."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RecordError(f"{where}: not valid UTF-8 (byte {e.start})") from None
-    try:
-        return json.loads(text.rstrip("\r\n"))  # so that a cut-off line's error column is on the line
+    try:  # rstrip: a cut-off line's error column is on the line
+        return json.loads(text.rstrip("\r\n"), object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise RecordError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except _DuplicateKey as e:
+        raise RecordError(f"{where}: field {e.args[0]!r} given twice in one object") from None
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
