@@ -143,6 +143,7 @@ BAD_LINES = [  # (line, field named in the message or None, words in the message
     ('{"text1": "", "text2": "b", "score": 1}', "text1", "empty text"),
     ('{"text1": "a", "text2": "b", "score": "high"}', "score", "not a number"),
     ('{"text1": "a", "text2": "b", "text1": "c", "score": 1}', "text1", "given twice in one object"),
+    ('{"text1": "a", "text2": "b", "score": "1_000"}', "score", "not a number: '1_000'"),
 ]
 
 
@@ -165,9 +166,10 @@ def test_bad_lines_skipped_and_counted(tmp_path, caplog):
         f.write(b'{"text1": "\xff", "text2": "b", "score": 1}\n')
     with caplog.at_level(logging.WARNING):
         src = JsonlSource(path, "sts", skip_bad_records=True)
-    assert len(src) == 2 and src.skipped == 7
+    bad = len(BAD_LINES) + 2  # and "[1, 2]" and the invalid UTF-8 line
+    assert len(src) == 2 and src.skipped == bad
     assert [src[0], src[1]] == [PairRecord("a", "b", 1.0)] * 2
-    assert "skipped 7 bad records" in caplog.text and f"{path}:2: not valid JSON" in caplog.text
+    assert f"skipped {bad} bad records" in caplog.text and f"{path}:2: not valid JSON" in caplog.text
     assert f"{path}:3: field 'text2': missing" in caplog.text
 
 

@@ -717,6 +717,17 @@ def test_decontaminate(tmp_path):
     assert records[1] in kept  # the long document is the corpus's, not the test split's
 
 
+def test_a_mining_corpus_line_without_its_text_says_what_is_wrong(tmp_path):
+    from qzhou_jax.data.jsonl import RecordError
+    from qzhou_jax.synth.cli import _corpus
+
+    for line, message in (({"title": "t"}, ":1: field 'text' missing"), ({"text": 3}, ":1: field 'text' must be a string"),
+                          ([1], ":1: expected a JSON object with a 'text' field, or a string")):
+        path = write_jsonl(tmp_path / "c.jsonl", [line])
+        with pytest.raises(RecordError, match=re.escape(f"{path}{message}")):
+            _corpus(str(path), "text", "test")
+
+
 def test_a_beir_folder_without_qrels_is_not_read_as_plain_text(tmp_path):
     """A folder with corpus.jsonl and queries.jsonl but no qrels/ is a BEIR folder missing its split,
     not a folder of JSONL files (whose every document would count as evaluation text)."""

@@ -81,6 +81,8 @@ def cmd_transform(args: argparse.Namespace) -> int:
         raise ValueError(f"--instruction does not apply to {args.kind} (it writes scored pairs)")
     if args.one_direction and args.kind not in ("nli", "binary-labels"):
         raise ValueError("--one-direction applies to nli and binary-labels only")
+    if os.path.isdir(args.input):
+        raise ValueError(f"{args.input}: a folder, not a JSONL file")
     if not os.path.isfile(args.input):
         raise FileNotFoundError(f"{args.input}: no such file")
     not_json = BadRecords(skip=args.skip_bad_records)  # lines that are not JSON, counted as rows too

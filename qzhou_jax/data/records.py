@@ -201,6 +201,8 @@ def check_score(value: Any, row: _Row, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise row.error(name, f"must be a number, got {_json_type(value)}")
     try:
+        if isinstance(value, str) and "_" in value:  # float() reads "1_000" as 1000
+            raise ValueError(value)
         score = float(value)
     except ValueError:
         raise row.error(name, f"not a number: {value!r}") from None

@@ -141,9 +141,12 @@ def _corpus(path: str, field: str, split: str) -> list[str]:
         return [doc_text(d) for d in load_corpus(beir_files(path, split)[0]).values()]
     texts = []
     for lineno, obj in iter_jsonl(path):
-        value = obj if isinstance(obj, str) else obj.get(field) if isinstance(obj, dict) else None
+        if not isinstance(obj, (str, dict)):
+            raise RecordError(f"{path}:{lineno}: expected a JSON object with a {field!r} field, or a string")
+        value = obj if isinstance(obj, str) else obj.get(field)
         if not isinstance(value, str):
-            raise RecordError(f"{path}:{lineno}: field {field!r} must be a string")
+            raise RecordError(f"{path}:{lineno}: field {field!r} "
+                              f"{'missing' if value is None and field not in obj else 'must be a string'}")
         title = obj.get("title") if isinstance(obj, dict) else None
         texts.append(doc_text({"title": title, "text": value}) if isinstance(title, str) else value)
     if not texts:
