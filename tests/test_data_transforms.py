@@ -337,9 +337,12 @@ def test_cli_other_kinds_and_errors(tmp_path, capsys):
     bad = [["data", "transform", "nli", "--input", str(src), "--output", x, "--fields", "oops"],
            ["data", "transform", "nli", "--input", str(src), "--output", x, "--fields", "query=a"],
            ["data", "transform", "sts-swap", "--input", str(src), "--output", x, "--instruction", "i"],
-           ["data", "transform", "title-body", "--input", str(tmp_path / "none.jsonl"), "--output", x]]
+           ["data", "transform", "title-body", "--input", str(tmp_path / "none.jsonl"), "--output", x],
+           ["data", "transform", "reading-comprehension", "--input", str(src), "--output", x, "--num-negatives", "0"],
+           ["data", "check", "--task", "retrieval", "--input", str(src), "--tokenizer", str(tmp_path / "none")]]
     for argv, msg in zip(bad, ["expected OURS=THEIRS", "unknown field 'query' for nli", "--instruction does not apply",
-                               "no such file"]):
+                               "no such file", "--num-negatives applies to classification-triplets only",
+                               "no tokenizer_config.json"]):
         assert main(argv) == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from qzhou_jax.cli_args import positive_int
 from qzhou_jax.data.records import FAMILIES, BadRecords, iter_rows, resolve_fields, write_records
 from qzhou_jax.data.transforms import KIND_FIELDS, KINDS, NLI_INT_LABELS
 
@@ -64,13 +65,16 @@ def cmd_transform(args: argparse.Namespace) -> int:
     elif args.kind == "binary-labels":
         kwargs.update(both_directions=not args.one_direction)
     elif args.kind == "classification-triplets":
-        kwargs.update(num_negatives=args.num_negatives, seed=args.seed, stats=stats)
+        kwargs.update(num_negatives=4 if args.num_negatives is None else args.num_negatives, seed=args.seed,
+                      stats=stats)
     elif args.kind == "claim-evidence":
         kwargs.update(stats=stats)
     elif args.kind == "reading-comprehension":
         kwargs.update(max_context_chars=args.max_context_chars, stats=stats)
     elif args.kind == "conversation":
         kwargs.update(first_turn_only=args.first_turn_only)
+    if args.num_negatives is not None and args.kind != "classification-triplets":
+        raise ValueError("--num-negatives applies to classification-triplets only")
     if args.first_turn_only and args.kind != "conversation":
         raise ValueError("--first-turn-only applies to conversation only")
     if args.max_context_chars is not None and args.kind != "reading-comprehension":
@@ -141,6 +145,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from qzhou_jax.data.sources import open_source
 
     fields = parse_fields(args.fields, DEFAULT_FIELDS[args.task], args.task)
+    if args.tokenizer and not os.path.isfile(os.path.join(args.tokenizer, "tokenizer_config.json")):
+        raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no tokenizer_config.json")  # before the scan
     spec = {"task": args.task, "path": args.input, "format": args.format, "fields": fields,
             "skip_bad_records": args.skip_bad_records, "split": args.split}
     source = open_source(spec)
@@ -238,7 +244,7 @@ def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--fields", nargs="+", action="extend", metavar="OURS=THEIRS",
                    help="input field names, e.g. text1=sentence1 text2=sentence2 (defaults per kind)")
     t.add_argument("--seed", type=int, default=0, help="classification-triplets: sampling seed (default 0)")
-    t.add_argument("--num-negatives", type=int, default=4,
+    t.add_argument("--num-negatives", type=int, default=None,
                    help="classification-triplets: negatives per query (default 4)")
     t.add_argument("--nli-int-labels", choices=list(NLI_INT_LABELS), default=None,
                    help="nli: meaning of integer labels 0/1/2: snli = entailment/neutral/contradiction "
@@ -273,9 +279,10 @@ def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
                    help="the dataset's `symmetric`: the instruction on the second side too (retrieval passages, "
                         "sts text2); default as training: no for retrieval, yes for sts and classification")
-    g.add_argument("--query-max-length", type=int, default=256,
+    g.add_argument("--query-max-length", type=positive_int, default=256,
                    help="query limit (sts/classification: both sides; default 256)")
-    g.add_argument("--passage-max-length", type=int, default=1536, help="retrieval passage limit (default 1536)")
+    g.add_argument("--passage-max-length", type=positive_int, default=1536,
+                   help="retrieval passage limit (default 1536)")
     g.add_argument("--sample", type=int, default=20000, help="records to tokenize (default 20000; 0: all)")
     c.set_defaults(func=cmd_check)
     return d
