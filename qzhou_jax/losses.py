@@ -59,10 +59,13 @@ def _check(cond: bool, name: str, msg: str) -> None:
 
 
 def _check_temperature(temperature) -> None:
-    if isinstance(temperature, jax.core.Tracer):  # traced: not readable here
+    try:
+        value = float(temperature) if not isinstance(temperature, bool) and np.ndim(temperature) == 0 else None
+    except jax.errors.ConcretizationTypeError:  # traced: not readable here
         return
-    _check(not isinstance(temperature, bool) and np.ndim(temperature) == 0 and float(temperature) > 0,
-           "temperature", f"must be a number > 0, got {temperature!r}")
+    except (TypeError, ValueError):
+        value = None
+    _check(value is not None and value > 0, "temperature", f"must be a number > 0, got {temperature!r}")
 
 
 def _sim(x: jax.Array, y: jax.Array) -> jax.Array:

@@ -211,10 +211,10 @@ class RunCheckpoints:
         """'name: (saved shape) -> (target shape)' for the parameters whose shapes differ between
         checkpoint `step` (its metadata) and `target`; [] when they agree or the metadata does not read
         (the restore then reports it)."""
-        from qzhou_jax.checkpoint.orbax_io import _tree_metadata
+        from qzhou_jax.checkpoint.orbax_io import tree_metadata
 
         try:
-            meta = _tree_metadata(os.path.join(self.directory, str(step), "state"))
+            meta = tree_metadata(os.path.join(self.directory, str(step), "state"))
             saved = {jax.tree_util.keystr(p): tuple(leaf.shape)
                      for p, leaf in jax.tree_util.tree_leaves_with_path(meta["params"])}
         except Exception:  # unreadable metadata is the restore's to report (and to fall back from)

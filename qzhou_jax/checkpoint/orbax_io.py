@@ -193,7 +193,9 @@ def _damaged(pytree_dir: str, what: str, e: BaseException) -> ValueError:
     return ValueError(f"{pytree_dir}: cannot read {what} (damaged or incomplete checkpoint?): {text[:400]}")
 
 
-def _tree_metadata(pytree_dir: str) -> Any:
+def tree_metadata(pytree_dir: str) -> Any:
+    """The metadata tree of an Orbax pytree folder (shapes and dtypes, no array read); a damaged
+    folder raises ValueError naming it."""
     from etils import epath
 
     handler = _handler()
@@ -394,7 +396,7 @@ def _locate(path: str) -> tuple[str, tuple[str, ...], Any, list[str]]:
         raise ValueError(f"{path}: not an Orbax checkpoint (no {_PYTREE_METADATA} in it, in a step folder or in "
                          f"an item folder), nor a folder written by `convert hf-to-orbax` ({MARKER} missing)")
     for pytree_dir, search in candidates:
-        tree = _tree_metadata(pytree_dir)
+        tree = tree_metadata(pytree_dir)
         root = _find_root(tree)
         if root is not None:
             return pytree_dir, root, tree, search
@@ -421,7 +423,7 @@ def open_params_checkpoint(path: str | os.PathLike, config: ModelConfig | str | 
         pytree_dir = os.path.join(path, info.get("params", PARAMS_DIR))
         if not os.path.isfile(os.path.join(pytree_dir, _PYTREE_METADATA)):
             raise ValueError(f"{pytree_dir}: Orbax params missing or incomplete ({_PYTREE_METADATA} not found)")
-        tree = _tree_metadata(pytree_dir)
+        tree = tree_metadata(pytree_dir)
         root = _find_root(tree)
         if root is None:
             raise ValueError(f"{pytree_dir}: no parameters (embed_tokens, layers, final_norm) in the checkpoint")
