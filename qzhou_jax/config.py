@@ -43,6 +43,11 @@ class ModelConfig:
     rope_theta: float = 1_000_000.0
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
+    # Special-token ids of the source's config.json. An encoder does not use them (padding is the
+    # attention mask's); they are kept so that an HF export writes back what the import read.
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
     # Embedding-model choices.
     attention: Literal["bidirectional", "causal"] = "bidirectional"
     pooling: Literal["mean", "last"] = "mean"
@@ -70,6 +75,8 @@ class ModelConfig:
                     f"num_attention_heads {self.num_attention_heads} (set head_dim explicitly)"
                 )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if isinstance(self.eos_token_id, list):  # as JSON gives it (a frozen config holds a tuple)
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.weight_grad_dtype == self.compute_dtype:  # saved as null: follows a later compute_dtype
             object.__setattr__(self, "weight_grad_dtype", None)
         self.validate()
@@ -110,6 +117,12 @@ class ModelConfig:
                              f"({self.compute_dtype}), got {self.weight_grad_dtype!r}")
         if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError("rms_norm_eps and rope_theta must be positive")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, tuple) else (value,)
+            if value is not None and not (ids and all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+                raise ValueError(f"{name}: expected null, a token id or (eos_token_id) a list of them, got {value!r}")
 
     def replace(self, **changes: Any) -> "ModelConfig":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -219,6 +232,7 @@ class ModelConfig:
             rope_theta=float(rope_theta),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             initializer_range=float(raw.get("initializer_range", 0.02)),
+            **_token_ids(raw, where),
         )
         if raw.get("is_causal") is not None:
             fields["attention"] = "causal" if raw["is_causal"] else "bidirectional"
@@ -257,6 +271,9 @@ class ModelConfig:
             "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
             "tie_word_embeddings": self.tie_word_embeddings,
             "initializer_range": self.initializer_range,
+            **{name: list(value) if isinstance(value, tuple) else value
+               for name in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if (value := getattr(self, name)) is not None},
             "hidden_act": "silu",
             "attention_dropout": 0.0,
             "use_sliding_window": False,
@@ -273,6 +290,16 @@ class ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def _token_ids(raw: dict, where: str) -> dict:
+    """The bos/eos/pad_token_id a config.json states (eos_token_id may be a list)."""
+    ids = {}
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = raw.get(name)
+        if value is not None:
+            ids[name] = value
+    return ids
 
 
 def unstated_attention(raw: dict, folder: str, where: str) -> str:

@@ -84,6 +84,9 @@ def mesh8():
 def test_hf_orbax_hf_round_trip_is_bit_exact(tmp_path, mesh8, tied, sharded, dtype):
     src = make_hf(tmp_path / "hf", tied=tied, dtype=dtype, sharded=sharded)
     assert os.path.exists(os.path.join(src, "model.safetensors.index.json")) == sharded
+    ids = {"bos_token_id": 1, "eos_token_id": [2, 3] if tied else 2, "pad_token_id": 0}
+    cfg_path = tmp_path / "hf" / "config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **ids}))
     summary = conv.hf_to_orbax(src, tmp_path / "orbax", mesh=mesh8)
     want = "bfloat16" if dtype == torch.bfloat16 else "float32"
     assert summary["source_dtype"] == want and summary["config"].param_dtype == want
@@ -100,6 +103,7 @@ def test_hf_orbax_hf_round_trip_is_bit_exact(tmp_path, mesh8, tied, sharded, dty
     assert cfg_out["tie_word_embeddings"] == cfg_in["tie_word_embeddings"] == tied
     assert cfg_out["dtype"] == want and cfg_out["is_causal"] is False
     assert cfg_out["architectures"] == ["Qwen2Model"] and cfg_out["model_type"] == "qwen2"
+    assert {k: cfg_out.get(k) for k in ids} == ids  # special-token ids are carried across
     assert os.path.isfile(tmp_path / "back" / "tokenizer.json")
 
 

@@ -102,6 +102,13 @@ def test_to_hf_round_trip():
     # a model trained in float32 embeds in float32 from its HF export too, as from its checkpoints
     cfg32 = cfg.replace(compute_dtype="float32")
     assert ModelConfig.from_hf(cfg32.to_hf()) == cfg32
+    # special-token ids: absent stays absent, an eos list stays a list
+    assert not {"bos_token_id", "eos_token_id", "pad_token_id"} & set(hf)
+    ids = cfg.replace(bos_token_id=151643, eos_token_id=(151645, 151643), pad_token_id=151643)
+    assert ids.to_hf()["eos_token_id"] == [151645, 151643]
+    assert ModelConfig.from_hf(json.loads(json.dumps(ids.to_hf()))) == ids
+    with pytest.raises(ValueError, match="eos_token_id"):
+        ModelConfig.from_hf({**hf, "eos_token_id": "</s>"})
 
 
 @pytest.mark.parametrize("changes,field", [
