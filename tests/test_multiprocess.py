@@ -393,3 +393,26 @@ def test_a_sigterm_to_one_process_is_a_notice_every_process_reads():
                                       stderr=subprocess.STDOUT, text=True))
     for out in _finish(procs, timeout=120):
         assert "noticed False True" in out, out[-2000:]
+
+
+def test_two_processes_fall_back_from_an_unreadable_checkpoint_together(tmp_path):
+    """The newest step folder damaged after its commit (its data item lost): both processes find it
+    unreadable, agree through the coordination service to resume from the previous step, process 0
+    renames the damaged folder, and the run completes with the uninterrupted run's losses."""
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(config(tmp_path / "run", 6)))
+    _finish(_launch(cfg_path, tmp_path, free_port()))
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert {"3", "6"} <= set(os.listdir(ckpt))
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        full = {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
+    (ckpt / "6" / "data" / "metadata").unlink()
+    outs = _finish(_launch(cfg_path, tmp_path, free_port(), args=("--resume",)))
+    for out in outs:
+        assert "checkpoints/6: unreadable (" in out and "resuming from step 3" in out, out[-3000:]
+    assert (ckpt / "6.unreadable").is_dir() and (ckpt / "6").is_dir()  # the rerun saved step 6 again
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        again = {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
+    assert sorted(again) == sorted(full)
+    for s in (4, 5, 6):
+        np.testing.assert_allclose(again[s], full[s], rtol=1e-5, err_msg=f"step {s}")

@@ -23,6 +23,7 @@ from typing import Any, Collection, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from qzhou_jax import st_folder
@@ -111,12 +112,16 @@ class RunCheckpoints:
         """``restore`` of the newest checkpoint that reads.
 
         A step folder damaged after it was committed (a non-atomic rename on a gcsfuse/NFS mount, a
-        lost file) makes the restore raise. A single process then tries the older steps, newest first;
-        once one reads, the newer unreadable folders are renamed ``<step>.unreadable`` (kept for
-        inspection, out of Orbax's way) and a warning names each. When no step reads, nothing is
-        renamed and the newest step's error is raised (a changed model config fails every step alike).
-        Several processes do not fall back (they would have to agree on the step): the error names the
-        folder to move aside. With the current run's `model_config` and `run_config`, the error names
+        lost file) makes the restore raise. The older steps are then tried, newest first; once one
+        reads, the newer unreadable folders are renamed ``<step>.unreadable`` (kept for inspection, out
+        of Orbax's way) and a warning names each. When no step reads, nothing is renamed and the newest
+        step's error is raised (a changed model config fails every step alike).
+        Several processes agree on each step through the coordination service (`hosts.HostExchange`):
+        a step counts as read only where it read on every process, and process 0 renames. The damage
+        a fallback handles fails every process alike (a step's metadata or data item, which all of
+        them read). A step that fails on some processes only leaves the others waiting in Orbax's
+        barrier: the failed ones stop after the exchange's timeout, naming the step folder to move
+        aside, and the job ends. With the current run's `model_config` and `run_config`, the error names
         the settings that shape the train state and differ from those the checkpoints were written
         with: the model's fields less its `policy_fields` (against `qzhou_config.json`) and whether
         gradients are clipped (against `run_config.yaml`)."""
@@ -133,13 +138,27 @@ class RunCheckpoints:
             raise ValueError(f"{path}: checkpoint {steps[0]} holds parameters of other shapes "
                              f"({'; '.join(shapes[:3])}{'; ...' if len(shapes) > 3 else ''}); {why}")
         failed: list[tuple[int, str]] = []
+        exchange = None
+        if jax.process_count() > 1:
+            from qzhou_jax.hosts import HostExchange
+
+            exchange = HostExchange("restore")
         for step in steps:
             restored, reason = self._try_restore(target, step)
             if restored is None:  # one retry: a transient storage error is not damage
                 log.warning("%s/%d: restore failed (%s); retrying once", self.directory, step, reason)
                 restored, reason = self._try_restore(target, step)
+            if exchange is not None:
+                path = os.path.join(self.directory, str(step))
+                read = exchange.gather(f"step-{step}", [restored is not None],
+                                       f"{path}: agreeing whether checkpoint {step} read on every host "
+                                       f"({'it did' if restored is not None else f'not here: {reason}'}); "
+                                       f"if its files are damaged, move it aside (mv {path} {path}.unreadable) "
+                                       "and resume again")[:, 0]
+                if restored is not None and not read.all():
+                    restored, reason = None, f"unreadable on process(es) {np.flatnonzero(read == 0).tolist()}"
             if restored is None:
-                if jax.process_count() > 1 or step == steps[-1]:
+                if step == steps[-1]:
                     path = os.path.join(self.directory, str(steps[0]))
                     first = failed[0][1] if failed else reason
                     changed = self._state_changes(model_config, run_config, policy_fields)
@@ -156,19 +175,33 @@ class RunCheckpoints:
                 log.warning("%s/%d: checkpoint unreadable (%s); trying the previous one", self.directory, step,
                             reason)
                 continue
-            for bad, why in failed:
-                path = os.path.join(self.directory, str(bad))
-                try:
-                    os.replace(path, f"{path}.unreadable")
-                except OSError as e:  # e.g. a bucket mount that cannot rename folders
-                    raise ValueError(f"{path}: unreadable ({why}), and it could not be renamed out of the way "
-                                     f"({e.strerror or e}); move it aside yourself and resume again") from None
-                log.warning("%s: unreadable (%s), renamed %s.unreadable; resuming from step %d", path, why,
-                            path, step)
             if failed:
+                self._move_aside(failed, step, exchange)
                 self._reopen()  # the manager's list of steps
             return restored
         raise AssertionError("unreachable")
+
+    def _move_aside(self, failed: list[tuple[int, str]], step: int, exchange: Any) -> None:
+        """Rename the `failed` step folders ``<step>.unreadable`` (process 0; the others wait for it)."""
+        problem = ""
+        for bad, why in failed:
+            path = os.path.join(self.directory, str(bad))
+            if jax.process_index() == 0:
+                try:
+                    os.replace(path, f"{path}.unreadable")
+                except OSError as e:  # e.g. a bucket mount that cannot rename folders
+                    problem = (f"{path}: unreadable ({why}), and it could not be renamed out of the way "
+                               f"({e.strerror or e}); move it aside yourself and resume again")
+                    break
+            log.warning("%s: unreadable (%s), renamed %s.unreadable; resuming from step %d", path, why, path, step)
+        if exchange is not None:
+            renamed = exchange.gather("renamed", [not problem], f"{self.directory}: waiting for process 0 to "
+                                      "rename the unreadable checkpoints")
+            if not renamed[0, 0] and not problem:
+                problem = (f"{self.directory}: process 0 could not rename the unreadable checkpoints "
+                           f"{[bad for bad, _ in failed]} (its log says why); move them aside and resume again")
+        if problem:
+            raise ValueError(problem)
 
     def _state_changes(self, model_config: ModelConfig | None, run_config: Mapping | None,
                        policy_fields: Collection[str]) -> list[str]:
