@@ -24,7 +24,8 @@ Retrieval (InfoNCE with in-batch, hard and query-query negatives, tau = 0.02)::
     Their embedding is the positive's or the query's own, and keeping them pushes a text away
     from itself. So is the positive d_j+ of a row j whose query equals q_i, in any column (in-batch
     or hard negative): a query with several relevant passages (one record per pair) must not
-    push its own positives away.
+    push its own positives away. That holds in the query column too: a query q_j whose text is a
+    positive of a row with q_i's query is dropped.
 
 STS / NLI (CoSENT, tau_c = temperature, default 0.05 i.e. scale 20)::
 
@@ -194,7 +195,11 @@ def infonce_retrieval(q, pos, neg=None, *, temperature=0.02, in_batch_negatives=
         sims.append(_sim(q, q))
         valid.append(others)
         if keys is not None:
-            same.append((keys[0][None, :] == keys[0][:, None]) | (keys[0][None, :] == keys[1][:, None]))
+            # a repeated query, or a query whose text is a positive of any row with q_i's query
+            # (row i's own included: a swapped pair)
+            other_pos = jnp.matmul(same_query, (keys[1][:, None] == keys[0][None, :]).astype(jnp.float32),
+                                   precision=_HI) > 0
+            same.append((keys[0][None, :] == keys[0][:, None]) | other_pos)
     if not sims:
         sims, valid = [jnp.zeros((n, 0), jnp.float32)], [jnp.zeros((n, 0), bool)]
     valid = jnp.concatenate(valid, axis=1)

@@ -57,7 +57,7 @@ def ref_retrieval(q, pos, neg, tau, in_batch, hard, qneg, margin, keys=None):
             c += [neg[j, l] for j in (range(n) if in_batch else [i]) for l in range(k)
                   if nk[j, l] not in (pk[i], qk[i]) and nk[j, l] not in same_query_pos]
         if qneg:
-            c += [q[j] for j in range(n) if j != i and qk[j] != qk[i] and qk[j] != pk[i]]
+            c += [q[j] for j in range(n) if j != i and qk[j] != qk[i] and qk[j] not in same_query_pos]
         if margin is not None:
             c = [v for v in c if q[i].astype(np.float64) @ v.astype(np.float64) <= s_pos + margin]
         return c
@@ -218,6 +218,21 @@ def test_a_positive_of_the_same_query_is_left_out_wherever_it_appears_in_the_bat
     # row 0: both Y; row 1: row 2's Y (its own positive's copy); row 2: row 0's X and row 1's Y
     assert float(m["duplicates"]) == pytest.approx(5 / 3)
     ref, _ = ref_retrieval(q, pos, None, 0.02, True, False, False, None, keys=(qk, pk, np.zeros((3, 0), int)))
+    _close(loss, ref)
+
+
+def test_a_query_that_is_a_positive_of_the_same_query_is_left_out_of_the_query_column():
+    """Rows (A, B), (A, C), (C, D): C is relevant to A through row 1, so row 0 leaves out row 2's
+    query C as it leaves out row 1's passage C."""
+    rng = np.random.default_rng(7)
+    q, pos = _unit(rng, 3, 8), _unit(rng, 3, 8)
+    q[1], q[2] = q[0], pos[1]
+    qk, pk = np.array([10, 10, 12]), np.array([11, 12, 13])
+    loss, m = infonce_retrieval(q, pos, None, q_keys=qk, pos_keys=pk)
+    # row 0: passage C (row 1), queries A (row 1) and C (row 2); row 1: passage B (row 0), queries
+    # A (row 0) and C (row 2, its own positive); row 2: passage C (row 1, its own query)
+    assert float(m["duplicates"]) == pytest.approx(7 / 3)
+    ref, _ = ref_retrieval(q, pos, None, 0.02, True, False, True, None, keys=(qk, pk, np.zeros((3, 0), int)))
     _close(loss, ref)
 
 
