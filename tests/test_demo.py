@@ -103,6 +103,8 @@ def test_stage_presets_load_with_the_paper_hyperparameters(name, size, monkeypat
     assert cfg.loss.temperature == 0.02 and cfg.train.weight_decay == 0.01 and cfg.train.warmup_steps == 300
     assert cfg.data.batch_size == 256 and cfg.data.hard_negatives == 4
     assert (cfg.data.query_max_length, cfg.data.passage_max_length) == (256, 1536)
+    # NLI is CoSENT data in stage 2 (SPEC section 5: stage 1 is retrieval only)
+    assert not any("nli" in d.name or "nli" in d.path for d in cfg.data.datasets if d.task == "retrieval")
     if name == "stage1":
         assert (cfg.train.lr, cfg.train.total_steps) == (3e-5, 32000)
         assert {d.task for d in cfg.data.datasets} == {"retrieval"}
@@ -112,6 +114,10 @@ def test_stage_presets_load_with_the_paper_hyperparameters(name, size, monkeypat
     else:
         assert (cfg.train.lr, cfg.train.total_steps, cfg.data.eta, cfg.data.pair_batch_size) == (2e-5, 8000, 0.72, 768)
         assert {d.task for d in cfg.data.datasets} == {"retrieval", "sts", "classification"}
+        # STS scores and NLI labels are different scales: one CoSENT dataset each (a batch comes
+        # from one dataset), and NLI is not in the retrieval share
+        sts = [d for d in cfg.data.datasets if d.task == "sts"]
+        assert len(sts) == 2 and len({d.path for d in sts}) == 2
         assert cfg.init_from == f"runs/stage1-qwen2.5-{size}/checkpoints"
 
 
