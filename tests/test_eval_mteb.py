@@ -363,6 +363,56 @@ def test_reranking_records_equal_mteb(world):
     _compare(ours, theirs, ["map_at_1000", "mrr_at_10", "ndcg_at_10"], tol=6e-6)
 
 
+def test_reranking_with_query_lists_equals_mteb_max_over_subqueries(world):
+    """MindSmallReranking's layout: a record's query is a list of texts (a browsing history).
+    mteb scores each text as a query `<record>_<j>` and its main score, max_over_subqueries,
+    ranks the record's candidates by their best score over the texts."""
+    from mteb._evaluators.retrieval_metrics import max_over_subqueries
+
+    rr = [dict(r) for r in world["rerank"] if r["negative"] and r["positive"]]
+    for i, r in enumerate(rr):  # 1 to 3 texts per record; the first is the record's own query
+        r["query"] = [r["query"]] + [f"history {i}.{j}" for j in range(i % 3)]
+    rr[4]["query"] = rr[4]["query"][0]  # a single text among lists
+    path = world["root"] / "rerank_lists.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rr))
+    queries, qids, rows, qrels, top = [], [], [], {}, {}
+    for i, r in enumerate(rr):
+        base = f"query{i}"
+        ids = [f"apositive_{base}_{j:05d}" for j in range(len(r["positive"]))] + \
+              [f"negative_{base}_{j:05d}" for j in range(len(r["negative"]))]
+        rows += [{"id": d, "title": "", "text": t} for d, t in zip(ids, r["positive"] + r["negative"])]
+        texts = r["query"] if isinstance(r["query"], list) else [r["query"]]
+        for j, text in enumerate(texts):
+            qid = f"{base}_{j}"
+            queries.append(text), qids.append(qid)
+            qrels[qid] = {d: int(d.startswith("apositive")) for d in ids}
+            top[qid] = ids
+
+    class Task(MockRerankingTask):
+        def load_data(self, **kw):
+            self.dataset = {"default": {"test": _retrieval_split(queries, qids, rows, qrels, top)}}
+            self.data_loaded = True
+
+        def task_specific_scores(self, scores, qrels, results, hf_split, hf_subset):
+            return max_over_subqueries(qrels, results, self.k_values)
+
+    task = Task()
+    theirs, _ = _theirs(task, world)
+    ours = _ours(world, {"name": "rerank_lists", "type": "reranking", "path": "rerank_lists.jsonl",
+                         "instruction": _instruction(task), "symmetric": False,
+                         "main_score": "max_over_subqueries_map_at_1000"})
+    assert ours["qzhou_jax"]["counts"]["num_queries"] == len(qids) == 38
+    keys = ["map_at_1000", "mrr_at_10", "ndcg_at_10"]
+    _compare(ours, theirs, keys + [f"max_over_subqueries_{k}" for k in keys], tol=6e-6, main=False)
+    split = ours["scores"]["test"][0]
+    assert ours["main_score"] == split["max_over_subqueries_map_at_1000"] != split["map_at_1000"]
+    # a task file's lists are refused where they have no meaning
+    bad = world["root"] / "bad_rerank.jsonl"
+    bad.write_text(json.dumps({"query": [], "positive": ["a"], "negative": ["b"]}) + "\n")
+    with pytest.raises(Exception, match=r"bad_rerank.jsonl:1: field 'query' is an empty list"):
+        _ours(world, {"name": "bad", "type": "reranking", "path": "bad_rerank.jsonl", "instruction": None})
+
+
 def test_summarization_equals_mteb(world):
     summ = world["summ"]
 

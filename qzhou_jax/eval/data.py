@@ -9,7 +9,10 @@ Formats (one JSON object per line unless said otherwise; field names configurabl
   `instruction`. The corpus is the union of all pos and neg texts (deduplicated); each
   record is one query whose relevant documents are its pos texts.
 - reranking, records: `query`, `positive`/`pos`, `negative`/`neg`; each query is scored
-  against its own candidates only (mteb's reranking).
+  against its own candidates only (mteb's reranking). A `query` may be a list of texts
+  (MindSmallReranking's browsing history): each is a query of its own with the record's
+  candidates and judgements, and the `max_over_subqueries_*` metrics rank each record's
+  candidates by their best score over its texts (mteb's `max_over_subqueries`).
 - sts: `text1`, `text2`, `score` (also `sentence1` / `sentence2`).
 - pair_classification: `text1`, `text2`, `label` in {0, 1} (also `sentence1` / `sentence2`,
   `labels`).
@@ -117,6 +120,9 @@ class RetrievalData:
     qrels: dict[str, dict[str, int]]
     candidates: dict[str, list[str]] | None  # reranking: each query's own documents
     files: list[str]
+    # reranking records: record id -> the ids of its queries (several where its query is a list of
+    # texts, else one)
+    subqueries: dict[str, list[str]] | None = None
 
 
 def load_beir(folder: str, split: str, qrels_path: str | None = None) -> RetrievalData:
@@ -158,11 +164,18 @@ def load_retrieval_records(path: str, fields: Mapping[str, str] | None = None,
     doc_ids, docs = [], []
     qrels: dict[str, dict[str, int]] = {}
     candidates: dict[str, list[str]] = {}
+    subqueries: dict[str, list[str]] = {}  # every reranking record: its queries' ids
     lines = dropped = 0
     for lineno, obj in iter_jsonl(path):
         lines += 1
         where = f"{path}:{lineno}"
-        query = _str(_get(obj, names["query"], where), names["query"][0], where)
+        query = _get(obj, names["query"], where)
+        if reranking and isinstance(query, list):  # several texts for one record (a history)
+            query = _str_list(query, names["query"][0], where)
+            if not query:
+                raise RecordError(f"{where}: field {names['query'][0]!r} is an empty list")
+        else:
+            query = _str(query, names["query"][0], where)
         pos = _str_list(_get(obj, names["pos"], where), names["pos"][0], where)
         neg = _str_list(_get(obj, names["neg"], where, required=reranking) or [], names["neg"][0], where)
         instr = _get(obj, names["instruction"], where, required=False)
@@ -175,24 +188,31 @@ def load_retrieval_records(path: str, fields: Mapping[str, str] | None = None,
         if not pos:
             raise RecordError(f"{where}: no positive passages (field {names['pos'][0]!r} is empty)")
         if reranking:
-            qid = f"query{len(query_ids)}"
+            qid = f"query{lines - dropped - 1}"
             ids = [f"apositive_{qid}_{i:05d}" for i in range(len(pos))] + \
                   [f"negative_{qid}_{i:05d}" for i in range(len(neg))]
             doc_ids.extend(ids)
             docs.extend(pos + neg)
-            qrels[qid] = {d: (1 if d.startswith("apositive_") else 0) for d in ids}
-            candidates[qid] = ids
-        else:
-            qid = f"q{lineno}"
-            rel: dict[str, int] = {}
-            for text, grade in [(t, 1) for t in pos] + [(t, 0) for t in neg]:
-                if text not in doc_index:
-                    doc_index[text] = len(docs)
-                    doc_ids.append(f"d{len(docs)}")
-                    docs.append(text)
-                if grade:
-                    rel[doc_ids[doc_index[text]]] = 1
-            qrels[qid] = rel
+            rel = {d: (1 if d.startswith("apositive_") else 0) for d in ids}
+            texts = query if isinstance(query, list) else [query]
+            sub = [f"{qid}_{j}" for j in range(len(texts))] if isinstance(query, list) else [qid]
+            for one, text in zip(sub, texts):
+                qrels[one], candidates[one] = rel, ids
+                query_ids.append(one)
+                queries.append(text)
+                instructions.append(instr)
+            subqueries[qid] = sub
+            continue
+        qid = f"q{lineno}"
+        rel = {}
+        for text, grade in [(t, 1) for t in pos] + [(t, 0) for t in neg]:
+            if text not in doc_index:
+                doc_index[text] = len(docs)
+                doc_ids.append(f"d{len(docs)}")
+                docs.append(text)
+            if grade:
+                rel[doc_ids[doc_index[text]]] = 1
+        qrels[qid] = rel
         query_ids.append(qid)
         queries.append(query)
         instructions.append(instr)
@@ -203,7 +223,7 @@ def load_retrieval_records(path: str, fields: Mapping[str, str] | None = None,
         log.warning("%s: %d of %d records dropped: no positive or no negative passages (nothing to rerank)",
                     path, dropped, lines)
     return RetrievalData(query_ids, queries, instructions, doc_ids, docs, qrels,
-                         candidates if reranking else None, [path])
+                         candidates if reranking else None, [path], subqueries if reranking else None)
 
 
 # ------------------------------------------------------------------ pairs, labels

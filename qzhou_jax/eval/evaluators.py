@@ -17,7 +17,7 @@ import numpy as np
 from qzhou_jax.data.jsonl import RecordError
 from qzhou_jax.eval import data as D
 from qzhou_jax.eval import metrics as M
-from qzhou_jax.eval.tasks import TaskSpec
+from qzhou_jax.eval.tasks import SUBQUERIES, TaskSpec
 
 EncodeFn = Callable[[Sequence[str], "str | None"], np.ndarray]
 log = logging.getLogger(__name__)
@@ -77,13 +77,22 @@ def evaluate_retrieval(spec: TaskSpec, encode: EncodeFn) -> tuple[dict[str, Any]
     kmax = k_values[-1]
     rank = M.id_order(data.doc_ids)
     rankings: dict[str, list[str]] = {}
+    merged = None
     if reranking:
         pos = {d: i for i, d in enumerate(data.doc_ids)}
+        cosines = {}
         for qi, qid in enumerate(data.query_ids):
             cand = np.array([pos[d] for d in data.candidates[qid]])  # type: ignore[index]
-            s = M.unit_rows(d_emb[cand]) @ M.unit_rows(q_emb[qi:qi + 1])[0]  # cosine, in float64
-            order = np.lexsort((-rank[cand], -s))[:kmax]
-            rankings[qid] = [data.doc_ids[j] for j in cand[order]]
+            cosines[qid] = M.unit_rows(d_emb[cand]) @ M.unit_rows(q_emb[qi:qi + 1])[0]  # cosine, in float64
+            rankings[qid] = [data.doc_ids[j] for j in cand[np.lexsort((-rank[cand], -cosines[qid]))[:kmax]]]
+        groups = data.subqueries or {}
+        if any(len(g) > 1 for g in groups.values()) or spec.main_score.startswith(SUBQUERIES):
+            # mteb's max_over_subqueries: a record's candidates ranked by their best score over its texts
+            merged = {}
+            for rid, sub in groups.items():
+                cand = np.array([pos[d] for d in data.candidates[sub[0]]])  # type: ignore[index]
+                best = np.max([cosines[q] for q in sub], axis=0)
+                merged[rid] = [data.doc_ids[j] for j in cand[np.lexsort((-rank[cand], -best))[:kmax]]]
     else:
         idx, _ = M.top_k(q_emb, d_emb, kmax, rank)  # cosine, as mteb
         for qi, qid in enumerate(data.query_ids):
@@ -91,6 +100,9 @@ def evaluate_retrieval(spec: TaskSpec, encode: EncodeFn) -> tuple[dict[str, Any]
     if spec.option("ignore_identical_ids"):
         rankings = {q: [d for d in docs if d != q] for q, docs in rankings.items()}
     scores = M.retrieval_scores(rankings, data.qrels, k_values)
+    if merged is not None:
+        qrels = {rid: data.qrels[sub[0]] for rid, sub in data.subqueries.items()}  # type: ignore[union-attr]
+        scores.update({SUBQUERIES + k: v for k, v in M.retrieval_scores(merged, qrels, k_values).items()})
     distinct_q = sorted({i for i in q_instr if i is not None})
     info = {
         "instructions": {"query": distinct_q[0] if len(distinct_q) == 1 else (distinct_q or None),

@@ -49,6 +49,9 @@ SYMMETRIC_TASKS = frozenset({
     "AskUbuntuDupQuestions", "MindSmallReranking", "MMarcoReranking", "T2Reranking", "CMedQAv1-reranking",
     "CMedQAv2-reranking", "ArguAna", "CQADupstackGamingRetrieval", "CQADupstackUnixRetrieval",
 })
+# reranking records whose query is a list of texts: metrics of each record's candidates ranked by
+# their best score over its texts (mteb's max_over_subqueries, MindSmallReranking's main score)
+SUBQUERIES = "max_over_subqueries_"
 MAIN_SCORES = {"retrieval": "ndcg_at_10", "reranking": "map_at_1000", "sts": "cosine_spearman",
                "summarization": "cosine_spearman", "pair_classification": "max_ap",
                "classification": "accuracy", "clustering": "v_measure"}
@@ -111,7 +114,8 @@ def metric_names(task_type: str, options: Mapping[str, Any] | None = None) -> se
     options = options or {}
     if task_type in ("retrieval", "reranking"):
         ks = options.get("k_values", OPTIONS["k_values"][1])
-        return {f"{m}_at_{k}" for m in ("ndcg", "map", "recall", "precision", "mrr", "hit_rate") for k in ks}
+        names = {f"{m}_at_{k}" for m in ("ndcg", "map", "recall", "precision", "mrr", "hit_rate") for k in ks}
+        return names | {SUBQUERIES + n for n in names} if task_type == "reranking" else names
     if task_type == "sts":
         return {f"{f}_{c}" for f in ("cosine", "manhattan", "euclidean") for c in ("pearson", "spearman")} | {
             "pearson", "spearman"}
