@@ -460,7 +460,7 @@ def test_wrapper_passes_mteb_mock_tasks(world):
     assert ("MockRetrievalTask", "document") in model.instructions_used
 
 
-def test_wrapper_instruction_rule():
+def test_wrapper_instruction_rule(tmp_path):
     enc = FakeEncoder({})
     model = QZhouMtebModel(enc, name="test/fake")
     sci = mteb.get_task("SCIDOCS").metadata
@@ -473,6 +473,10 @@ def test_wrapper_instruction_rule():
     assert model.instruction(sts, None) == "Retrieve semantically similar text"
     assert QZhouMtebModel(enc, use_instructions=False).instruction(sts, None) is None
     assert QZhouMtebModel(enc, instructions={"STSBenchmark": "custom"}).instruction(sts, None) == "custom"
+    table = tmp_path / "task_to_instructions.json"  # the published tables' layout
+    table.write_text(json.dumps({"STSBenchmark": "from a file", "SCIDOCS": None}))
+    from_file = QZhouMtebModel(enc, instructions=str(table))
+    assert from_file.instruction(sts, None) == "from a file" and from_file.instruction(sci, PromptType.query) is None
 
 
 def test_wrapper_outside_the_tables_asks_mteb_for_the_query_side_only(recwarn):

@@ -322,21 +322,46 @@ def test_eval_cli_writes_results_and_table(model_dir, tmp_path, capsys):
         {"name": "demo-sts", "type": "sts", "path": f"{demo}/sts_heldout.jsonl",
          "instruction": "Retrieve semantically similar text"}]))
     out = tmp_path / "results.json"
+    # an instruction file in the published tables' layout replaces the instructions it names
+    table = tmp_path / "instructions.json"
+    table.write_text(json.dumps({"demo-sts": "Find sentences that mean the same", "STSBenchmark": None}))
     rc = cli.main(["eval", "--model", str(model_dir), "--tasks", str(tasks), "--output", str(out),
                    "--results-dir", str(tmp_path / "per_task"), "--max-length", "32", "--bucket-steps", "0",
-                   "--dtype", "float32", "--quiet"])
+                   "--dtype", "float32", "--quiet", "--instructions", str(table)])
     assert rc == 0
     captured = capsys.readouterr()
     assert "demo-sts" in captured.out and "cosine_spearman" in captured.out
+    assert "names no instruction for demo-retrieval: they keep their own" in captured.err
     results = json.loads(out.read_text())
     assert list(results) == ["demo-retrieval", "demo-sts"]
     r = results["demo-sts"]
     assert r["qzhou_jax"]["model"]["path"] == str(model_dir)
     assert r["qzhou_jax"]["encoding"]["max_length"] == 32
-    assert r["qzhou_jax"]["instructions"]["text2"] == "Retrieve semantically similar text"
+    assert r["qzhou_jax"]["instructions"] == {"text1": "Find sentences that mean the same",
+                                              "text2": "Find sentences that mean the same"}
     assert r["qzhou_jax"]["encoding"]["devices"] == 8  # data-parallel over the 8 simulated devices
     assert sorted(p.name for p in (tmp_path / "per_task").iterdir()) == ["demo-retrieval.json", "demo-sts.json"]
     assert not [p for p in tmp_path.rglob("*.tmp*")]
+
+
+def test_instruction_files_in_the_published_layout(tmp_path):
+    from qzhou_jax.eval.tasks import read_instruction_map, with_instructions
+
+    path = tmp_path / "task_to_instructions.json"
+    path.write_text(json.dumps({"STSBenchmark": "Find similar text", "SCIDOCS": "", "Banking77Classification": None}))
+    table = read_instruction_map(path)
+    specs = with_instructions(load_task_specs("STSBenchmark,SCIDOCS,TRECCOVID"), table)
+    assert [s.instruction for s in specs] == ["Find similar text", None,
+                                              "Given a query on COVID-19, retrieve documents that answer the query"]
+    assert specs[0].symmetric and not specs[1].symmetric  # who gets it stays the table's rule
+    for text, message in [("[]", "non-empty JSON object"), ('{"a": 1}', "task 'a': the instruction must be"),
+                          ('{"a": "x",\n', ":2: not valid JSON")]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_instruction_map(path)
+    rc = cli.main(["eval", "--model", str(tmp_path / "no_model"), "--tasks", "STSBenchmark", "--instructions",
+                   str(path)])
+    assert rc == 2  # before the model loads
 
 
 def test_eval_cli_bad_task_name_fails_before_loading(tmp_path, capsys):

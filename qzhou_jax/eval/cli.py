@@ -30,11 +30,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from qzhou_jax.checkpoint import load_pretrained
     from qzhou_jax.eval.encoder import Encoder, length_buckets
     from qzhou_jax.eval.run import check_tasks, evaluate, summary_table, write_results
-    from qzhou_jax.eval.tasks import load_task_specs
+    from qzhou_jax.eval.tasks import load_task_specs, read_instruction_map, with_instructions
     from qzhou_jax.tokenizer import Tokenizer
 
     sharding.maybe_initialize_distributed()
     specs = load_task_specs(args.tasks, data_dir=args.data_dir)  # bad input fails before the model loads
+    if args.instructions:
+        if args.no_instructions:
+            raise ValueError("--instructions and --no-instructions: give one or the other")
+        table = read_instruction_map(args.instructions)
+        specs = with_instructions(specs, table)
+        missing = [s.name for s in specs if s.name not in table]
+        if missing:
+            print(f"warning: {args.instructions} names no instruction for {', '.join(missing)}: "
+                  "they keep their own (the task file's or the shipped table's)", file=sys.stderr)
     check_tasks(specs)
     if args.output:
         _check_output_file(args.output)
@@ -110,6 +119,9 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=-1 (default: data-parallel over all devices)")
     p.add_argument("--devices", type=positive_int, default=None,
                    help="use only the first N local devices (1: no sharding)")
+    p.add_argument("--instructions", default=None, metavar="FILE",
+                   help="JSON {task name: instruction} (the layout of QZhou's task_to_instructions_v2.json): "
+                        "replaces the instruction of the tasks it names (null: none)")
     p.add_argument("--no-instructions", action="store_true", help="encode every text without an instruction")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_eval)

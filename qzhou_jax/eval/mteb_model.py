@@ -50,15 +50,20 @@ class QZhouMtebModel(AbsEncoder):
     """mteb's encoder interface over a `qzhou_jax.eval.encoder.Encoder` (or anything with
     `encode(texts, instruction=None, progress=False)`).
 
-    `instructions` maps task names to instructions and overrides the shipped tables;
+    `instructions` maps task names to instructions (or is a JSON file of that mapping, the
+    layout of QZhou's published tables) and overrides the shipped tables;
     `use_instructions=False` encodes every text as is. The instruction actually used per
     (task, side) is kept in `self.instructions_used` for the record.
     """
 
     def __init__(self, encoder: Any, *, name: str = "qzhou-jax/model", revision: str | None = None,
-                 instructions: Mapping[str, str] | None = None, use_instructions: bool = True,
+                 instructions: Mapping[str, str] | str | os.PathLike | None = None, use_instructions: bool = True,
                  meta: ModelMeta | None = None, progress: bool = False):
         self.model = encoder
+        if isinstance(instructions, (str, os.PathLike)):  # a {task: instruction} JSON file
+            from qzhou_jax.eval.tasks import read_instruction_map
+
+            instructions = read_instruction_map(instructions)
         self.instructions = dict(instructions or {})
         self.use_instructions = use_instructions
         self.progress = progress

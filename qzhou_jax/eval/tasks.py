@@ -446,3 +446,30 @@ def load_task_specs(arg: str | os.PathLike | Iterable[Any], data_dir: str | os.P
             raise ValueError(f"{s.source}: task name {s.name!r} appears twice; names must be unique")
         seen.add(s.name)
     return specs
+
+
+def read_instruction_map(path: str | os.PathLike) -> dict[str, str | None]:
+    """A `{task name: instruction}` JSON file, the layout of QZhou's published tables
+    (`task_to_instructions_v2.json`, `instruction_map`); null or "" means no instruction."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: instruction file not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(doc, dict) or not doc:
+        raise ValueError(f"{path}: an instruction file is a non-empty JSON object mapping task names to "
+                         "instructions")
+    for name, value in doc.items():
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{path}: task {name!r}: the instruction must be a string or null, got {value!r}")
+    return {name: value or None for name, value in doc.items()}
+
+
+def with_instructions(specs: Sequence[TaskSpec], instructions: Mapping[str, str | None]) -> list[TaskSpec]:
+    """`specs` with the instruction of every task named in `instructions` replaced (which sides get
+    it stays SPEC section 2's rule, or the task's `symmetric`); the others unchanged."""
+    return [dataclasses.replace(s, instruction=instructions[s.name]) if s.name in instructions else s
+            for s in specs]
