@@ -509,3 +509,23 @@ def test_eval_cli_keeps_finished_tasks_when_a_later_one_fails(model_dir, tmp_pat
     err = capsys.readouterr().err
     assert rc == 2 and "bad.jsonl:2: not valid JSON" in err
     assert "wrote the 1 finished task(s)" in err and list(json.loads(out.read_text())) == ["demo-sts"]
+
+
+def test_the_official_evaluation_length_is_every_default():
+    """SPEC section 6: texts are cut at 1024 tokens in QZhou's evaluation; every entry point that
+    embeds for evaluation or export defaults to it (and HF models compute in bfloat16, as trained)."""
+    import inspect
+
+    from qzhou_jax import st_folder
+    from qzhou_jax.config import ModelConfig
+    from qzhou_jax.eval.mteb_model import QZhouMtebModel
+    from qzhou_jax.train.config import EvalConfig
+
+    parser = cli.build_parser()
+    assert parser.parse_args(["eval", "--model", "m", "--tasks", "t"]).max_length == 1024
+    assert parser.parse_args(["encode", "--model", "m", "--input", "i", "--output", "o"]).max_length == 1024
+    assert EvalConfig().max_length == 1024 and st_folder.DEFAULT_MAX_SEQ_LENGTH == 1024
+    assert inspect.signature(QZhouMtebModel.from_pretrained).parameters["max_length"].default == 1024
+    hf = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+          "num_hidden_layers": 1, "num_attention_heads": 4, "rms_norm_eps": 1e-6, "rope_theta": 1e4}
+    assert ModelConfig.from_hf(hf).compute_dtype == "bfloat16"
