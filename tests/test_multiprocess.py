@@ -92,10 +92,14 @@ def _finish(procs, timeout=600):
 def test_a_tensor_axis_across_processes_trains_on_the_whole_batch(tmp_path):
     """One device per process and the tensor axis over both (one process per GPU, tensor
     parallel over GPUs): the processes hold the same batch rows, so both build all of them;
-    the losses equal one process's on 8 devices."""
+    the losses equal one process's on 8 devices. The run ends with the HF export, each tensor
+    gathered from both processes and written by process 0, equal to the one-process export."""
+    from qzhou_jax.checkpoint.safetensors_io import TensorStore
+
     def cfg(out):
         c = config(out, 3)
         c["mesh"] = {"data": 1, "fsdp": 1, "tensor": 2}
+        c["export_hf"] = True
         return c
 
     reference = train(load_run_config(data={**cfg(tmp_path / "one"), "mesh": {"data": 1, "fsdp": 4, "tensor": 2}}))
@@ -107,6 +111,13 @@ def test_a_tensor_axis_across_processes_trains_on_the_whole_batch(tmp_path):
     assert sorted(two) == [0, 1, 2]
     for h in reference.history:
         np.testing.assert_allclose(two[h["step"]], h["loss"], rtol=1e-5, err_msg=f"step {h['step']}")
+    one, both = TensorStore(str(tmp_path / "one" / "hf")), TensorStore(str(tmp_path / "two" / "hf"))
+    assert sorted(both.names()) == sorted(one.names()) and len(one.names()) > 10
+    for name in one.names():
+        np.testing.assert_allclose(both.get(name), one.get(name), rtol=0, atol=2e-5, err_msg=name)
+    assert json.loads((tmp_path / "two" / "hf" / "config.json").read_text()) == \
+        json.loads((tmp_path / "one" / "hf" / "config.json").read_text())
+    assert [p for p in os.listdir(tmp_path / "two") if ".tmp-" in p] == []
 
 
 def _launch(cfg_path, cwd, port, log_dir=None, devices=4, args=(), **extra_env):

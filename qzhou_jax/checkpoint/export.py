@@ -29,6 +29,7 @@ import shutil
 import uuid
 from typing import Any, Iterable, Iterator, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -288,11 +289,13 @@ def _leaf_dtype(params: Mapping[str, Any]) -> str:
 def write_hf_folder(folder: str, params: Mapping[str, Any], cfg: ModelConfig, dtype: str,
                     tokenizer_dir: str | os.PathLike | None = None,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                    settings: st_folder.Settings | None = None) -> list[str]:
-    """Write everything of an HF/sentence-transformers folder into an existing `folder`."""
+                    settings: st_folder.Settings | None = None, tensors: Any = None) -> list[str]:
+    """Write everything of an HF/sentence-transformers folder into an existing `folder`.
+    `tensors`: the `iter_hf_tensors(params, cfg, dtype)` iterator to write from (default: a new one)."""
     dtype = str(jnp.dtype(dtype))
     layout = hf_layout(cfg, dtype)
-    files = write_safetensors(folder, iter_hf_tensors(params, cfg, dtype), layout, max_shard_bytes)
+    tensors = iter_hf_tensors(params, cfg, dtype) if tensors is None else tensors
+    files = write_safetensors(folder, tensors, layout, max_shard_bytes)
     write_json(os.path.join(folder, "config.json"), cfg.to_hf(dtype))
     copy_tokenizer(tokenizer_dir, folder)
     st_folder.write(folder, cfg, settings)
@@ -309,12 +312,55 @@ def save_hf(params: Mapping[str, Any], cfg: ModelConfig, out: str | os.PathLike,
     sentence-transformers' max_seq_length and prompts (default: `st_folder`'s defaults);
     max_seq_length / query_instruction change those. Tensors are gathered one layer at a
     time. Returns the absolute output path.
+
+    In a job of several processes every process calls it (each tensor is gathered through
+    collectives) and process 0 writes: `out` must be its path. The processes agree through the
+    coordination service that process 0 can write before the first tensor and that it wrote
+    after the last, and all raise when it could not.
     """
     check_params(params, cfg)  # before anything is written
     settings = (settings or st_folder.Settings()).overridden(max_seq_length, query_instruction)
     dtype = dtype or _leaf_dtype(params)
     out = os.path.abspath(os.fspath(out))
+    if jax.process_count() > 1:
+        _save_hf_from_every_process(params, cfg, out, dtype, tokenizer_dir, max_shard_bytes, settings, overwrite)
+        return out
     check_tokenizer(tokenizer_dir, out)
     with atomic_output_dir(out, overwrite) as tmp:
         write_hf_folder(tmp, params, cfg, dtype, tokenizer_dir, max_shard_bytes, settings)
     return out
+
+
+def _save_hf_from_every_process(params: Mapping[str, Any], cfg: ModelConfig, out: str, dtype: str,
+                                tokenizer_dir: Any, max_shard_bytes: int, settings: st_folder.Settings,
+                                overwrite: bool) -> None:
+    """`save_hf` in a multi-process job: every process gathers, process 0 writes. A process that
+    stopped between two tensors would leave the others in a collective, so process 0 checks
+    its output before the first one, and after a failed write still takes part in the rest."""
+    from qzhou_jax.hosts import HostExchange
+
+    exchange, writer = HostExchange("save_hf"), jax.process_index() == 0
+    problem = ""
+    if writer:
+        try:
+            check_tokenizer(tokenizer_dir, out)
+            _check_output(out, overwrite)
+        except (OSError, ValueError) as e:
+            problem = str(e)
+    ready = exchange.gather("ready", [not problem], f"{out}: agreeing that process 0 can write the export")
+    if not ready[0, 0]:
+        raise ValueError(problem or f"{out}: process 0 cannot write the export (its log says why)")
+    tensors = iter_hf_tensors(params, cfg, str(jnp.dtype(dtype)))
+    if writer:
+        try:
+            with atomic_output_dir(out, overwrite) as tmp:
+                write_hf_folder(tmp, params, cfg, dtype, tokenizer_dir, max_shard_bytes, settings, tensors)
+        except Exception as e:  # e.g. a full disk: the other processes still gather every tensor
+            problem = f"{type(e).__name__}: {e}"
+            log.error("%s: the export failed (%s); gathering the remaining tensors with the other processes",
+                      out, problem)
+    for _ in tensors:  # the tensors process 0 did not take (all of them, on the other processes)
+        pass
+    done = exchange.gather("written", [not problem], f"{out}: waiting for process 0 to write the export")
+    if not done[0, 0]:
+        raise ValueError(f"{out}: the export failed on process 0: {problem or 'its log says why'}")

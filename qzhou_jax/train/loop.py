@@ -565,9 +565,7 @@ def _export(cfg: RunConfig, trainer: Trainer, tok_dir: str, data: TrainData) -> 
     from qzhou_jax.checkpoint.export import save_hf
 
     out = os.path.join(cfg.output_dir, "hf")
-    if jax.process_count() > 1:
-        log.warning("multi-process run: export the result with `qzhou-jax convert` from %s", cfg.checkpoint_dir)
-        return None
+    # several processes: each gathers, process 0 writes (out_dir is shared, checked at the start)
     return save_hf(trainer.params, cfg.model_config, out, dtype=cfg.model_config.param_dtype, tokenizer_dir=tok_dir,
                    settings=export_settings(cfg, data), overwrite=True)
 
