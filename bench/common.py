@@ -65,7 +65,7 @@ def matmul_peak_tflops(dtype=None) -> float:
     return max(matmul_rate_tflops(m, n, dtype) for m, n in PEAK_SHAPES)
 
 
-# bf16 matmul rate that DESIGN.md section 4 measured on an H100 (the H200 has the same compute).
+# bf16 matmul rate that the reference figures (bench/RESULTS.md) measured on an H100 (the H200 has the same compute).
 # JAX's own measurement (`matmul_peak_tflops`) comes out lower on these chips, 647-728 TFLOP/s
 # on an H200 depending on the shape, while the 1.5b train step's GEMMs ran at up to 800 and
 # PyTorch's 8192^3 product at 791 (bench/RESULTS.md): MFU against the measured peak flatters.
@@ -73,7 +73,7 @@ REFERENCE_PEAKS = {"H100": 795.0, "H200": 795.0}
 
 
 def reference_peak_tflops() -> float | None:
-    """DESIGN.md's reference bf16 peak for device 0's kind, None where it gives none."""
+    """The reference figures' bf16 peak for device 0's kind, None where it gives none."""
     kind = getattr(jax.devices()[0], "device_kind", "")
     return next((v for k, v in REFERENCE_PEAKS.items() if k in kind), None)
 

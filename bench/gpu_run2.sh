@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device session: the train-step anchors of DESIGN.md section 4 and the GradCache paper batch.
+# One device session: the train-step anchors of bench/RESULTS.md's reference figures and the GradCache paper batch.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

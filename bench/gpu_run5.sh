@@ -5,7 +5,7 @@
 # per-layer buffers, and unrolled layers (split once, so their gradients concatenate) do not.
 # The profiles split the device time into matmul / attention / copy+slice / elementwise / ...
 # by forward, recompute, backward and optimizer (bench/step_profile.py). Also: the matmul
-# peak per shape (bench/matmul_peak.py), DESIGN.md's third anchor (1.5b at L=512 against
+# peak per shape (bench/matmul_peak.py), the reference figures' third anchor (1.5b at L=512 against
 # PyTorch eager with gradient checkpointing), and the GradCache paper batch with 20 kept
 # chunks under the default allocator, which failed from fragmentation when preallocation
 # was off (not yet rerun).
@@ -58,8 +58,8 @@ for r in $RUNS; do
     rl14) t 90 $L256 --remat full --remat-layers 14 --profile $W/prof/rl14; keep rl14 ;;
     dots) t 90 $L256 --remat dots --profile $W/prof/dots; keep dots ;;
     full) t 90 $L256 --remat full --profile $W/prof/full; keep full ;;
-    # DESIGN.md section 4's third anchor, not yet recorded: 1.5b 16 x (1+3) x 512 against
-    # PyTorch eager with HF gradient checkpointing (DESIGN: 32.2k tokens/s, 78 GiB).
+    # The reference figures' third anchor, not yet recorded: 1.5b 16 x (1+3) x 512 against
+    # PyTorch eager with HF gradient checkpointing (reference: 32.2k tokens/s, 78 GiB).
     anchor512) t 170 $M --queries 16 --hard-negatives 3 --seq 512 --remat full --torch-checkpointing \
                  --no-compile --steps 3 --warmup 1 ;;
     unrolled) t 140 $L256 --remat full --remat-layers 14 --no-scan --profile $W/prof/rl14_unrolled

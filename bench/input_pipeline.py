@@ -62,8 +62,8 @@ DEMO = os.path.join(ASSETS, "demo")
 RET_INSTRUCTION = "Given a scientific claim, retrieve documents that support or refute the claim"
 STS_INSTRUCTION = "Retrieve semantically similar text"
 # bench/RESULTS.md as of this script; used when the file cannot be parsed.
-FALLBACK_TRAIN = {"0.5b, 32 x (1+1+3) x 256": 154_353, "1.5b, 16 x (1+1+3) x 256": 49_443,
-                  "1.5b, 256 x (1+1+4) x 512, GradCache chunk 16": 41_655}
+FALLBACK_TRAIN = {"0.5b, 32 x (1+1+3) x 256": 167_289, "1.5b, 16 x (1+1+3) x 256": 54_854,
+                  "1.5b, 256 x (1+1+4) x 512": 47_370}
 FALLBACK_ENCODE_7B = 46_864
 
 
@@ -282,10 +282,13 @@ def parse_results(path: str) -> tuple[dict[str, float], float | None, str]:
 
     train: dict[str, float] = {}
     for line in section("Train step").splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 3 and cells[1].startswith("qzhou-jax"):
+        # rows "| <size>b, <workload> | <qzhou-jax setting> | <tokens/s> | ...": the best per workload,
+        # whatever the setting (PyTorch rows left out)
+        cells = [c.strip().replace("*", "") for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and re.match(r"\d+(\.\d+)?b, ", cells[0]) and "PyTorch" not in cells[1]:
+            workload = cells[0].split(", GradCache")[0]
             try:
-                train[cells[0]] = max(train.get(cells[0], 0.0), float(cells[2].replace(",", "")))
+                train[workload] = max(train.get(workload, 0.0), float(cells[2].replace(",", "")))
             except ValueError:
                 pass
     enc7b = None

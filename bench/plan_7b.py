@@ -4,7 +4,7 @@
     python bench/plan_7b.py                                   # all slices, writes bench/RESULTS.md
     python bench/plan_7b.py --targets v5p-16 --no-write       # one slice, print only
 
-Workload (SPEC section 5, stage 1): Qwen2.5-7B, 256 queries x (1 positive + 4 hard negatives)
+Workload (recipe §5, stage 1): Qwen2.5-7B, 256 queries x (1 positive + 4 hard negatives)
 per optimizer step, queries 256 tokens, passages 1536 tokens, one step over the whole batch
 with GradCache, float32 master weights and AdamW state, bf16 compute. The config is
 `--config` (default configs/stage1-qwen2.5-7b.yaml); when that file does not exist, the same
@@ -46,7 +46,7 @@ TARGETS = ("v4-32", "v5e-32", "v5p-16", "v5p-64", "v6e-32")
 VARIANTS = {"v5e-32": [{"mesh.data": 1, "mesh.fsdp": 16, "mesh.tensor": 2}]}
 SECTION = "## Pod memory plans (stage-1 7b)"
 
-# SPEC section 5, stage 1 (the numbers configs/stage1-qwen2.5-7b.yaml is to hold).
+# recipe §5, stage 1 (the numbers configs/stage1-qwen2.5-7b.yaml is to hold).
 STAGE1_7B = {
     "out_dir": "runs/stage1-qwen2.5-7b",
     "model": {"preset": "qwen2.5-7b", "remat": "full"},
@@ -60,7 +60,7 @@ STAGE1_7B = {
 def load_config(path: str, overrides: list[str]):
     if os.path.exists(path):
         return load_run_config(path, overrides), path
-    print(f"{path} not found: using the stage-1 7b numbers of SPEC section 5 built in code", file=sys.stderr)
+    print(f"{path} not found: using the stage-1 7b numbers of recipe §5 built in code", file=sys.stderr)
     return load_run_config(None, overrides, data=STAGE1_7B), None
 
 
@@ -112,7 +112,7 @@ def table(rows: list[dict]) -> str:
 
 def section(rows: list[dict], args, used_config: str | None, config_chunk: int | None) -> str:
     cfg_line = (f"`{used_config}` (the data paths are not read)" if used_config else
-                f"{args.config} did not exist when this ran, so the config was built in code from SPEC §5 "
+                f"{args.config} did not exist when this ran, so the config was built in code from recipe §5 "
                 f"(`STAGE1_7B` in bench/plan_7b.py)")
     fitting = [r for r in rows if r["fit"] == "yes"]
     by_hbm = sorted(fitting, key=lambda r: (r["chips"] * r["hbm_gib"], r["chips"]))
@@ -123,7 +123,7 @@ def section(rows: list[dict], args, used_config: str | None, config_chunk: int |
              f"`python bench/plan_7b.py` compiles the real train step for each slice's abstract TPU devices "
              f"(`qzhou-jax plan` through libtpu's topology description) and reads the per-chip memory from "
              f"the TPU compiler; no TPU was used.", "",
-             f"Workload: stage 1 of SPEC §5 on Qwen2.5-7B (7.07B encoder parameters): 256 queries x (1 positive "
+             f"Workload: stage 1 of recipe §5 on Qwen2.5-7B (7.07B encoder parameters): 256 queries x (1 positive "
              f"+ 4 hard negatives) in one optimizer step, queries 256 and passages 1536 tokens, GradCache, "
              f"float32 master weights and AdamW moments, bf16 compute, remat `full`, XLA attention. "
              f"Config: {cfg_line}. Per slice: GradCache chunk = the data-parallel size (one query and its "

@@ -1,7 +1,7 @@
 """Train-step throughput, MFU and peak memory: qzhou-jax vs HF transformers (eager, torch.compile).
 
     python bench/train_step.py --preset tiny --queries 4 --hard-negatives 1 --seq 32           # CPU smoke run
-    python bench/train_step.py --preset qwen2.5-0.5b --queries 32 --hard-negatives 3 --seq 256  # DESIGN.md 4 anchors
+    python bench/train_step.py --preset qwen2.5-0.5b --queries 32 --hard-negatives 3 --seq 256  # the reference figures' anchors
     python bench/train_step.py --preset qwen2.5-1.5b --queries 16 --hard-negatives 3 --seq 256 --attention-impl cudnn
     python bench/train_step.py --preset qwen2.5-1.5b --queries 256 --hard-negatives 4 --seq 512 \\
         --chunk-size 16 --no-torch                                                               # GradCache, paper batch
@@ -14,10 +14,10 @@ passages, InfoNCE with in-batch + hard (+ query-query for qzhou-jax) negatives, 
 clip, AdamW. Tokens = queries x (1 + 1 + k) x seq.
 MFU = tokens x (6 x non-embedding params + full-attention FLOPs) / time / measured bf16 matmul
 peak (model FLOPs only: remat and GradCache's extra forward are not counted); on H100/H200
-also against DESIGN.md's 795 TFLOP/s, which JAX's measurement falls short of on these chips
+also against the reference figures' 795 TFLOP/s, which JAX's measurement falls short of on these chips
 (`common.REFERENCE_PEAKS`).
 The PyTorch reference keeps float32 master weights under bfloat16 autocast with fused AdamW
-(DESIGN.md section 4); it runs first, then frees the GPU for JAX.
+(bench/RESULTS.md, reference figures); it runs first, then frees the GPU for JAX.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Contrastive losses of QZhou-Embedding (SPEC section 3), as pure JAX functions.
+"""Contrastive losses of QZhou-Embedding (recipe §3), as pure JAX functions.
 
 All inputs are L2-normalised embeddings, so s(x, y) = <x, y> is the cosine similarity.
 The functions work on the *global* batch: under ``jax.jit`` with sharded inputs, XLA

@@ -34,9 +34,9 @@ How each target is compiled:
     cannot be compiled here, and the plan is an analytic estimate (`estimate_step_bytes`:
     exact train-state shards plus a model of gradients, gathered layers and activations),
     marked as such. Against the compiler, on the stage-1 7b TPU programs of
-    bench/plan_7b.py, it came out between 6% below and 12% above; against the peak
-    measured for a 1.5b GradCache step on one H100 (bench/RESULTS.md), 12% above (44.1 vs
-    39.2 GiB). A first answer, not a guarantee.
+    bench/plan_7b.py, it came out between 5% below and 18% above; against the 11 train steps
+    measured on one H100 (bench/RESULTS.md, "Train step"), to which its single-device terms
+    were fitted, within -0.1 to +0.9 GiB. A first answer, not a guarantee.
     `--estimate` gives the same estimate for any target without compiling.
 
 Every input check (topology name, mesh sizes against the device count, batch sizes against

@@ -54,7 +54,7 @@ class Chip:
 # chip (bf16)". GPU: NVIDIA datasheets, dense (non-sparse) BF16 Tensor Core peak of the
 # SXM parts; their "80 GB" / "141 GB" are binary sizes in practice (an H100 80GB reports
 # 79.6 GiB to the driver, an H200 about 140 GiB), so they are taken as GiB here.
-# DESIGN.md section 4 measured 795 TFLOP/s for an 8192^3 bf16 matmul on one H100 80GB;
+# The reference figures (bench/RESULTS.md) measured 795 TFLOP/s for an 8192^3 bf16 matmul on one H100 80GB;
 # pass --peak-tflops 795 to plan against that instead.
 CHIPS: dict[str, Chip] = {
     "v4": Chip("TPU v4", "tpu", 32, 275, "cloud.google.com/tpu/docs/v4: 32 GiB HBM2, 275 TFLOP/s bf16"),

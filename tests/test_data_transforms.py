@@ -1,4 +1,4 @@
-"""SPEC section 4 transforms, and the `qzhou-jax data` command end to end (in process)."""
+"""recipe §4 transforms, and the `qzhou-jax data` command end to end (in process)."""
 
 from collections import Counter
 from pathlib import Path

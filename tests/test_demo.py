@@ -103,7 +103,7 @@ def test_stage_presets_load_with_the_paper_hyperparameters(name, size, monkeypat
     assert cfg.loss.temperature == 0.02 and cfg.train.weight_decay == 0.01 and cfg.train.warmup_steps == 300
     assert cfg.data.batch_size == 256 and cfg.data.hard_negatives == 4
     assert (cfg.data.query_max_length, cfg.data.passage_max_length) == (256, 1536)
-    # NLI is CoSENT data in stage 2 (SPEC section 5: stage 1 is retrieval only)
+    # NLI is CoSENT data in stage 2 (recipe §5: stage 1 is retrieval only)
     assert not any("nli" in d.name or "nli" in d.path for d in cfg.data.datasets if d.task == "retrieval")
     if name == "stage1":
         assert (cfg.train.lr, cfg.train.total_steps) == (3e-5, 32000)

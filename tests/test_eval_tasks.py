@@ -512,7 +512,7 @@ def test_eval_cli_keeps_finished_tasks_when_a_later_one_fails(model_dir, tmp_pat
 
 
 def test_the_official_evaluation_length_is_every_default():
-    """SPEC section 6: texts are cut at 1024 tokens in QZhou's evaluation; every entry point that
+    """recipe §6: texts are cut at 1024 tokens in QZhou's evaluation; every entry point that
     embeds for evaluation or export defaults to it (and HF models compute in bfloat16, as trained)."""
     import inspect
 

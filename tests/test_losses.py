@@ -1,4 +1,4 @@
-"""Tests for qzhou_jax.losses: float64 numpy references of SPEC section 3, sentence-transformers
+"""Tests for qzhou_jax.losses: float64 numpy references of recipe §3, sentence-transformers
 parity, finite gradients under masking, sharded == unsharded, and argument checks."""
 import itertools
 
@@ -66,7 +66,7 @@ def ref_retrieval(q, pos, neg, tau, in_batch, hard, qneg, margin, keys=None):
 
 
 def ref_classification(anc, pos, neg, la, lp, ln, tau, other_positives=False):
-    """SPEC: the anchor's negatives, other anchors and other anchors' negatives, class-masked
+    """Recipe §3: the anchor's negatives, other anchors and other anchors' negatives, class-masked
     (`other_positives`: also the other anchors' positives)."""
     n, k = neg.shape[:2]
 
@@ -393,7 +393,7 @@ def _numeric_grads(ref_loss, arrays, eps=1e-6):
 
 @pytest.mark.parametrize("loss_name", ["retrieval", "retrieval_margin", "classification", "cosent"])
 def test_gradients_equal_the_float64_references(loss_name):
-    """d loss / d embeddings against central differences of the SPEC formulas in float64: a
+    """d loss / d embeddings against central differences of the recipe §3 formulas in float64: a
     stop_gradient or a wrong factor inside a loss changes these, not the loss value."""
     rng = np.random.default_rng(12)
     n, k, d, tau = 5, 2, 6, 0.1

@@ -1506,7 +1506,7 @@ def readme(counts: dict, facts: list[Fact]) -> str:
     return f"""# QZhou-JAX demo dataset
 
 A small, fully **synthetic** multi-task dataset shipped with `qzhou_jax` for the CPU demo
-training run and for tests. Every file in this folder (and the tokenizer in `../tokenizer/`)
+training run and for tests. Every data file in this folder (and the tokenizer in `../tokenizer/`)
 is written by [`../build_demo_assets.py`](../build_demo_assets.py) from hand-written templates
 and invented entity names (dishes, exoplanets, football clubs, software libraries, bank
 accounts, towns, bands, medicines, chemical compounds, rulers, gadgets, novels, ...). The
@@ -1540,6 +1540,9 @@ All files are UTF-8 JSONL, one JSON object per line.
 | `sts_heldout.jsonl` | {c['sts_heldout']} | same |
 | `classification_train.jsonl` | {c['classification_train']} | `text: str`, `label: str` (topic name) |
 | `classification_heldout.jsonl` | {c['classification_heldout']} | same |
+
+Written by hand: `demo.yaml` (the run `qzhou-jax demo` trains; `configs/demo.yaml` links to it)
+and `tasks.yaml` (the held-out evaluation tasks the demo scores before and after training).
 
 ### Retrieval
 

@@ -14,7 +14,7 @@ Per task (g = 1 + hard negatives):
   Passages get the instruction only for symmetric datasets.
 - sts: text1 / text2 and the gold score; the instruction on text1, and on text2 too when
   symmetric (the default for sts and classification; evaluation does the same).
-- classification (example-based triplets, SPEC section 4): the anchor text, another text
+- classification (example-based triplets, recipe §4): the anchor text, another text
   of its label as positive, k texts of other labels as negatives, and every row's label; the
   instruction on the anchor, and on the other texts too when symmetric.
 Every side is cut at the dataset's maximum length and padded (right) to the shortest of the

@@ -3,7 +3,7 @@
     qzhou-jax data transform KIND --input raw.jsonl --output records.jsonl [--fields ours=theirs ...]
     qzhou-jax data check --task retrieval|sts|classification --input records.jsonl [--fields ...] [--tokenizer T]
 
-Kinds (SPEC section 4):
+Kinds (recipe §4):
   sts-swap                 STS pairs, each also emitted swapped          -> text1/text2/score
   nli                      premise/hypothesis/label: entailment 2, neutral 1, contradiction 0,
                            both directions                               -> text1/text2/score

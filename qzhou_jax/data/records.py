@@ -1,6 +1,6 @@
 """The three record families training reads, and their validation.
 
-Every training example is one of (SPEC section 4):
+Every training example is one of (recipe §4):
 
 - retrieval: a query, one or more positive passages, optional hard negatives and an optional
   instruction (``RetrievalRecord``);

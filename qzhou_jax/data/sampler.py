@@ -1,6 +1,6 @@
 """Task-homogeneous sampling: which dataset, and which records, make up global batch `step`.
 
-Every global batch comes from one dataset (SPEC section 5). Dataset i is drawn with
+Every global batch comes from one dataset (recipe §5). Dataset i is drawn with
 probability proportional to n_i^alpha (or its configured weight); with `eta`, the retrieval
 datasets together get the share eta and the others 1 - eta, each group split by
 n^alpha inside.

@@ -1,4 +1,4 @@
-"""SPEC section 4's transformations of raw datasets into the three record families.
+"""recipe §4's transformations of raw datasets into the three record families.
 
 Every function takes ``rows``: an iterable of dicts (or of records, where that makes sense), or of
 ``(where, dict)`` pairs as ``records.iter_rows(path)`` yields them, so that errors name "file:line".
@@ -176,7 +176,7 @@ def classification_to_triplets(records: Iterable[Any], num_negatives: int = 4, s
                                fields: Mapping[str, str] | None = None, instruction: str | None = None,
                                errors: BadRecords | None = None,
                                stats: dict | None = None) -> list[RetrievalRecord]:
-    """Example-based classification data (SPEC section 4) as retrieval triplets.
+    """Example-based classification data (recipe §4) as retrieval triplets.
 
     For every text (in input order): query = the text, positive = another text with the same label,
     negatives = ``num_negatives`` distinct texts of other labels (fewer when fewer exist), all drawn with

@@ -6,7 +6,7 @@
     model = QZhouMtebModel.from_pretrained("path/to/model", max_length=1024)
     results = mteb.evaluate(model, mteb.get_tasks(tasks=["STSBenchmark", "SciFact"]))
 
-Instructions follow QZhou's rules (SPEC section 2): a task of the shipped MTEB(eng, v2) /
+Instructions follow QZhou's rules (recipe §2): a task of the shipped MTEB(eng, v2) /
 CMTEB(cmn, v1) tables gets its table instruction, other tasks the instruction mteb defines for
 them; the instruction goes on queries only for asymmetric retrieval and reranking, and on every
 text for symmetric tasks (classification, clustering, STS, pair classification,

@@ -19,12 +19,12 @@ A task file is a list of tasks, or a mapping with `tasks` (the list) and optiona
       split: test                   # split name in the results (BEIR: which qrels file)
       language: eng-Latn            # or a list
       instruction: "Given a ..."    # null: no instruction
-      symmetric: false              # instruction on both sides; default from SPEC section 2
+      symmetric: false              # instruction on both sides; default from recipe §2
       main_score: ndcg_at_10        # default per type
       fields: {text1: sentence1}    # field names in the files
       options: {k_values: [1, 10]}  # protocol settings, see OPTIONS
 
-Instruction rule (SPEC section 2): asymmetric retrieval and reranking put the instruction on
+Instruction rule (recipe §2): asymmetric retrieval and reranking put the instruction on
 queries only; symmetric tasks (every classification, clustering, STS, pair-classification and
 summarization task, and the rerankers / retrieval tasks in SYMMETRIC_TASKS) put the same
 instruction on both sides.
@@ -141,7 +141,7 @@ _ENTRY_KEYS = {"name", "type", "path", "train", "files", "format", "split", "lan
 
 
 def is_symmetric(name: str, task_type: str) -> bool:
-    """SPEC section 2: does the document side get the instruction too?"""
+    """recipe §2: does the document side get the instruction too?"""
     return task_type in SYMMETRIC_TYPES or name in SYMMETRIC_TASKS
 
 
@@ -152,7 +152,7 @@ class TaskSpec:
     `files` maps roles to absolute paths: `path` (the evaluated data: a BEIR folder or a JSONL
     file) and, for classification, `train`. `instruction` is None for no instruction;
     retrieval records may carry their own per-query instruction, which then wins for that
-    query. `symmetric` None means SPEC section 2's rule; `main_score` "" means the type's
+    query. `symmetric` None means recipe §2's rule; `main_score` "" means the type's
     default. `source` says where the spec came from (task file or table), for messages.
     """
 
@@ -470,6 +470,6 @@ def read_instruction_map(path: str | os.PathLike) -> dict[str, str | None]:
 
 def with_instructions(specs: Sequence[TaskSpec], instructions: Mapping[str, str | None]) -> list[TaskSpec]:
     """`specs` with the instruction of every task named in `instructions` replaced (which sides get
-    it stays SPEC section 2's rule, or the task's `symmetric`); the others unchanged."""
+    it stays recipe §2's rule, or the task's `symmetric`); the others unchanged."""
     return [dataclasses.replace(s, instruction=instructions[s.name]) if s.name in instructions else s
             for s in specs]

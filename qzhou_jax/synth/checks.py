@@ -1,4 +1,4 @@
-"""The acceptance rules for LLM-written text (SPEC section 4), as plain functions.
+"""The acceptance rules for LLM-written text (recipe §4), as plain functions.
 
 Lengths and differences are measured in *units*: a word of a space-separated language, or one
 character of Chinese, Japanese or Korean (which have no spaces). Punctuation and case do not

@@ -14,7 +14,7 @@ Without a model:
     qzhou-jax synth dedup         --task retrieval --input A.jsonl B.jsonl --output A2.jsonl B2.jsonl
     qzhou-jax synth decontaminate --task retrieval --input T.jsonl --output T2.jsonl --against EVAL_DIR ...
 
-SPEC's recipe: paraphrase and augment retrieval data (paraphrase NLI and classification data too),
+The recipe (README §4): paraphrase and augment retrieval data (paraphrase NLI and classification data too),
 give about 30% of the records without hard negatives LLM-written ones (`negatives --share 0.3`),
 mine the rest from ranks 10-30 (`mine` fills the records still without negatives), drop pairs the
 model scores low, deduplicate across all files, and drop records close to evaluation data.
@@ -262,7 +262,7 @@ def _llm_args(p: argparse.ArgumentParser, tolerance: float) -> None:
     g.add_argument("--timeout", type=positive_float, default=120.0, help="seconds per request")
     g.add_argument("--retries", type=non_negative_int, default=6, help="retries of a failed request (backoff doubles)")
     g.add_argument("--workers", type=positive_int, default=16, help="requests in flight")
-    g.add_argument("--max-tries", type=positive_int, default=20, help="answers asked per text before giving up (SPEC: 20)")
+    g.add_argument("--max-tries", type=positive_int, default=20, help="answers asked per text before giving up (the recipe: 20)")
     g.add_argument("--max-failures", type=positive_int, default=None,
                    help="failed requests in a row that stop the run (endpoint down; default max(20, 2 x workers))")
     g.add_argument("--length-tolerance", type=non_negative_float, default=tolerance,
@@ -312,7 +312,7 @@ def add_synth_parser(subparsers: Any) -> argparse.ArgumentParser:
     n.add_argument("--seed", type=int, default=0, help="which records the share picks")
     n.set_defaults(func=cmd_negatives, task="retrieval")
 
-    m = sub.add_parser("mine", help="hard negatives from an embedding model's ranks (SPEC: 10 to 30)")
+    m = sub.add_parser("mine", help="hard negatives from an embedding model's ranks (the recipe: 10 to 30)")
     _common(m, task=False)
     _model_args(m)
     m.add_argument("--corpus", default=None,

@@ -1,4 +1,4 @@
-"""Cleaning without a model (SPEC section 4): global deduplication, and removing training records
+"""Cleaning without a model (recipe §4): global deduplication, and removing training records
 too close to evaluation data.
 
 Texts are compared after ``checks.normalize`` (NFKC, case-folded, sentence punctuation dropped).

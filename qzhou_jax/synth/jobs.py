@@ -1,4 +1,4 @@
-"""What each synthesis job asks the LLM, and which answers it keeps (SPEC section 4).
+"""What each synthesis job asks the LLM, and which answers it keeps (recipe §4).
 
 A job turns one source record into a prompt, reads the LLM's JSON answer, and either rejects it
 with a short reason (fed back into the next try's prompt) or builds new records from it:
@@ -246,7 +246,7 @@ class Negatives(Job):
     """LLM-written hard negatives added to retrieval records.
 
     ``num`` negatives per selected record; ``select(index, record)`` picks the records (default: every
-    record that has none; see ``share_selector`` for SPEC's "about 30% of them").
+    record that has none; see ``share_selector`` for the recipe's "about 30% of them").
     """
 
     name = "negatives"

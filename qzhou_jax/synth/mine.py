@@ -1,5 +1,5 @@
 """Model-based cleaning: hard negatives mined from an embedding model's ranks, and dropping
-(query, positive) pairs the model scores low (SPEC section 4).
+(query, positive) pairs the model scores low (recipe §4).
 
 Both take ``encode(texts, instruction) -> float32 [n, dim]`` (``Encoder.encode``), so any model
 qzhou-jax can load does the scoring. Queries are encoded with their record's instruction
@@ -11,7 +11,7 @@ passages) is searched for each selected query on the default device (``search``)
 of every record with the same query, the record's existing negatives and the query itself are
 removed from the ranking, and the
 negatives are drawn at random from what is left at ranks ``ranks[0]..ranks[1]`` (1-based, both
-included; SPEC: 10 to 30). Ranks near the top are skipped because they are often unlabelled
+included; the recipe: 10 to 30). Ranks near the top are skipped because they are often unlabelled
 positives; ``max_score_ratio`` (e.g. 0.95) also drops candidates scoring above that fraction of
 the positive's score.
 """

@@ -1,6 +1,6 @@
 """Running a synthesis job over a record file: concurrent LLM calls, retries, resume.
 
-Each selected record gets up to ``max_tries`` LLM answers per text it needs (SPEC: at most 20);
+Each selected record gets up to ``max_tries`` LLM answers per text it needs (the recipe: at most 20);
 a rejected answer's reason goes into the next prompt. Answers are checked by the job, then
 against every text seen so far (the input's and those already accepted), so no duplicate is ever
 written.

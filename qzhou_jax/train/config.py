@@ -80,7 +80,7 @@ class DatasetConfig:
     fields: our field name -> the name in the data (e.g. {query: anchor, pos: positive}).
     instruction: QZhou's prompt on the first side (the retrieval query, sts text1, the
     classification anchor), and on both sides when `symmetric` (default: true for sts and
-    classification, SPEC section 2). For retrieval a record's own `instruction` field wins.
+    classification, recipe §2). For retrieval a record's own `instruction` field wins.
     Unset sizes and lengths come from the `data` section, except that sts and classification
     datasets cut both sides at one length (their query length) unless this dataset's
     `passage_max_length` is set: a pair and its swapped copy see the same texts.
@@ -142,7 +142,7 @@ class DataConfig:
 
     Dataset i is drawn with probability proportional to n_i^alpha (its `weight` if set).
     With `eta`, retrieval datasets together get the share eta of the draws and the others
-    1 - eta (each group split by n^alpha inside; SPEC section 5: 0.72 in stage 2).
+    1 - eta (each group split by n^alpha inside; recipe §5: 0.72 in stage 2).
     batch_size: global queries (retrieval) / anchors (classification) per step;
     pair_batch_size: global pairs per CoSENT step (sts). Each query carries
     `hard_negatives` passages besides its positive (records with fewer get random passages

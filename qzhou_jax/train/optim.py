@@ -1,6 +1,6 @@
 """Optimizer and learning-rate schedule: AdamW with global-norm clipping, warm-up then decay.
 
-The paper (SPEC section 5): AdamW with weight decay 0.01, learning rate 3e-5 (stage 1) or
+The paper (recipe §5): AdamW with weight decay 0.01, learning rate 3e-5 (stage 1) or
 2e-5 (stage 2), 300 warm-up steps; the schedule after warm-up is open (cosine by default).
 Weight decay skips RMSNorm weights and biases (every parameter whose path names `norm` or
 `bias`). Master weights are float32 (`train.step.init_train_state`), and so is the optimizer

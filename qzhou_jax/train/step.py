@@ -81,7 +81,7 @@ _OPTIONAL = {"retrieval": ("q_keys", "p_keys"), "sts": ("valid",), "classificati
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Loss settings (SPEC section 3).
+    """Loss settings (recipe §3).
 
     temperature: InfoNCE tau for retrieval and classification (0.02 in the paper).
     cosent_temperature: CoSENT tau_c (open in the paper; 0.05 is CoSENT's usual scale 20).
