@@ -23,6 +23,10 @@ ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+# special-token ids a config.json carries: kept for the export, not used by the encoder
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A Qwen2/Qwen2.5 decoder used as a text encoder.
@@ -117,11 +121,10 @@ class ModelConfig:
                              f"({self.compute_dtype}), got {self.weight_grad_dtype!r}")
         if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError("rms_norm_eps and rope_theta must be positive")
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        for name in TOKEN_ID_FIELDS:
             value = getattr(self, name)
             ids = value if isinstance(value, tuple) else (value,)
-            if value is not None and not (ids and all(
-                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+            if value is not None and not (ids and all(map(_is_token_id, ids))):
                 raise ValueError(f"{name}: expected null, a token id or (eos_token_id) a list of them, got {value!r}")
 
     def replace(self, **changes: Any) -> "ModelConfig":
@@ -232,7 +235,7 @@ class ModelConfig:
             rope_theta=float(rope_theta),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             initializer_range=float(raw.get("initializer_range", 0.02)),
-            **_token_ids(raw, where),
+            **token_ids(raw, where),
         )
         if raw.get("is_causal") is not None:
             fields["attention"] = "causal" if raw["is_causal"] else "bidirectional"
@@ -272,8 +275,7 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
             "initializer_range": self.initializer_range,
             **{name: list(value) if isinstance(value, tuple) else value
-               for name in ("bos_token_id", "eos_token_id", "pad_token_id")
-               if (value := getattr(self, name)) is not None},
+               for name in TOKEN_ID_FIELDS if (value := getattr(self, name)) is not None},
             "hidden_act": "silu",
             "attention_dropout": 0.0,
             "use_sliding_window": False,
@@ -292,13 +294,24 @@ class ModelConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
-def _token_ids(raw: dict, where: str) -> dict:
-    """The bos/eos/pad_token_id a config.json states (eos_token_id may be a list)."""
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def token_ids(raw: dict, where: str) -> dict:
+    """The bos/eos/pad_token_id a config.json states (eos_token_id may be a list). Values that are
+    not token ids (`pad_token_id: -1`, an empty list), which transformers tolerates and an encoder
+    never uses, are left out with a warning."""
     ids = {}
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+    for name in TOKEN_ID_FIELDS:
         value = raw.get(name)
-        if value is not None:
+        if value is None:
+            continue
+        if _is_token_id(value) or (name == "eos_token_id" and isinstance(value, list) and value
+                                   and all(map(_is_token_id, value))):
             ids[name] = value
+        else:
+            log.warning("%s: ignoring %s %r (not a token id; an encoder does not use it)", where, name, value)
     return ids
 
 

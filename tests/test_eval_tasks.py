@@ -344,7 +344,7 @@ def test_eval_cli_writes_results_and_table(model_dir, tmp_path, capsys):
     assert not [p for p in tmp_path.rglob("*.tmp*")]
 
 
-def test_instruction_files_in_the_published_layout(tmp_path):
+def test_instruction_files_in_the_published_layout(tmp_path, capsys):
     from qzhou_jax.eval.tasks import read_instruction_map, with_instructions
 
     path = tmp_path / "task_to_instructions.json"
@@ -359,9 +359,13 @@ def test_instruction_files_in_the_published_layout(tmp_path):
         path.write_text(text)
         with pytest.raises(ValueError, match=message):
             read_instruction_map(path)
-    rc = cli.main(["eval", "--model", str(tmp_path / "no_model"), "--tasks", "STSBenchmark", "--instructions",
+    # a bad instruction file stops the command before the model loads (there is none here)
+    tasks = tmp_path / "tasks.json"
+    tasks.write_text(json.dumps([{"name": "demo-sts", "type": "sts",
+                                  "path": f"{os.path.dirname(DEMO_TASKS)}/sts_heldout.jsonl"}]))
+    rc = cli.main(["eval", "--model", str(tmp_path / "no_model"), "--tasks", str(tasks), "--instructions",
                    str(path)])
-    assert rc == 2  # before the model loads
+    assert rc == 2 and f"{path}:2: not valid JSON" in capsys.readouterr().err
 
 
 def test_eval_cli_bad_task_name_fails_before_loading(tmp_path, capsys):

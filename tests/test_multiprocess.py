@@ -427,3 +427,49 @@ def test_two_processes_fall_back_from_an_unreadable_checkpoint_together(tmp_path
     assert sorted(again) == sorted(full)
     for s in (4, 5, 6):
         np.testing.assert_allclose(again[s], full[s], rtol=1e-5, err_msg=f"step {s}")
+
+
+_EXPORT_SCRIPT = """
+import os, sys
+import jax
+jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], 2, int(os.environ["JAX_PROCESS_ID"]))
+from qzhou_jax.checkpoint import export, hf
+from qzhou_jax.config import ModelConfig
+from qzhou_jax.model import create_model
+from qzhou_jax.sharding import make_mesh
+
+cfg = ModelConfig.preset("tiny", compute_dtype="float32")
+params = create_model(cfg, seed=0, mesh=make_mesh({"data": 1, "fsdp": -1, "tensor": 1})).encoder.params()
+if jax.process_index() == 0:  # host memory runs out converting the third tensor, on process 0 only
+    real, seen = hf.to_hf_layout, []
+    def failing(spec, host):
+        seen.append(1)
+        if len(seen) == 3:
+            raise MemoryError("host memory exhausted")
+        return real(spec, host)
+    hf.to_hf_layout = failing
+try:
+    export.save_hf(params, cfg, sys.argv[1])
+    print("EXPORTED", flush=True)
+except ValueError as e:
+    print("FAILED", e, flush=True)
+"""
+
+
+def test_an_export_failing_on_process_0_stops_every_process(tmp_path):
+    """save_hf with two processes: process 0 fails converting a tensor after its gather; it still
+    takes part in the remaining gathers, so both processes report the failure instead of one
+    waiting in a collective for ever, and no folder is left behind."""
+    script = tmp_path / "export.py"
+    script.write_text(_EXPORT_SCRIPT)
+    port, procs = free_port(), []
+    for i in range(2):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+               "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_PROCESS_ID": str(i),
+               "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / "hf")], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = _finish(procs, timeout=300)
+    assert "FAILED" in outs[0] and "MemoryError: host memory exhausted" in outs[0], outs[0][-2000:]
+    assert "FAILED" in outs[1] and "the export failed on process 0" in outs[1], outs[1][-2000:]
+    assert not os.path.exists(tmp_path / "hf") and [p for p in os.listdir(tmp_path) if ".tmp-" in p] == []

@@ -1106,3 +1106,24 @@ def test_loader_workers_leave_sigterm_to_the_trainer():
     assert [next(it).step for _ in range(3)] == [1, 2, 3]
     close_iterator(it, timeout=60)
     assert not any(p.is_alive() for p in workers)
+
+
+def test_special_token_ids_come_from_init_from_with_a_preset_too(tmp_path, caplog):
+    """A run's export writes back the ids of the checkpoint it started from, whether init_from
+    gives the architecture or a preset does (the shipped stage configs); ids an encoder cannot
+    use (pad_token_id -1, which transformers tolerates) are left out with a warning."""
+    from qzhou_jax.config import ModelConfig
+
+    base = tmp_path / "base"
+    base.mkdir()
+    hf = {**ModelConfig.preset("tiny").to_hf(), "bos_token_id": 1, "eos_token_id": [2, 3], "pad_token_id": -1}
+    (base / "config.json").write_text(json.dumps(hf))
+    for model in ({"preset": "tiny"}, {"compute_dtype": "float32"}):
+        cfg = load_run_config(data={**run_dict(tmp_path / "r"), "init_from": str(base), "model": model})
+        m = cfg.model_config
+        assert (m.bos_token_id, m.eos_token_id, m.pad_token_id) == (1, (2, 3), None)
+        assert cfg.model_config.to_hf()["eos_token_id"] == [2, 3]
+    assert "ignoring pad_token_id -1 (not a token id" in caplog.text
+    # a preset whose init_from is not there yet (`plan` without the weights): no ids, no error
+    cfg = load_run_config(data={**run_dict(tmp_path / "r"), "init_from": str(tmp_path / "absent")})
+    assert cfg.model_config.bos_token_id is None

@@ -35,7 +35,7 @@ import numpy as np
 
 from qzhou_jax import st_folder
 from qzhou_jax.checkpoint import safetensors_io
-from qzhou_jax.checkpoint.hf import hf_names, hf_shape, iter_hf_tensors
+from qzhou_jax.checkpoint.hf import hf_names, hf_shape, iter_gathered, iter_hf_tensors
 from qzhou_jax.config import ModelConfig, write_json
 from qzhou_jax.model.qwen2 import check_params, param_specs
 from qzhou_jax.tokenizer import VOCABULARY_FILES
@@ -350,16 +350,17 @@ def _save_hf_from_every_process(params: Mapping[str, Any], cfg: ModelConfig, out
     ready = exchange.gather("ready", [not problem], f"{out}: agreeing that process 0 can write the export")
     if not ready[0, 0]:
         raise ValueError(problem or f"{out}: process 0 cannot write the export (its log says why)")
-    tensors = iter_hf_tensors(params, cfg, str(jnp.dtype(dtype)))
+    gathered = iter_gathered(params, cfg)  # the collectives; the host-side work is process 0's alone
     if writer:
         try:
             with atomic_output_dir(out, overwrite) as tmp:
-                write_hf_folder(tmp, params, cfg, dtype, tokenizer_dir, max_shard_bytes, settings, tensors)
+                write_hf_folder(tmp, params, cfg, dtype, tokenizer_dir, max_shard_bytes, settings,
+                                iter_hf_tensors(params, cfg, str(jnp.dtype(dtype)), gathered=gathered))
         except Exception as e:  # e.g. a full disk: the other processes still gather every tensor
             problem = f"{type(e).__name__}: {e}"
             log.error("%s: the export failed (%s); gathering the remaining tensors with the other processes",
                       out, problem)
-    for _ in tensors:  # the tensors process 0 did not take (all of them, on the other processes)
+    for _ in gathered:  # the tensors process 0 did not take (all of them, on the other processes)
         pass
     done = exchange.gather("written", [not problem], f"{out}: waiting for process 0 to write the export")
     if not done[0, 0]:

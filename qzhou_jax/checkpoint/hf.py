@@ -242,23 +242,32 @@ def _layer(stacked: Any, i: int) -> Any:
     return _layer_taker(sh)(stacked, np.int32(i))
 
 
-def iter_hf_tensors(params: Mapping[str, Any], cfg: ModelConfig, dtype: str | None = None,
-                    prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, host array) pairs, gathering one layer of one parameter at a time.
+def iter_gathered(params: Mapping[str, Any], cfg: ModelConfig,
+                  prefix: str = "") -> Iterator[tuple[ParamSpec, str, np.ndarray]]:
+    """(spec, HF name, host array in this package's layout), gathering one layer of one parameter
+    at a time: the part of `iter_hf_tensors` that every process of a job must run alike.
 
     `params` may be any nested mapping (e.g. a lazy one that restores a parameter when it
     is looked up): each parameter is looked up once and dropped before the next.
     """
-    out_dtype = np.dtype(jnp.dtype(dtype)) if dtype else None
     for path, spec in param_specs(cfg).items():
         node = params
         for part in path.split("/"):
             node = node[part]
         names = hf_names(spec, cfg, prefix)
         for i, name in enumerate(names):
-            host = _to_host(_layer(node, i) if spec.stacked else node)
-            if out_dtype is not None:
-                host = host.astype(out_dtype, copy=False)
-            yield name, to_hf_layout(spec, host)
-            del host
+            yield spec, name, _to_host(_layer(node, i) if spec.stacked else node)
         del node
+
+
+def iter_hf_tensors(params: Mapping[str, Any], cfg: ModelConfig, dtype: str | None = None,
+                    prefix: str = "", gathered: Iterator[tuple[ParamSpec, str, np.ndarray]] | None = None
+                    ) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, host array) pairs, gathering one layer of one parameter at a time (`iter_gathered`,
+    or the `gathered` iterator given), cast to `dtype` and laid out as HF stores them."""
+    out_dtype = np.dtype(jnp.dtype(dtype)) if dtype else None
+    for spec, name, host in (iter_gathered(params, cfg, prefix) if gathered is None else gathered):
+        if out_dtype is not None:
+            host = host.astype(out_dtype, copy=False)
+        yield name, to_hf_layout(spec, host)
+        del host

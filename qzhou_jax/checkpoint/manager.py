@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 
 from qzhou_jax import st_folder
 from qzhou_jax.checkpoint.export import copy_tokenizer, write_json
-from qzhou_jax.config import ModelConfig
+from qzhou_jax.config import TOKEN_ID_FIELDS, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,8 @@ class RunCheckpoints:
         a step counts as read only where it read on every process, and process 0 renames. The damage
         a fallback handles fails every process alike (a step's metadata or data item, which all of
         them read). A step that fails on some processes only leaves the others waiting in Orbax's
-        barrier: the failed ones stop after the exchange's timeout, naming the step folder to move
-        aside, and the job ends. With the current run's `model_config` and `run_config`, the error names
+        barrier: the failed ones stop after the exchange's timeout (`_read_everywhere`), naming the
+        step folder to move aside, and the job ends. With the current run's `model_config` and `run_config`, the error names
         the settings that shape the train state and differ from those the checkpoints were written
         with: the model's fields less its `policy_fields` (against `qzhou_config.json`) and whether
         gradients are clipped (against `run_config.yaml`)."""
@@ -144,19 +144,10 @@ class RunCheckpoints:
 
             exchange = HostExchange("restore")
         for step in steps:
-            restored, reason = self._try_restore(target, step)
+            restored, reason = self._read_everywhere(target, step, exchange)
             if restored is None:  # one retry: a transient storage error is not damage
                 log.warning("%s/%d: restore failed (%s); retrying once", self.directory, step, reason)
-                restored, reason = self._try_restore(target, step)
-            if exchange is not None:
-                path = os.path.join(self.directory, str(step))
-                read = exchange.gather(f"step-{step}", [restored is not None],
-                                       f"{path}: agreeing whether checkpoint {step} read on every host "
-                                       f"({'it did' if restored is not None else f'not here: {reason}'}); "
-                                       f"if its files are damaged, move it aside (mv {path} {path}.unreadable) "
-                                       "and resume again")[:, 0]
-                if restored is not None and not read.all():
-                    restored, reason = None, f"unreadable on process(es) {np.flatnonzero(read == 0).tolist()}"
+                restored, reason = self._read_everywhere(target, step, exchange, "retry")
             if restored is None:
                 if step == steps[-1]:
                     path = os.path.join(self.directory, str(steps[0]))
@@ -181,19 +172,40 @@ class RunCheckpoints:
             return restored
         raise AssertionError("unreachable")
 
+    def _read_everywhere(self, target: Any, step: int, exchange: Any, attempt: str = "first") -> tuple[Any, str]:
+        """``_try_restore``; with several processes, a step counts as read only where it read on every
+        one of them. A failed read reopens the manager, a barrier of every process, so with several
+        processes that waits until they agree: a process whose read failed while the others' went
+        through stops at the exchange's timeout, naming the folder (the others wait in Orbax's
+        barrier until the job ends)."""
+        if exchange is None:
+            return self._try_restore(target, step)
+        restored, reason = self._try_restore(target, step, reopen=False)
+        path = os.path.join(self.directory, str(step))
+        read = exchange.gather(f"step-{step}-{attempt}", [restored is not None],
+                               f"{path}: agreeing whether checkpoint {step} read on every host "
+                               f"({'it did' if restored is not None else f'not here: {reason}'}); "
+                               f"if its files are damaged, move it aside (mv {path} {path}.unreadable) "
+                               "and resume again")[:, 0]
+        if read.all():
+            return restored, ""
+        if restored is not None:
+            restored, reason = None, f"unreadable on process(es) {np.flatnonzero(read == 0).tolist()}"
+        self._reopen()  # on every process alike
+        return None, reason
+
     def _move_aside(self, failed: list[tuple[int, str]], step: int, exchange: Any) -> None:
         """Rename the `failed` step folders ``<step>.unreadable`` (process 0; the others wait for it)."""
         problem = ""
-        for bad, why in failed:
-            path = os.path.join(self.directory, str(bad))
-            if jax.process_index() == 0:
+        if jax.process_index() == 0:
+            for bad, why in failed:
+                path = os.path.join(self.directory, str(bad))
                 try:
                     os.replace(path, f"{path}.unreadable")
                 except OSError as e:  # e.g. a bucket mount that cannot rename folders
                     problem = (f"{path}: unreadable ({why}), and it could not be renamed out of the way "
                                f"({e.strerror or e}); move it aside yourself and resume again")
                     break
-            log.warning("%s: unreadable (%s), renamed %s.unreadable; resuming from step %d", path, why, path, step)
         if exchange is not None:
             renamed = exchange.gather("renamed", [not problem], f"{self.directory}: waiting for process 0 to "
                                       "rename the unreadable checkpoints")
@@ -202,11 +214,15 @@ class RunCheckpoints:
                            f"{[bad for bad, _ in failed]} (its log says why); move them aside and resume again")
         if problem:
             raise ValueError(problem)
+        for bad, why in failed:
+            path = os.path.join(self.directory, str(bad))
+            log.warning("%s: unreadable (%s), renamed %s.unreadable; resuming from step %d", path, why, path, step)
 
     def _state_changes(self, model_config: ModelConfig | None, run_config: Mapping | None,
                        policy_fields: Collection[str]) -> list[str]:
         """The settings shaping the train state that differ from the checkpoints' own."""
-        changed = [] if model_config is None else self.model_changes(model_config, exclude=policy_fields)
+        changed = [] if model_config is None else self.model_changes(
+            model_config, exclude=(*policy_fields, *TOKEN_ID_FIELDS))  # the ids shape nothing
         saved_run = os.path.join(self.directory, "run_config.yaml")
         if run_config is not None and os.path.isfile(saved_run):
             import yaml
@@ -257,15 +273,17 @@ class RunCheckpoints:
         out = [f"params{k}: {saved.get(k, 'absent')} -> {shape}" for k, shape in want.items() if saved.get(k) != shape]
         return out + [f"params{k}: {shape} -> absent" for k, shape in saved.items() if k not in want]
 
-    def _try_restore(self, target: Any, step: int) -> tuple[Any, str]:
+    def _try_restore(self, target: Any, step: int, reopen: bool = True) -> tuple[Any, str]:
         """(restore(...), "") or (None, the error's first line). Orbax and TensorStore raise many types;
-        any means "unreadable". The manager is reopened after a failure, outside the ``except`` so that
-        the failed read's pending coroutines can be finalized then, not at interpreter exit."""
+        any means "unreadable". The manager is reopened after a failure (unless `reopen` is false:
+        the caller does it), outside the ``except`` so that the failed read's pending coroutines can
+        be finalized then, not at interpreter exit."""
         try:
             return self.restore(target, step), ""
         except Exception as e:
             reason = _first_line(e)
-        self._reopen()
+        if reopen:
+            self._reopen()
         return None, reason
 
     def _reopen(self) -> None:

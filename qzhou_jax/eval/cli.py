@@ -121,7 +121,8 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="use only the first N local devices (1: no sharding)")
     p.add_argument("--instructions", default=None, metavar="FILE",
                    help="JSON {task name: instruction} (the layout of QZhou's task_to_instructions_v2.json): "
-                        "replaces the instruction of the tasks it names (null: none)")
+                        "replaces the instruction of the tasks it names (null: none; a retrieval record's own "
+                        "instruction field still wins for its query)")
     p.add_argument("--no-instructions", action="store_true", help="encode every text without an instruction")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_eval)

@@ -35,7 +35,7 @@ import re
 from typing import Any, Literal
 
 from qzhou_jax.config import (PRESETS, ConfigError, ModelConfig, apply_overrides, from_dict, load_yaml,
-                              to_dict)
+                              read_json, to_dict, token_ids)
 from qzhou_jax.sharding import MeshConfig
 from qzhou_jax.tokenizer import ASSETS
 from qzhou_jax.train.optim import TrainConfig
@@ -362,8 +362,26 @@ def model_config(section: dict[str, Any], init_from: str | None) -> ModelConfig:
                               f"{', '.join(sorted(PRESETS))})")
         if preset not in PRESETS:
             raise ConfigError(f"model.preset: unknown preset {preset!r} (known: {', '.join(sorted(PRESETS))})")
-        data = {**PRESETS[preset], **section}
+        data = {**_token_ids_of(init_from), **PRESETS[preset], **section}
     return from_dict(ModelConfig, data, "model")
+
+
+def _token_ids_of(init_from: str | None) -> dict[str, Any]:
+    """The special-token ids init_from's config states, for a run whose preset gives the
+    architecture (the export writes them back); none when the folder is not there yet (`plan`
+    works without the weights) or its config does not read (the run's own check reports it)."""
+    if not init_from:
+        return {}
+    try:
+        folder = resolve_init_from(init_from)
+        for name in ("qzhou_config.json", "config.json"):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                raw = read_json(path)
+                break
+    except (ConfigError, OSError, ValueError):
+        return {}
+    return token_ids(raw, path) if isinstance(raw, dict) else {}
 
 
 def resolve_init_from(path: str) -> str:
