@@ -662,14 +662,14 @@ def test_dedup_across_files():
 
 
 def test_run_hashes_are_the_polynomial_hash_of_each_run():
-    from qzhou_jax.synth.filters import run_hashes
+    from qzhou_jax.synth.filters import run_hashes, unit_hash
 
     mul, mod = 0x9E3779B97F4A7C15, 1 << 64
 
     def direct(words):
         h = 0
         for w in words:
-            h = (h * mul + (hash(w) % mod)) % mod
+            h = (h * mul + (unit_hash(w) % mod)) % mod
         return h
 
     words = [f"w{i % 50}" for i in range(3000)]  # longer than the cached powers: they grow
@@ -677,6 +677,13 @@ def test_run_hashes_are_the_polynomial_hash_of_each_run():
     assert len(got) == 3000 - 12 and len(run_hashes(words[:12], 13)) == 0
     assert all(int(got[i]) == direct(words[i:i + 13]) for i in range(0, len(got), 37))
     assert got[0] == got[50] and got[0] != got[1]  # equal runs, equal hashes
+    # the same in every process (Python's str hash is salted per process): worker processes match
+    import subprocess
+    import sys
+
+    probe = "from qzhou_jax.synth.filters import unit_hash; print(unit_hash('w7'), unit_hash('词'))"
+    other = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert other == [str(unit_hash("w7")), str(unit_hash("词"))]
 
 
 def test_decontaminate(tmp_path):
@@ -809,7 +816,7 @@ def test_decontaminate_real_chinese_data(shared_data):
     records = [RetrievalRecord(r["query"], tuple(r["pos"]), tuple(r["neg"])) for r in rows]
     index = EvalIndex(eval_texts([str(p) for p in dev]))
     kept, stats = decontaminate(records, index)
-    in_workers, stats2 = decontaminate(records, index, workers=2)  # forked processes, chunks in flight
+    in_workers, stats2 = decontaminate(records, index, workers=2)  # worker processes, chunks in flight
     assert [id(r) for r in in_workers] == [id(r) for r in kept] and stats2 == stats
     kept_ids = {id(r) for r in kept}
     dropped = {i for i, r in enumerate(records) if id(r) not in kept_ids}

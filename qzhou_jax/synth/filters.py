@@ -189,13 +189,29 @@ def _powers(base: int, length: int) -> np.ndarray:
     return have[:length]
 
 
+_UNIT_HASHES: dict[str, int] = {}  # a cache: the same words recur across texts
+
+
+def unit_hash(unit: str) -> int:
+    """A signed 64-bit hash of a text unit (a word or a CJK character) that every process computes
+    alike (Python's ``hash`` of a str is salted per process): the first 8 bytes of its BLAKE2b."""
+    value = _UNIT_HASHES.get(unit)
+    if value is None:
+        if len(_UNIT_HASHES) >= 1 << 21:
+            _UNIT_HASHES.clear()
+        value = _UNIT_HASHES[unit] = int.from_bytes(
+            hashlib.blake2b(unit.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little", signed=True)
+    return value
+
+
 def run_hashes(text_units: list[str], n: int) -> np.ndarray:
     """64-bit hashes of every run of ``n`` consecutive units, vectorized: the run i..i+n-1 hashes to
-    sum_j h(u_j) * MUL^(i+n-1-j) modulo 2^64, from one cumulative sum (a polynomial rolling hash)."""
+    sum_j h(u_j) * MUL^(i+n-1-j) modulo 2^64 with h = ``unit_hash``, from one cumulative sum (a
+    polynomial rolling hash)."""
     m = len(text_units) - n + 1
     if m <= 0:
         return np.zeros(0, np.int64)
-    x = np.fromiter(map(hash, text_units), np.int64, len(text_units)).view(np.uint64)
+    x = np.fromiter(map(unit_hash, text_units), np.int64, len(text_units)).view(np.uint64)
     with np.errstate(over="ignore"):
         q = np.concatenate([np.zeros(1, np.uint64), np.cumsum(x * _powers(_INV, len(x)), dtype=np.uint64)])
         runs = (q[n:] - q[:m]) * _powers(_MUL, len(x))[n - 1:]
@@ -221,10 +237,25 @@ class EvalIndex:
             self.texts += 1
             cjk = checks.script_of_units(u) in _CJK_SCRIPTS
             if len(u) >= (min_cjk_chars if cjk else min_words):
-                exact.append(hash(" ".join(u)))
+                exact.append(unit_hash(" ".join(u)))
             grams.extend(run_hashes(u, self.cjk_ngram if cjk else self.ngram).tolist())
         self.exact = np.unique(np.frombuffer(exact, np.int64)) if exact else np.zeros(0, np.int64)
         self.grams = np.unique(np.frombuffer(grams, np.int64)) if grams else np.zeros(0, np.int64)
+
+    def save(self, folder: str) -> None:
+        """The hash arrays as .npy files, for `mapped` (worker processes share them read-only)."""
+        np.save(os.path.join(folder, "exact.npy"), self.exact)
+        np.save(os.path.join(folder, "grams.npy"), self.grams)
+
+    @classmethod
+    def mapped(cls, folder: str, ngram: int, cjk_ngram: int, texts: int) -> "EvalIndex":
+        """An index whose arrays are memory-mapped from `save`'s files (one copy in the page cache
+        for every process)."""
+        index = cls.__new__(cls)
+        index.ngram, index.cjk_ngram, index.texts = ngram, cjk_ngram, texts
+        index.exact = np.load(os.path.join(folder, "exact.npy"), mmap_mode="r")
+        index.grams = np.load(os.path.join(folder, "grams.npy"), mmap_mode="r")
+        return index
 
     @staticmethod
     def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> bool:
@@ -238,7 +269,7 @@ class EvalIndex:
         if not u:
             return False
         n = self.cjk_ngram if checks.script_of_units(u) in _CJK_SCRIPTS else self.ngram
-        return (self._contains(self.exact, np.array([hash(" ".join(u))], np.int64))
+        return (self._contains(self.exact, np.array([unit_hash(" ".join(u))], np.int64))
                 or self._contains(self.grams, run_hashes(u, n)))
 
 
@@ -261,7 +292,12 @@ def _first_hit(record: Record, index: EvalIndex) -> str | None:
     return next((name for name, text in _fields(record) if index.hit(text)), None)
 
 
-_WORKER_INDEX: EvalIndex | None = None  # the index forked worker processes inherit
+_WORKER_INDEX: EvalIndex | None = None  # a worker process's index (`_start_worker`)
+
+
+def _start_worker(folder: str, ngram: int, cjk_ngram: int, texts: int) -> None:
+    global _WORKER_INDEX
+    _WORKER_INDEX = EvalIndex.mapped(folder, ngram, cjk_ngram, texts)
 
 
 def _hits_of_chunk(chunk: list[Record]) -> list[str | None]:
@@ -281,22 +317,21 @@ def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
 
 def _hits(records: Iterable[Record], index: EvalIndex, workers: int,
           chunk_size: int) -> Iterator[tuple[Record, str | None]]:
-    """(record, first hit or None) in input order; with ``workers > 1``, checked by forked processes a
+    """(record, first hit or None) in input order; with ``workers > 1``, checked by worker processes a
     chunk at a time, at most 2 chunks per worker in flight (memory stays bounded on any input size).
-    Fork, not spawn: the workers share the parent's index and its str hashes (Python salts ``hash``
-    per process)."""
+    The workers are spawned, not forked (a fork of a process whose other threads hold locks, JAX's
+    for one, can hang), and memory-map the index's arrays from a temporary folder."""
     if workers <= 1:
         for r in records:
             yield r, _first_hit(r, index)
         return
     import multiprocessing
+    import tempfile
 
-    if "fork" not in multiprocessing.get_all_start_methods():
-        raise ValueError("--workers > 1 needs the fork start method (Linux or macOS); use --workers 1")
-    global _WORKER_INDEX
-    _WORKER_INDEX = index
-    try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+    with tempfile.TemporaryDirectory(prefix="qzhou-decontaminate-") as folder:
+        index.save(folder)
+        args = (folder, index.ngram, index.cjk_ngram, index.texts)
+        with multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker, initargs=args) as pool:
             pending: deque = deque()
             for chunk in _chunks(records, chunk_size):
                 pending.append((chunk, pool.apply_async(_hits_of_chunk, (chunk,))))
@@ -306,8 +341,6 @@ def _hits(records: Iterable[Record], index: EvalIndex, workers: int,
             while pending:
                 done, result = pending.popleft()
                 yield from zip(done, result.get())
-    finally:
-        _WORKER_INDEX = None
 
 
 def decontaminated(records: Iterable[Record], index: EvalIndex, stats: dict[str, Any], workers: int = 1,
