@@ -413,6 +413,124 @@ def test_reranking_with_query_lists_equals_mteb_max_over_subqueries(world):
         _ours(world, {"name": "bad", "type": "reranking", "path": "bad_rerank.jsonl", "instruction": None})
 
 
+def test_reranking_with_tied_candidates_equals_mteb(world):
+    """A negative with a positive's text (tied cosines): the tie-break is mteb's."""
+    rr = [dict(r) for r in world["rerank"] if r["negative"] and r["positive"]]
+    for r in rr[:5]:
+        r["negative"] = [r["positive"][0]] + r["negative"][1:]  # a negative with a positive's text: tied cosines
+    path = world["root"] / "rerank_ties.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rr))
+    rows, qrels, top = [], {}, {}
+    for i, r in enumerate(rr):
+        qid = f"query{i}"
+        ids = [f"apositive_{qid}_{j:05d}" for j in range(len(r["positive"]))] + \
+              [f"negative_{qid}_{j:05d}" for j in range(len(r["negative"]))]
+        rows += [{"id": d, "title": "", "text": t} for d, t in zip(ids, r["positive"] + r["negative"])]
+        qrels[qid] = {d: int(d.startswith("apositive")) for d in ids}
+        top[qid] = ids
+
+    class Task(MockRerankingTask):
+        def load_data(self, **kw):
+            self.dataset = {"default": {"test": _retrieval_split([r["query"] for r in rr], list(qrels), rows, qrels, top)}}
+            self.data_loaded = True
+
+    task = Task()
+    theirs, _ = _theirs(task, world)
+    ours = _ours(world, {"name": "rerank_ties", "type": "reranking", "path": "rerank_ties.jsonl",
+                         "instruction": _instruction(task), "symmetric": False})
+    _compare(ours, theirs, ["map_at_1000", "mrr_at_10", "ndcg_at_10"], tol=6e-6)
+
+
+def test_query_lists_with_tied_candidates_equal_mteb(world):
+    """Ties inside the max-over-texts merge break as mteb breaks them."""
+    from mteb._evaluators.retrieval_metrics import max_over_subqueries
+
+    rr = [dict(r) for r in world["rerank"] if r["negative"] and r["positive"]]
+    for i, r in enumerate(rr):
+        r["query"] = [r["query"]] + [f"history {i}.{j}" for j in range(i % 3)]
+        if i < 8:
+            r["negative"] = [r["positive"][0]] + r["negative"][1:]
+    path = world["root"] / "rerank_lists_ties.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rr))
+    queries, qids, rows, qrels, top = [], [], [], {}, {}
+    for i, r in enumerate(rr):
+        base = f"query{i}"
+        ids = [f"apositive_{base}_{j:05d}" for j in range(len(r["positive"]))] + \
+              [f"negative_{base}_{j:05d}" for j in range(len(r["negative"]))]
+        rows += [{"id": d, "title": "", "text": t} for d, t in zip(ids, r["positive"] + r["negative"])]
+        for j, text in enumerate(r["query"]):
+            qid = f"{base}_{j}"
+            queries.append(text), qids.append(qid)
+            qrels[qid] = {d: int(d.startswith("apositive")) for d in ids}
+            top[qid] = ids
+
+    class Task(MockRerankingTask):
+        def load_data(self, **kw):
+            self.dataset = {"default": {"test": _retrieval_split(queries, qids, rows, qrels, top)}}
+            self.data_loaded = True
+
+        def task_specific_scores(self, scores, qrels, results, hf_split, hf_subset):
+            return max_over_subqueries(qrels, results, self.k_values)
+
+    task = Task()
+    theirs, _ = _theirs(task, world)
+    ours = _ours(world, {"name": "rerank_lists_ties", "type": "reranking", "path": "rerank_lists_ties.jsonl",
+                         "instruction": _instruction(task), "symmetric": False,
+                         "main_score": "max_over_subqueries_map_at_1000"})
+    keys = ["map_at_1000", "mrr_at_10", "ndcg_at_10"]
+    _compare(ours, theirs, keys + [f"max_over_subqueries_{k}" for k in keys], tol=6e-6, main=False)
+
+
+def test_query_lists_whose_other_texts_change_the_ranking_equal_mteb(world):
+    """History texts on a negative's topic: the max over a record's texts changes its ranking."""
+    from mteb._evaluators.retrieval_metrics import max_over_subqueries
+
+    rr = [dict(r) for r in world["rerank"] if r["negative"] and r["positive"]]
+    for i, r in enumerate(rr):
+        k = int(r["query"].rsplit(" ", 1)[1])
+        hist = [f"topical history {i}.{j}" for j in range(1 + i % 2)]
+        for h in hist:  # on the topic of the record's negative 1: max over texts lifts that negative
+            world["encoder"].topic_of[h] = (k + 2) % 5
+        r["query"] = [r["query"]] + hist
+    path = world["root"] / "rerank_lists_topical.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rr))
+    queries, qids, rows, qrels, top = [], [], [], {}, {}
+    for i, r in enumerate(rr):
+        base = f"query{i}"
+        ids = [f"apositive_{base}_{j:05d}" for j in range(len(r["positive"]))] + \
+              [f"negative_{base}_{j:05d}" for j in range(len(r["negative"]))]
+        rows += [{"id": d, "title": "", "text": t} for d, t in zip(ids, r["positive"] + r["negative"])]
+        for j, text in enumerate(r["query"]):
+            qid = f"{base}_{j}"
+            queries.append(text), qids.append(qid)
+            qrels[qid] = {d: int(d.startswith("apositive")) for d in ids}
+            top[qid] = ids
+
+    class Task(MockRerankingTask):
+        def load_data(self, **kw):
+            self.dataset = {"default": {"test": _retrieval_split(queries, qids, rows, qrels, top)}}
+            self.data_loaded = True
+
+        def task_specific_scores(self, scores, qrels, results, hf_split, hf_subset):
+            return max_over_subqueries(qrels, results, self.k_values)
+
+    task = Task()
+    theirs, _ = _theirs(task, world)
+    ours = _ours(world, {"name": "rerank_lists_topical", "type": "reranking", "path": "rerank_lists_topical.jsonl",
+                         "instruction": _instruction(task), "symmetric": False,
+                         "main_score": "max_over_subqueries_map_at_1000"})
+    keys = ["map_at_1000", "mrr_at_10", "ndcg_at_10"]
+    _compare(ours, theirs, keys + [f"max_over_subqueries_{k}" for k in keys], tol=6e-6, main=False)
+
+
+def test_the_subquery_main_score_of_single_text_records_is_the_plain_one(world):
+    ours = _ours(world, {"name": "rerank_single", "type": "reranking", "path": "rerank.jsonl",
+                         "instruction": None, "symmetric": False,
+                         "main_score": "max_over_subqueries_map_at_1000"})
+    split = ours["scores"]["test"][0]
+    assert ours["main_score"] == split["max_over_subqueries_map_at_1000"] == split["map_at_1000"]
+
+
 def test_summarization_equals_mteb(world):
     summ = world["summ"]
 

@@ -389,3 +389,15 @@ def test_mean_pooling_of_bfloat16_states_sums_in_float32():
     got = jax.jit(lambda h, m: pool(h, m, "mean"))(h, mask)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), exact, rtol=1e-5)
+
+
+def test_pooling_never_reads_padded_positions():
+    """NaN at pad positions (what a fused attention kernel may leave there) does not reach either
+    pooling: pad rows are selected out, not multiplied by zero."""
+    rng = np.random.default_rng(22)
+    h = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]], np.int32)
+    h[mask == 0] = np.nan
+    mean = np.stack([h[0, :3].mean(0), h[1, 1:].mean(0)])
+    np.testing.assert_allclose(np.asarray(pool(jnp.asarray(h), mask, "mean")), mean, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(pool(jnp.asarray(h), mask, "last")), np.stack([h[0, 2], h[1, 4]]))

@@ -126,7 +126,8 @@ def _launch(cfg_path, cwd, port, log_dir=None, devices=4, args=(), **extra_env):
         env = {**os.environ, **extra_env, "JAX_PLATFORMS": "cpu",
                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
                "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
-               "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+               "PYTHONPATH": os.pathsep.join(p for p in (ROOT, extra_env.get("PYTHONPATH"),
+                                                         os.environ.get("PYTHONPATH")) if p)}
         out = open(os.path.join(log_dir, f"p{i}.log"), "w") if log_dir else subprocess.PIPE
         procs.append(subprocess.Popen([sys.executable, "-m", "qzhou_jax.cli", "-v", "train", "--config", str(cfg_path),
                                        *args],
@@ -429,6 +430,28 @@ def test_two_processes_fall_back_from_an_unreadable_checkpoint_together(tmp_path
         np.testing.assert_allclose(again[s], full[s], rtol=1e-5, err_msg=f"step {s}")
 
 
+
+def test_a_step_unreadable_on_one_process_only_is_left_by_both(tmp_path):
+    """Damage only process 1 meets (its own shard files): the processes agree that the step did not
+    read, both resume from the previous one, and the run continues as the uninterrupted one."""
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(config(tmp_path / "run", 6)))
+    _finish(_launch(cfg_path, tmp_path, free_port()))
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        full = {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
+    inject = os.path.join(ROOT, "tests", "mp_inject")
+    outs = _finish(_launch(cfg_path, tmp_path, free_port(), args=("--resume",), QZ_TEST_UNREADABLE_STEP="6",
+                           PYTHONPATH=inject), timeout=300)
+    for out in outs:
+        assert "resuming from step 3" in out, out[-3000:]
+    assert "unreadable on process(es) [1]" in outs[0] and "step 6 unreadable on this process only" in outs[1]
+    assert (tmp_path / "run" / "checkpoints" / "6.unreadable").is_dir()
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        again = {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
+    for step in (4, 5, 6):
+        np.testing.assert_allclose(again[step], full[step], rtol=1e-5, err_msg=f"step {step}")
+
+
 _EXPORT_SCRIPT = """
 import os, sys
 import jax
@@ -440,7 +463,8 @@ from qzhou_jax.sharding import make_mesh
 
 cfg = ModelConfig.preset("tiny", compute_dtype="float32")
 params = create_model(cfg, seed=0, mesh=make_mesh({"data": 1, "fsdp": -1, "tensor": 1})).encoder.params()
-if jax.process_index() == 0:  # host memory runs out converting the third tensor, on process 0 only
+fail = sys.argv[2] == "fail"
+if fail and jax.process_index() == 0:  # host memory runs out converting the third tensor, on process 0 only
     real, seen = hf.to_hf_layout, []
     def failing(spec, host):
         seen.append(1)
@@ -449,17 +473,17 @@ if jax.process_index() == 0:  # host memory runs out converting the third tensor
         return real(spec, host)
     hf.to_hf_layout = failing
 try:
-    export.save_hf(params, cfg, sys.argv[1])
+    if fail:
+        export.save_hf(params, cfg, sys.argv[1])
+    else:
+        export.save_hf(params, cfg, sys.argv[1], dtype="bfloat16", max_seq_length=64, query_instruction="Find it")
     print("EXPORTED", flush=True)
 except ValueError as e:
     print("FAILED", e, flush=True)
 """
 
 
-def test_an_export_failing_on_process_0_stops_every_process(tmp_path):
-    """save_hf with two processes: process 0 fails converting a tensor after its gather; it still
-    takes part in the remaining gathers, so both processes report the failure instead of one
-    waiting in a collective for ever, and no folder is left behind."""
+def _export_from_two_processes(tmp_path, out, mode):
     script = tmp_path / "export.py"
     script.write_text(_EXPORT_SCRIPT)
     port, procs = free_port(), []
@@ -467,9 +491,30 @@ def test_an_export_failing_on_process_0_stops_every_process(tmp_path):
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
                "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_PROCESS_ID": str(i),
                "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / "hf")], env=env,
+        procs.append(subprocess.Popen([sys.executable, str(script), str(out), mode], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = _finish(procs, timeout=300)
+    return _finish(procs, timeout=300)
+
+
+def test_an_export_from_two_processes_keeps_its_settings(tmp_path):
+    """save_hf's dtype and sentence-transformers settings hold when every process gathers and
+    process 0 writes."""
+    from qzhou_jax.checkpoint.safetensors_io import TensorStore
+
+    outs = _export_from_two_processes(tmp_path, tmp_path / "hf", "ok")
+    assert all("EXPORTED" in out for out in outs), outs[1][-2000:]
+    store = TensorStore(str(tmp_path / "hf"))
+    assert {str(store.dtype(n)) for n in store.names()} == {"bfloat16"}
+    assert json.loads((tmp_path / "hf" / "sentence_bert_config.json").read_text())["max_seq_length"] == 64
+    prompts = json.loads((tmp_path / "hf" / "config_sentence_transformers.json").read_text())["prompts"]
+    assert "Find it" in prompts["query"]
+
+
+def test_an_export_failing_on_process_0_stops_every_process(tmp_path):
+    """save_hf with two processes: process 0 fails converting a tensor after its gather; it still
+    takes part in the remaining gathers, so both processes report the failure instead of one
+    waiting in a collective for ever, and no folder is left behind."""
+    outs = _export_from_two_processes(tmp_path, tmp_path / "hf", "fail")
     assert "FAILED" in outs[0] and "MemoryError: host memory exhausted" in outs[0], outs[0][-2000:]
     assert "FAILED" in outs[1] and "the export failed on process 0" in outs[1], outs[1][-2000:]
     assert not os.path.exists(tmp_path / "hf") and [p for p in os.listdir(tmp_path) if ".tmp-" in p] == []

@@ -1127,3 +1127,31 @@ def test_special_token_ids_come_from_init_from_with_a_preset_too(tmp_path, caplo
     # a preset whose init_from is not there yet (`plan` without the weights): no ids, no error
     cfg = load_run_config(data={**run_dict(tmp_path / "r"), "init_from": str(tmp_path / "absent")})
     assert cfg.model_config.bos_token_id is None
+
+
+def test_the_configs_alpha_and_eta_reach_the_batch_plan(tmp_path):
+    """data.alpha and data.eta of a run config decide the dataset draws of the run's plan (the
+    sampler's own test builds its plan directly)."""
+    from qzhou_jax.tokenizer import DEMO_TOKENIZER, Tokenizer
+
+    tok = Tokenizer(DEMO_TOKENIZER, max_length=32)
+    data = TrainData.from_config(load_run_config(data=run_dict(tmp_path, eta=0.72, alpha=0.3)), tok)
+    assert [e.task for e in data.plan.entries] == ["retrieval", "sts"]
+    np.testing.assert_allclose(data.plan.probs, [0.72, 0.28])
+    data = TrainData.from_config(load_run_config(data=run_dict(tmp_path, eta=None, alpha=0.3)), tok)
+    w = np.array([e.size for e in data.plan.entries], float) ** 0.3
+    np.testing.assert_allclose(data.plan.probs, w / w.sum())
+
+
+def test_a_resume_error_does_not_count_token_ids_as_state(tmp_path):
+    """Special-token ids shape no array: a checkpoint written without them does not name them among
+    the settings to restore."""
+    from qzhou_jax.checkpoint.manager import RunCheckpoints
+    from qzhou_jax.checkpoint.orbax_io import config_to_json
+    from qzhou_jax.config import ModelConfig, write_json
+
+    tiny = ModelConfig.preset("tiny")
+    write_json(tmp_path / "qzhou_config.json", config_to_json(tiny))
+    ckpts = RunCheckpoints(str(tmp_path))
+    now = tiny.replace(bos_token_id=1, eos_token_id=(2, 3), num_hidden_layers=3)
+    assert ckpts._state_changes(now, None, ()) == ["model.num_hidden_layers: 2 -> 3"]
