@@ -338,43 +338,17 @@ def test_retrieval_beir_equals_mteb(world):
     _compare(ours, theirs, RETRIEVAL_KEYS, tol=6e-6)  # mteb rounds retrieval means to 5 decimals
 
 
-def test_reranking_records_equal_mteb(world):
-    rr = [r for r in world["rerank"] if r["negative"] and r["positive"]]
-    rows, qrels, top = [], {}, {}
-    for i, r in enumerate(rr):
-        qid = f"query{i}"
-        ids = [f"apositive_{qid}_{j:05d}" for j in range(len(r["positive"]))] + \
-              [f"negative_{qid}_{j:05d}" for j in range(len(r["negative"]))]
-        rows += [{"id": d, "title": "", "text": t} for d, t in zip(ids, r["positive"] + r["negative"])]
-        qrels[qid] = {d: int(d.startswith("apositive")) for d in ids}
-        top[qid] = ids
-
-    class Task(MockRerankingTask):
-        def load_data(self, **kw):
-            self.dataset = {"default": {"test": _retrieval_split([r["query"] for r in rr], list(qrels), rows, qrels,
-                                                                 top)}}
-            self.data_loaded = True
-
-    task = Task()
-    theirs, _ = _theirs(task, world)
-    ours = _ours(world, {"name": "rerank", "type": "reranking", "path": "rerank.jsonl",
-                         "instruction": _instruction(task), "symmetric": False})
-    assert ours["qzhou_jax"]["counts"]["num_queries"] == 20
-    _compare(ours, theirs, ["map_at_1000", "mrr_at_10", "ndcg_at_10"], tol=6e-6)
+RERANK_KEYS = ["map_at_1000", "mrr_at_10", "ndcg_at_10"]
+SUBQUERY_KEYS = RERANK_KEYS + [f"max_over_subqueries_{k}" for k in RERANK_KEYS]
 
 
-def test_reranking_with_query_lists_equals_mteb_max_over_subqueries(world):
-    """MindSmallReranking's layout: a record's query is a list of texts (a browsing history).
-    mteb scores each text as a query `<record>_<j>` and its main score, max_over_subqueries,
-    ranks the record's candidates by their best score over the texts."""
+def _rerank_both(world, rr, name, subqueries=False):
+    """Reranking records `rr` scored by qzhou-jax (written to <name>.jsonl) and by mteb's reranking
+    task on the same embeddings. A record's query may be a list of texts: mteb then gets one query
+    `<record>_<j>` per text and, with `subqueries`, its max_over_subqueries scores."""
     from mteb._evaluators.retrieval_metrics import max_over_subqueries
 
-    rr = [dict(r) for r in world["rerank"] if r["negative"] and r["positive"]]
-    for i, r in enumerate(rr):  # 1 to 3 texts per record; the first is the record's own query
-        r["query"] = [r["query"]] + [f"history {i}.{j}" for j in range(i % 3)]
-    rr[4]["query"] = rr[4]["query"][0]  # a single text among lists
-    path = world["root"] / "rerank_lists.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rr))
+    (world["root"] / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rr))
     queries, qids, rows, qrels, top = [], [], [], {}, {}
     for i, r in enumerate(rr):
         base = f"query{i}"
@@ -383,7 +357,7 @@ def test_reranking_with_query_lists_equals_mteb_max_over_subqueries(world):
         rows += [{"id": d, "title": "", "text": t} for d, t in zip(ids, r["positive"] + r["negative"])]
         texts = r["query"] if isinstance(r["query"], list) else [r["query"]]
         for j, text in enumerate(texts):
-            qid = f"{base}_{j}"
+            qid = f"{base}_{j}" if isinstance(r["query"], list) else base
             queries.append(text), qids.append(qid)
             qrels[qid] = {d: int(d.startswith("apositive")) for d in ids}
             top[qid] = ids
@@ -394,16 +368,50 @@ def test_reranking_with_query_lists_equals_mteb_max_over_subqueries(world):
             self.data_loaded = True
 
         def task_specific_scores(self, scores, qrels, results, hf_split, hf_subset):
-            return max_over_subqueries(qrels, results, self.k_values)
+            return max_over_subqueries(qrels, results, self.k_values) if subqueries else {}
 
     task = Task()
     theirs, _ = _theirs(task, world)
-    ours = _ours(world, {"name": "rerank_lists", "type": "reranking", "path": "rerank_lists.jsonl",
+    ours = _ours(world, {"name": name, "type": "reranking", "path": f"{name}.jsonl",
                          "instruction": _instruction(task), "symmetric": False,
-                         "main_score": "max_over_subqueries_map_at_1000"})
+                         **({"main_score": "max_over_subqueries_map_at_1000"} if subqueries else {})})
+    return ours, theirs, qids
+
+
+def _rerank_records(world):
+    return [dict(r) for r in world["rerank"] if r["negative"] and r["positive"]]
+
+
+def test_reranking_records_equal_mteb(world):
+    ours, theirs, _ = _rerank_both(world, _rerank_records(world), "rerank_kept")
+    assert ours["qzhou_jax"]["counts"]["num_queries"] == 20
+    _compare(ours, theirs, RERANK_KEYS, tol=6e-6)
+    # the file with the records mteb drops (no positive, or no negative) scores the same
+    ours_all = _ours(world, {"name": "rerank", "type": "reranking", "path": "rerank.jsonl",
+                             "instruction": ours["qzhou_jax"]["instructions"]["query"], "symmetric": False})
+    assert ours_all["scores"] == ours["scores"]
+
+
+def test_reranking_with_tied_candidates_equals_mteb(world):
+    """A negative with a positive's text (tied cosines): the tie-break is mteb's."""
+    rr = _rerank_records(world)
+    for r in rr[:5]:
+        r["negative"] = [r["positive"][0]] + r["negative"][1:]
+    ours, theirs, _ = _rerank_both(world, rr, "rerank_ties")
+    _compare(ours, theirs, RERANK_KEYS, tol=6e-6)
+
+
+def test_reranking_with_query_lists_equals_mteb_max_over_subqueries(world):
+    """MindSmallReranking's layout: a record's query is a list of texts (a browsing history).
+    mteb scores each text as a query `<record>_<j>` and its main score, max_over_subqueries,
+    ranks the record's candidates by their best score over the texts."""
+    rr = _rerank_records(world)
+    for i, r in enumerate(rr):  # 1 to 3 texts per record; the first is the record's own query
+        r["query"] = [r["query"]] + [f"history {i}.{j}" for j in range(i % 3)]
+    rr[4]["query"] = rr[4]["query"][0]  # a single text among lists
+    ours, theirs, qids = _rerank_both(world, rr, "rerank_lists", subqueries=True)
     assert ours["qzhou_jax"]["counts"]["num_queries"] == len(qids) == 38
-    keys = ["map_at_1000", "mrr_at_10", "ndcg_at_10"]
-    _compare(ours, theirs, keys + [f"max_over_subqueries_{k}" for k in keys], tol=6e-6, main=False)
+    _compare(ours, theirs, SUBQUERY_KEYS, tol=6e-6, main=False)
     split = ours["scores"]["test"][0]
     assert ours["main_score"] == split["max_over_subqueries_map_at_1000"] != split["map_at_1000"]
     # a task file's lists are refused where they have no meaning
@@ -413,114 +421,28 @@ def test_reranking_with_query_lists_equals_mteb_max_over_subqueries(world):
         _ours(world, {"name": "bad", "type": "reranking", "path": "bad_rerank.jsonl", "instruction": None})
 
 
-def test_reranking_with_tied_candidates_equals_mteb(world):
-    """A negative with a positive's text (tied cosines): the tie-break is mteb's."""
-    rr = [dict(r) for r in world["rerank"] if r["negative"] and r["positive"]]
-    for r in rr[:5]:
-        r["negative"] = [r["positive"][0]] + r["negative"][1:]  # a negative with a positive's text: tied cosines
-    path = world["root"] / "rerank_ties.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rr))
-    rows, qrels, top = [], {}, {}
-    for i, r in enumerate(rr):
-        qid = f"query{i}"
-        ids = [f"apositive_{qid}_{j:05d}" for j in range(len(r["positive"]))] + \
-              [f"negative_{qid}_{j:05d}" for j in range(len(r["negative"]))]
-        rows += [{"id": d, "title": "", "text": t} for d, t in zip(ids, r["positive"] + r["negative"])]
-        qrels[qid] = {d: int(d.startswith("apositive")) for d in ids}
-        top[qid] = ids
-
-    class Task(MockRerankingTask):
-        def load_data(self, **kw):
-            self.dataset = {"default": {"test": _retrieval_split([r["query"] for r in rr], list(qrels), rows, qrels, top)}}
-            self.data_loaded = True
-
-    task = Task()
-    theirs, _ = _theirs(task, world)
-    ours = _ours(world, {"name": "rerank_ties", "type": "reranking", "path": "rerank_ties.jsonl",
-                         "instruction": _instruction(task), "symmetric": False})
-    _compare(ours, theirs, ["map_at_1000", "mrr_at_10", "ndcg_at_10"], tol=6e-6)
-
-
 def test_query_lists_with_tied_candidates_equal_mteb(world):
     """Ties inside the max-over-texts merge break as mteb breaks them."""
-    from mteb._evaluators.retrieval_metrics import max_over_subqueries
-
-    rr = [dict(r) for r in world["rerank"] if r["negative"] and r["positive"]]
+    rr = _rerank_records(world)
     for i, r in enumerate(rr):
         r["query"] = [r["query"]] + [f"history {i}.{j}" for j in range(i % 3)]
         if i < 8:
             r["negative"] = [r["positive"][0]] + r["negative"][1:]
-    path = world["root"] / "rerank_lists_ties.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rr))
-    queries, qids, rows, qrels, top = [], [], [], {}, {}
-    for i, r in enumerate(rr):
-        base = f"query{i}"
-        ids = [f"apositive_{base}_{j:05d}" for j in range(len(r["positive"]))] + \
-              [f"negative_{base}_{j:05d}" for j in range(len(r["negative"]))]
-        rows += [{"id": d, "title": "", "text": t} for d, t in zip(ids, r["positive"] + r["negative"])]
-        for j, text in enumerate(r["query"]):
-            qid = f"{base}_{j}"
-            queries.append(text), qids.append(qid)
-            qrels[qid] = {d: int(d.startswith("apositive")) for d in ids}
-            top[qid] = ids
-
-    class Task(MockRerankingTask):
-        def load_data(self, **kw):
-            self.dataset = {"default": {"test": _retrieval_split(queries, qids, rows, qrels, top)}}
-            self.data_loaded = True
-
-        def task_specific_scores(self, scores, qrels, results, hf_split, hf_subset):
-            return max_over_subqueries(qrels, results, self.k_values)
-
-    task = Task()
-    theirs, _ = _theirs(task, world)
-    ours = _ours(world, {"name": "rerank_lists_ties", "type": "reranking", "path": "rerank_lists_ties.jsonl",
-                         "instruction": _instruction(task), "symmetric": False,
-                         "main_score": "max_over_subqueries_map_at_1000"})
-    keys = ["map_at_1000", "mrr_at_10", "ndcg_at_10"]
-    _compare(ours, theirs, keys + [f"max_over_subqueries_{k}" for k in keys], tol=6e-6, main=False)
+    ours, theirs, _ = _rerank_both(world, rr, "rerank_lists_ties", subqueries=True)
+    _compare(ours, theirs, SUBQUERY_KEYS, tol=6e-6, main=False)
 
 
 def test_query_lists_whose_other_texts_change_the_ranking_equal_mteb(world):
     """History texts on a negative's topic: the max over a record's texts changes its ranking."""
-    from mteb._evaluators.retrieval_metrics import max_over_subqueries
-
-    rr = [dict(r) for r in world["rerank"] if r["negative"] and r["positive"]]
+    rr = _rerank_records(world)
     for i, r in enumerate(rr):
         k = int(r["query"].rsplit(" ", 1)[1])
         hist = [f"topical history {i}.{j}" for j in range(1 + i % 2)]
         for h in hist:  # on the topic of the record's negative 1: max over texts lifts that negative
             world["encoder"].topic_of[h] = (k + 2) % 5
         r["query"] = [r["query"]] + hist
-    path = world["root"] / "rerank_lists_topical.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rr))
-    queries, qids, rows, qrels, top = [], [], [], {}, {}
-    for i, r in enumerate(rr):
-        base = f"query{i}"
-        ids = [f"apositive_{base}_{j:05d}" for j in range(len(r["positive"]))] + \
-              [f"negative_{base}_{j:05d}" for j in range(len(r["negative"]))]
-        rows += [{"id": d, "title": "", "text": t} for d, t in zip(ids, r["positive"] + r["negative"])]
-        for j, text in enumerate(r["query"]):
-            qid = f"{base}_{j}"
-            queries.append(text), qids.append(qid)
-            qrels[qid] = {d: int(d.startswith("apositive")) for d in ids}
-            top[qid] = ids
-
-    class Task(MockRerankingTask):
-        def load_data(self, **kw):
-            self.dataset = {"default": {"test": _retrieval_split(queries, qids, rows, qrels, top)}}
-            self.data_loaded = True
-
-        def task_specific_scores(self, scores, qrels, results, hf_split, hf_subset):
-            return max_over_subqueries(qrels, results, self.k_values)
-
-    task = Task()
-    theirs, _ = _theirs(task, world)
-    ours = _ours(world, {"name": "rerank_lists_topical", "type": "reranking", "path": "rerank_lists_topical.jsonl",
-                         "instruction": _instruction(task), "symmetric": False,
-                         "main_score": "max_over_subqueries_map_at_1000"})
-    keys = ["map_at_1000", "mrr_at_10", "ndcg_at_10"]
-    _compare(ours, theirs, keys + [f"max_over_subqueries_{k}" for k in keys], tol=6e-6, main=False)
+    ours, theirs, _ = _rerank_both(world, rr, "rerank_lists_topical", subqueries=True)
+    _compare(ours, theirs, SUBQUERY_KEYS, tol=6e-6, main=False)
 
 
 def test_the_subquery_main_score_of_single_text_records_is_the_plain_one(world):
