@@ -492,7 +492,7 @@ def read_json(path: str, missing: str = "file not found") -> Any:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: {missing}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -121,10 +121,11 @@ class RunCheckpoints:
         a fallback handles fails every process alike (a step's metadata or data item, which all of
         them read). A step that fails on some processes only leaves the others waiting in Orbax's
         barrier: the failed ones stop after the exchange's timeout (`_read_everywhere`), naming the
-        step folder to move aside, and the job ends. With the current run's `model_config` and `run_config`, the error names
-        the settings that shape the train state and differ from those the checkpoints were written
-        with: the model's fields less its `policy_fields` (against `qzhou_config.json`) and whether
-        gradients are clipped (against `run_config.yaml`)."""
+        step folder to move aside, and the job ends.
+        With the current run's `model_config` and `run_config`, the error names the settings that
+        shape the train state and differ from those the checkpoints were written with: the model's
+        fields less its `policy_fields` (against `qzhou_config.json`) and whether gradients are
+        clipped (against `run_config.yaml`)."""
         steps = sorted(self.all_steps(), reverse=True)
         if not steps:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to resume from")

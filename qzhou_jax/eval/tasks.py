@@ -39,6 +39,7 @@ import json
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
+from qzhou_jax.config import read_json
 from qzhou_jax.eval.data import DEFAULT_FIELDS
 from qzhou_jax.tokenizer import ASSETS
 
@@ -452,13 +453,7 @@ def read_instruction_map(path: str | os.PathLike) -> dict[str, str | None]:
     """A `{task name: instruction}` JSON file, the layout of QZhou's published tables
     (`task_to_instructions_v2.json`, `instruction_map`); null or "" means no instruction."""
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: instruction file not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    doc = read_json(path, "instruction file not found")
     if not isinstance(doc, dict) or not doc:
         raise ValueError(f"{path}: an instruction file is a non-empty JSON object mapping task names to "
                          "instructions")

@@ -192,15 +192,21 @@ def _powers(base: int, length: int) -> np.ndarray:
 _UNIT_HASHES: dict[str, int] = {}  # a cache: the same words recur across texts
 
 
+def stable_hash(text: str) -> int:
+    """A signed 64-bit hash that every process computes alike (Python's ``hash`` of a str is salted
+    per process): the first 8 bytes of the text's BLAKE2b."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                          "little", signed=True)
+
+
 def unit_hash(unit: str) -> int:
-    """A signed 64-bit hash of a text unit (a word or a CJK character) that every process computes
-    alike (Python's ``hash`` of a str is salted per process): the first 8 bytes of its BLAKE2b."""
+    """``stable_hash`` of a text unit (a word or a CJK character), cached: units recur across texts
+    (whole texts do not, and go to ``stable_hash`` directly)."""
     value = _UNIT_HASHES.get(unit)
     if value is None:
         if len(_UNIT_HASHES) >= 1 << 21:
             _UNIT_HASHES.clear()
-        value = _UNIT_HASHES[unit] = int.from_bytes(
-            hashlib.blake2b(unit.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little", signed=True)
+        value = _UNIT_HASHES[unit] = stable_hash(unit)
     return value
 
 
@@ -237,7 +243,7 @@ class EvalIndex:
             self.texts += 1
             cjk = checks.script_of_units(u) in _CJK_SCRIPTS
             if len(u) >= (min_cjk_chars if cjk else min_words):
-                exact.append(unit_hash(" ".join(u)))
+                exact.append(stable_hash(" ".join(u)))
             grams.extend(run_hashes(u, self.cjk_ngram if cjk else self.ngram).tolist())
         self.exact = np.unique(np.frombuffer(exact, np.int64)) if exact else np.zeros(0, np.int64)
         self.grams = np.unique(np.frombuffer(grams, np.int64)) if grams else np.zeros(0, np.int64)
@@ -269,7 +275,7 @@ class EvalIndex:
         if not u:
             return False
         n = self.cjk_ngram if checks.script_of_units(u) in _CJK_SCRIPTS else self.ngram
-        return (self._contains(self.exact, np.array([unit_hash(" ".join(u))], np.int64))
+        return (self._contains(self.exact, np.array([stable_hash(" ".join(u))], np.int64))
                 or self._contains(self.grams, run_hashes(u, n)))
 
 
@@ -320,7 +326,9 @@ def _hits(records: Iterable[Record], index: EvalIndex, workers: int,
     """(record, first hit or None) in input order; with ``workers > 1``, checked by worker processes a
     chunk at a time, at most 2 chunks per worker in flight (memory stays bounded on any input size).
     The workers are spawned, not forked (a fork of a process whose other threads hold locks, JAX's
-    for one, can hang), and memory-map the index's arrays from a temporary folder."""
+    for one, can hang), and memory-map the index's arrays from a temporary folder. A script that
+    calls this with ``workers > 1`` needs Python's ``if __name__ == "__main__":`` guard, as any
+    spawned pool does."""
     if workers <= 1:
         for r in records:
             yield r, _first_hit(r, index)
