@@ -122,6 +122,13 @@ def test_augment_and_negative_checks():
     assert "rewording of the example query" in aug.check(r, {**ok, "query": r.query}, [])
     assert "negative is the same text" in aug.check(r, {**ok, "negative": ok["positive"] + "!"}, [])
     assert "length" in aug.check(r, {**ok, "negative": sentence(7, 10)}, [])
+    # a longer query is fine, a passage written as the query is not (the example query: 13 words)
+    assert aug.check(r, {**ok, "query": sentence(5, 38)}, []) is None
+    assert "query is 41 words long and the example query 13 (allowed up to 39)" in aug.check(
+        r, {**ok, "query": sentence(5, 40)}, [])
+    short = RetrievalRecord("capital of France", r.pos)
+    assert aug.check(short, {**ok, "query": sentence(5, 12)}, []) is None
+    assert "allowed up to 13" in aug.check(short, {**ok, "query": sentence(5, 13)}, [])
     neg = Negatives(2)
     n1 = {"negative": reword(r.pos[0])}
     assert neg.check(r, n1, []) is None

@@ -393,6 +393,8 @@ def test_a_custom_loss_replaces_the_task_loss_with_and_without_gradcache():
         trainer.step(dict(_batch(), teacher=teacher[:5]))
     with pytest.raises(ValueError, match=r"unknown keys \['teacher'\]"):
         Trainer(CFG, TrainConfig(warmup_steps=0, total_steps=5), _params()).step(dict(_batch(), teacher=teacher))
+    with pytest.raises(KeyError, match=r"reads batch\['teacher'\], which this retrieval batch lacks .*extra_keys"):
+        trainer.step(_batch())  # declared, but this batch does not carry it
     for a, b in zip(runs[0], runs[4]):
         np.testing.assert_allclose([a["loss"], a["grad_norm"], a["spread"]], [b["loss"], b["grad_norm"], b["spread"]],
                                    rtol=1e-5)

@@ -297,7 +297,8 @@ def add_synth_parser(subparsers: Any) -> argparse.ArgumentParser:
     _llm_args(p, 0.15)
     p.set_defaults(func=cmd_paraphrase)
 
-    a = sub.add_parser("augment", help="new (query, positive, hard negative) triplets in each record's field")
+    a = sub.add_parser("augment", help="new (query, positive, hard negative) triplets in each record's field (retrieval "
+                                       "data; not NLI triplets, which the recipe paraphrases only)")
     _common(a, task=False)
     _llm_args(a, 0.20)
     a.set_defaults(func=cmd_augment, task="retrieval")

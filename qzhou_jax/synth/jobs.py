@@ -8,8 +8,10 @@ with a short reason (fed back into the next try's prompt) or builds new records 
   paragraph); sts keeps the score, classification keeps the label. Retrieval paraphrases come out
   without negatives: mine them afterwards (``qzhou-jax synth mine``).
 - ``Augment`` (retrieval): a new query in the same field, the topic moved or extended (it must differ
-  from the source query like a paraphrase would), a complete positive and a worse hard negative, each
-  within 20% of the source positive's length.
+  from the source query like a paraphrase would, and stay a query: at most ``QUERY_GROWTH`` times the
+  source query's length, or 10 words longer for short ones), a complete positive and a worse hard
+  negative, each within 20% of the source positive's length. Not for NLI triplets: the recipe
+  paraphrases NLI data but does not augment it.
 - ``Negatives`` (retrieval): hard negatives for a record, each worse than the positive in one of three
   ways (incomplete, carrying irrelevant content, another aspect of the topic), imitating the
   positive's structure, within 20% of its length; added to the record's own.
@@ -81,6 +83,20 @@ def _check_length(new: str, reference: str, tolerance: float, what: str) -> str 
     r = checks.length_ratio(new, reference)
     if abs(r - 1.0) > tolerance + 1e-9:
         return f"{what} length is {r:.0%} of the source's (allowed {1 - tolerance:.0%}-{1 + tolerance:.0%})"
+    return None
+
+
+QUERY_GROWTH = 3.0
+
+
+def _check_query_length(new: str, example: str) -> str | None:
+    """A new query may be longer than the example's, but not a passage: at most QUERY_GROWTH times
+    its length in units (words, CJK characters), or 10 units more when that is larger."""
+    n, ref = len(checks.units(new)), len(checks.units(example))
+    limit = max(int(QUERY_GROWTH * ref), ref + 10)
+    if n > limit:
+        return (f"query is {n} words long and the example query {ref} (allowed up to {limit}): write a query, "
+                f"not a passage")
     return None
 
 
@@ -226,7 +242,8 @@ class Augment(Job):
             reason = _check_script(reply[key], record.pos[0] if key != "query" else record.query, key)
             if reason:
                 return reason
-        reason = (_check_length(p, record.pos[0], self.length_tolerance, "positive")
+        reason = (_check_query_length(q, record.query)
+                  or _check_length(p, record.pos[0], self.length_tolerance, "positive")
                   or _check_length(n, record.pos[0], self.length_tolerance, "negative"))
         if reason:
             return reason

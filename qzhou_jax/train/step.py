@@ -256,10 +256,23 @@ def _unflatten(flat: Mapping[str, Any], like: Any) -> Any:
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), [flat[p] for p in paths])
 
 
+def _call_loss(loss_fn, q, p, batch, task, loss_cfg):
+    """`loss_fn` on the embeddings; a key it reads that the batch lacks is named with the remedy."""
+    try:
+        return loss_fn(q, p, batch, task, loss_cfg)
+    except KeyError as e:
+        key = e.args[0] if len(e.args) == 1 else None
+        if not isinstance(key, str) or key in batch:
+            raise
+        raise KeyError(f"the loss function reads batch[{key!r}], which this {task} batch lacks (it has "
+                       f"{sorted(batch)}): a custom loss's own keys are declared with Trainer(extra_keys=...) "
+                       f"and every {task} batch must carry them") from e
+
+
 def _full_batch(params, batch, cfg, task, loss_cfg, loss_fn):
     def loss_of(p):
         q, d = embed_batch(p, cfg, batch)
-        return loss_fn(q, d, batch, task, loss_cfg)
+        return _call_loss(loss_fn, q, d, batch, task, loss_cfg)
 
     (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     return loss, metrics, grads
@@ -329,7 +342,7 @@ def _grad_cache(params, batch, cfg, task, loss_cfg, chunk_size, keep_chunks, los
 
     # 2. Loss and its gradient with respect to the full embedding matrices.
     (loss, metrics), (dq, dp) = jax.value_and_grad(
-        lambda q, p: loss_fn(q, p, batch, task, loss_cfg), argnums=(0, 1),
+        lambda q, p: _call_loss(loss_fn, q, p, batch, task, loss_cfg), argnums=(0, 1),
         has_aux=True)(q_emb, p_emb)
     d_emb = (_to_chunks(dq, chunk_size, 1), _to_chunks(dp, chunk_size, g))
 
