@@ -362,6 +362,58 @@ def test_resume_without_a_checkpoint_keeps_an_earlier_log(tmp_path):
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
+def _tensorboard_scalars(folder) -> dict[tuple[str, int], float]:
+    """(tag, step) -> value from the event files under `folder`, read as TensorBoard reads them:
+    a SessionLog.START at step s (a writer's purge_step) drops the steps from s on."""
+    import glob
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    out: dict[tuple[str, int], float] = {}
+    for path in sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*"))):
+        data, i = open(path, "rb").read(), 0
+        while i + 12 <= len(data):
+            (n,) = struct.unpack_from("<Q", data, i)
+            if i + 16 + n > len(data):  # a record cut short by a kill
+                break
+            e = Event.FromString(data[i + 12:i + 12 + n])
+            i += 16 + n
+            if e.HasField("session_log") and e.session_log.status == SessionLog.START:
+                out = {k: v for k, v in out.items() if k[1] < e.step}
+            for v in e.summary.value:
+                out[(v.tag, e.step)] = v.simple_value
+    return out
+
+
+def test_tensorboard_keeps_every_step_logged_before_a_kill(tmp_path):
+    """A process killed (SIGKILL: no close, no flush at exit) after its step-12 checkpoint, at step
+    14: the resumed run purges steps after 12 and logs 13 on; TensorBoard has every step once,
+    as metrics.jsonl has (events it buffered were lost for good)."""
+    import subprocess
+    import sys
+
+    from qzhou_jax.train.metrics import MetricsLog
+
+    child = ("import os, signal, sys\n"
+             "from qzhou_jax.train.metrics import MetricsLog\n"
+             "m = MetricsLog(sys.argv[1])\n"
+             "for s in range(1, 15):\n"
+             "    m.write(s, {'loss': 1.0 / s})\n"
+             "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    log = MetricsLog(str(tmp_path), resume_step=12)
+    for s in range(13, 21):
+        log.write(s, {"loss": 1.0 / s})
+    log.close()
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == list(range(1, 21))
+    got = _tensorboard_scalars(tmp_path / "tensorboard")
+    assert sorted(got) == [("train/loss", s) for s in range(1, 21)]
+    np.testing.assert_allclose([got["train/loss", s] for s in range(1, 21)], [1.0 / s for s in range(1, 21)],
+                               rtol=1e-6)
+
+
 def test_resume_on_another_mesh_and_worker_count(tmp_path, uninterrupted, caplog):
     cfg = load_run_config(data=run_dict(tmp_path))
     first = train(cfg, hooks=[sigterm_at(4)])

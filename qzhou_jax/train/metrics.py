@@ -69,6 +69,7 @@ class MetricsLog:
             self.tb = SummaryWriter(tb_dir, purge_step=purge)
             for row in kept_at_step if dropped else ():
                 self._add_scalars(row)
+            self.tb.flush()
 
     def _truncate(self, step: int, drop_eval: bool) -> tuple[bool, list[dict]]:
         """Drop the rows after `step`, a partial row at `step` (a logging window that a
@@ -109,6 +110,8 @@ class MetricsLog:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         self._add_scalars(row)
+        if self.tb is not None:  # on disk before the step's checkpoint: a resume purges only later steps
+            self.tb.flush()
 
     def _add_scalars(self, row: Mapping[str, Any]) -> None:
         if self.tb is not None:
