@@ -444,6 +444,19 @@ def test_a_resume_that_changes_what_the_model_computes_says_so(tmp_path, uninter
     assert "model.pooling: 'mean' -> 'last'" in caplog.text
 
 
+def test_a_resume_removes_steps_beyond_keep(tmp_path, uninterrupted):
+    """Orbax removes old steps after a save, so a run killed between its last save's commit and
+    that removal keeps a step too many, and a resume at the last step saves nothing: the resume
+    removes the oldest steps beyond checkpoint.keep (here lowered from 2 to 1: the same case)."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted.out_dir, out)
+    assert sorted(n for n in os.listdir(out / "checkpoints") if n.isdigit()) == ["4", "8"]
+    cfg = load_run_config(data=run_dict(out), overrides=["checkpoint.keep=1"])
+    resumed = train(cfg, resume=True)
+    assert resumed.status == "completed" and resumed.step == 8 and losses(resumed) == {}
+    assert sorted(n for n in os.listdir(out / "checkpoints") if n.isdigit()) == ["8"]
+
+
 def test_resume_with_a_bfloat16_first_moment(tmp_path, uninterrupted, caplog):
     """`train.mu_dtype: bfloat16` restores a float32-moment checkpoint (the moment is cast), keeps
     the second moment float32, and trains on close to the float32 run."""

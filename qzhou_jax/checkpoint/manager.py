@@ -84,6 +84,20 @@ class RunCheckpoints:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
+    def prune(self) -> list[int]:
+        """Delete the oldest steps beyond `keep`; returns them. Orbax removes old steps after a
+        save completes, so a run killed between a save's commit and that removal keeps one step
+        too many, for good when it had no save left (its last). Every process calls it."""
+        keep = self._options.max_to_keep
+        steps = sorted(self.all_steps())
+        extra = steps[:-keep] if keep and len(steps) > keep else []
+        for step in extra:
+            self.manager.delete(step)
+        if extra:
+            log.info("%s: removed step(s) %s (checkpoint.keep is %d)", self.directory,
+                     ", ".join(map(str, extra)), keep)
+        return extra
+
     def save(self, step: int, state: Any, data_state: Mapping[str, Any], force: bool = False) -> bool:
         """Start writing `state` (a TrainState) and `data_state` as checkpoint `step`."""
         saved = self.manager.save(step, args=ocp.args.Composite(

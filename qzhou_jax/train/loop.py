@@ -334,6 +334,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
             _shorter_plan(len(data), f"checkpoint {ckpts.directory}/{saved} is at step {start_step}")
         trainer = Trainer(model_cfg, cfg.train, None, loss_cfg=cfg.loss, mesh=mesh, state=state)
         log.warning("resumed from %s at step %d", ckpts.directory, start_step)
+        ckpts.prune()
         changed = ckpts.model_changes(model_cfg, ("attention", "pooling", "normalize", "embedding_dim"))
         if changed:  # allowed (the arrays fit), but the model now computes another function
             log.warning("%s: the model computes differently from the steps trained so far (their "
