@@ -419,6 +419,37 @@ def test_existing_output_and_overwrite(tmp_path, good_hf):
     assert note.read_text() == "keep me" and glob.glob(str(tmp_path / "*.tmp-*")) == []
 
 
+def test_leftovers_of_killed_writes_are_removed_once_the_new_folder_is_in_place(tmp_path, caplog):
+    """A killed write leaves `<out>.tmp-<host>-<pid>-<id>` (or the replaced folder as `.old-`). The
+    next write of `out` removes this machine's whose process has ended; those of a running
+    process or of another machine are named in a warning, and removed when the caller owns the
+    folder (a training run's out_dir). Other names are never touched."""
+    import subprocess
+    import sys
+
+    from qzhou_jax.checkpoint.export import _host, atomic_output_dir
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    out = tmp_path / "out"
+    dead = [f"out.tmp-{_host()}-{ended.pid}-aaaaaaaa", f"out.old-{_host()}-{ended.pid}-bbbbbbbb"]
+    alive = [f"out.tmp-{_host()}-{os.getpid()}-cccccccc", "out.tmp-elsewhere-7-dddddddd", "out.old-4242-eeeeeeee"]
+    unrelated = [f"out2.tmp-{_host()}-{ended.pid}-ffffffff", "out.tmp-notes", "out.old-1-2"]
+    for name in dead + alive + unrelated:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text("x")
+    with caplog.at_level("INFO"), atomic_output_dir(out) as tmp:
+        assert os.path.basename(tmp).startswith(f"out.tmp-{_host()}-{os.getpid()}-")
+        open(os.path.join(tmp, "config.json"), "w").close()
+    assert sorted(os.listdir(tmp_path)) == sorted(["out"] + alive + unrelated)
+    assert f"removed {', '.join(sorted(dead))}, left by interrupted writes of out" in caplog.text
+    assert f"{', '.join(sorted(alive))} were left by writes of out that were interrupted on another machine" \
+        in caplog.text
+    with atomic_output_dir(out, overwrite=True, owned=True) as tmp:
+        open(os.path.join(tmp, "config.json"), "w").close()
+    assert sorted(os.listdir(tmp_path)) == sorted(["out"] + unrelated) and os.listdir(out) == ["config.json"]
+
+
 def test_interrupted_conversion_leaves_nothing(tmp_path, good_hf, monkeypatch):
     from qzhou_jax.checkpoint import hf as hf_mod
 

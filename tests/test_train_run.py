@@ -1058,8 +1058,14 @@ def test_train_command_and_stage2_init_from(tmp_path, caplog):
     raw["export_hf"] = True
     raw["data"]["datasets"][0]["instruction"] = "Find the passage that answers the question"
     cfg.write_text(yaml.safe_dump(raw))
+    # what exports killed on other machines left (a requeued pod job): the run owns its out_dir
+    leftovers = [tmp_path / "s1" / "hf.tmp-elsewhere-99-abcdef12", tmp_path / "s1" / "hf.old-elsewhere-98-0123abcd"]
+    for folder in leftovers:
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"x")
     assert cli_main(["train", "--config", str(cfg)]) == 0
     assert os.path.isfile(tmp_path / "s1" / "hf" / "config.json")
+    assert not any(folder.exists() for folder in leftovers)
     # converting the run's checkpoints writes the sentence-transformers files its own export wrote
     from qzhou_jax.checkpoint import convert
 

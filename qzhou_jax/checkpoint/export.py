@@ -25,7 +25,9 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
+import socket
 import uuid
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -94,13 +96,24 @@ def frugal_host_allocator(threshold: int = 1 << 20) -> None:
 
 
 # ------------------------------------------------------------------ atomic folders
+_LEFTOVER = re.compile(r"\.(?:tmp|old)-(?:(?P<host>.+)-)?(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+def _host() -> str:
+    return socket.gethostname().replace(os.sep, "_") or "host"
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False,
-                      inputs: Iterable[str | os.PathLike | None] = ()) -> Iterator[str]:
+                      inputs: Iterable[str | os.PathLike | None] = (), owned: bool = False) -> Iterator[str]:
     """Yield a fresh temporary folder next to `out`; rename it to `out` on success.
 
     On any exception (or interrupt) the temporary folder is removed. A killed process
-    leaves only `<out>.tmp-<pid>-<id>`, which nothing mistakes for a finished folder.
+    leaves only `<out>.tmp-<host>-<pid>-<id>` (or, killed while replacing `out`, the previous
+    folder as `<out>.old-<host>-<pid>-<id>`), which nothing mistakes for a finished folder.
+    Once the new `out` is in place, such leftovers of this machine's ended processes are
+    removed, and with `owned` (the caller owns the parent folder: a training run's out_dir)
+    every leftover; others are named in a warning.
     With `overwrite`, an existing `out` is replaced only once the new one is complete,
     and never when it is, or holds, one of the `inputs`.
     """
@@ -109,24 +122,64 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False,
     _check_output(out, overwrite, inputs)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = f"{out}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tag = f"{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = f"{out}.tmp-{tag}"
     os.makedirs(tmp)
     try:
         yield tmp
         _check_output(out, overwrite, inputs)
         if os.path.lexists(out):
-            old = f"{out}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            old = f"{out}.old-{tag}"
             os.rename(out, old)
             os.rename(tmp, out)
-            if os.path.isdir(old) and not os.path.islink(old):
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.remove(old)
+            _remove(old)
         else:
             os.rename(tmp, out)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+    _remove_leftovers(out, owned)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        os.remove(path)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, another user's
+        return True
+    return True
+
+
+def _remove_leftovers(out: str, owned: bool) -> None:
+    """Remove the `<out>.tmp-*` / `<out>.old-*` folders that interrupted writes of `out` left:
+    this machine's whose process has ended, and with `owned` all of them."""
+    parent, base = os.path.split(out)
+    removed, others = [], []
+    for name in sorted(os.listdir(parent)):
+        match = _LEFTOVER.fullmatch(name[len(base):]) if name.startswith(base + ".") else None
+        if match is None:
+            continue
+        if owned or (match["host"] == _host() and not _running(int(match["pid"]))):
+            try:
+                _remove(os.path.join(parent, name))
+                removed.append(name)
+            except OSError as e:
+                log.warning("%s: could not remove %s, left by an interrupted write: %s", parent, name, e)
+        else:
+            others.append(name)
+    if removed:
+        log.info("%s: removed %s, left by interrupted writes of %s", parent, ", ".join(removed), base)
+    if others:
+        log.warning("%s: %s were left by writes of %s that were interrupted on another machine or are still "
+                    "running; remove them once no write of it is running", parent, ", ".join(others), base)
 
 
 def _check_output(out: str, overwrite: bool, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
@@ -305,13 +358,15 @@ def write_hf_folder(folder: str, params: Mapping[str, Any], cfg: ModelConfig, dt
 def save_hf(params: Mapping[str, Any], cfg: ModelConfig, out: str | os.PathLike, dtype: str | None = None,
             tokenizer_dir: str | os.PathLike | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
             settings: st_folder.Settings | None = None, overwrite: bool = False,
-            max_seq_length: int | None = None, query_instruction: str | None = None) -> str:
+            max_seq_length: int | None = None, query_instruction: str | None = None, owned: bool = False) -> str:
     """Write `params` (nested dict, any sharding) as a HF + sentence-transformers folder.
 
     dtype: tensor dtype on disk (default: the parameters' own dtype). settings:
     sentence-transformers' max_seq_length and prompts (default: `st_folder`'s defaults);
     max_seq_length / query_instruction change those. Tensors are gathered one layer at a
-    time. Returns the absolute output path.
+    time. Returns the absolute output path. owned: `out`'s parent folder is the caller's alone (a
+    training run's out_dir), so every leftover of an interrupted earlier export is removed
+    (`atomic_output_dir`).
 
     In a job of several processes every process calls it (each tensor is gathered through
     collectives) and process 0 writes: `out` must be its path. The processes agree through the
@@ -323,17 +378,18 @@ def save_hf(params: Mapping[str, Any], cfg: ModelConfig, out: str | os.PathLike,
     dtype = dtype or _leaf_dtype(params)
     out = os.path.abspath(os.fspath(out))
     if jax.process_count() > 1:
-        _save_hf_from_every_process(params, cfg, out, dtype, tokenizer_dir, max_shard_bytes, settings, overwrite)
+        _save_hf_from_every_process(params, cfg, out, dtype, tokenizer_dir, max_shard_bytes, settings, overwrite,
+                                    owned)
         return out
     check_tokenizer(tokenizer_dir, out)
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, overwrite, owned=owned) as tmp:
         write_hf_folder(tmp, params, cfg, dtype, tokenizer_dir, max_shard_bytes, settings)
     return out
 
 
 def _save_hf_from_every_process(params: Mapping[str, Any], cfg: ModelConfig, out: str, dtype: str,
                                 tokenizer_dir: Any, max_shard_bytes: int, settings: st_folder.Settings,
-                                overwrite: bool) -> None:
+                                overwrite: bool, owned: bool) -> None:
     """`save_hf` in a multi-process job: every process gathers, process 0 writes. A process that
     stopped between two tensors would leave the others in a collective, so process 0 checks
     its output before the first one, and after a failed write still takes part in the rest."""
@@ -353,7 +409,7 @@ def _save_hf_from_every_process(params: Mapping[str, Any], cfg: ModelConfig, out
     gathered = iter_gathered(params, cfg)  # the collectives; the host-side work is process 0's alone
     if writer:
         try:
-            with atomic_output_dir(out, overwrite) as tmp:
+            with atomic_output_dir(out, overwrite, owned=owned) as tmp:
                 write_hf_folder(tmp, params, cfg, dtype, tokenizer_dir, max_shard_bytes, settings,
                                 iter_hf_tensors(params, cfg, str(jnp.dtype(dtype)), gathered=gathered))
         except Exception as e:  # e.g. a full disk: the other processes still gather every tensor

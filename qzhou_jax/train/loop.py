@@ -568,7 +568,7 @@ def _export(cfg: RunConfig, trainer: Trainer, tok_dir: str, data: TrainData) -> 
     out = os.path.join(cfg.output_dir, "hf")
     # several processes: each gathers, process 0 writes (out_dir is shared, checked at the start)
     return save_hf(trainer.params, cfg.model_config, out, dtype=cfg.model_config.param_dtype, tokenizer_dir=tok_dir,
-                   settings=export_settings(cfg, data), overwrite=True)
+                   settings=export_settings(cfg, data), overwrite=True, owned=True)
 
 
 def export_settings(cfg: RunConfig, data: TrainData):
