@@ -15,9 +15,10 @@ commands:
   train     start `qzhou-jax train --config CONFIG TRAIN_ARGS...` on all workers
             (--worker=all, detached: it survives a dropped ssh) and stream worker 0's log
   logs      stream worker 0's log until the run ends; exits with the run's exit status
-  run       up + setup + train; after a preemption (the slice is gone or not READY, or the
-            trainer exited with 75 after saving a checkpoint) recreate / restart and train
-            again with --resume, up to --max-restarts times
+  run       up + setup + train; after a preemption (the slice is gone or not READY, the
+            trainer exited with 75 after saving a checkpoint, or with 69 after losing another
+            worker's process) recreate / restart and train again with --resume, up to
+            --max-restarts times
   status    print the slice's state
   down      delete the slice (and its queued resource)
 
@@ -368,7 +369,7 @@ cmd_run() {
       return 0
     fi
     state="$(node_state)"
-    if [[ $rc -eq 75 || "$state" != READY ]]; then
+    if [[ $rc -eq 75 || $rc -eq 69 || "$state" != READY ]]; then
       attempt=$((attempt + 1))
       if [[ $attempt -gt $max_restarts ]]; then
         say "preempted again after $max_restarts restarts; giving up (status $rc, slice $state)"

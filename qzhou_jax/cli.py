@@ -134,12 +134,50 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+PEER_LOST_EXIT_CODE = 69  # EX_UNAVAILABLE: a job of several processes lost one; rerun it with --resume
+
+
+def _several_processes() -> tuple[int, int] | None:
+    """(this process, processes) in a job of several processes (`jax.distributed`), else None;
+    initializes nothing."""
+    if "jax" not in sys.modules:
+        return None
+    from qzhou_jax.hosts import coordination_client
+
+    if coordination_client() is None:
+        return None
+    import jax
+
+    return (jax.process_index(), jax.process_count()) if jax.process_count() > 1 else None
+
+
+def _leave_the_job(command: str, error: BaseException, where: tuple[int, int]) -> None:
+    """A collective or an agreement between the processes failed: say so and exit at once with
+    PEER_LOST_EXIT_CODE. A normal exit would wait in JAX's shutdown barrier for the process that
+    is gone, until the coordination service gives up on it (minutes) and aborts this one."""
+    print(f"qzhou-jax {command}: error: {error}", file=sys.stderr)
+    print(f"qzhou-jax {command}: process {where[0]} of {where[1]}: a step, collective or agreement between the "
+          f"processes failed, most often because another process stopped (its log says why). The checkpoints "
+          f"written are intact: rerun the job with --resume. Exiting with status {PEER_LOST_EXIT_CODE} without "
+          f"waiting for the others.", file=sys.stderr)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(PEER_LOST_EXIT_CODE)
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except (ValueError, OSError) as e:  # bad input, a missing file, a folder that cannot be written
         print(f"qzhou-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # XLA's runtime errors included
+        where = _several_processes()
+        if where is None:
+            raise
+        _leave_the_job(args.command, e, where)
+        raise  # not reached
     except FloatingPointError as e:  # training stopped on a non-finite loss (train.skip_nonfinite)
         print(f"qzhou-jax {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 import secrets
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -73,11 +74,15 @@ class HostExchange:
             return np.asarray(multihost_utils.process_allgather(mine)).reshape(self.count, -1)
         key = f"{self.prefix}/{round_id}"
         self.client.key_value_set(f"{key}/{self.process}", ",".join(map(str, mine.tolist())))
+        start = time.monotonic()
         try:
             self.client.wait_at_barrier(key, self.timeout_ms)
         except Exception as e:
-            raise RuntimeError(f"{what}: the hosts did not all reach it within {self.timeout_ms / 1000:.0f} s "
-                               f"(a host stopped or is stuck): {e}") from e
+            waited = time.monotonic() - start
+            allowed = self.timeout_ms / 1000
+            why = ("another process stopped" if waited < 0.9 * allowed
+                   else f"not every process reached it within the {allowed:g} s allowed: one stopped or is stuck")
+            raise RuntimeError(f"{what}: failed after {waited:.0f} s ({why}; its log says why): {e}") from e
         entries = dict(self.client.key_value_dir_get(key))
         if len(entries) != self.count:
             raise RuntimeError(f"{what}: {len(entries)} of {self.count} hosts posted under {key} "

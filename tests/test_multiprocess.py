@@ -189,6 +189,41 @@ def test_sigterm_to_one_process_saves_every_process_at_the_same_step(tmp_path):
     assert saved[-1] in (first, first + 1), (saved, logs[1][-2000:])
 
 
+def test_a_process_that_loses_another_exits_at_once_with_69(tmp_path):
+    """Process 1 is killed (a lost VM) during training: process 0's next collective fails, and it
+    says so and exits with 69 at once, where it used to print XLA's traceback and wait a minute
+    or more in JAX's shutdown barrier for the dead process before aborting (134). A rerun with
+    --resume continues from the last checkpoint."""
+    import signal
+    import time
+
+    cfg = config(tmp_path / "run", 400)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    procs = _launch(tmp_path / "run.yaml", tmp_path, free_port(), log_dir=str(tmp_path))
+    deadline = time.time() + 300
+    try:
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), \
+                (tmp_path / "p0.log").read_text()[-3000:]
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGKILL)
+        killed = time.time()
+        code = procs[0].wait(timeout=240)
+        took = time.time() - killed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    log = (tmp_path / "p0.log").read_text()
+    assert code == 69, log[-3000:]
+    assert "process 0 of 2: a step, collective or agreement between the processes failed" in log
+    assert "rerun the job with --resume" in log and "Fatal Python error" not in log
+    assert took < 30, (took, log[-2000:])
+    saved = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
+    assert saved and saved[-1] % 3 == 0
+
+
 @pytest.mark.parametrize("processes", [2, 4])
 def test_each_record_read_once_per_epoch_across_processes(processes):
     from qzhou_jax.data.pipeline import HostRows, TrainData
@@ -323,8 +358,17 @@ def test_hosts_agree_on_bucketed_lengths_through_the_coordination_service():
     assert sorted(fake.store) == [f"run/9/{h}" for h in range(hosts)]  # only the last exchange's keys remain
 
     late = CommonLengths(FakeCoordination(2), 0, 2, timeout_s=0.2)
-    with pytest.raises(RuntimeError, match="step 3: the length agreement of this bucketed step: the hosts did not all reach it"):
+    with pytest.raises(RuntimeError, match=r"step 3: the length agreement of this bucketed step: failed after 0 s "
+                                           r"\(not every process reached it within the 0.2 s allowed"):
         late.lengths(3, (16, 32))
+
+    class Dead(FakeCoordination):  # the service reports a dead peer at once (its heartbeat stopped)
+        def wait_at_barrier(self, barrier_id, timeout_in_ms, process_ids=None):
+            raise RuntimeError("UNAVAILABLE: Task 1 heartbeat timeout")
+
+    with pytest.raises(RuntimeError, match=r"failed after 0 s \(another process stopped; its log says why\): "
+                                           r"UNAVAILABLE: Task 1 heartbeat timeout"):
+        CommonLengths(Dead(2), 0, 2, timeout_s=60).lengths(3, (16, 32))
     assert CommonLengths(fake, 0, 1).lengths(3, (16, 32)) == (16, 32)  # one process: no exchange
 
 

@@ -90,7 +90,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train an embedding model from a YAML config",
                        description="Train from a YAML run config (see configs/). Exit code 75: preempted, a "
-                                   "checkpoint was saved; rerun the same command with --resume.")
+                                   "checkpoint was saved; rerun the same command with --resume. Exit code 69 (a "
+                                   "job of several processes): another process stopped; rerun the job with "
+                                   "--resume.")
     t.add_argument("--config", required=True, help="YAML run config")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.lr=2e-5 --set data.datasets.0.batch_size=64")
