@@ -7,12 +7,13 @@ layer scan, attention kernel). It reads and writes HuggingFace `config.json` fil
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 log = logging.getLogger(__name__)
 
@@ -495,12 +496,24 @@ def read_json(path: str, missing: str = "file not found") -> Any:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
 
 
+@contextlib.contextmanager
+def naming_the_file(path: str | os.PathLike) -> Iterator[None]:
+    """An OSError raised without a file name inside the block (a write() on a full disk: "[Errno
+    28] No space left on device") names `path`, so that the message says which disk."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror or str(e), os.fspath(path)) from e
+        raise
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write under a temporary name, then rename: readers never see half a file."""
     path = os.fspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with naming_the_file(path), open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, ensure_ascii=False)
             f.write("\n")
         os.replace(tmp, path)

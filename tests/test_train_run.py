@@ -85,6 +85,13 @@ def test_a_preemption_inside_a_logging_window_logs_the_same_rows_after_resume(tm
         assert g.keys() == e.keys()
         for k in e:
             assert g[k] == e[k] or (isinstance(e[k], float) and abs(g[k] - e[k]) <= 1e-6 * abs(e[k])), (k, g, e)
+    # TensorBoard shows what the log holds: the partial row at 5 is gone, every row once
+    with open(tmp_path / "cut" / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    want = {(k, r["step"]): v for r in rows for k, v in r.items() if k != "step" and isinstance(v, float)}
+    got_tb = _tensorboard_scalars(tmp_path / "cut" / "tensorboard")
+    assert got_tb.keys() == want.keys() and ("train/loss", 5) not in got_tb
+    np.testing.assert_allclose([got_tb[k] for k in want], [want[k] for k in want], rtol=1e-6)
 
 
 def test_sigterm_then_resume_gives_identical_losses(tmp_path, uninterrupted, caplog):
@@ -388,8 +395,8 @@ def _tensorboard_scalars(folder) -> dict[tuple[str, int], float]:
 
 def test_tensorboard_keeps_every_step_logged_before_a_kill(tmp_path):
     """A process killed (SIGKILL: no close, no flush at exit) after its step-12 checkpoint, at step
-    14: the resumed run purges steps after 12 and logs 13 on; TensorBoard has every step once,
-    as metrics.jsonl has (events it buffered were lost for good)."""
+    14: TensorBoard has every step once, as metrics.jsonl has. tensorboardX writes from a queue,
+    so events logged before the kill may never have reached the file; the resume rebuilds them."""
     import subprocess
     import sys
 
@@ -442,6 +449,57 @@ def test_a_resume_that_changes_what_the_model_computes_says_so(tmp_path, uninter
         assert train(cfg, resume=True).status == "completed"
     assert "the model computes differently from the steps trained so far" in caplog.text
     assert "model.pooling: 'mean' -> 'last'" in caplog.text
+
+
+def test_a_failed_asynchronous_save_stops_the_run_at_the_next_log_line(tmp_path):
+    """A checkpoint that cannot be written in the background (here a file-size limit: EFBIG, as a
+    full disk gives ENOSPC) stops the run at the next logged step, not at the next save, with the
+    error; steps after it are not trained for nothing. The limit lets every other file through."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    raw = run_dict(tmp_path / "run", steps=12)
+    raw["checkpoint"] = {"every": 4, "keep": 2}
+    raw["compilation_cache_dir"] = None
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    child = ("import resource, signal, sys, time\n"
+             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+             "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 18, 1 << 18))\n"
+             "from qzhou_jax.train.config import load_run_config\n"
+             "from qzhou_jax.train.loop import train\n"
+             "def hook(step, metrics):\n"
+             "    if step == 4:\n"  # after step 5: the step-4 save has had time to fail
+             "        time.sleep(3)\n"
+             "try:\n"
+             "    train(load_run_config(sys.argv[1]), hooks=[hook])\n"
+             "except Exception as e:\n"
+             "    print('stopped:', type(e).__name__, e)\n"
+             "    sys.exit(3)\n")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    proc = subprocess.run([sys.executable, "-c", child, str(tmp_path / "run.yaml")], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "stopped: ValueError" in proc.stdout and "checkpoints/4.orbax-checkpoint-tmp" in proc.stdout, proc.stdout
+    assert "File too large" in proc.stdout, proc.stdout
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert max(steps) < 8, steps  # not trained on until the step-8 save
+
+
+def test_a_full_disk_names_the_file(tmp_path):
+    """A write() on a full disk raises "[Errno 28] No space left on device" without a file name;
+    the metrics log and record files name theirs (/dev/full: a device that is always full)."""
+    from qzhou_jax.data.records import RetrievalRecord, write_jsonl
+    from qzhou_jax.train.metrics import MetricsLog
+
+    log = MetricsLog(str(tmp_path), tensorboard=False)
+    log.file.close()
+    log.file = open("/dev/full", "a")  # the log's disk filled up
+    with pytest.raises(OSError, match=r"No space left on device: '.*metrics\.jsonl'"):
+        log.write(1, {"loss": 1.0})
+    with pytest.raises(OSError, match=r"No space left on device: '/dev/full'"):
+        write_jsonl("/dev/full", [RetrievalRecord("q", ("p",))] * 10000)
 
 
 def test_a_resume_removes_steps_beyond_keep(tmp_path, uninterrupted):
@@ -1226,3 +1284,49 @@ def test_a_resume_error_does_not_count_token_ids_as_state(tmp_path):
     ckpts = RunCheckpoints(str(tmp_path))
     now = tiny.replace(bos_token_id=1, eos_token_id=(2, 3), num_hidden_layers=3)
     assert ckpts._state_changes(now, None, ()) == ["model.num_hidden_layers: 2 -> 3"]
+
+
+def test_run_metadata_that_cannot_be_written_keeps_the_last_start(tmp_path, monkeypatch):
+    """run_config.yaml is replaced only once the new one is written (a full disk in between kept
+    neither, and the next resume could not say what changed); a tokenizer copy that fails leaves
+    no temporary folder."""
+    from qzhou_jax.checkpoint import manager
+    from qzhou_jax.config import ModelConfig
+    from qzhou_jax.tokenizer import DEMO_TOKENIZER
+
+    tiny = ModelConfig.preset("tiny")
+    ckpts = manager.RunCheckpoints(str(tmp_path))
+    ckpts.write_metadata(tiny, None, {"train": {"lr": 1e-3}})
+    before = (tmp_path / "run_config.yaml").read_text()
+    with pytest.raises(Exception, match="cannot represent"):
+        ckpts.write_metadata(tiny, None, {"train": {"lr": object()}})
+    assert (tmp_path / "run_config.yaml").read_text() == before
+    assert sorted(os.listdir(tmp_path)) == ["qzhou_config.json", "run_config.yaml"]
+
+    def full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(manager, "copy_tokenizer", full)
+    with pytest.raises(OSError, match=r"No space left on device: '.*\.tokenizer\.tmp\d+'"):
+        ckpts.write_metadata(tiny, DEMO_TOKENIZER)
+    assert sorted(os.listdir(tmp_path)) == ["qzhou_config.json", "run_config.yaml"]
+
+
+def test_a_run_short_of_disk_space_is_warned_at_the_start(tmp_path, monkeypatch, caplog):
+    """checkpoint.keep checkpoints, the one being written (parameters, two Adam moments) and the
+    export must fit where they go: less room reported is a warning before any work."""
+    import collections
+
+    from qzhou_jax.train import loop
+
+    cfg = load_run_config(data=run_dict(tmp_path / "run"), overrides=["export_hf=true"])
+    n = cfg.model_config.num_params()
+    need = (2 + 1) * n * 12 + 2 * n * 4  # keep 2, float32 everything; out_dir and checkpoints on one disk
+    usage = collections.namedtuple("usage", "total used free")
+    for free, warned in ((need, False), (need - 1, True)):
+        monkeypatch.setattr(loop.shutil, "disk_usage", lambda path, free=free: usage(2 * need, need, free))
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            loop._warn_if_short_of_space(cfg)
+        assert ("a save may fail for lack of room" in caplog.text) == warned, caplog.text
+    assert f"{(need - 1) / 2**30:.1f} GiB free, and this run writes up to {need / 2**30:.1f} GiB there" in caplog.text

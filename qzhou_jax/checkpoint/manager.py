@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Any, Collection, Mapping
 
 import jax
@@ -28,7 +29,7 @@ import orbax.checkpoint as ocp
 
 from qzhou_jax import st_folder
 from qzhou_jax.checkpoint.export import copy_tokenizer, write_json
-from qzhou_jax.config import TOKEN_ID_FIELDS, ModelConfig
+from qzhou_jax.config import TOKEN_ID_FIELDS, ModelConfig, naming_the_file
 
 log = logging.getLogger(__name__)
 
@@ -57,25 +58,33 @@ class RunCheckpoints:
             st_folder.save_settings(self.directory, settings)
         if tokenizer_dir and not os.path.isdir(os.path.join(self.directory, TOKENIZER_DIR)):
             tmp = os.path.join(self.directory, f".{TOKENIZER_DIR}.tmp{os.getpid()}")
-            os.makedirs(tmp, exist_ok=True)
-            copy_tokenizer(tokenizer_dir, tmp)
-            os.replace(tmp, os.path.join(self.directory, TOKENIZER_DIR))
+            try:
+                os.makedirs(tmp, exist_ok=True)
+                with naming_the_file(tmp):
+                    copy_tokenizer(tokenizer_dir, tmp)
+                os.replace(tmp, os.path.join(self.directory, TOKENIZER_DIR))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         if run_config is not None:
             import yaml
 
             path = os.path.join(self.directory, "run_config.yaml")
-            if os.path.isfile(path):  # a restart: say what changed since the last start
-                with open(path, encoding="utf-8") as f:
-                    before = yaml.safe_load(f) or {}
-                changed = _changes(before, dict(run_config))
-                if changed:
-                    log.warning("%s: the run config differs from the last start's (now kept as "
-                                "run_config.previous.yaml): %s", self.directory, "; ".join(changed))
-                    os.replace(path, os.path.join(self.directory, "run_config.previous.yaml"))
             tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                yaml.safe_dump(run_config, f, sort_keys=False)
-            os.replace(tmp, path)
+            try:  # the new file is complete before the last start's is moved aside
+                with naming_the_file(path), open(tmp, "w", encoding="utf-8") as f:
+                    yaml.safe_dump(run_config, f, sort_keys=False)
+                if os.path.isfile(path):  # a restart: say what changed since the last start
+                    with open(path, encoding="utf-8") as f:
+                        before = yaml.safe_load(f) or {}
+                    changed = _changes(before, dict(run_config))
+                    if changed:
+                        log.warning("%s: the run config differs from the last start's (now kept as "
+                                    "run_config.previous.yaml): %s", self.directory, "; ".join(changed))
+                        os.replace(path, os.path.join(self.directory, "run_config.previous.yaml"))
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
 
     # ---------------------------------------------------------------- steps
     def latest_step(self) -> int | None:
@@ -317,6 +326,14 @@ class RunCheckpoints:
         on the step, through JAX's coordination service). Call it only in multi-process
         runs; a single process uses the SIGTERM flag of the training loop."""
         return bool(self.manager.reached_preemption(step))
+
+    def check(self) -> None:
+        """Raise the error of an asynchronous save that failed (a full disk), instead of at the
+        next save: the steps trained meanwhile could not be saved. Does not wait for a save in
+        progress."""
+        self.manager.check_for_errors()
+        if not self.manager.is_saving_in_progress():
+            self.manager.wait_until_finished()  # returns at once; raises the error of a save that failed
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -21,6 +21,8 @@ from typing import Iterable, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
+from qzhou_jax.config import naming_the_file
+
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -149,7 +151,7 @@ def write(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterable[
     blob += b" " * (-len(blob) % 8)
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        with naming_the_file(path), open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
             pairs = iter(tensors)

@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence, Union
 
+from qzhou_jax.config import naming_the_file
 from qzhou_jax.data.jsonl import RecordError, decode_json_line, iter_lines
 
 __all__ = [
@@ -336,7 +337,7 @@ def write_records(path: str | os.PathLike, records: Iterable[Record], overwrite:
 def write_jsonl(path: str, records: Iterable[Record]) -> int:
     """Records as JSONL into `path` (a temporary file of `staged_outputs`); returns the count."""
     n = 0
-    with open(path, "w", encoding="utf-8") as f:
+    with naming_the_file(path), open(path, "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record_to_dict(record), ensure_ascii=False, separators=(",", ":")))
             f.write("\n")

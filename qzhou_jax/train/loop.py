@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -265,6 +266,30 @@ def _check_writable(path: str, what: str) -> None:
         raise ValueError(f"{what} {path}: cannot write there (no write permission in {existing})")
 
 
+def _warn_if_short_of_space(cfg: RunConfig) -> None:
+    """Warn at the start when a filesystem has less room than the run will write: `keep` checkpoints
+    plus the one being written (parameters and Adam's two moments), and the export. Only a
+    warning: the figure a network filesystem reports may not be its room."""
+    n = cfg.model_config.num_params()
+    mu = 2 if cfg.train.mu_dtype == "bfloat16" else 4
+    need: dict[int, list] = {}  # st_dev -> [bytes, folder]
+    wants = [(cfg.checkpoint_dir, (cfg.checkpoint.keep + 1) * n * (4 + mu + 4))]
+    if cfg.export_hf:
+        wants.append((cfg.output_dir, 2 * n * jax.numpy.dtype(cfg.model_config.param_dtype).itemsize))  # new + replaced
+    for path, size in wants:
+        existing = os.path.abspath(path)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        entry = need.setdefault(os.stat(existing).st_dev, [0, existing])
+        entry[0] += size
+    for total, folder in need.values():
+        free = shutil.disk_usage(folder).free
+        if free < total:
+            log.warning("%s: %.1f GiB free, and this run writes up to %.1f GiB there (checkpoint.keep %d checkpoints "
+                        "and the one being written%s): a save may fail for lack of room", folder, free / 2**30,
+                        total / 2**30, cfg.checkpoint.keep, ", the export" if cfg.export_hf else "")
+
+
 def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], None]], stop_after: int | None,
          preempt: _Preemption, t_start: float) -> RunResult:
     from qzhou_jax.data.pipeline import CommonLengths, HostRows, TrainData, close_iterator
@@ -273,6 +298,8 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
     out_dir = cfg.output_dir
     for what, path in (("out_dir", out_dir), ("checkpoint.dir", cfg.checkpoint_dir)):
         _check_writable(path, what)  # before indexing the datasets, which can take minutes
+    if jax.process_index() == 0:
+        _warn_if_short_of_space(cfg)
     eval_specs = _eval_specs(cfg) if cfg.eval.tasks else []
     eval_stop = None  # several processes: how evaluations agree to stop (`_stop_check`)
     if jax.process_count() > 1:
@@ -395,6 +422,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
         if not pending:
             return None
         fetched = jax.device_get([p[3] for p in pending])
+        ckpts.check()  # a failed asynchronous save stops the run now, not at the next save
         now = time.perf_counter()
         dt = max(now - window["t"], 1e-9)
         skipped = 0
@@ -552,7 +580,13 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
             if preempt.flag:
                 left.append("the export")
             else:
-                result.hf_dir = _export(cfg, trainer, tok_dir, data)
+                try:
+                    result.hf_dir = _export(cfg, trainer, tok_dir, data)
+                except OSError:  # a full disk: say that the trained state is safe
+                    log.error("the export to %s failed; checkpoint %d is saved in %s: rerun with --resume (once "
+                              "there is room) to export it", os.path.join(cfg.output_dir, "hf"), result.step,
+                              ckpts.directory)
+                    raise
         if left:
             result.status = "preempted"
             log.warning("preempted after the last step (checkpoint %d written); rerun with --resume to finish %s",

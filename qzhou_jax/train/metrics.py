@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from typing import Any, Mapping
 
-from qzhou_jax.config import ModelConfig
+from qzhou_jax.config import ModelConfig, naming_the_file
 
 
 def step_flops(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]]) -> float:
@@ -38,8 +39,9 @@ class MetricsLog:
     (written by the interrupted attempt after its checkpoint) are dropped, and a row at k
     marked partial (a window a preemption cut short; its steps travel in the checkpoint and
     the resumed run logs the window whole), and with `rerun_eval` the evaluation rows at k (the
-    resumed run evaluates step k again), so the log reads as one run; TensorBoard's events
-    are purged alike. A fresh run in a folder with an earlier log renames that log and its
+    resumed run evaluates step k again), so the log reads as one run. TensorBoard's events
+    are rebuilt from the log kept: tensorboardX writes from a queue, so a killed process loses
+    the events it had not written yet, whatever it flushed. A fresh run in a folder with an earlier log renames that log and its
     TensorBoard folder with their modification time appended.
     """
 
@@ -51,9 +53,9 @@ class MetricsLog:
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
-        dropped, kept_at_step = False, []
+        kept = None
         if resume_step is not None and os.path.isfile(self.path):
-            dropped, kept_at_step = self._truncate(resume_step, rerun_eval)
+            kept = self._truncate(resume_step, rerun_eval)
         tb_dir = os.path.join(out_dir, "tensorboard")
         if resume_step is None:  # a fresh run: keep an earlier run's log and events aside
             for old in (self.path, tb_dir):
@@ -63,37 +65,42 @@ class MetricsLog:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            # TensorBoard purges by step, every tag alike: when a row at the resume step is replaced,
-            # purge from that step and write the rows kept there again
-            purge = None if resume_step is None else resume_step + (0 if dropped else 1)
+            # TensorBoard drops the earlier events from the purge step on, every tag alike: a resume
+            # purges them all and writes the rows kept again (without a log, the steps after k only)
+            purge = None if resume_step is None else 0 if kept is not None else resume_step + 1
             self.tb = SummaryWriter(tb_dir, purge_step=purge)
-            for row in kept_at_step if dropped else ():
+            for row in kept or ():
                 self._add_scalars(row)
             self.tb.flush()
 
-    def _truncate(self, step: int, drop_eval: bool) -> tuple[bool, list[dict]]:
+    def _truncate(self, step: int, drop_eval: bool) -> list[dict]:
         """Drop the rows after `step`, a partial row at `step` (a logging window that a
         preemption closed early: the resumed run logs that window whole) and, with `drop_eval`,
-        the evaluation rows at `step`. (whether a row at `step` was dropped, the rows kept there)"""
-        keep, at_step, dropped = [], [], False
+        the evaluation rows at `step`; returns the rows kept."""
+        keep, rows = [], []
         with open(self.path, encoding="utf-8") as f:
             for line in f:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                s = row.get("step", -1)
+                s = row.get("step") if isinstance(row, dict) else None
+                if not isinstance(s, int):  # not a row of this log
+                    continue
                 if s == step and (row.get("partial") or drop_eval and any(k.startswith("eval/") for k in row)):
-                    dropped = True
-                elif s <= step:
+                    continue
+                if s <= step:
                     keep.append(line)
-                    if s == step:
-                        at_step.append(row)
+                    rows.append(row)
         tmp = f"{self.path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(keep)
-        os.replace(tmp, self.path)
-        return dropped, at_step
+        try:
+            with naming_the_file(self.path), open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return rows
 
     def write(self, step: int, values: Mapping[str, Any], prefix: str = "train", partial: bool = False) -> None:
         """One row; `partial`: a window cut short by a preemption (replaced on resume)."""
@@ -107,11 +114,18 @@ class MetricsLog:
                 row[f"{prefix}/{k}" if prefix else k] = float(v) if math.isfinite(float(v)) else str(v)
             elif isinstance(v, str):
                 row[f"{prefix}/{k}" if prefix else k] = v
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        self._add_scalars(row)
-        if self.tb is not None:  # on disk before the step's checkpoint: a resume purges only later steps
-            self.tb.flush()
+        with naming_the_file(self.path):
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        try:
+            self._add_scalars(row)
+            if self.tb is not None:  # on disk before the step's checkpoint: a resume purges only later steps
+                self.tb.flush()
+        except OSError as e:  # a full disk: stop writing events (the writer's thread and exit hook would repeat it)
+            tb, self.tb = self.tb, None
+            with contextlib.suppress(Exception):
+                tb.close()
+            raise OSError(e.errno, e.strerror or str(e), os.path.join(os.path.dirname(self.path), "tensorboard")) from e
 
     def _add_scalars(self, row: Mapping[str, Any]) -> None:
         if self.tb is not None:
