@@ -283,7 +283,10 @@ def _warn_if_short_of_space(cfg: RunConfig) -> None:
         entry = need.setdefault(os.stat(existing).st_dev, [0, existing])
         entry[0] += size
     for total, folder in need.values():
-        free = shutil.disk_usage(folder).free
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:  # a filesystem that does not say
+            continue
         if free < total:
             log.warning("%s: %.1f GiB free, and this run writes up to %.1f GiB there (checkpoint.keep %d checkpoints "
                         "and the one being written%s): a save may fail for lack of room", folder, free / 2**30,
