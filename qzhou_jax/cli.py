@@ -135,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 PEER_LOST_EXIT_CODE = 69  # EX_UNAVAILABLE: a job of several processes lost one; rerun it with --resume
+# What a collective or the coordination service reports when another process is gone (Gloo on
+# CPU, NCCL on GPU, JAX's coordination service and heartbeats, the project's agreements)
+_PEER_LOST = ("heartbeat", "unhealthy", "task is set to error", "connection reset", "connection closed",
+              "connection refused", "socket closed", "broken pipe", "gloo", "nccl", "unavailable:",
+              "deadline_exceeded", "another process stopped")
 
 
 def _several_processes() -> tuple[int, int] | None:
@@ -151,10 +156,18 @@ def _several_processes() -> tuple[int, int] | None:
     return (jax.process_index(), jax.process_count()) if jax.process_count() > 1 else None
 
 
+def _peer_lost(error: BaseException) -> bool:
+    text = str(error).lower()
+    return any(s in text for s in _PEER_LOST)
+
+
 def _leave_the_job(command: str, error: BaseException, where: tuple[int, int]) -> None:
     """A collective or an agreement between the processes failed: say so and exit at once with
     PEER_LOST_EXIT_CODE. A normal exit would wait in JAX's shutdown barrier for the process that
     is gone, until the coordination service gives up on it (minutes) and aborts this one."""
+    import traceback
+
+    traceback.print_exc()
     print(f"qzhou-jax {command}: error: {error}", file=sys.stderr)
     print(f"qzhou-jax {command}: process {where[0]} of {where[1]}: a step, collective or agreement between the "
           f"processes failed, most often because another process stopped (its log says why). The checkpoints "
@@ -173,8 +186,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"qzhou-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # XLA's runtime errors included
-        where = _several_processes()
-        if where is None:
+        where = _several_processes() if args.command in ("train", "demo") and _peer_lost(e) else None
+        if where is None:  # a bug, or this process's own failure (out of memory): the traceback
             raise
         _leave_the_job(args.command, e, where)
         raise  # not reached

@@ -66,7 +66,7 @@ def assert_bit_exact(src: dict, dst: dict) -> None:
 def assert_nothing_left(out) -> None:
     out = str(out)
     assert not os.path.exists(out), f"{out} exists"
-    assert glob.glob(out + ".tmp-*") == [], glob.glob(out + ".tmp-*")
+    assert glob.glob(out + ".qzhou-tmp-*") == [], glob.glob(out + ".qzhou-tmp-*")
 
 
 @pytest.fixture(scope="module")
@@ -382,7 +382,7 @@ def test_existing_output_and_overwrite(tmp_path, good_hf):
     (out / "config.json").write_text("{}")
     with pytest.raises(OutputExistsError, match="already exists"):
         conv.hf_to_orbax(good_hf, out)
-    assert os.listdir(out) == ["config.json"] and glob.glob(str(out) + ".tmp-*") == []
+    assert os.listdir(out) == ["config.json"] and glob.glob(str(out) + ".qzhou-tmp-*") == []
     conv.hf_to_orbax(good_hf, out, overwrite=True)
     assert is_orbax_checkpoint(out)
     with pytest.raises(OutputExistsError, match="already exists"):
@@ -416,14 +416,15 @@ def test_existing_output_and_overwrite(tmp_path, good_hf):
     note.write_text("keep me")
     with pytest.raises(OutputExistsError, match="not a folder"):
         conv.hf_to_orbax(good_hf, note, overwrite=True)
-    assert note.read_text() == "keep me" and glob.glob(str(tmp_path / "*.tmp-*")) == []
+    assert note.read_text() == "keep me" and glob.glob(str(tmp_path / "*.qzhou-tmp-*")) == []
 
 
 def test_leftovers_of_killed_writes_are_removed_once_the_new_folder_is_in_place(tmp_path, caplog):
-    """A killed write leaves `<out>.tmp-<host>-<pid>-<id>` (or the replaced folder as `.old-`). The
-    next write of `out` removes this machine's whose process has ended; those of a running
-    process or of another machine are named in a warning, and removed when the caller owns the
-    folder (a training run's out_dir). Other names are never touched."""
+    """A killed write leaves `<out>.qzhou-tmp-<host>-<pid>-<id>` (or the replaced folder as
+    `.qzhou-old-`). The next write of `out` removes this machine's whose process has ended; those
+    of a running process or of another machine are named in a warning, and another machine's are
+    removed when the caller owns the folder (a training run's out_dir). A running process's here,
+    and every other name (a user's `out.old-run-1-20240115` too), are never touched."""
     import subprocess
     import sys
 
@@ -432,22 +433,24 @@ def test_leftovers_of_killed_writes_are_removed_once_the_new_folder_is_in_place(
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
     out = tmp_path / "out"
-    dead = [f"out.tmp-{_host()}-{ended.pid}-aaaaaaaa", f"out.old-{_host()}-{ended.pid}-bbbbbbbb"]
-    alive = [f"out.tmp-{_host()}-{os.getpid()}-cccccccc", "out.tmp-elsewhere-7-dddddddd", "out.old-4242-eeeeeeee"]
-    unrelated = [f"out2.tmp-{_host()}-{ended.pid}-ffffffff", "out.tmp-notes", "out.old-1-2"]
-    for name in dead + alive + unrelated:
+    dead = [f"out.qzhou-tmp-{_host()}-{ended.pid}-aaaaaaaa", f"out.qzhou-old-{_host()}-{ended.pid}-bbbbbbbb"]
+    running = [f"out.qzhou-tmp-{_host()}-{os.getpid()}-cccccccc"]
+    elsewhere = ["out.qzhou-tmp-elsewhere-7-dddddddd", "out.qzhou-old-other.example.com-42-eeeeeeee"]
+    unrelated = [f"out2.qzhou-tmp-{_host()}-{ended.pid}-ffffffff", f"out.v2.qzhou-tmp-{_host()}-{ended.pid}-ffffffff",
+                 f"out.tmp-{_host()}-{ended.pid}-aaaaaaaa", "out.old-run-1-20240115", "out.qzhou-tmp-notes"]
+    for name in dead + running + elsewhere + unrelated:
         (tmp_path / name).mkdir()
         (tmp_path / name / "f").write_text("x")
     with caplog.at_level("INFO"), atomic_output_dir(out) as tmp:
-        assert os.path.basename(tmp).startswith(f"out.tmp-{_host()}-{os.getpid()}-")
+        assert os.path.basename(tmp).startswith(f"out.qzhou-tmp-{_host()}-{os.getpid()}-")
         open(os.path.join(tmp, "config.json"), "w").close()
-    assert sorted(os.listdir(tmp_path)) == sorted(["out"] + alive + unrelated)
+    assert sorted(os.listdir(tmp_path)) == sorted(["out"] + running + elsewhere + unrelated)
     assert f"removed {', '.join(sorted(dead))}, left by interrupted writes of out" in caplog.text
-    assert f"{', '.join(sorted(alive))} were left by writes of out that were interrupted on another machine" \
-        in caplog.text
+    assert f"{', '.join(sorted(elsewhere + running))} were left by writes of out that were interrupted on " \
+           f"another machine" in caplog.text
     with atomic_output_dir(out, overwrite=True, owned=True) as tmp:
         open(os.path.join(tmp, "config.json"), "w").close()
-    assert sorted(os.listdir(tmp_path)) == sorted(["out"] + unrelated) and os.listdir(out) == ["config.json"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["out"] + running + unrelated) and os.listdir(out) == ["config.json"]
 
 
 def test_interrupted_conversion_leaves_nothing(tmp_path, good_hf, monkeypatch):

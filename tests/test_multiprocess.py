@@ -117,7 +117,7 @@ def test_a_tensor_axis_across_processes_trains_on_the_whole_batch(tmp_path):
         np.testing.assert_allclose(both.get(name), one.get(name), rtol=0, atol=2e-5, err_msg=name)
     assert json.loads((tmp_path / "two" / "hf" / "config.json").read_text()) == \
         json.loads((tmp_path / "one" / "hf" / "config.json").read_text())
-    assert [p for p in os.listdir(tmp_path / "two") if ".tmp-" in p] == []
+    assert [p for p in os.listdir(tmp_path / "two") if ".qzhou-tmp-" in p] == []
 
 
 def _launch(cfg_path, cwd, port, log_dir=None, devices=4, args=(), **extra_env):
@@ -187,6 +187,21 @@ def test_sigterm_to_one_process_saves_every_process_at_the_same_step(tmp_path):
                                        args=("--resume",)))
     saved = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
     assert saved[-1] in (first, first + 1), (saved, logs[1][-2000:])
+
+
+def test_only_a_lost_process_is_reported_as_one():
+    """The errors of a collective or agreement whose peer is gone lead to status 69 (rerun with
+    --resume); this process's own failures, such as running out of device memory, keep their
+    traceback and status, or a launcher would rerun them up to its limit."""
+    from qzhou_jax.cli import _peer_lost
+
+    for text in ("UNAVAILABLE: Task 1 heartbeat timeout", "Gloo AllGather failed: Connection reset by peer",
+                 "barrier failed because: task is set to ERROR", "NCCL operation failed: remote process exited",
+                 "step 3: agreement: failed after 2 s (another process stopped; its log says why): x"):
+        assert _peer_lost(RuntimeError(text)), text
+    for text in ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.00GiB",
+                 "INTERNAL: cuDNN error: CUDNN_STATUS_EXECUTION_FAILED", "dictionary changed size during iteration"):
+        assert not _peer_lost(RuntimeError(text)), text
 
 
 def test_a_process_that_loses_another_exits_at_once_with_69(tmp_path):
@@ -561,4 +576,4 @@ def test_an_export_failing_on_process_0_stops_every_process(tmp_path):
     outs = _export_from_two_processes(tmp_path, tmp_path / "hf", "fail")
     assert "FAILED" in outs[0] and "MemoryError: host memory exhausted" in outs[0], outs[0][-2000:]
     assert "FAILED" in outs[1] and "the export failed on process 0" in outs[1], outs[1][-2000:]
-    assert not os.path.exists(tmp_path / "hf") and [p for p in os.listdir(tmp_path) if ".tmp-" in p] == []
+    assert not os.path.exists(tmp_path / "hf") and [p for p in os.listdir(tmp_path) if ".qzhou-tmp-" in p] == []

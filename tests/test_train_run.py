@@ -410,6 +410,9 @@ def test_tensorboard_keeps_every_step_logged_before_a_kill(tmp_path):
              "os.kill(os.getpid(), signal.SIGKILL)\n")
     proc = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
+    # what tensorboardX still held in its queue never reached the file: here, every event
+    for name in os.listdir(tmp_path / "tensorboard"):
+        (tmp_path / "tensorboard" / name).write_bytes(b"")
     log = MetricsLog(str(tmp_path), resume_step=12)
     for s in range(13, 21):
         log.write(s, {"loss": 1.0 / s})
@@ -1117,7 +1120,8 @@ def test_train_command_and_stage2_init_from(tmp_path, caplog):
     raw["data"]["datasets"][0]["instruction"] = "Find the passage that answers the question"
     cfg.write_text(yaml.safe_dump(raw))
     # what exports killed on other machines left (a requeued pod job): the run owns its out_dir
-    leftovers = [tmp_path / "s1" / "hf.tmp-elsewhere-99-abcdef12", tmp_path / "s1" / "hf.old-elsewhere-98-0123abcd"]
+    leftovers = [tmp_path / "s1" / "hf.qzhou-tmp-elsewhere-99-abcdef12",
+                 tmp_path / "s1" / "hf.qzhou-old-elsewhere-98-0123abcd"]
     for folder in leftovers:
         folder.mkdir(parents=True)
         (folder / "model.safetensors").write_bytes(b"x")
@@ -1330,3 +1334,10 @@ def test_a_run_short_of_disk_space_is_warned_at_the_start(tmp_path, monkeypatch,
             loop._warn_if_short_of_space(cfg)
         assert ("a save may fail for lack of room" in caplog.text) == warned, caplog.text
     assert f"{(need - 1) / 2**30:.1f} GiB free, and this run writes up to {need / 2**30:.1f} GiB there" in caplog.text
+    for step in ("4", "8"):  # a resume: the checkpoints there already take their room, one more is written
+        (tmp_path / "run" / "checkpoints" / step).mkdir(parents=True)
+    monkeypatch.setattr(loop.shutil, "disk_usage", lambda path: usage(2 * need, need, 0))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        loop._warn_if_short_of_space(cfg)
+    assert f"writes up to {(n * 12 + 2 * n * 4) / 2**30:.1f} GiB there" in caplog.text

@@ -395,6 +395,15 @@ def test_a_custom_loss_replaces_the_task_loss_with_and_without_gradcache():
         Trainer(CFG, TrainConfig(warmup_steps=0, total_steps=5), _params()).step(dict(_batch(), teacher=teacher))
     with pytest.raises(KeyError, match=r"reads batch\['teacher'\], which this retrieval batch lacks .*extra_keys"):
         trainer.step(_batch())  # declared, but this batch does not carry it
+
+    def weighted(q, p, batch, task, loss_cfg):  # the batch is a pytree as a dict is; its own KeyError stays its own
+        assert sorted(jax.tree.map(jnp.shape, batch)) == sorted(batch)
+        loss, metrics = task_loss(q, p, batch, task, loss_cfg)
+        return loss * {"sts": 2.0}[task], metrics
+
+    with pytest.raises(KeyError) as raised:
+        Trainer(CFG, TrainConfig(warmup_steps=0, total_steps=5), _params(), loss_fn=weighted).step(_batch())
+    assert raised.value.args == ("retrieval",)
     for a, b in zip(runs[0], runs[4]):
         np.testing.assert_allclose([a["loss"], a["grad_norm"], a["spread"]], [b["loss"], b["grad_norm"], b["spread"]],
                                    rtol=1e-5)

@@ -19,7 +19,7 @@ training run kept beside its checkpoints (the ones its own HF export wrote), unl
 --max-seq-length / --query-instruction say otherwise.
 
 Both check their inputs (tokenizer included) before writing anything, write into
-`<out>.tmp-...` and rename it to `<out>` when everything is written; --overwrite never
+`<out>.qzhou-tmp-...` and rename it to `<out>` when everything is written; --overwrite never
 replaces a folder that is or holds one of the inputs.
 """
 

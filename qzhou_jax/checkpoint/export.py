@@ -96,7 +96,7 @@ def frugal_host_allocator(threshold: int = 1 << 20) -> None:
 
 
 # ------------------------------------------------------------------ atomic folders
-_LEFTOVER = re.compile(r"\.(?:tmp|old)-(?:(?P<host>.+)-)?(?P<pid>\d+)-[0-9a-f]{8}")
+_LEFTOVER = re.compile(r"\.qzhou-(?:tmp|old)-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")
 
 
 def _host() -> str:
@@ -109,11 +109,11 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False,
     """Yield a fresh temporary folder next to `out`; rename it to `out` on success.
 
     On any exception (or interrupt) the temporary folder is removed. A killed process
-    leaves only `<out>.tmp-<host>-<pid>-<id>` (or, killed while replacing `out`, the previous
-    folder as `<out>.old-<host>-<pid>-<id>`), which nothing mistakes for a finished folder.
-    Once the new `out` is in place, such leftovers of this machine's ended processes are
-    removed, and with `owned` (the caller owns the parent folder: a training run's out_dir)
-    every leftover; others are named in a warning.
+    leaves only `<out>.qzhou-tmp-<host>-<pid>-<id>` (or, killed while replacing `out`, the
+    previous folder as `<out>.qzhou-old-<host>-<pid>-<id>`), which nothing mistakes for a
+    finished folder. Once the new `out` is in place, such leftovers of this machine's ended
+    processes are removed, and with `owned` (the caller owns the parent folder: a training
+    run's out_dir) those of other machines too; the others are named in a warning.
     With `overwrite`, an existing `out` is replaced only once the new one is complete,
     and never when it is, or holds, one of the `inputs`.
     """
@@ -123,13 +123,13 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False,
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tag = f"{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = f"{out}.tmp-{tag}"
+    tmp = f"{out}.qzhou-tmp-{tag}"
     os.makedirs(tmp)
     try:
         yield tmp
         _check_output(out, overwrite, inputs)
         if os.path.lexists(out):
-            old = f"{out}.old-{tag}"
+            old = f"{out}.qzhou-old-{tag}"
             os.rename(out, old)
             os.rename(tmp, out)
             _remove(old)
@@ -138,7 +138,7 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False,
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-    _remove_leftovers(out, owned)
+    _remove_leftovers(out, owned, inputs)
 
 
 def _remove(path: str) -> None:
@@ -158,16 +158,19 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _remove_leftovers(out: str, owned: bool) -> None:
-    """Remove the `<out>.tmp-*` / `<out>.old-*` folders that interrupted writes of `out` left:
-    this machine's whose process has ended, and with `owned` all of them."""
+def _remove_leftovers(out: str, owned: bool, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """Remove the `<out>.qzhou-tmp-*` / `<out>.qzhou-old-*` folders that interrupted writes of
+    `out` left: this machine's whose process has ended, and with `owned` other machines' too
+    (never one of a running process here, nor an input)."""
     parent, base = os.path.split(out)
+    keep = {os.path.realpath(os.fspath(p)) for p in inputs if p is not None}
     removed, others = [], []
     for name in sorted(os.listdir(parent)):
         match = _LEFTOVER.fullmatch(name[len(base):]) if name.startswith(base + ".") else None
-        if match is None:
+        if match is None or os.path.realpath(os.path.join(parent, name)) in keep:
             continue
-        if owned or (match["host"] == _host() and not _running(int(match["pid"]))):
+        here = match["host"] == _host()
+        if (here and not _running(int(match["pid"]))) or (owned and not here):
             try:
                 _remove(os.path.join(parent, name))
                 removed.append(name)

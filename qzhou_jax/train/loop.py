@@ -272,10 +272,14 @@ def _warn_if_short_of_space(cfg: RunConfig) -> None:
     warning: the figure a network filesystem reports may not be its room."""
     n = cfg.model_config.num_params()
     mu = 2 if cfg.train.mu_dtype == "bfloat16" else 4
+    param = jax.numpy.dtype(cfg.model_config.param_dtype).itemsize
+    have = 0  # checkpoints already there (a resume) take their room already
+    if os.path.isdir(cfg.checkpoint_dir):
+        have = sum(name.isdigit() for name in os.listdir(cfg.checkpoint_dir))
     need: dict[int, list] = {}  # st_dev -> [bytes, folder]
-    wants = [(cfg.checkpoint_dir, (cfg.checkpoint.keep + 1) * n * (4 + mu + 4))]
+    wants = [(cfg.checkpoint_dir, max(cfg.checkpoint.keep + 1 - have, 1) * n * (param + mu + 4))]
     if cfg.export_hf:
-        wants.append((cfg.output_dir, 2 * n * jax.numpy.dtype(cfg.model_config.param_dtype).itemsize))  # new + replaced
+        wants.append((cfg.output_dir, 2 * n * param))  # the new export and the one it replaces
     for path, size in wants:
         existing = os.path.abspath(path)
         while not os.path.exists(existing):
@@ -425,7 +429,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
         if not pending:
             return None
         fetched = jax.device_get([p[3] for p in pending])
-        ckpts.check()  # a failed asynchronous save stops the run now, not at the next save
+        check_saves()  # a failed asynchronous save stops the run now, not at the next save
         now = time.perf_counter()
         dt = max(now - window["t"], 1e-9)
         skipped = 0
@@ -495,8 +499,35 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
             state["evaluated"] = at
         ckpts.save(at, trainer.state, state, force=force)
         last_saved = at
+        unconfirmed["at"] = at
 
     multi = jax.process_count() > 1
+    unconfirmed = {"at": None}  # the step of a save not yet known to have completed everywhere
+    save_check = HostExchange("save_check") if multi else None
+
+    def check_saves() -> None:
+        """Raise when an asynchronous save failed. Several processes agree first (while a save is
+        unconfirmed), so that all of them stop, not one while the others wait for it."""
+        if save_check is None:
+            ckpts.check()
+            return
+        if unconfirmed["at"] is None:
+            return
+        error, running = None, 0
+        try:
+            running = int(ckpts.check())
+        except Exception as e:  # noqa: BLE001  (raised below, after the others know)
+            error = e
+        states = save_check.gather(save_check.next_round(), [int(error is not None), running],
+                                   f"checking the save of checkpoint {unconfirmed['at']}")
+        if error is not None:
+            raise error
+        if states[:, 0].any():
+            failed = [int(i) for i in np.flatnonzero(states[:, 0])]
+            raise ValueError(f"checkpoint {unconfirmed['at']}: the save failed on process(es) {failed} (their "
+                             f"logs say why)")
+        if not states[:, 1].any():
+            unconfirmed["at"] = None
     if multi and cfg.checkpoint.save_on_preemption and not preempt.flag:
         # JAX's preemption sync point is the step after the highest one the processes last
         # reported (0 before any): a notice that came while restoring or compiling set it to 1,
@@ -512,6 +543,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
         result.status = "preempted"
         log.warning("preempted before the first step; rerun with --resume")
     batches = iter(()) if preempt.flag else data.iterator(start_step)
+    wait_for_saves = True
     try:
         bucketed = {b.name for b in data.builders if b.spec.query_buckets or b.spec.passage_buckets}
         common = CommonLengths() if multi and bucketed else None
@@ -560,11 +592,17 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
         flush()
         if result.status == "completed":
             save(result.step, force=True)
+    except BaseException:
+        # another process may be gone: closing would wait for a save in flight, which waits for
+        # that process in Orbax's barrier until JAX gives up on it and aborts this one
+        wait_for_saves = not multi
+        raise
     finally:
         close_iterator(batches)
         if progress is not None:
             progress.close()
-        ckpts.close()
+        if wait_for_saves:
+            ckpts.close()
 
     if main:
         passes = ", ".join(f"{k} {v:.2f}" for k, v in data.plan.epochs_seen(result.step).items())

@@ -119,7 +119,7 @@ class MetricsLog:
             self.file.flush()
         try:
             self._add_scalars(row)
-            if self.tb is not None:  # on disk before the step's checkpoint: a resume purges only later steps
+            if self.tb is not None:  # what the writer's thread has taken from its queue, for a live view
                 self.tb.flush()
         except OSError as e:  # a full disk: stop writing events (the writer's thread and exit hook would repeat it)
             tb, self.tb = self.tb, None

@@ -256,17 +256,33 @@ def _unflatten(flat: Mapping[str, Any], like: Any) -> Any:
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), [flat[p] for p in paths])
 
 
+class _LossBatch(dict):
+    """The batch a loss function is given: a key it reads that the batch lacks is named, with the
+    remedy. A pytree like a dict."""
+
+    task = ""
+
+    def __missing__(self, key):
+        raise KeyError(f"the loss function reads batch[{key!r}], which this {self.task} batch lacks (it has "
+                       f"{sorted(self)}): a custom loss's own keys are declared with Trainer(extra_keys=...) "
+                       f"and every {self.task} batch must carry them")
+
+
+def _loss_batch(items, task: str) -> _LossBatch:
+    batch = _LossBatch(items)
+    batch.task = task
+    return batch
+
+
+jax.tree_util.register_pytree_with_keys(
+    _LossBatch,
+    lambda b: ([(jax.tree_util.DictKey(k), b[k]) for k in sorted(b)], (tuple(sorted(b)), b.task)),
+    lambda aux, children: _loss_batch(zip(aux[0], children), aux[1]))
+
+
 def _call_loss(loss_fn, q, p, batch, task, loss_cfg):
-    """`loss_fn` on the embeddings; a key it reads that the batch lacks is named with the remedy."""
-    try:
-        return loss_fn(q, p, batch, task, loss_cfg)
-    except KeyError as e:
-        key = e.args[0] if len(e.args) == 1 else None
-        if not isinstance(key, str) or key in batch:
-            raise
-        raise KeyError(f"the loss function reads batch[{key!r}], which this {task} batch lacks (it has "
-                       f"{sorted(batch)}): a custom loss's own keys are declared with Trainer(extra_keys=...) "
-                       f"and every {task} batch must carry them") from e
+    """`loss_fn` on the embeddings and the batch (a missing key it reads is named)."""
+    return loss_fn(q, p, _loss_batch(batch, task), task, loss_cfg)
 
 
 def _full_batch(params, batch, cfg, task, loss_cfg, loss_fn):
