@@ -58,7 +58,7 @@ def _train_rows(out_dir):
     """metrics.jsonl's training rows without the rates (time-dependent)."""
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if "train/loss" in line]
-    timing = ("train/tokens_per_s", "train/steps_per_s", "train/mfu")
+    timing = ("wall_time", "train/tokens_per_s", "train/steps_per_s", "train/mfu")
     return [{k: v for k, v in r.items() if k not in timing} for r in rows]
 
 
@@ -88,7 +88,8 @@ def test_a_preemption_inside_a_logging_window_logs_the_same_rows_after_resume(tm
     # TensorBoard shows what the log holds: the partial row at 5 is gone, every row once
     with open(tmp_path / "cut" / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
-    want = {(k, r["step"]): v for r in rows for k, v in r.items() if k != "step" and isinstance(v, float)}
+    want = {(k, r["step"]): v for r in rows for k, v in r.items() if k not in ("step", "wall_time")
+            and isinstance(v, float)}
     got_tb = _tensorboard_scalars(tmp_path / "cut" / "tensorboard")
     assert got_tb.keys() == want.keys() and ("train/loss", 5) not in got_tb
     np.testing.assert_allclose([got_tb[k] for k in want], [want[k] for k in want], rtol=1e-6)
@@ -369,9 +370,10 @@ def test_resume_without_a_checkpoint_keeps_an_earlier_log(tmp_path):
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
-def _tensorboard_scalars(folder) -> dict[tuple[str, int], float]:
-    """(tag, step) -> value from the event files under `folder`, read as TensorBoard reads them:
-    a SessionLog.START at step s (a writer's purge_step) drops the steps from s on."""
+def _tensorboard_scalars(folder, wall_time: bool = False) -> dict[tuple[str, int], float]:
+    """(tag, step) -> value (or its event's wall time) from the event files under `folder`, read as
+    TensorBoard reads them: a SessionLog.START at step s (a writer's purge_step) drops the steps
+    from s on."""
     import glob
     import struct
 
@@ -389,7 +391,7 @@ def _tensorboard_scalars(folder) -> dict[tuple[str, int], float]:
             if e.HasField("session_log") and e.session_log.status == SessionLog.START:
                 out = {k: v for k, v in out.items() if k[1] < e.step}
             for v in e.summary.value:
-                out[(v.tag, e.step)] = v.simple_value
+                out[(v.tag, e.step)] = e.wall_time if wall_time else v.simple_value
     return out
 
 
@@ -422,6 +424,11 @@ def test_tensorboard_keeps_every_step_logged_before_a_kill(tmp_path):
     assert sorted(got) == [("train/loss", s) for s in range(1, 21)]
     np.testing.assert_allclose([got["train/loss", s] for s in range(1, 21)], [1.0 / s for s in range(1, 21)],
                                rtol=1e-6)
+    # rebuilt events keep the time they were logged at (TensorBoard's relative and wall-time axes)
+    logged = {r["step"]: r["wall_time"] for r in map(json.loads, open(tmp_path / "metrics.jsonl"))}
+    walls = _tensorboard_scalars(tmp_path / "tensorboard", wall_time=True)
+    np.testing.assert_allclose([walls["train/loss", s] for s in range(1, 21)], [logged[s] for s in range(1, 21)],
+                               atol=1e-3)
 
 
 def test_resume_on_another_mesh_and_worker_count(tmp_path, uninterrupted, caplog):

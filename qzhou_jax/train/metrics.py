@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import time
 from typing import Any, Mapping
 
 from qzhou_jax.config import ModelConfig, naming_the_file
@@ -106,7 +107,7 @@ class MetricsLog:
         """One row; `partial`: a window cut short by a preemption (replaced on resume)."""
         if not self.enabled:
             return
-        row = {"step": int(step)}
+        row = {"step": int(step), "wall_time": round(time.time(), 3)}  # TensorBoard's, kept for a rebuild
         if partial:
             row["partial"] = True
         for k, v in values.items():
@@ -130,8 +131,8 @@ class MetricsLog:
     def _add_scalars(self, row: Mapping[str, Any]) -> None:
         if self.tb is not None:
             for k, v in row.items():
-                if k not in ("step", "partial") and isinstance(v, float):
-                    self.tb.add_scalar(k, v, global_step=row["step"])
+                if k not in ("step", "partial", "wall_time") and isinstance(v, float):
+                    self.tb.add_scalar(k, v, global_step=row["step"], walltime=row.get("wall_time"))
 
     def close(self) -> None:
         if not self.enabled:
