@@ -135,11 +135,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 PEER_LOST_EXIT_CODE = 69  # EX_UNAVAILABLE: a job of several processes lost one; rerun it with --resume
-# What a collective or the coordination service reports when another process is gone (Gloo on
-# CPU, NCCL on GPU, JAX's coordination service and heartbeats, the project's agreements)
-_PEER_LOST = ("heartbeat", "unhealthy", "task is set to error", "connection reset", "connection closed",
-              "connection refused", "socket closed", "broken pipe", "gloo", "nccl", "unavailable:",
-              "deadline_exceeded", "another process stopped")
 
 
 def _several_processes() -> tuple[int, int] | None:
@@ -154,11 +149,6 @@ def _several_processes() -> tuple[int, int] | None:
     import jax
 
     return (jax.process_index(), jax.process_count()) if jax.process_count() > 1 else None
-
-
-def _peer_lost(error: BaseException) -> bool:
-    text = str(error).lower()
-    return any(s in text for s in _PEER_LOST)
 
 
 def _leave_the_job(command: str, error: BaseException, where: tuple[int, int]) -> None:
@@ -186,7 +176,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"qzhou-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # XLA's runtime errors included
-        where = _several_processes() if args.command in ("train", "demo") and _peer_lost(e) else None
+        from qzhou_jax.hosts import peer_lost
+
+        where = _several_processes() if args.command in ("train", "demo") and peer_lost(e) else None
         if where is None:  # a bug, or this process's own failure (out of memory): the traceback
             raise
         _leave_the_job(args.command, e, where)

@@ -95,6 +95,19 @@ class HostExchange:
         return np.asarray([[int(x) for x in v.split(",")] for _, v in rows], np.int64)
 
 
+# What a collective or the coordination service reports when another process is gone (Gloo on
+# CPU, NCCL on GPU, JAX's coordination service and heartbeats, HostExchange's agreements)
+_PEER_LOST = ("heartbeat", "unhealthy", "task is set to error", "connection reset", "connection closed",
+              "connection refused", "socket closed", "broken pipe", "gloo", "nccl", "unavailable:",
+              "deadline_exceeded", "another process stopped")
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether `error` (a failed collective or agreement) says that another process is gone."""
+    text = str(error).lower()
+    return any(s in text for s in _PEER_LOST)
+
+
 def preemption_noticed(client: Any = "jax") -> bool:
     """Whether a preemption notice (SIGTERM to any process) has reached the coordination service.
     Local and immediate: processes may see it at different moments, so agree on it through

@@ -419,7 +419,7 @@ def test_existing_output_and_overwrite(tmp_path, good_hf):
     assert note.read_text() == "keep me" and glob.glob(str(tmp_path / "*.qzhou-tmp-*")) == []
 
 
-def test_leftovers_of_killed_writes_are_removed_once_the_new_folder_is_in_place(tmp_path, caplog):
+def test_leftovers_of_killed_writes_are_removed_once_the_new_folder_is_in_place(tmp_path, caplog, request):
     """A killed write leaves `<out>.qzhou-tmp-<host>-<pid>-<id>` (or the replaced folder as
     `.qzhou-old-`). The next write of `out` removes this machine's whose process has ended; those
     of a running process or of another machine are named in a warning, and another machine's are
@@ -432,9 +432,13 @@ def test_leftovers_of_killed_writes_are_removed_once_the_new_folder_is_in_place(
 
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    request.addfinalizer(sleeper.kill)
     out = tmp_path / "out"
-    dead = [f"out.qzhou-tmp-{_host()}-{ended.pid}-aaaaaaaa", f"out.qzhou-old-{_host()}-{ended.pid}-bbbbbbbb"]
-    running = [f"out.qzhou-tmp-{_host()}-{os.getpid()}-cccccccc"]
+    # this process's own pid, from a killed run in a container restarted in place, counts as ended
+    dead = [f"out.qzhou-tmp-{_host()}-{ended.pid}-aaaaaaaa", f"out.qzhou-old-{_host()}-{ended.pid}-bbbbbbbb",
+            f"out.qzhou-tmp-{_host()}-{os.getpid()}-abababab"]
+    running = [f"out.qzhou-tmp-{_host()}-{sleeper.pid}-cccccccc"]
     elsewhere = ["out.qzhou-tmp-elsewhere-7-dddddddd", "out.qzhou-old-other.example.com-42-eeeeeeee"]
     unrelated = [f"out2.qzhou-tmp-{_host()}-{ended.pid}-ffffffff", f"out.v2.qzhou-tmp-{_host()}-{ended.pid}-ffffffff",
                  f"out.tmp-{_host()}-{ended.pid}-aaaaaaaa", "out.old-run-1-20240115", "out.qzhou-tmp-notes"]

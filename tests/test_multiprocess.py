@@ -193,7 +193,7 @@ def test_only_a_lost_process_is_reported_as_one():
     """The errors of a collective or agreement whose peer is gone lead to status 69 (rerun with
     --resume); this process's own failures, such as running out of device memory, keep their
     traceback and status, or a launcher would rerun them up to its limit."""
-    from qzhou_jax.cli import _peer_lost
+    from qzhou_jax.hosts import peer_lost as _peer_lost
 
     for text in ("UNAVAILABLE: Task 1 heartbeat timeout", "Gloo AllGather failed: Connection reset by peer",
                  "barrier failed because: task is set to ERROR", "NCCL operation failed: remote process exited",

@@ -96,7 +96,10 @@ def frugal_host_allocator(threshold: int = 1 << 20) -> None:
 
 
 # ------------------------------------------------------------------ atomic folders
-_LEFTOVER = re.compile(r"\.qzhou-(?:tmp|old)-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")
+_LEFTOVER = re.compile(r"\.qzhou-(?:tmp|old)-(?P<tag>(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8})")
+
+
+_OPEN_TAGS: set[str] = set()  # the writes this process has open (a restarted container may reuse its pid)
 
 
 def _host() -> str:
@@ -125,6 +128,7 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False,
     tag = f"{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = f"{out}.qzhou-tmp-{tag}"
     os.makedirs(tmp)
+    _OPEN_TAGS.add(tag)
     try:
         yield tmp
         _check_output(out, overwrite, inputs)
@@ -136,6 +140,7 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False,
         else:
             os.rename(tmp, out)
     finally:
+        _OPEN_TAGS.discard(tag)
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     _remove_leftovers(out, owned, inputs)
@@ -169,8 +174,9 @@ def _remove_leftovers(out: str, owned: bool, inputs: Iterable[str | os.PathLike 
         match = _LEFTOVER.fullmatch(name[len(base):]) if name.startswith(base + ".") else None
         if match is None or os.path.realpath(os.path.join(parent, name)) in keep:
             continue
-        here = match["host"] == _host()
-        if (here and not _running(int(match["pid"]))) or (owned and not here):
+        here, pid = match["host"] == _host(), int(match["pid"])
+        ended = not _running(pid) if pid != os.getpid() else match["tag"] not in _OPEN_TAGS
+        if (here and ended) or (owned and not here):
             try:
                 _remove(os.path.join(parent, name))
                 removed.append(name)

@@ -499,35 +499,15 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
             state["evaluated"] = at
         ckpts.save(at, trainer.state, state, force=force)
         last_saved = at
-        unconfirmed["at"] = at
 
     multi = jax.process_count() > 1
-    unconfirmed = {"at": None}  # the step of a save not yet known to have completed everywhere
-    save_check = HostExchange("save_check") if multi else None
 
     def check_saves() -> None:
-        """Raise when an asynchronous save failed. Several processes agree first (while a save is
-        unconfirmed), so that all of them stop, not one while the others wait for it."""
-        if save_check is None:
+        """Raise when an asynchronous save failed (one process). With several, Orbax's own
+        finalize step takes the failing process's error and every process waits in its commit
+        barrier (checkpoint timeout): the run stops there, as before this check."""
+        if not multi:
             ckpts.check()
-            return
-        if unconfirmed["at"] is None:
-            return
-        error, running = None, 0
-        try:
-            running = int(ckpts.check())
-        except Exception as e:  # noqa: BLE001  (raised below, after the others know)
-            error = e
-        states = save_check.gather(save_check.next_round(), [int(error is not None), running],
-                                   f"checking the save of checkpoint {unconfirmed['at']}")
-        if error is not None:
-            raise error
-        if states[:, 0].any():
-            failed = [int(i) for i in np.flatnonzero(states[:, 0])]
-            raise ValueError(f"checkpoint {unconfirmed['at']}: the save failed on process(es) {failed} (their "
-                             f"logs say why)")
-        if not states[:, 1].any():
-            unconfirmed["at"] = None
     if multi and cfg.checkpoint.save_on_preemption and not preempt.flag:
         # JAX's preemption sync point is the step after the highest one the processes last
         # reported (0 before any): a notice that came while restoring or compiling set it to 1,
@@ -592,10 +572,12 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
         flush()
         if result.status == "completed":
             save(result.step, force=True)
-    except BaseException:
-        # another process may be gone: closing would wait for a save in flight, which waits for
-        # that process in Orbax's barrier until JAX gives up on it and aborts this one
-        wait_for_saves = not multi
+    except BaseException as e:
+        # another process is gone: closing would wait for a save in flight, which waits for that
+        # process in Orbax's barrier until JAX gives up on it and aborts this one
+        from qzhou_jax.hosts import peer_lost
+
+        wait_for_saves = not (multi and peer_lost(e))
         raise
     finally:
         close_iterator(batches)

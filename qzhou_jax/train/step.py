@@ -202,6 +202,8 @@ on the global float32 embedding matrices q_emb [n, d] and p_emb [n * g, d] (each
 passages in a row, its positive first) and the step's batch (the task's keys: labels, scores,
 text keys, `valid`). Traced under `jax.jit` and differentiated with respect to the embeddings,
 so GradCache applies to it as to the built-in losses; metrics are scalars (logged per task).
+The batch is a dict subclass whose missing keys raise a KeyError naming the remedy; it is a
+pytree of its own type (use `dict(batch)` to combine it with plain dicts in one tree operation).
 Extending `task_loss` keeps the built-in behaviour: ``loss, m = task_loss(...); return loss +
 extra, {**m, "extra": extra}``."""
 
