@@ -327,15 +327,13 @@ class RunCheckpoints:
         runs; a single process uses the SIGTERM flag of the training loop."""
         return bool(self.manager.reached_preemption(step))
 
-    def check(self) -> bool:
+    def check(self) -> None:
         """Raise the error of an asynchronous save that failed (a full disk), instead of at the
         next save: the steps trained meanwhile could not be saved. Does not wait for a save in
-        progress; returns whether one is (on this process)."""
+        progress."""
         self.manager.check_for_errors()
-        if self.manager.is_saving_in_progress():
-            return True
-        self.manager.wait_until_finished()  # returns at once; raises the error of a save that failed
-        return False
+        if not self.manager.is_saving_in_progress():
+            self.manager.wait_until_finished()  # returns at once; raises the error of a save that failed
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -253,13 +253,19 @@ def _shorter_plan(total_steps: int, why: str) -> None:
                      "shorten it below the steps done")
 
 
+def _existing_parent(path: str) -> str:
+    """`path` or the nearest of its parents that exists (absolute)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return existing
+
+
 def _check_writable(path: str, what: str) -> None:
     """Fail early (before datasets are indexed) when ``path`` cannot become a writable folder;
     nothing is created."""
     path = os.path.abspath(path)
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+    existing = _existing_parent(path)
     if not os.path.isdir(existing):
         raise ValueError(f"{what} {path}: cannot write there ({existing} is a file, not a folder)")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -281,9 +287,7 @@ def _warn_if_short_of_space(cfg: RunConfig) -> None:
     if cfg.export_hf:
         wants.append((cfg.output_dir, 2 * n * param))  # the new export and the one it replaces
     for path, size in wants:
-        existing = os.path.abspath(path)
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing)
+        existing = _existing_parent(path)
         entry = need.setdefault(os.stat(existing).st_dev, [0, existing])
         entry[0] += size
     for total, folder in need.values():
@@ -429,7 +433,8 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
         if not pending:
             return None
         fetched = jax.device_get([p[3] for p in pending])
-        check_saves()  # a failed asynchronous save stops the run now, not at the next save
+        if not multi:  # a failed asynchronous save stops the run now, not at the next save (with several
+            ckpts.check()  # processes Orbax's finalize takes the error; its commit barrier stops the run)
         now = time.perf_counter()
         dt = max(now - window["t"], 1e-9)
         skipped = 0
@@ -501,13 +506,6 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
         last_saved = at
 
     multi = jax.process_count() > 1
-
-    def check_saves() -> None:
-        """Raise when an asynchronous save failed (one process). With several, Orbax's own
-        finalize step takes the failing process's error and every process waits in its commit
-        barrier (checkpoint timeout): the run stops there, as before this check."""
-        if not multi:
-            ckpts.check()
     if multi and cfg.checkpoint.save_on_preemption and not preempt.flag:
         # JAX's preemption sync point is the step after the highest one the processes last
         # reported (0 before any): a notice that came while restoring or compiling set it to 1,
