@@ -262,8 +262,9 @@ EOF
 
 write_follow_script() {
   cat >"$work/qzhou-follow.sh" <<'EOF'
-# Stream the log of the run started by qzhou-start.sh; exit with its status.
-tail -n +1 -F ~/qzhou-run/train.log 2>/dev/null &
+# Stream the log of the run started by qzhou-start.sh (from line 1, or its last $1 lines);
+# exit with its status.
+tail -n "${1:-+1}" -F ~/qzhou-run/train.log 2>/dev/null &
 t=$!
 while [ ! -f ~/qzhou-run/exit_code ]; do sleep 5; done
 sleep 2
@@ -333,19 +334,21 @@ EOF
   ssh_workers all 'bash ~/qzhou-start.sh'
 }
 
-follow() {
+follow() {  # follow [LAST_LINES]: worker 0's log, whole or its end, until the run ends
   write_follow_script
   gc compute tpus tpu-vm scp "$work/qzhou-follow.sh" "$name:" --zone "$zone" --worker 0 >/dev/null
-  ssh_workers 0 'bash ~/qzhou-follow.sh'
+  ssh_workers 0 "bash ~/qzhou-follow.sh ${1:-}"
 }
 
-run_finished() {  # whether worker 0 wrote an exit status
-  [[ $dry_run -eq 1 ]] && return 0
-  ssh_workers 0 'test -f ~/qzhou-run/exit_code' >/dev/null 2>&1
+run_exit_status() {  # the exit status worker 0's run wrote; fails while it runs (or is unreachable)
+  local status
+  status="$(ssh_workers 0 'cat ~/qzhou-run/exit_code' 2>/dev/null)" || return 1
+  [[ "$status" =~ ^[0-9]+$ ]] || return 1
+  echo "$status"
 }
 
 cmd_run() {
-  local attempt=0 rc state want_resume=$resume
+  local attempt=0 rc finished state want_resume=$resume
   check_training_config
   while true; do
     cmd_up
@@ -353,14 +356,22 @@ cmd_run() {
       cmd_setup
     fi
     start_training "$want_resume"
+    local from=""
     while true; do
       rc=0
-      follow || rc=$?
-      # A dropped connection to a healthy slice whose run goes on: follow again.
-      if [[ $rc -ne 0 && "$(node_state)" == READY ]] && ! run_finished; then
-        say "lost the log stream (status $rc); the run goes on, reconnecting"
-        sleep 10
-        continue
+      follow ${from:+"$from"} || rc=$?
+      # A dropped connection to a healthy slice: follow again while the run goes on; when it
+      # ended meanwhile, its own exit status counts, not the connection's.
+      if [[ $rc -ne 0 && $dry_run -eq 0 && "$(node_state)" == READY ]]; then
+        if finished="$(run_exit_status)"; then
+          [[ "$finished" != "$rc" ]] && say "lost the log stream (status $rc); the run ended with status $finished"
+          rc=$finished
+        else
+          say "lost the log stream (status $rc); the run goes on, reconnecting (from its last 20 lines)"
+          from=20
+          sleep 10
+          continue
+        fi
       fi
       break
     done

@@ -1,0 +1,293 @@
+"""launch/tpu_pod.sh for real against a fake `gcloud`: a slice of two workers whose "VMs" are
+folders on this machine. The fake keeps the slice's state (absent, READY, PREEMPTED) in a file,
+copies `scp`'d files into each worker's home and runs `ssh` commands there with bash, so the
+launcher's own setup, start and follow scripts run as they would on the workers. The workers'
+`python3 -m venv` makes a stub venv whose `qzhou-jax` exits with the statuses a test scripts.
+`sleep` is shortened so the launcher's polling loops take a fraction of a second.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+LAUNCHER = pathlib.Path(__file__).resolve().parents[1] / "launch" / "tpu_pod.sh"
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None,
+                                reason="needs bash and tar")
+WORKERS = 2
+
+FAKE_GCLOUD = """\
+import json, os, pathlib, shutil, subprocess, sys
+
+root = pathlib.Path(os.environ["FAKE_TPU"])
+state_file = root / "state.json"
+state = json.loads(state_file.read_text()) if state_file.exists() else {"node": "NONE", "queued": "NONE"}
+args = sys.argv[1:]
+with open(root / "calls.log", "a") as f:
+    f.write(json.dumps(args) + "\\n")
+assert args[:2] == ["compute", "tpus"], args
+kind, verb, name = args[2], args[3], args[4]
+
+
+def opt(flag):
+    return args[args.index(flag) + 1]
+
+
+def homes(which="all"):
+    ids = range(WORKERS) if which == "all" else [int(which)]
+    return [(i, root / f"worker{i}") for i in ids]
+
+
+def save():
+    tmp = state_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, state_file)
+
+
+def wipe():  # a deleted VM takes its disk with it
+    for _, home in homes():
+        shutil.rmtree(home, ignore_errors=True)
+
+
+if verb == "describe":
+    current = state["node"] if kind == "tpu-vm" else state["queued"]
+    if current == "NONE":
+        sys.exit(f"ERROR: (gcloud) NOT_FOUND: {name}")
+    fmt = next(a for a in args if a.startswith("--format="))
+    print("10.0.0.2" if "ipAddress" in fmt else current)
+elif verb == "create":
+    for _, home in homes():
+        home.mkdir()
+    state.update(node="READY", queued="ACTIVE" if kind == "queued-resources" else "NONE")
+    save()
+elif verb == "delete":
+    wipe()
+    state.update(node="NONE", queued="NONE")
+    save()
+elif verb in ("scp", "ssh") and state["node"] != "READY":
+    print("ssh: connect to host 10.0.0.2 port 22: Connection refused", file=sys.stderr)
+    sys.exit(255 if verb == "ssh" else 1)
+elif verb == "scp":
+    dest = next(i for i, a in enumerate(args) if a.endswith(":"))
+    for _, home in homes(opt("--worker")):
+        for src in args[4:dest]:
+            shutil.copy(src, home)
+elif verb == "ssh":
+    if "qzhou-follow" in opt("--command"):
+        if (root / "drop_next_follow").exists():  # the log stream's connection drops
+            (root / "drop_next_follow").unlink()
+            print("Connection to 10.0.0.2 closed by remote host.", file=sys.stderr)
+            sys.exit(255)
+        (root / "release").touch()  # lets a waiting trainer finish
+    rc = 0
+    for i, home in homes(opt("--worker")):
+        env = {**os.environ, "HOME": str(home), "FAKE_WORKER": str(i)}
+        rc = subprocess.run(["bash", "-c", opt("--command")], cwd=home, env=env).returncode or rc
+    sys.exit(rc)
+else:
+    sys.exit(f"fake gcloud: unexpected {args}")
+"""
+
+# `python3 -m venv DIR` on a worker: a venv of stubs (pip logs, python reports a jax version).
+FAKE_PYTHON = """\
+import os, pathlib, stat, sys
+
+assert sys.argv[1:3] == ["-m", "venv"], sys.argv
+bin_dir = pathlib.Path(sys.argv[3]) / "bin"
+bin_dir.mkdir(parents=True)
+stubs = {
+    "python": "print('0.10.2')",
+    "pip": "import json, os, pathlib, sys\\n"
+           "with open(pathlib.Path(os.environ['FAKE_TPU']) / 'pip.log', 'a') as f:\\n"
+           "    f.write(json.dumps([os.environ['FAKE_WORKER'], sys.argv[1:]]) + '\\\\n')",
+    "qzhou-jax": open(os.environ["FAKE_TRAINER"]).read(),
+}
+for name, body in stubs.items():
+    path = bin_dir / name
+    path.write_text(f"#!{sys.executable}\\n{body}\\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+"""
+
+# The trainer on a worker: logs its arguments and exits as plan.json says for its n-th run;
+# "preempt" takes the slice away (the VM is stopped under it) and exits as SIGTERM would.
+FAKE_TRAINER = """\
+import json, os, pathlib, sys
+
+root = pathlib.Path(os.environ["FAKE_TPU"])
+worker = int(os.environ["FAKE_WORKER"])
+log = root / f"trainer{worker}.log"
+n = len(log.read_text().splitlines()) if log.exists() else 0
+with open(log, "a") as f:
+    f.write(json.dumps({"args": sys.argv[1:], "cwd": os.getcwd(),
+                        "coordinator": os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                        "data": os.environ.get("QZHOU_DATA")}) + "\\n")
+action = json.loads((root / "plan.json").read_text())[worker][n]
+print(f"worker {worker} run {n + 1}: {action}", flush=True)
+if action == "wait":  # runs until a log stream is attached
+    import time
+    deadline = time.time() + 60
+    while not (root / "release").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    sys.exit(0)
+if action == "preempt":
+    state = json.loads((root / "state.json").read_text())
+    state.update(node="PREEMPTED", queued="SUSPENDED" if state["queued"] != "NONE" else "NONE")
+    (root / "state.tmp").write_text(json.dumps(state))
+    os.replace(root / "state.tmp", root / "state.json")
+    sys.exit(143)
+sys.exit(int(action))
+"""
+
+
+@pytest.fixture
+def fake_slice(tmp_path):
+    root = tmp_path / "tpu"
+    root.mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+
+    def script(name, body):
+        path = bin_dir / name
+        path.write_text(body)
+        path.chmod(0o755)
+        return path
+
+    script("gcloud", f"#!{sys.executable}\nWORKERS = {WORKERS}\n" + FAKE_GCLOUD)
+    python = script("fake-python3", f"#!{sys.executable}\n" + FAKE_PYTHON)
+    script("sleep", f"#!/bin/sh\nexec {shutil.which('sleep')} 0.1\n")
+    (root / "trainer.py").write_text(FAKE_TRAINER)
+    env = {**os.environ, "FAKE_TPU": str(root), "FAKE_TRAINER": str(root / "trainer.py"), "TMPDIR": str(tmp_path),
+           "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    for var in ("QZ_TPU_NAME", "QZ_TPU_ZONE", "QZ_TPU_PROJECT", "QZ_TPU_TYPE", "QZ_KEEP_WORK"):
+        env.pop(var, None)
+
+    class Slice:
+        def launch(self, *args, plan=None):
+            if plan is not None:
+                (root / "plan.json").write_text(json.dumps(plan))
+            return subprocess.run(["bash", str(LAUNCHER), *args, "--name", "qz", "--zone", "us-east5-a"],
+                                  capture_output=True, text=True, env=env, timeout=120)
+
+        def run(self, plan, *extra):
+            return self.launch("run", "--type", "v5e-32", "--python", str(python), "--config",
+                               "configs/stage1-qwen2.5-7b.yaml", "--set", "out_dir=/mnt/runs/s1",
+                               "--env", "QZHOU_DATA=/mnt/my data", "--skip-config-check", *extra, plan=plan)
+
+        def drop_next_follow(self):
+            (root / "drop_next_follow").touch()
+
+        def trainer_runs(self, worker):
+            log = root / f"trainer{worker}.log"
+            return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+        def calls(self, *words):
+            rows = [json.loads(line) for line in (root / "calls.log").read_text().splitlines()]
+            return [r for r in rows if all(w in r for w in words)]
+
+        def installs(self):
+            rows = [json.loads(line) for line in (root / "pip.log").read_text().splitlines()]
+            return [r for r in rows if "-e" in r[1]]
+
+        def state(self):
+            return json.loads((root / "state.json").read_text())
+
+        home = staticmethod(lambda worker: root / f"worker{worker}")
+
+    return Slice()
+
+
+def test_run_resumes_after_a_saved_preemption_a_lost_slice_and_a_lost_peer(fake_slice):
+    """75 (checkpoint saved) and 69 (a peer died) restart on the same slice without reinstalling;
+    a preempted slice is deleted, created again, reinstalled; every restart passes --resume."""
+    plan = [["75", "preempt", "69", "0"], ["75", "143", "69", "0"]]
+    r = fake_slice.run(plan)
+    assert r.returncode == 0, r.stderr
+    assert "training finished" in r.stderr
+    for i in range(WORKERS):
+        runs = fake_slice.trainer_runs(i)
+        assert len(runs) == 4, runs
+        expected = ["train", "--config", "configs/stage1-qwen2.5-7b.yaml", "--set", "out_dir=/mnt/runs/s1"]
+        assert [run["args"] for run in runs] == [expected] + [expected + ["--resume"]] * 3
+        assert all(run["coordinator"] == "10.0.0.2:8476" and run["data"] == "/mnt/my data" for run in runs)
+        assert all(run["cwd"] == str(fake_slice.home(i) / "qzhou-jax") for run in runs)
+        # the tree that was shipped and unpacked is this one
+        assert (fake_slice.home(i) / "qzhou-jax" / "launch" / "tpu_pod.sh").read_bytes() == LAUNCHER.read_bytes()
+    # worker 0's log reached the launcher's output, run by run (not the preempted one's: its VM is gone)
+    for n, action in enumerate(plan[0], 1):
+        assert (f"worker 0 run {n}: {action}" in r.stdout) == (action != "preempt"), r.stdout
+    assert "slice PREEMPTED" in r.stderr and "deleting it to create it again" in r.stderr
+    assert "restart 1 of 10" in r.stderr and "restart 3 of 10" in r.stderr
+    # one slice created at the start and one after the preemption; installed on each, not on the other restarts
+    assert len(fake_slice.calls("queued-resources", "create")) == 2
+    assert len(fake_slice.calls("queued-resources", "delete")) == 1
+    assert sorted(w for w, _ in fake_slice.installs()) == ["0", "0", "1", "1"]
+    assert fake_slice.state() == {"node": "READY", "queued": "ACTIVE"}
+
+
+def test_run_gives_up_after_max_restarts_and_does_not_restart_a_failure(fake_slice):
+    r = fake_slice.run([["75", "75"], ["75", "75"]], "--max-restarts", "1")
+    assert r.returncode == 75, r.stderr
+    assert "preempted again after 1 restarts; giving up" in r.stderr
+    assert len(fake_slice.trainer_runs(0)) == 2
+
+    # a new `run` on the READY slice reuses it and installs the tree again: files gone from the
+    # tree go, a relative out_dir's runs/ stays
+    tree = fake_slice.home(0) / "qzhou-jax"
+    (tree / "runs" / "s1").mkdir(parents=True)
+    (tree / "runs" / "s1" / "metrics.jsonl").write_text("{}\n")
+    (tree / "removed_module.py").write_text("")
+    r = fake_slice.run([["75", "75", "1"], ["75", "75", "1"]])
+    assert r.returncode == 1, r.stderr
+    assert (tree / "runs" / "s1" / "metrics.jsonl").read_text() == "{}\n"
+    assert not (tree / "removed_module.py").exists() and (tree / "qzhou_jax" / "cli.py").is_file()
+    assert "training failed with status 1" in r.stderr and "restart" not in r.stderr
+    assert fake_slice.trainer_runs(0)[-1]["args"][-1] != "--resume"
+    assert len(fake_slice.installs()) == 2 * WORKERS  # the first run's setup, and this run's (attempt 0)
+    assert len(fake_slice.calls("queued-resources", "create")) == 1
+
+    r = fake_slice.launch("status")
+    assert r.returncode == 0 and r.stdout == "slice: READY\nqueued resource: ACTIVE\n"
+    r = fake_slice.launch("down")
+    assert r.returncode == 0 and fake_slice.state() == {"node": "NONE", "queued": "NONE"}
+    assert not fake_slice.home(0).exists()
+
+
+def test_a_spot_slice_is_created_again_after_a_preemption(fake_slice):
+    r = fake_slice.run([["preempt", "0"], ["143", "0"]], "--provisioning", "spot")
+    assert r.returncode == 0, r.stderr
+    assert [c[:4] for c in fake_slice.calls("create")] == [["compute", "tpus", "tpu-vm", "create"]] * 2
+    assert "--spot" in fake_slice.calls("create")[0]
+    assert len(fake_slice.calls("tpu-vm", "delete")) == 1 and not fake_slice.calls("queued-resources", "delete")
+    assert [run["args"][-1] for run in fake_slice.trainer_runs(1)] == ["out_dir=/mnt/runs/s1", "--resume"]
+    assert fake_slice.state() == {"node": "READY", "queued": "NONE"}
+
+
+def test_logs_reattaches_to_a_running_job_and_returns_its_status(fake_slice):
+    r = fake_slice.run([["0"], ["0"]])
+    assert r.returncode == 0, r.stderr
+    home = fake_slice.home(0)
+    (home / "qzhou-run" / "exit_code").write_text("75\n")
+    r = fake_slice.launch("logs")
+    assert r.returncode == 75 and "worker 0 run 1: 0" in r.stdout, (r.stdout, r.stderr)
+
+
+def test_a_dropped_log_stream_reconnects_and_the_run_status_is_the_trainers(fake_slice):
+    """The connection that streams worker 0's log drops: while the run goes on, the launcher
+    attaches again; when the run ended meanwhile, its exit status (not ssh's 255) decides."""
+    fake_slice.drop_next_follow()
+    r = fake_slice.run([["wait"], ["wait"]])
+    assert r.returncode == 0, r.stderr
+    assert "lost the log stream (status 255); the run goes on, reconnecting" in r.stderr
+    assert r.stdout.count("worker 0 run 1: wait") == 1 and len(fake_slice.trainer_runs(0)) == 1
+    assert any(c[-1] == "bash ~/qzhou-follow.sh 20" for c in fake_slice.calls("ssh"))
+
+    fake_slice.drop_next_follow()
+    r = fake_slice.run([["wait", "75", "0"], ["wait", "75", "0"]])
+    assert r.returncode == 0, r.stderr
+    assert "restart 1 of 10" in r.stderr and "training failed" not in r.stderr
+    assert [run["args"][-1] for run in fake_slice.trainer_runs(0)[1:]] == ["out_dir=/mnt/runs/s1", "--resume"]
