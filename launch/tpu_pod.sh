@@ -50,6 +50,11 @@ options (environment variable in brackets):
                        (for paths, such as init_from, that exist only on the workers)
   -h, --help           this text
 
+A gcloud error other than NOT_FOUND while reading the slice's state (an expired token, an API
+outage) is retried every 30 s, QZ_DESCRIBE_TRIES times (default 10); a state that cannot be
+read is never taken for a preemption: `up` and `down` stop without creating or deleting
+anything, and `run` keeps following the training.
+
 The run's out_dir (checkpoints, metrics) must be one folder shared by every worker that
 outlives the VMs, so that a recreated slice resumes from it: a shared filesystem (NFS /
 Filestore, or a gcsfuse-mounted bucket) mounted by --setup-cmd; gs:// URLs are refused.
@@ -90,6 +95,7 @@ python=python3
 setup_cmd=""
 jax_version=0.10.2
 port=8476
+describe_tries="${QZ_DESCRIBE_TRIES:-10}"
 dry_run=0
 check_config=1
 extra=()
@@ -128,6 +134,7 @@ case "$provisioning" in
 esac
 [[ "$max_restarts" =~ ^[0-9]+$ ]] || die "--max-restarts: expected a non-negative integer, got '$max_restarts'"
 [[ "$port" =~ ^[1-9][0-9]*$ ]] || die "--port: expected a port number, got '$port'"
+[[ "$describe_tries" =~ ^[1-9][0-9]*$ ]] || die "QZ_DESCRIBE_TRIES: expected a positive integer, got '$describe_tries'"
 
 # v5e-N is the name used in docs; gcloud calls it v5litepod-N.
 accel="${accel/#v5e-/v5litepod-}"
@@ -161,27 +168,44 @@ ssh_workers() {  # ssh_workers WORKERS COMMAND
   gc compute tpus tpu-vm ssh "$name" --zone "$zone" --worker "$1" --command "$2"
 }
 
-node_state() {  # READY, CREATING, PREEMPTED, ... or NONE
-  local state
+describe() {  # describe tpu-vm|queued-resources FORMAT: the field; NONE when there is no such
+  # resource (gcloud: NOT_FOUND) or the field is empty; UNKNOWN when gcloud keeps failing otherwise
+  # (an expired token, an API outage), which no caller takes for a preemption
+  local out tries=0
   if [[ $dry_run -eq 1 ]]; then echo NONE; return; fi
-  state="$(gcloud compute tpus tpu-vm describe "$name" --zone "$zone" ${project:+--project "$project"} \
-           --format='value(state)' 2>/dev/null || true)"
-  echo "${state:-NONE}"
+  while true; do
+    if out="$(gcloud compute tpus "$1" describe "$name" --zone "$zone" ${project:+--project "$project"} \
+              --format="$2" 2>"$work/describe.err")"; then
+      echo "${out:-NONE}"
+      return
+    fi
+    if grep -q NOT_FOUND "$work/describe.err"; then echo NONE; return; fi
+    tries=$((tries + 1))
+    if [[ $tries -ge $describe_tries ]]; then
+      say "gcloud compute tpus $1 describe $name failed $tries times: $(grep -m 1 . "$work/describe.err")"
+      echo UNKNOWN
+      return
+    fi
+    say "gcloud compute tpus $1 describe $name failed (try $tries of $describe_tries), retrying in 30 s"
+    sleep 30
+  done
 }
 
-queued_state() {  # ACTIVE, WAITING_FOR_RESOURCES, PROVISIONING, SUSPENDED, FAILED, ... or NONE
-  local state
-  if [[ $dry_run -eq 1 ]]; then echo NONE; return; fi
-  state="$(gcloud compute tpus queued-resources describe "$name" --zone "$zone" ${project:+--project "$project"} \
-           --format='value(state.state)' 2>/dev/null || true)"
-  echo "${state:-NONE}"
+node_state() { describe tpu-vm 'value(state)'; }  # READY, CREATING, PREEMPTED, ..., NONE or UNKNOWN
+
+queued_state() {  # ACTIVE, WAITING_FOR_RESOURCES, PROVISIONING, SUSPENDED, FAILED, ..., NONE or UNKNOWN
+  describe queued-resources 'value(state.state)'
 }
 
 cmd_down() {
-  if [[ "$(queued_state)" != NONE || ( $dry_run -eq 1 && "$provisioning" == queued* ) ]]; then
+  local queued node
+  queued="$(queued_state)"
+  node="$(node_state)"
+  [[ "$queued" != UNKNOWN && "$node" != UNKNOWN ]] || die "could not read the state of $name; nothing was deleted"
+  if [[ "$queued" != NONE || ( $dry_run -eq 1 && "$provisioning" == queued* ) ]]; then
     say "deleting queued resource $name (and its slice)"
     gc compute tpus queued-resources delete "$name" --zone "$zone" --force --quiet
-  elif [[ "$(node_state)" != NONE || $dry_run -eq 1 ]]; then
+  elif [[ "$node" != NONE || $dry_run -eq 1 ]]; then
     say "deleting slice $name"
     gc compute tpus tpu-vm delete "$name" --zone "$zone" --quiet
   else
@@ -198,8 +222,10 @@ cmd_up() {  # sets up_result to "created" or "reused"; gcloud's output goes to s
     up_result=reused
     return
   fi
+  [[ "$state" != UNKNOWN ]] || die "could not read the state of slice $name; nothing was created or deleted"
   [[ -n "$accel" ]] || die "--type is required to create slice $name"
   queued="$(queued_state)"
+  [[ "$queued" != UNKNOWN ]] || die "could not read the state of queued resource $name; nothing was created or deleted"
   if [[ "$state" != NONE || "$queued" != NONE ]]; then
     say "slice $name is $state (queued resource: $queued); deleting it to create it again"
     cmd_down >&2
@@ -303,8 +329,9 @@ start_training() {  # start_training RESUME(0|1)
   if [[ $dry_run -eq 1 ]]; then
     coordinator="WORKER0_IP:$port"
   else
-    coordinator="$(gcloud compute tpus tpu-vm describe "$name" --zone "$zone" ${project:+--project "$project"} \
-                   --format='value(networkEndpoints[0].ipAddress)'):$port"
+    coordinator="$(describe tpu-vm 'value(networkEndpoints[0].ipAddress)')"
+    [[ "$coordinator" != NONE && "$coordinator" != UNKNOWN ]] || die "could not read worker 0's address on $name"
+    coordinator="$coordinator:$port"
   fi
   {
     echo 'set -euo pipefail'
@@ -360,26 +387,29 @@ cmd_run() {
     while true; do
       rc=0
       follow ${from:+"$from"} || rc=$?
+      state=READY
+      [[ $rc -eq 0 || $dry_run -eq 1 ]] && break
       # A dropped connection to a healthy slice: follow again while the run goes on; when it
       # ended meanwhile, its own exit status counts, not the connection's.
-      if [[ $rc -ne 0 && $dry_run -eq 0 && "$(node_state)" == READY ]]; then
-        if finished="$(run_exit_status)"; then
-          [[ "$finished" != "$rc" ]] && say "lost the log stream (status $rc); the run ended with status $finished"
-          rc=$finished
-        else
-          say "lost the log stream (status $rc); the run goes on, reconnecting (from its last 20 lines)"
-          from=20
-          sleep 10
-          continue
-        fi
-      fi
-      break
+      state="$(node_state)"
+      case "$state" in
+        READY)
+          if finished="$(run_exit_status)"; then
+            [[ "$finished" != "$rc" ]] && say "lost the log stream (status $rc); the run ended with status $finished"
+            rc=$finished
+            break
+          fi
+          say "lost the log stream (status $rc); the run goes on, reconnecting (from its last 20 lines)" ;;
+        UNKNOWN) say "lost the log stream (status $rc) and could not read the slice's state; trying again" ;;
+        *) break ;;
+      esac
+      from=20
+      sleep 10
     done
     if [[ $rc -eq 0 ]]; then
       if [[ $dry_run -eq 1 ]]; then say "dry run: nothing was created or started"; else say "training finished"; fi
       return 0
     fi
-    state="$(node_state)"
     if [[ $rc -eq 75 || $rc -eq 69 || "$state" != READY ]]; then
       attempt=$((attempt + 1))
       if [[ $attempt -gt $max_restarts ]]; then

@@ -53,6 +53,12 @@ def wipe():  # a deleted VM takes its disk with it
         shutil.rmtree(home, ignore_errors=True)
 
 
+failures = root / "describe_failures"
+if verb == "describe" and failures.exists() and int(failures.read_text()) > 0:
+    failures.write_text(str(int(failures.read_text()) - 1))
+    print(f"ERROR: (gcloud.compute.tpus.{kind}.describe) There was a problem refreshing your current auth "
+          "tokens: ('Connection aborted.', RemoteDisconnected('Remote end closed connection'))", file=sys.stderr)
+    sys.exit(1)
 if verb == "describe":
     current = state["node"] if kind == "tpu-vm" else state["queued"]
     if current == "NONE":
@@ -78,7 +84,8 @@ elif verb == "scp":
             shutil.copy(src, home)
 elif verb == "ssh":
     if "qzhou-follow" in opt("--command"):
-        if (root / "drop_next_follow").exists():  # the log stream's connection drops
+        if (root / "drop_next_follow").exists():  # the log stream's connection drops (and the API, for a while)
+            (root / "describe_failures").write_text((root / "drop_next_follow").read_text() or "0")
             (root / "drop_next_follow").unlink()
             print("Connection to 10.0.0.2 closed by remote host.", file=sys.stderr)
             sys.exit(255)
@@ -166,19 +173,23 @@ def fake_slice(tmp_path):
         env.pop(var, None)
 
     class Slice:
-        def launch(self, *args, plan=None):
+        def launch(self, *args, plan=None, describe_tries=3):
             if plan is not None:
                 (root / "plan.json").write_text(json.dumps(plan))
             return subprocess.run(["bash", str(LAUNCHER), *args, "--name", "qz", "--zone", "us-east5-a"],
-                                  capture_output=True, text=True, env=env, timeout=120)
+                                  capture_output=True, text=True, env={**env, "QZ_DESCRIBE_TRIES": str(describe_tries)},
+                                  timeout=120)
 
-        def run(self, plan, *extra):
+        def run(self, plan, *extra, **kw):
             return self.launch("run", "--type", "v5e-32", "--python", str(python), "--config",
                                "configs/stage1-qwen2.5-7b.yaml", "--set", "out_dir=/mnt/runs/s1",
-                               "--env", "QZHOU_DATA=/mnt/my data", "--skip-config-check", *extra, plan=plan)
+                               "--env", "QZHOU_DATA=/mnt/my data", "--skip-config-check", *extra, plan=plan, **kw)
 
-        def drop_next_follow(self):
-            (root / "drop_next_follow").touch()
+        def drop_next_follow(self, describe_failures=0):
+            (root / "drop_next_follow").write_text(str(describe_failures))
+
+        def fail_describes(self, n):
+            (root / "describe_failures").write_text(str(n))
 
         def trainer_runs(self, worker):
             log = root / f"trainer{worker}.log"
@@ -290,3 +301,28 @@ def test_a_dropped_log_stream_reconnects_and_the_run_status_is_the_trainers(fake
     assert r.returncode == 0, r.stderr
     assert "restart 1 of 10" in r.stderr and "training failed" not in r.stderr
     assert [run["args"][-1] for run in fake_slice.trainer_runs(0)[1:]] == ["out_dir=/mnt/runs/s1", "--resume"]
+
+
+def test_gcloud_errors_are_retried_and_an_unreadable_state_is_never_a_preemption(fake_slice):
+    """describe failing for another reason than NOT_FOUND (an expired token, an API outage) is
+    retried; while it cannot be read, nothing is created or deleted, and a healthy run whose log
+    stream dropped meanwhile is followed again, not restarted."""
+    fake_slice.fail_describes(2)
+    r = fake_slice.run([["wait"], ["wait"]])
+    assert r.returncode == 0, r.stderr
+    assert "describe qz failed (try 2 of 3), retrying in 30 s" in r.stderr
+
+    fake_slice.drop_next_follow(describe_failures=3)  # a whole round of describes fails
+    r = fake_slice.run([["wait", "wait"], ["wait", "wait"]])
+    assert r.returncode == 0, r.stderr
+    assert "lost the log stream (status 255) and could not read the slice's state; trying again" in r.stderr
+    assert "restart" not in r.stderr and len(fake_slice.trainer_runs(0)) == 2
+
+    fake_slice.fail_describes(100)
+    for command, words in (("run", "could not read the state of slice qz; nothing was created or deleted"),
+                           ("down", "could not read the state of qz; nothing was deleted")):
+        r = fake_slice.run([[], []]) if command == "run" else fake_slice.launch("down")
+        assert r.returncode == 2 and words in r.stderr, r.stderr
+        assert "failed 3 times: ERROR: (gcloud.compute.tpus." in r.stderr
+    assert not fake_slice.calls("delete") and len(fake_slice.calls("create")) == 1
+    assert fake_slice.state() == {"node": "READY", "queued": "ACTIVE"}
