@@ -41,7 +41,8 @@ options (environment variable in brackets):
   --max-restarts N     restarts after preemptions in `run` (default 10)
   --python PY          Python (>= 3.11) on the workers that creates the venv (default python3)
   --setup-cmd CMD      shell command run on every worker before installing (e.g. one that
-                       installs python3.11 and python3.11-venv on an older image)
+                       installs python3.11 and python3.11-venv on an older image); it runs at
+                       every setup, also on a slice that already ran it, so make it idempotent
   --jax-version V      jax / jaxlib pinned on the workers, matching the tpu extra's libtpu
                        (default 0.10.2)
   --port PORT          jax.distributed coordinator port on worker 0 (default 8476)
@@ -50,10 +51,11 @@ options (environment variable in brackets):
                        (for paths, such as init_from, that exist only on the workers)
   -h, --help           this text
 
-A gcloud error other than NOT_FOUND while reading the slice's state (an expired token, an API
-outage) is retried every 30 s, QZ_DESCRIBE_TRIES times (default 10); a state that cannot be
-read is never taken for a preemption: `up` and `down` stop without creating or deleting
-anything, and `run` keeps following the training.
+gcloud failures are retried every 30 s, QZ_GCLOUD_TRIES times (default 10): reading the slice's
+state (an error other than NOT_FOUND: an expired token, an API outage), copying to the workers,
+and ssh connections that fail (status 255; a command that fails on a worker is not retried). A
+state that cannot be read is never taken for a preemption: `up` and `down` stop without
+creating or deleting anything, and `run` keeps following the training.
 
 The run's out_dir (checkpoints, metrics) must be one folder shared by every worker that
 outlives the VMs, so that a recreated slice resumes from it: a shared filesystem (NFS /
@@ -62,7 +64,7 @@ Data paths must be readable from every worker.
 
 examples:
   launch/tpu_pod.sh run --name qz-7b --zone us-east5-a --type v5p-64 \
-      --setup-cmd 'sudo mkdir -p /mnt/runs && sudo mount -o rw,intr 10.0.0.2:/runs /mnt/runs' \
+      --setup-cmd 'sudo mkdir -p /mnt/runs && { mountpoint -q /mnt/runs || sudo mount -o rw,intr 10.0.0.2:/runs /mnt/runs; }' \
       --env QZHOU_DATA=/mnt/runs/data --env QZHOU_MODELS=/mnt/runs/models \
       --config configs/stage1-qwen2.5-7b.yaml --set out_dir=/mnt/runs/stage1-7b
   launch/tpu_pod.sh logs --name qz-7b --zone us-east5-a
@@ -95,7 +97,7 @@ python=python3
 setup_cmd=""
 jax_version=0.10.2
 port=8476
-describe_tries="${QZ_DESCRIBE_TRIES:-10}"
+gcloud_tries="${QZ_GCLOUD_TRIES:-10}"
 dry_run=0
 check_config=1
 extra=()
@@ -134,7 +136,7 @@ case "$provisioning" in
 esac
 [[ "$max_restarts" =~ ^[0-9]+$ ]] || die "--max-restarts: expected a non-negative integer, got '$max_restarts'"
 [[ "$port" =~ ^[1-9][0-9]*$ ]] || die "--port: expected a port number, got '$port'"
-[[ "$describe_tries" =~ ^[1-9][0-9]*$ ]] || die "QZ_DESCRIBE_TRIES: expected a positive integer, got '$describe_tries'"
+[[ "$gcloud_tries" =~ ^[1-9][0-9]*$ ]] || die "QZ_GCLOUD_TRIES: expected a positive integer, got '$gcloud_tries'"
 
 # v5e-N is the name used in docs; gcloud calls it v5litepod-N.
 accel="${accel/#v5e-/v5litepod-}"
@@ -168,6 +170,22 @@ ssh_workers() {  # ssh_workers WORKERS COMMAND
   gc compute tpus tpu-vm ssh "$name" --zone "$zone" --worker "$1" --command "$2"
 }
 
+retrying() {  # retrying WHAT RETRY_ON(any|255) COMMAND...: COMMAND again while it fails (with 255 only:
+  # ssh's own failure, not the remote command's), QZ_GCLOUD_TRIES times in all; its last status
+  local what="$1" on="$2" tries=0 rc
+  shift 2
+  while true; do
+    rc=0
+    "$@" || rc=$?
+    [[ $rc -eq 0 ]] && return 0
+    [[ "$on" == any || $rc -eq "$on" ]] || return "$rc"
+    tries=$((tries + 1))
+    [[ $tries -lt $gcloud_tries ]] || return "$rc"
+    say "$what failed with status $rc (try $tries of $gcloud_tries), retrying in 30 s"
+    sleep 30
+  done
+}
+
 describe() {  # describe tpu-vm|queued-resources FORMAT: the field; NONE when there is no such
   # resource (gcloud: NOT_FOUND) or the field is empty; UNKNOWN when gcloud keeps failing otherwise
   # (an expired token, an API outage), which no caller takes for a preemption
@@ -181,12 +199,12 @@ describe() {  # describe tpu-vm|queued-resources FORMAT: the field; NONE when th
     fi
     if grep -q NOT_FOUND "$work/describe.err"; then echo NONE; return; fi
     tries=$((tries + 1))
-    if [[ $tries -ge $describe_tries ]]; then
+    if [[ $tries -ge $gcloud_tries ]]; then
       say "gcloud compute tpus $1 describe $name failed $tries times: $(grep -m 1 . "$work/describe.err")"
       echo UNKNOWN
       return
     fi
-    say "gcloud compute tpus $1 describe $name failed (try $tries of $describe_tries), retrying in 30 s"
+    say "gcloud compute tpus $1 describe $name failed (try $tries of $gcloud_tries), retrying in 30 s"
     sleep 30
   done
 }
@@ -282,8 +300,11 @@ echo "$(hostname): jax $(~/qzhou-venv/bin/python -c 'import jax; print(jax.__ver
 EOF
   } >"$work/qzhou-setup.sh"
   say "copying to every worker of $name and installing"
-  gc compute tpus tpu-vm scp "$work/qzhou-jax.tgz" "$work/qzhou-setup.sh" "$name:" --zone "$zone" --worker all
-  ssh_workers all 'bash ~/qzhou-setup.sh'
+  retrying "copying to the workers" any \
+    gc compute tpus tpu-vm scp "$work/qzhou-jax.tgz" "$work/qzhou-setup.sh" "$name:" --zone "$zone" --worker all \
+    || die "could not copy the tree to the workers of $name (above)"
+  retrying "ssh to the workers" 255 ssh_workers all 'bash ~/qzhou-setup.sh' \
+    || die "setup on the workers of $name failed (above)"
 }
 
 write_follow_script() {
@@ -357,8 +378,11 @@ EOF
   } >"$work/qzhou-start.sh"
   write_follow_script
   say "starting: qzhou-jax ${args[*]} on every worker (coordinator $coordinator)"
-  gc compute tpus tpu-vm scp "$work/qzhou-start.sh" "$work/qzhou-follow.sh" "$name:" --zone "$zone" --worker all
-  ssh_workers all 'bash ~/qzhou-start.sh'
+  retrying "copying to the workers" any \
+    gc compute tpus tpu-vm scp "$work/qzhou-start.sh" "$work/qzhou-follow.sh" "$name:" --zone "$zone" --worker all \
+    || die "could not copy the start script to the workers of $name (above)"
+  retrying "ssh to the workers" 255 ssh_workers all 'bash ~/qzhou-start.sh' \
+    || die "starting the training on the workers of $name failed (above)"
 }
 
 follow() {  # follow [LAST_LINES]: worker 0's log, whole or its end, until the run ends

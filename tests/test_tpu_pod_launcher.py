@@ -53,9 +53,17 @@ def wipe():  # a deleted VM takes its disk with it
         shutil.rmtree(home, ignore_errors=True)
 
 
-failures = root / "describe_failures"
-if verb == "describe" and failures.exists() and int(failures.read_text()) > 0:
-    failures.write_text(str(int(failures.read_text()) - 1))
+def take_failure(what):  # the next call of this kind fails while "<what>_failures" counts down
+    path = root / f"{what}_failures"
+    if what == "ssh" and "qzhou-follow" in opt("--command"):
+        return False
+    if not path.exists() or int(path.read_text()) <= 0:
+        return False
+    path.write_text(str(int(path.read_text()) - 1))
+    return True
+
+
+if verb == "describe" and take_failure("describe"):
     print(f"ERROR: (gcloud.compute.tpus.{kind}.describe) There was a problem refreshing your current auth "
           "tokens: ('Connection aborted.', RemoteDisconnected('Remote end closed connection'))", file=sys.stderr)
     sys.exit(1)
@@ -74,6 +82,10 @@ elif verb == "delete":
     wipe()
     state.update(node="NONE", queued="NONE")
     save()
+elif verb in ("scp", "ssh") and take_failure(verb):  # a VM just created, a network blip
+    print(f"ERROR: (gcloud.compute.tpus.tpu-vm.{verb}) [/usr/bin/{verb}] exited with return code [255].",
+          file=sys.stderr)
+    sys.exit(255 if verb == "ssh" else 1)
 elif verb in ("scp", "ssh") and state["node"] != "READY":
     print("ssh: connect to host 10.0.0.2 port 22: Connection refused", file=sys.stderr)
     sys.exit(255 if verb == "ssh" else 1)
@@ -109,8 +121,10 @@ bin_dir.mkdir(parents=True)
 stubs = {
     "python": "print('0.10.2')",
     "pip": "import json, os, pathlib, sys\\n"
-           "with open(pathlib.Path(os.environ['FAKE_TPU']) / 'pip.log', 'a') as f:\\n"
-           "    f.write(json.dumps([os.environ['FAKE_WORKER'], sys.argv[1:]]) + '\\\\n')",
+           "root = pathlib.Path(os.environ['FAKE_TPU'])\\n"
+           "with open(root / 'pip.log', 'a') as f:\\n"
+           "    f.write(json.dumps([os.environ['FAKE_WORKER'], sys.argv[1:]]) + '\\\\n')\\n"
+           "sys.exit((root / 'pip_fails').exists())",
     "qzhou-jax": open(os.environ["FAKE_TRAINER"]).read(),
 }
 for name, body in stubs.items():
@@ -173,11 +187,11 @@ def fake_slice(tmp_path):
         env.pop(var, None)
 
     class Slice:
-        def launch(self, *args, plan=None, describe_tries=3):
+        def launch(self, *args, plan=None, gcloud_tries=3):
             if plan is not None:
                 (root / "plan.json").write_text(json.dumps(plan))
             return subprocess.run(["bash", str(LAUNCHER), *args, "--name", "qz", "--zone", "us-east5-a"],
-                                  capture_output=True, text=True, env={**env, "QZ_DESCRIBE_TRIES": str(describe_tries)},
+                                  capture_output=True, text=True, env={**env, "QZ_GCLOUD_TRIES": str(gcloud_tries)},
                                   timeout=120)
 
         def run(self, plan, *extra, **kw):
@@ -188,8 +202,8 @@ def fake_slice(tmp_path):
         def drop_next_follow(self, describe_failures=0):
             (root / "drop_next_follow").write_text(str(describe_failures))
 
-        def fail_describes(self, n):
-            (root / "describe_failures").write_text(str(n))
+        def fail_next(self, what, n):  # describe, scp or ssh (not the log stream's)
+            (root / f"{what}_failures").write_text(str(n))
 
         def trainer_runs(self, worker):
             log = root / f"trainer{worker}.log"
@@ -307,7 +321,7 @@ def test_gcloud_errors_are_retried_and_an_unreadable_state_is_never_a_preemption
     """describe failing for another reason than NOT_FOUND (an expired token, an API outage) is
     retried; while it cannot be read, nothing is created or deleted, and a healthy run whose log
     stream dropped meanwhile is followed again, not restarted."""
-    fake_slice.fail_describes(2)
+    fake_slice.fail_next("describe", 2)
     r = fake_slice.run([["wait"], ["wait"]])
     assert r.returncode == 0, r.stderr
     assert "describe qz failed (try 2 of 3), retrying in 30 s" in r.stderr
@@ -318,7 +332,7 @@ def test_gcloud_errors_are_retried_and_an_unreadable_state_is_never_a_preemption
     assert "lost the log stream (status 255) and could not read the slice's state; trying again" in r.stderr
     assert "restart" not in r.stderr and len(fake_slice.trainer_runs(0)) == 2
 
-    fake_slice.fail_describes(100)
+    fake_slice.fail_next("describe", 100)
     for command, words in (("run", "could not read the state of slice qz; nothing was created or deleted"),
                            ("down", "could not read the state of qz; nothing was deleted")):
         r = fake_slice.run([[], []]) if command == "run" else fake_slice.launch("down")
@@ -326,3 +340,25 @@ def test_gcloud_errors_are_retried_and_an_unreadable_state_is_never_a_preemption
         assert "failed 3 times: ERROR: (gcloud.compute.tpus." in r.stderr
     assert not fake_slice.calls("delete") and len(fake_slice.calls("create")) == 1
     assert fake_slice.state() == {"node": "READY", "queued": "ACTIVE"}
+
+
+def test_copies_and_ssh_connections_are_retried_and_a_failing_setup_is_not(fake_slice):
+    """A freshly created VM refuses ssh for a while: copies and connections (status 255) are
+    tried again; a command that fails on a worker (here pip) stops the launcher at once."""
+    fake_slice.fail_next("scp", 2)
+    fake_slice.fail_next("ssh", 2)
+    r = fake_slice.run([["0"], ["0"]])
+    assert r.returncode == 0, r.stderr
+    assert "copying to the workers failed with status 1 (try 2 of 3), retrying in 30 s" in r.stderr
+    assert "ssh to the workers failed with status 255 (try 2 of 3), retrying in 30 s" in r.stderr
+    assert len(fake_slice.trainer_runs(0)) == 1
+
+    fake_slice.fail_next("ssh", 1)
+    (fake_slice.home(0).parent / "pip_fails").touch()
+    r = fake_slice.run([["0", "0"], ["0", "0"]])
+    assert r.returncode == 2 and "setup on the workers of qz failed" in r.stderr, r.stderr
+    assert r.stderr.count("retrying in 30 s") == 1 and len(fake_slice.trainer_runs(0)) == 1
+
+    fake_slice.fail_next("scp", 3)
+    r = fake_slice.run([["0", "0"], ["0", "0"]])
+    assert r.returncode == 2 and "could not copy the tree to the workers of qz" in r.stderr, r.stderr
