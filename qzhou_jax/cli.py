@@ -15,13 +15,10 @@ from qzhou_jax.cli_args import add_model_run_args, model_run_overrides, positive
 
 def _write_npy(path: str, array: np.ndarray) -> None:
     """Write under a temporary name, then rename: no half-written output file."""
-    tmp = f"{path}.tmp{os.getpid()}.npy"
-    try:
-        np.save(tmp, array)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from qzhou_jax.config import atomic_write
+
+    with atomic_write(path, "wb") as f:
+        np.save(f, array)
 
 
 def cmd_encode(args: argparse.Namespace) -> int:

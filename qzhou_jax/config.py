@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import re
-from typing import Any, Iterator, Literal
+from typing import IO, Any, Iterator, Literal
 
 log = logging.getLogger(__name__)
 
@@ -508,18 +508,49 @@ def naming_the_file(path: str | os.PathLike) -> Iterator[None]:
         raise
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write under a temporary name, then rename: readers never see half a file."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make the renames and new names in `folder` durable; a no-op where the filesystem cannot
+    sync a folder (some network filesystems refuse it)."""
     try:
-        with naming_the_file(path), open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """A file open on a temporary name next to `path` (`.<name>.tmp<pid>`). When the block ends,
+    the data is synced to disk and renamed over `path`, and the rename is synced too: readers,
+    and a run after the host crashed, see the old file or the whole new one. When the block
+    fails, the temporary file is removed and `path` is untouched. An OSError without a file
+    name (a full disk) names `path`."""
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}")
+    try:
+        with naming_the_file(path):
+            with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fsync_folder(folder)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as indented JSON with `atomic_write`: readers never see half a file."""
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
 
 
 def unique_keys_loader() -> type:

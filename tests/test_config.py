@@ -1,4 +1,5 @@
-"""ModelConfig: HF config.json reading/writing and validation errors that name the field."""
+"""ModelConfig: HF config.json reading/writing and validation errors that name the field; the
+writes of whole files and folders (synced to disk, then renamed into place)."""
 
 import json
 
@@ -251,3 +252,50 @@ def test_unset_variables_in_paths_are_named(tmp_path, monkeypatch, caplog):
     assert "$QZ_UNSET_DATA is not set in this environment (used by data.datasets[0].path)" in caplog.text
     assert "$5" not in caplog.text
 
+
+
+def test_atomic_write_syncs_before_the_rename_and_leaves_the_old_file_on_failure(tmp_path, monkeypatch):
+    """Every file the project writes in place (configs, metrics, exports, results) goes through
+    `atomic_write`: data synced, then renamed, then the folder synced, so that a host crash
+    leaves the old file or the whole new one; a failing block leaves the old file and no
+    temporary one."""
+    import os
+
+    from qzhou_jax import config
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b))[1])
+    path = tmp_path / "out.json"
+    config.write_json(path, {"a": 1})
+    tmp_name = str(tmp_path / f".out.json.tmp{os.getpid()}")
+    assert events == [("fsync", tmp_name), ("replace", str(path)), ("fsync", str(tmp_path))]
+    assert json.loads(path.read_text()) == {"a": 1}
+
+    with pytest.raises(TypeError):  # fails half-way through writing
+        config.write_json(path, {"b": 2, "c": object()})
+    assert json.loads(path.read_text()) == {"a": 1} and sorted(os.listdir(tmp_path)) == ["out.json"]
+
+
+def test_an_output_folder_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    import os
+
+    from qzhou_jax.checkpoint.export import atomic_output_dir
+
+    synced, renamed = set(), []
+    real_fsync, real_rename = os.fsync, os.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.add(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "rename", lambda a, b: (renamed.append((sorted(synced), b)), real_rename(a, b))[1])
+    out = tmp_path / "hf"
+    with atomic_output_dir(out) as tmp:
+        os.makedirs(os.path.join(tmp, "tokenizer"))
+        for name in ("model.safetensors", "tokenizer/vocab.json"):
+            with open(os.path.join(tmp, name), "w") as f:  # written without a sync of its own
+                f.write("x")
+    ((synced_then, target),) = renamed
+    assert target == str(out)
+    assert {os.path.join(tmp, "model.safetensors"), os.path.join(tmp, "tokenizer", "vocab.json"), tmp,
+            os.path.join(tmp, "tokenizer")} <= set(synced_then)
+    assert str(tmp_path) in synced  # the rename itself

@@ -38,7 +38,7 @@ import numpy as np
 from qzhou_jax import st_folder
 from qzhou_jax.checkpoint import safetensors_io
 from qzhou_jax.checkpoint.hf import hf_names, hf_shape, iter_gathered, iter_hf_tensors
-from qzhou_jax.config import ModelConfig, write_json
+from qzhou_jax.config import ModelConfig, fsync_folder, write_json
 from qzhou_jax.model.qwen2 import check_params, param_specs
 from qzhou_jax.tokenizer import VOCABULARY_FILES
 
@@ -132,18 +132,36 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False,
     try:
         yield tmp
         _check_output(out, overwrite, inputs)
+        _sync_tree(tmp)
         if os.path.lexists(out):
             old = f"{out}.qzhou-old-{tag}"
             os.rename(out, old)
             os.rename(tmp, out)
+            fsync_folder(parent)
             _remove(old)
         else:
             os.rename(tmp, out)
+            fsync_folder(parent)
     finally:
         _OPEN_TAGS.discard(tag)
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     _remove_leftovers(out, owned, inputs)
+
+
+def _sync_tree(folder: str) -> None:
+    """Every file and folder under `folder` on disk (before it is renamed into place): a host
+    that crashes after the rename leaves a whole export, not files of zero length."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_folder(root)
 
 
 def _remove(path: str) -> None:

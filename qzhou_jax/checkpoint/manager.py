@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 
 from qzhou_jax import st_folder
 from qzhou_jax.checkpoint.export import copy_tokenizer, write_json
-from qzhou_jax.config import TOKEN_ID_FIELDS, ModelConfig, naming_the_file
+from qzhou_jax.config import TOKEN_ID_FIELDS, ModelConfig, atomic_write, naming_the_file
 
 log = logging.getLogger(__name__)
 
@@ -69,22 +69,17 @@ class RunCheckpoints:
             import yaml
 
             path = os.path.join(self.directory, "run_config.yaml")
-            tmp = f"{path}.tmp{os.getpid()}"
-            try:  # the new file is complete before the last start's is moved aside
-                with naming_the_file(path), open(tmp, "w", encoding="utf-8") as f:
-                    yaml.safe_dump(run_config, f, sort_keys=False)
+            with atomic_write(path) as f:
+                yaml.safe_dump(run_config, f, sort_keys=False)
+                f.flush()  # the new file is complete before the last start's is moved aside
                 if os.path.isfile(path):  # a restart: say what changed since the last start
-                    with open(path, encoding="utf-8") as f:
-                        before = yaml.safe_load(f) or {}
+                    with open(path, encoding="utf-8") as old:
+                        before = yaml.safe_load(old) or {}
                     changed = _changes(before, dict(run_config))
                     if changed:
                         log.warning("%s: the run config differs from the last start's (now kept as "
                                     "run_config.previous.yaml): %s", self.directory, "; ".join(changed))
                         os.replace(path, os.path.join(self.directory, "run_config.previous.yaml"))
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
 
     # ---------------------------------------------------------------- steps
     def latest_step(self) -> int | None:

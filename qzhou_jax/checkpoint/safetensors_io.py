@@ -21,7 +21,7 @@ from typing import Iterable, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
-from qzhou_jax.config import naming_the_file
+from qzhou_jax.config import atomic_write
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -149,30 +149,24 @@ def write(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterable[
         raise SafetensorsError(f"{path}: duplicate tensor names")
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    try:
-        with naming_the_file(path), open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            pairs = iter(tensors)
-            for name, dtype, shape in layout:
-                got = next(pairs, None)
-                if got is None:
-                    raise SafetensorsError(f"{path}: tensor {name!r} announced but not given")
-                got_name, arr = got
-                if (got_name != name or np.dtype(arr.dtype) != np.dtype(dtype)
-                        or tuple(arr.shape) != tuple(shape)):
-                    raise SafetensorsError(
-                        f"{path}: expected tensor {name!r} {np.dtype(dtype)} {tuple(shape)}, got "
-                        f"{got_name!r} {arr.dtype} {tuple(arr.shape)}")
-                f.write(_as_bytes(arr))
-                del arr, got
-            if next(pairs, None) is not None:
-                raise SafetensorsError(f"{path}: more tensors given than announced in the layout")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        pairs = iter(tensors)
+        for name, dtype, shape in layout:
+            got = next(pairs, None)
+            if got is None:
+                raise SafetensorsError(f"{path}: tensor {name!r} announced but not given")
+            got_name, arr = got
+            if (got_name != name or np.dtype(arr.dtype) != np.dtype(dtype)
+                    or tuple(arr.shape) != tuple(shape)):
+                raise SafetensorsError(
+                    f"{path}: expected tensor {name!r} {np.dtype(dtype)} {tuple(shape)}, got "
+                    f"{got_name!r} {arr.dtype} {tuple(arr.shape)}")
+            f.write(_as_bytes(arr))
+            del arr, got
+        if next(pairs, None) is not None:
+            raise SafetensorsError(f"{path}: more tensors given than announced in the layout")
 
 
 class TensorStore:

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from qzhou_jax.config import write_json
 from qzhou_jax.data.jsonl import RecordError
 from qzhou_jax.eval.data import fingerprint
 from qzhou_jax.eval.evaluators import EVALUATORS
@@ -161,17 +161,8 @@ def evaluate(specs: Sequence[TaskSpec], encoder: Any, *, model: Any = None, prog
 
 
 def _atomic_json(path: str, obj: Any) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False, allow_nan=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_json(path, obj)
 
 
 def _safe_name(name: str) -> str:

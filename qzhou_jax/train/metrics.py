@@ -9,7 +9,7 @@ import os
 import time
 from typing import Any, Mapping
 
-from qzhou_jax.config import ModelConfig, naming_the_file
+from qzhou_jax.config import ModelConfig, atomic_write, naming_the_file
 
 
 def step_flops(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]]) -> float:
@@ -93,14 +93,8 @@ class MetricsLog:
                 if s <= step:
                     keep.append(line)
                     rows.append(row)
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        try:
-            with naming_the_file(self.path), open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(keep)
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_write(self.path) as f:
+            f.writelines(keep)
         return rows
 
     def write(self, step: int, values: Mapping[str, Any], prefix: str = "train", partial: bool = False) -> None:
