@@ -33,7 +33,8 @@ The exit status is the first non-zero exit status of the processes (0 when all s
 When one process fails, the others are stopped (SIGTERM, then SIGKILL after
 LOCAL_SH_GRACE seconds, default 10); when one is preempted (status 75), the others are
 left to save. SIGTERM to the launcher is passed on to every process as a preemption
-notice, and the launcher returns once they have saved and exited (status 75).
+notice, and the launcher returns once they have saved and exited (status 75). A second
+Ctrl-C stops the processes still running (SIGTERM, then SIGKILL after LOCAL_SH_GRACE seconds).
 EOF
 }
 
@@ -136,7 +137,10 @@ forward_term() {
   done
 }
 trap forward_term TERM
-trap 'signalled=INT' INT
+# A second Ctrl-C stops the processes that the first one did not (one blocked in a collective
+# with a process that left, or waiting for a save that cannot finish).
+interrupts=0
+trap 'signalled=INT; interrupts=$((interrupts + 1))' INT
 
 echo "local.sh: $processes processes x $devices CPU devices, coordinator localhost:$port, logs in $logs" >&2
 for ((i = 0; i < processes; i++)); do
@@ -176,7 +180,10 @@ while [[ $remaining -gt 0 ]]; do
       wait "$pid" || rc=$?
       done_pids[$pid]=1
       remaining=$((remaining - 1))
-      if [[ $rc -ne 0 && $status -eq 0 ]]; then
+      # the first failure; a process that only lost its peer (69) gives way to the peer's own
+      # status (it ends a moment later, often in the same poll)
+      if [[ $rc -ne 0 ]] && { [[ $status -eq 0 ]] ||
+           { [[ $status -eq 69 ]] && [[ " 69 75 137 143 " != *" $rc "* ]]; }; }; then
         status=$rc
         if [[ $rc -eq 75 ]]; then
           # preempted: the others stop at the same step (JAX's preemption sync point) and save
@@ -188,6 +195,12 @@ while [[ $remaining -gt 0 ]]; do
       fi
     fi
   done
+  if (( interrupts > 1 )); then
+    interrupts=0
+    echo "local.sh: second Ctrl-C: stopping the processes still running" >&2
+    [[ $status -ne 0 ]] || status=130
+    stop_all "$GRACE"
+  fi
   sleep 0.2 || true
 done
 sleep 0.3 || true

@@ -544,7 +544,7 @@ def test_slurm_script_environment(tmp_path):
     log = tmp_path / "calls.log"
     env = {"PATH": f"{stubs}:{os.environ['PATH']}", "STUB_LOG": str(log), "SLURM_JOB_ID": "4321",
            "SLURM_JOB_NODELIST": "node[A-B]", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2",
-           "SLURM_JOB_NUM_NODES": "1", "SLURM_CPUS_PER_TASK": "8"}
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_CPUS_PER_TASK": "8", "SLURM_SUBMIT_DIR": str(tmp_path)}
     r = _sh([LAUNCH / "slurm_gpu.sbatch", "--config", "c.yaml"], env=env)
     assert r.returncode == 0, r.stderr
     lines = sorted(log.read_text().splitlines())
