@@ -16,9 +16,10 @@ commands:
             (--worker=all, detached: it survives a dropped ssh) and stream worker 0's log
   logs      stream worker 0's log until the run ends; exits with the run's exit status
   run       up + setup + train; after a preemption (the slice is gone or not READY, the
-            trainer exited with 75 after saving a checkpoint, or with 69 after losing another
-            worker's process) recreate / restart and train again with --resume, up to
-            --max-restarts times
+            trainer exited with 75 after saving a checkpoint, with 69 after losing another
+            worker's process, or is gone without a status: 70) recreate / restart and train
+            again with --resume, up to --max-restarts times; the tree is packed once, when
+            `run` starts
   status    print the slice's state
   down      delete the slice (and its queued resource)
 
@@ -231,6 +232,18 @@ cmd_down() {
   fi
 }
 
+wait_queued_active() {  # until the queued resource $name is ACTIVE; dies when it FAILED or is SUSPENDED
+  local q
+  while [[ $dry_run -eq 0 ]]; do
+    q="$(queued_state)"
+    case "$q" in
+      ACTIVE) break ;;
+      FAILED|SUSPENDED) die "queued resource $name is $q (see: gcloud compute tpus queued-resources describe $name --zone $zone)" ;;
+      *) say "queued resource $name: $q; waiting"; sleep 60 ;;
+    esac
+  done
+}
+
 up_result=""
 cmd_up() {  # sets up_result to "created" or "reused"; gcloud's output goes to stderr
   local state queued
@@ -241,9 +254,16 @@ cmd_up() {  # sets up_result to "created" or "reused"; gcloud's output goes to s
     return
   fi
   [[ "$state" != UNKNOWN ]] || die "could not read the state of slice $name; nothing was created or deleted"
-  [[ -n "$accel" ]] || die "--type is required to create slice $name"
   queued="$(queued_state)"
   [[ "$queued" != UNKNOWN ]] || die "could not read the state of queued resource $name; nothing was created or deleted"
+  case "$queued" in  # a request already in the queue (an earlier `up` or `run`): keep its place
+    CREATING|ACCEPTED|WAITING_FOR_RESOURCES|PROVISIONING)
+      say "queued resource $name is $queued; waiting for it instead of requesting another"
+      wait_queued_active
+      up_result=created
+      return ;;
+  esac
+  [[ -n "$accel" ]] || die "--type is required to create slice $name"
   if [[ "$state" != NONE || "$queued" != NONE ]]; then
     say "slice $name is $state (queued resource: $queued); deleting it to create it again"
     cmd_down >&2
@@ -256,15 +276,7 @@ cmd_up() {  # sets up_result to "created" or "reused"; gcloud's output goes to s
       say "requesting $accel ($version) as queued resource $name"
       gc compute tpus queued-resources create "$name" --zone "$zone" --node-id "$name" \
         --accelerator-type "$accel" --runtime-version "$version" ${spot[@]+"${spot[@]}"} >&2
-      local q
-      while [[ $dry_run -eq 0 ]]; do
-        q="$(queued_state)"
-        case "$q" in
-          ACTIVE) break ;;
-          FAILED|SUSPENDED) die "queued resource $name is $q (see: gcloud compute tpus queued-resources describe $name --zone $zone)" ;;
-          *) say "queued resource $name: $q; waiting"; sleep 60 ;;
-        esac
-      done
+      wait_queued_active
       ;;
     *)
       local flag=()
@@ -279,8 +291,8 @@ cmd_up() {  # sets up_result to "created" or "reused"; gcloud's output goes to s
 }
 
 cmd_setup() {
-  say "packing $root"
-  if git -C "$root" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  if [[ -f "$work/qzhou-jax.tgz" ]]; then :
+  elif say "packing $root"; git -C "$root" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
     (cd "$root" && git ls-files -z -co --exclude-standard | tar --null -T - -czf "$work/qzhou-jax.tgz")
   else
     tar -C "$root" --exclude=.git --exclude=runs --exclude='__pycache__' -czf "$work/qzhou-jax.tgz" .
@@ -289,6 +301,7 @@ cmd_setup() {
     echo 'set -euo pipefail'
     printf 'PY=%q\nJAX_VERSION=%q\n' "$python" "$jax_version"
     if [[ -n "$setup_cmd" ]]; then printf '%s\n' "$setup_cmd"; fi
+    stop_previous_run
     cat <<'EOF'
 # replace the code, keep runs/ (a relative out_dir's checkpoints on a one-host slice)
 mkdir -p ~/qzhou-jax && find ~/qzhou-jax -mindepth 1 -maxdepth 1 ! -name runs -exec rm -rf {} +
@@ -307,13 +320,34 @@ EOF
     || die "setup on the workers of $name failed (above)"
 }
 
+stop_previous_run() {  # shell code: TERM a previous run's process group and wait until it has ended
+  cat <<'EOF'
+if [ -f ~/qzhou-run/pid ] && old="$(cat ~/qzhou-run/pid)" && kill -0 -- "-$old" 2>/dev/null; then
+  echo "$(hostname): stopping the previous run (process group $old)" >&2
+  kill -TERM -- "-$old" 2>/dev/null || true
+  for _ in $(seq 600); do kill -0 -- "-$old" 2>/dev/null || break; sleep 1; done  # it saves a checkpoint
+  kill -KILL -- "-$old" 2>/dev/null || true
+  while kill -0 -- "-$old" 2>/dev/null; do sleep 1; done
+fi
+EOF
+}
+
 write_follow_script() {
   cat >"$work/qzhou-follow.sh" <<'EOF'
 # Stream the log of the run started by qzhou-start.sh (from line 1, or its last $1 lines);
 # exit with its status.
 tail -n "${1:-+1}" -F ~/qzhou-run/train.log 2>/dev/null &
 t=$!
-while [ ! -f ~/qzhou-run/exit_code ]; do sleep 5; done
+while [ ! -f ~/qzhou-run/exit_code ]; do
+  if ! kill -0 "$(cat ~/qzhou-run/pid 2>/dev/null)" 2>/dev/null; then  # no run, or it is gone (a reboot)
+    sleep 2
+    [ -f ~/qzhou-run/exit_code ] && break
+    echo "qzhou-follow: no run on $(hostname), or it ended without an exit status (its VM restarted?)" >&2
+    kill "$t"
+    exit 70
+  fi
+  sleep 5
+done
 sleep 2
 kill "$t"
 exit "$(cat ~/qzhou-run/exit_code)"
@@ -343,8 +377,7 @@ workers, pass --skip-config-check"
   fi
 }
 
-start_training() {  # start_training RESUME(0|1)
-  check_training_config
+start_training() {  # start_training RESUME(0|1); the caller checked the config (check_training_config)
   local coordinator args=(train --config "$config" ${sets[@]+"${sets[@]}"} ${extra[@]+"${extra[@]}"})
   [[ "$1" -eq 1 ]] && args+=(--resume)
   if [[ $dry_run -eq 1 ]]; then
@@ -363,15 +396,13 @@ start_training() {  # start_training RESUME(0|1)
       printf 'export %s=%q\n' "${kv%%=*}" "${kv#*=}"
     done
     printf 'ARGS=(%s)\n' "$(printf '%q ' "${args[@]}")"
+    stop_previous_run
     cat <<'EOF'
 mkdir -p ~/qzhou-run
-if [ -f ~/qzhou-run/pid ] && kill -0 "$(cat ~/qzhou-run/pid)" 2>/dev/null; then
-  kill -TERM -- "-$(cat ~/qzhou-run/pid)" 2>/dev/null || true  # a previous run on this slice
-  sleep 10
-fi
 rm -f ~/qzhou-run/exit_code
 cd ~/qzhou-jax
-setsid bash -c '"$HOME/qzhou-venv/bin/qzhou-jax" "$@"; echo $? > "$HOME/qzhou-run/exit_code"' qzhou-train "${ARGS[@]}" \
+# the wrapper outlives a SIGTERM to the process group (a shutdown, `kill -- -PGID`) to record the status
+setsid bash -c 'trap : TERM HUP; "$HOME/qzhou-venv/bin/qzhou-jax" "$@"; echo $? > "$HOME/qzhou-run/exit_code"' qzhou-train "${ARGS[@]}" \
   > ~/qzhou-run/train.log 2>&1 < /dev/null &
 echo $! > ~/qzhou-run/pid
 EOF
@@ -398,21 +429,17 @@ run_exit_status() {  # the exit status worker 0's run wrote; fails while it runs
   echo "$status"
 }
 
-cmd_run() {
-  local attempt=0 rc finished state want_resume=$resume
-  check_training_config
+GONE=70  # the follow script's status for a run that is gone without an exit status
+rc=0
+state=READY
+follow_run() {  # sets rc (the run's exit status) and state (the slice's, READY unless it is gone)
+  local from="" finished
   while true; do
-    cmd_up
-    if [[ "$up_result" == created || $attempt -eq 0 ]]; then
-      cmd_setup
-    fi
-    start_training "$want_resume"
-    local from=""
-    while true; do
       rc=0
       follow ${from:+"$from"} || rc=$?
       state=READY
       [[ $rc -eq 0 || $dry_run -eq 1 ]] && break
+      [[ $rc -eq $GONE ]] && break
       # A dropped connection to a healthy slice: follow again while the run goes on; when it
       # ended meanwhile, its own exit status counts, not the connection's.
       state="$(node_state)"
@@ -430,11 +457,47 @@ cmd_run() {
       from=20
       sleep 10
     done
+    if [[ $rc -eq $GONE ]]; then
+      say "the run on worker 0 is gone without an exit status (its VM restarted, or it was killed)"
+    elif [[ $rc -ne 0 && $rc -ne 75 && $rc -ne 69 && "$state" == READY && $dry_run -eq 0 ]]; then
+      # a preemption's SIGTERM reaches the trainer before the API shows the slice as gone
+      local i s
+      for i in 1 2 3 4 5 6; do
+        sleep 20
+        s="$(node_state)"
+        [[ "$s" == READY || "$s" == UNKNOWN ]] || { state=$s; break; }
+      done
+    fi
+}
+
+cmd_run() {
+  local attempt=0 step want_resume=$resume
+  check_training_config
+  while true; do
+    # a step that fails (dies) while the slice goes away is a preemption, not the end of the run
+    set +e
+    (
+      set -e
+      cmd_up
+      if [[ "$up_result" == created || $attempt -eq 0 ]]; then
+        cmd_setup
+      fi
+      start_training "$want_resume"
+    )
+    step=$?
+    set -e
+    if [[ $step -ne 0 ]]; then
+      state="$(node_state)"
+      [[ "$state" != READY && "$state" != UNKNOWN ]] || return "$step"
+      rc=$step
+    else
+      follow_run
+    fi
     if [[ $rc -eq 0 ]]; then
       if [[ $dry_run -eq 1 ]]; then say "dry run: nothing was created or started"; else say "training finished"; fi
       return 0
     fi
-    if [[ $rc -eq 75 || $rc -eq 69 || "$state" != READY ]]; then
+    if [[ $rc -eq 75 || $rc -eq 69 || $rc -eq $GONE || "$state" != READY ]]; then
       attempt=$((attempt + 1))
       if [[ $attempt -gt $max_restarts ]]; then
         say "preempted again after $max_restarts restarts; giving up (status $rc, slice $state)"
@@ -442,6 +505,7 @@ cmd_run() {
       fi
       say "preempted (status $rc, slice $state): restart $attempt of $max_restarts, resuming from the last checkpoint"
       want_resume=1
+      [[ $step -eq 0 ]] || sleep 60
       continue
     fi
     say "training failed with status $rc"
@@ -452,8 +516,8 @@ cmd_run() {
 case "$command" in
   up) cmd_up ;;
   setup) cmd_setup ;;
-  train) start_training "$resume"; follow ;;
-  logs) follow ;;
+  train) check_training_config; start_training "$resume"; follow_run; exit "$rc" ;;
+  logs) follow_run; exit "$rc" ;;
   run) cmd_run ;;
   status)
     echo "slice: $(node_state)"

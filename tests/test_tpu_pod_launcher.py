@@ -10,7 +10,9 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
+import time
 import sys
 
 import pytest
@@ -63,6 +65,28 @@ def take_failure(what):  # the next call of this kind fails while "<what>_failur
     return True
 
 
+lag = root / "preempt_after"  # the slice is preempted, and the API shows it, only this many calls later
+if lag.exists():
+    left = int(lag.read_text()) - 1
+    if left <= 0:
+        lag.unlink()
+        state.update(node="PREEMPTED", queued="SUSPENDED" if state["queued"] != "NONE" else "NONE")
+        save()
+    else:
+        lag.write_text(str(left))
+if (kind == "queued-resources" and verb == "describe" and state["queued"] in ("WAITING_FOR_RESOURCES", "ACCEPTED", "PROVISIONING")
+        and (root / "ready_after").exists()):  # a queued request that gets its capacity after this many describes
+    left = int((root / "ready_after").read_text()) - 1
+    (root / "ready_after").write_text(str(left))
+    if left <= 0:
+        for _, home in homes():
+            home.mkdir(exist_ok=True)
+        state.update(node="READY", queued="ACTIVE")
+        save()
+if verb == "create" and take_failure("create"):
+    print(f"ERROR: (gcloud.compute.tpus.{kind}.create) RESOURCE_EXHAUSTED: There is no more capacity in the zone",
+          file=sys.stderr)
+    sys.exit(1)
 if verb == "describe" and take_failure("describe"):
     print(f"ERROR: (gcloud.compute.tpus.{kind}.describe) There was a problem refreshing your current auth "
           "tokens: ('Connection aborted.', RemoteDisconnected('Remote end closed connection'))", file=sys.stderr)
@@ -140,20 +164,57 @@ import json, os, pathlib, sys
 
 root = pathlib.Path(os.environ["FAKE_TPU"])
 worker = int(os.environ["FAKE_WORKER"])
+import signal, time
 log = root / f"trainer{worker}.log"
 n = len(log.read_text().splitlines()) if log.exists() else 0
 with open(log, "a") as f:
-    f.write(json.dumps({"args": sys.argv[1:], "cwd": os.getcwd(),
+    f.write(json.dumps({"args": sys.argv[1:], "cwd": os.getcwd(), "t": time.time(),
                         "coordinator": os.environ.get("JAX_COORDINATOR_ADDRESS"),
                         "data": os.environ.get("QZHOU_DATA")}) + "\\n")
 action = json.loads((root / "plan.json").read_text())[worker][n]
 print(f"worker {worker} run {n + 1}: {action}", flush=True)
+lock = root / f"tpu{worker}.pid"  # one process at a time on a worker's TPU (/dev/vfio/0 busy)
+if lock.exists():
+    try:
+        os.kill(int(lock.read_text()), 0)
+        print(f"RuntimeError: TPU initialization failed: open(/dev/vfio/0): Device or resource busy "
+              f"(process {lock.read_text()})", flush=True)
+        sys.exit(1)
+    except ProcessLookupError:
+        pass
+lock.write_text(str(os.getpid()))
 if action == "wait":  # runs until a log stream is attached
     import time
     deadline = time.time() + 60
     while not (root / "release").exists() and time.time() < deadline:
         time.sleep(0.05)
     sys.exit(0)
+if action.startswith("lagging-preempt:"):  # lagging-preempt:K:RC: exits RC; the API shows PREEMPTED K calls later
+    _, k, rc = action.split(":")
+    deadline = time.time() + 60  # exits once the log stream is attached (counts the calls after it)
+    while not (root / "release").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    (root / "preempt_after").write_text(k)
+    sys.exit(int(rc))
+if action.startswith("until-term:"):  # runs until SIGTERM, then saves for S seconds and exits 75
+    got = []
+    signal.signal(signal.SIGTERM, lambda *a: got.append(1))
+    deadline = time.time() + 60
+    while not got and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(float(action.split(":")[1]))
+    (root / f"ended{worker}_{n}").write_text(str(time.time()))
+    sys.exit(75)
+if action.startswith("sleep:"):
+    time.sleep(float(action.split(":")[1]))
+    sys.exit(0)
+if action == "vanish":  # the VM reboots under the run: its processes are gone, no exit status is written
+    os.kill(os.getppid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+if action == "edit-then-preempt":  # the user edits the config in their checkout during the run
+    with open(os.environ["FAKE_TREE_CONFIG"], "a") as f:
+        f.write("# edited during the run\\n")
+    action = "preempt"
 if action == "preempt":
     state = json.loads((root / "state.json").read_text())
     state.update(node="PREEMPTED", queued="SUSPENDED" if state["queued"] != "NONE" else "NONE")
@@ -187,12 +248,22 @@ def fake_slice(tmp_path):
         env.pop(var, None)
 
     class Slice:
-        def launch(self, *args, plan=None, gcloud_tries=3):
+        def start(self, *args, plan=None, gcloud_tries=3, launcher=LAUNCHER, extra_env=None):
             if plan is not None:
                 (root / "plan.json").write_text(json.dumps(plan))
-            return subprocess.run(["bash", str(LAUNCHER), *args, "--name", "qz", "--zone", "us-east5-a"],
-                                  capture_output=True, text=True, env={**env, "QZ_GCLOUD_TRIES": str(gcloud_tries)},
-                                  timeout=120)
+            return subprocess.Popen(["bash", str(launcher), *args, "--name", "qz", "--zone", "us-east5-a"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                    env={**env, "QZ_GCLOUD_TRIES": str(gcloud_tries), **(extra_env or {})})
+
+        def launch(self, *args, timeout=120, **kw):
+            p = self.start(*args, **kw)
+            try:
+                out, err = p.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:  # the launcher and what it runs here (the log stream)
+                os.killpg(p.pid, signal.SIGKILL)
+                out, err = p.communicate()
+                return subprocess.CompletedProcess(p.args, "timed out", out, err)
+            return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
         def run(self, plan, *extra, **kw):
             return self.launch("run", "--type", "v5e-32", "--python", str(python), "--config",
@@ -221,6 +292,9 @@ def fake_slice(tmp_path):
             return json.loads((root / "state.json").read_text())
 
         home = staticmethod(lambda worker: root / f"worker{worker}")
+        root_dir = root
+        fake_python = str(python)
+        env_vars = env
 
     return Slice()
 
@@ -362,3 +436,135 @@ def test_copies_and_ssh_connections_are_retried_and_a_failing_setup_is_not(fake_
     fake_slice.fail_next("scp", 3)
     r = fake_slice.run([["0", "0"], ["0", "0"]])
     assert r.returncode == 2 and "could not copy the tree to the workers of qz" in r.stderr, r.stderr
+
+
+# ------------------------------------------- restarts around other events of a long run
+def _write_state(fake_slice, **state):
+    (fake_slice.root_dir / "state.json").write_text(json.dumps(state))
+
+
+def test_a_waiting_queued_request_is_waited_for_not_deleted(fake_slice):
+    """The user's first `run` waited hours in the queue (WAITING_FOR_RESOURCES) and was stopped
+    (laptop closed, Ctrl-C); `run` again waits for that request rather than delete it and queue anew."""
+    _write_state(fake_slice, node="NONE", queued="WAITING_FOR_RESOURCES")
+    (fake_slice.root_dir / "ready_after").write_text("3")
+    r = fake_slice.run([["0"], ["0"]])
+    assert r.returncode == 0, r.stderr
+    assert not fake_slice.calls("delete"), r.stderr
+    assert not fake_slice.calls("create"), r.stderr
+
+
+def test_a_preemption_the_api_shows_late_is_still_a_preemption(fake_slice):
+    """SIGTERM before the trainer's handler is installed (imports, jax.distributed.initialize) or
+    with checkpoint.save_on_preemption: false ends the trainer with 143 while the TPU API still says
+    READY for a few more seconds: the launcher waits a while for the state before it calls the
+    exit a failure."""
+    r = fake_slice.run([["lagging-preempt:3:143", "0"], ["143", "0"]])
+    assert "training failed with status 143" not in r.stderr, r.stderr
+    assert r.returncode == 0 and "restart 1 of 10" in r.stderr, r.stderr
+
+
+def test_a_preemption_during_the_restart_recreates_the_slice(fake_slice):
+    """75 comes from the SIGTERM of a preemption; the slice is still READY when the launcher reuses
+    it, and goes away while the start script is copied: it is recreated and the run resumed."""
+    r = fake_slice.run([["lagging-preempt:4:75", "0"], ["75", "0"]])
+    assert r.returncode == 0 and "training finished" in r.stderr, r.stderr
+    assert len(fake_slice.calls("queued-resources", "create")) == 2
+
+
+def test_a_preemption_during_setup_of_the_new_slice_recreates_it(fake_slice):
+    """The new spot slice is preempted while the tree is being installed (setup takes minutes)."""
+    (fake_slice.root_dir / "preempt_after").write_text("4")  # describe, describe, create, scp -> gone at ssh
+    r = fake_slice.run([["0"], ["0"]], "--provisioning", "spot")
+    assert r.returncode == 0 and "training finished" in r.stderr, r.stderr
+
+
+def test_no_capacity_when_recreating_a_spot_slice_is_retried(fake_slice):
+    """After a spot preemption the zone often has no capacity for a while: a failed `tpu-vm create`
+    is a restart to try again later, not the end of the launcher."""
+    (fake_slice.root_dir / "create_failures").write_text("1")
+    r = fake_slice.run([["0"], ["0"]], "--provisioning", "spot")
+    assert r.returncode == 0, (r.returncode, r.stderr)
+
+
+def test_a_restart_waits_for_the_previous_run_to_end(fake_slice):
+    """A previous run on the slice is still going (its launcher died with the user's laptop; a peer
+    stuck after worker 0's 69). `run --resume` TERMs it and waits until it has saved and ended
+    before it replaces the code and starts the new trainer (two processes on one TPU: /dev/vfio
+    busy)."""
+    plan = [["until-term:1.5", "sleep:3", "0"], ["until-term:1.5", "sleep:3", "0"]]
+    p = fake_slice.start("run", "--type", "v5e-32", "--python", fake_slice.fake_python, "--config",
+                         "configs/stage1-qwen2.5-7b.yaml", "--skip-config-check", plan=plan)
+    deadline = time.time() + 60
+    while not all(len(fake_slice.trainer_runs(i)) == 1 for i in range(WORKERS)) and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGKILL)  # the first launcher dies; the detached trainers go on
+    p.communicate()
+    r = fake_slice.run(plan, "--resume")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    runs = fake_slice.trainer_runs(0)
+    ended = float((fake_slice.root_dir / "ended0_0").read_text())
+    assert runs[1]["t"] >= ended, "the new trainer started while the previous one was still running"
+    assert len(runs) == 2
+
+
+def test_a_run_whose_processes_vanished_is_not_followed_forever(fake_slice):
+    """Worker 0's VM rebooted (maintenance) or someone killed the process group: no exit_code will
+    ever be written. The follow script says so (status 70) and the run is resumed."""
+    r = fake_slice.run([["vanish", "0"], ["vanish", "0"]], timeout=20)
+    assert r.returncode != "timed out", r.stderr
+    assert r.returncode == 0 and "--resume" in fake_slice.trainer_runs(0)[-1]["args"], r.stderr
+
+
+def test_logs_and_train_ride_out_a_dropped_stream_as_run_does(fake_slice):
+    """`logs` exits with the run's exit status: a dropped connection (255) or a failed copy of the
+    follow script (1, read as 'training failed') is ridden out as `run` does."""
+    r = fake_slice.run([["0"], ["0"]])
+    assert r.returncode == 0, r.stderr
+    fake_slice.drop_next_follow()
+    r = fake_slice.launch("logs")
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    fake_slice.fail_next("scp", 1)
+    r = fake_slice.launch("logs")
+    assert r.returncode == 0, (r.returncode, r.stderr)
+
+
+def test_a_recreated_slice_gets_the_tree_the_run_started_with(fake_slice, tmp_path):
+    """A week-long run: the user keeps editing their checkout. After a preemption the new slice
+    gets the tree packed when the launcher started, and the config is not checked again (a
+    half-edited or removed config would end the launcher at the restart)."""
+    tree = tmp_path / "tree"
+    (tree / "launch").mkdir(parents=True)
+    (tree / "configs").mkdir()
+    shutil.copy(LAUNCHER, tree / "launch" / "tpu_pod.sh")
+    config = tree / "configs" / "stage1-qwen2.5-7b.yaml"
+    config.write_text("out_dir: /mnt/runs/s1\n")
+    r = fake_slice.launch("run", "--type", "v5e-32", "--python", fake_slice.fake_python, "--config",
+                          "configs/stage1-qwen2.5-7b.yaml", "--skip-config-check",
+                          plan=[["edit-then-preempt", "0"], ["143", "0"]], launcher=tree / "launch" / "tpu_pod.sh",
+                          extra_env={"FAKE_TREE_CONFIG": str(config)})
+    assert r.returncode == 0, r.stderr
+    shipped = (fake_slice.home(0) / "qzhou-jax" / "configs" / "stage1-qwen2.5-7b.yaml").read_text()
+    assert shipped == "out_dir: /mnt/runs/s1\n", shipped
+
+
+def test_a_sigterm_to_the_run_s_process_group_keeps_its_exit_status(fake_slice):
+    """SIGTERM to the run's process group (`kill -TERM -- -$(cat ~/qzhou-run/pid)`, the pid file the
+    start script writes; a systemd stop): the wrapper outlives it and records the trainer's 75
+    (it used to die at once, leaving no exit_code for the launcher and `logs` to wait for)."""
+    p = fake_slice.start("run", "--type", "v5e-32", "--python", fake_slice.fake_python, "--config",
+                         "configs/stage1-qwen2.5-7b.yaml", "--skip-config-check",
+                         plan=[["until-term:0.5", "0"], ["until-term:0.5", "0"]])
+    deadline = time.time() + 60
+    while not all(len(fake_slice.trainer_runs(i)) == 1 for i in range(WORKERS)) and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    for i in range(WORKERS):
+        os.kill(-int((fake_slice.home(i) / "qzhou-run" / "pid").read_text()), signal.SIGTERM)
+    try:
+        out, err = p.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise AssertionError("the launcher hangs: " + err)
+    assert p.returncode == 0 and "preempted (status 75, slice READY): restart 1" in err, err
