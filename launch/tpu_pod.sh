@@ -39,7 +39,8 @@ options (environment variable in brackets):
   --env NAME=VALUE     environment variable for the trainer on every worker (repeatable), e.g.
                        the configs' QZHOU_DATA and QZHOU_MODELS
   --resume             pass --resume to the first train as well
-  --max-restarts N     restarts after preemptions in `run` (default 10)
+  --max-restarts N     restarts in a row after preemptions in `run` (default 10); a run that
+                       trained for QZ_RESTART_RESET_S seconds (default 3600) starts the count again
   --python PY          Python (>= 3.11) on the workers that creates the venv (default python3)
   --setup-cmd CMD      shell command run on every worker before installing (e.g. one that
                        installs python3.11 and python3.11-venv on an older image); it runs at
@@ -99,6 +100,8 @@ setup_cmd=""
 jax_version=0.10.2
 port=8476
 gcloud_tries="${QZ_GCLOUD_TRIES:-10}"
+settle_minutes="${QZ_SETTLE_MINUTES:-30}"
+restart_reset_s="${QZ_RESTART_RESET_S:-3600}"
 dry_run=0
 check_config=1
 extra=()
@@ -138,6 +141,8 @@ esac
 [[ "$max_restarts" =~ ^[0-9]+$ ]] || die "--max-restarts: expected a non-negative integer, got '$max_restarts'"
 [[ "$port" =~ ^[1-9][0-9]*$ ]] || die "--port: expected a port number, got '$port'"
 [[ "$gcloud_tries" =~ ^[1-9][0-9]*$ ]] || die "QZ_GCLOUD_TRIES: expected a positive integer, got '$gcloud_tries'"
+[[ "$settle_minutes" =~ ^[0-9]+$ ]] || die "QZ_SETTLE_MINUTES: expected a non-negative integer, got '$settle_minutes'"
+[[ "$restart_reset_s" =~ ^[0-9]+$ ]] || die "QZ_RESTART_RESET_S: expected a non-negative integer, got '$restart_reset_s'"
 
 # v5e-N is the name used in docs; gcloud calls it v5litepod-N.
 accel="${accel/#v5e-/v5litepod-}"
@@ -246,8 +251,21 @@ wait_queued_active() {  # until the queued resource $name is ACTIVE; dies when i
 
 up_result=""
 cmd_up() {  # sets up_result to "created" or "reused"; gcloud's output goes to stderr
-  local state queued
+  local state queued settled=0
   state="$(node_state)"
+  # A slice being repaired, restarted or started (a maintenance event) comes back by itself:
+  # wait for it (up to QZ_SETTLE_MINUTES) rather than delete it and lose its capacity.
+  while [[ "$state" =~ ^(CREATING|STARTING|RESTARTING|REPAIRING|REIMAGING)$ && $settled -lt $settle_minutes ]]; do
+    say "slice $name is $state; waiting for it to become READY ($settled of $settle_minutes minutes)"
+    sleep 60
+    settled=$((settled + 1))
+    state="$(node_state)"
+  done
+  if [[ "$state" == READY && $settled -gt 0 ]]; then
+    say "slice $name is READY again; installing and starting anew (its processes did not survive)"
+    up_result=created
+    return
+  fi
   if [[ "$state" == READY ]]; then
     say "slice $name is READY; reusing it"
     up_result=reused
@@ -471,7 +489,7 @@ follow_run() {  # sets rc (the run's exit status) and state (the slice's, READY 
 }
 
 cmd_run() {
-  local attempt=0 step want_resume=$resume
+  local attempt=0 in_a_row=0 step started want_resume=$resume
   check_training_config
   while true; do
     # a step that fails (dies) while the slice goes away is a preemption, not the end of the run
@@ -491,6 +509,7 @@ cmd_run() {
       [[ "$state" != READY && "$state" != UNKNOWN ]] || return "$step"
       rc=$step
     else
+      started=$SECONDS
       follow_run
     fi
     if [[ $rc -eq 0 ]]; then
@@ -499,11 +518,15 @@ cmd_run() {
     fi
     if [[ $rc -eq 75 || $rc -eq 69 || $rc -eq $GONE || "$state" != READY ]]; then
       attempt=$((attempt + 1))
-      if [[ $attempt -gt $max_restarts ]]; then
-        say "preempted again after $max_restarts restarts; giving up (status $rc, slice $state)"
+      # a run that trained for a while (QZ_RESTART_RESET_S, default an hour) made progress: the
+      # count of restarts in a row starts again, so a week of spot preemptions does not use it up
+      if [[ $step -eq 0 ]] && (( SECONDS - started >= restart_reset_s )); then in_a_row=0; fi
+      in_a_row=$((in_a_row + 1))
+      if [[ $in_a_row -gt $max_restarts ]]; then
+        say "preempted again after $max_restarts restarts in a row; giving up (status $rc, slice $state)"
         return "$rc"
       fi
-      say "preempted (status $rc, slice $state): restart $attempt of $max_restarts, resuming from the last checkpoint"
+      say "preempted (status $rc, slice $state): restart $in_a_row of $max_restarts, resuming from the last checkpoint"
       want_resume=1
       [[ $step -eq 0 ]] || sleep 60
       continue

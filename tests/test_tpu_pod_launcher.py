@@ -83,6 +83,13 @@ if (kind == "queued-resources" and verb == "describe" and state["queued"] in ("W
             home.mkdir(exist_ok=True)
         state.update(node="READY", queued="ACTIVE")
         save()
+if (kind == "tpu-vm" and verb == "describe" and state["node"] in ("REPAIRING", "RESTARTING")
+        and (root / "settle_after").exists()):  # a maintenance event that ends after this many describes
+    left = int((root / "settle_after").read_text()) - 1
+    (root / "settle_after").write_text(str(left))
+    if left <= 0:
+        state.update(node="READY")
+        save()
 if verb == "create" and take_failure("create"):
     print(f"ERROR: (gcloud.compute.tpus.{kind}.create) RESOURCE_EXHAUSTED: There is no more capacity in the zone",
           file=sys.stderr)
@@ -208,6 +215,12 @@ if action.startswith("until-term:"):  # runs until SIGTERM, then saves for S sec
 if action.startswith("sleep:"):
     time.sleep(float(action.split(":")[1]))
     sys.exit(0)
+if action == "repair":  # a maintenance event: the slice is REPAIRING (then READY again), the run is gone
+    state = json.loads((root / "state.json").read_text())
+    state.update(node="REPAIRING")
+    (root / "state.tmp").write_text(json.dumps(state))
+    os.replace(root / "state.tmp", root / "state.json")
+    action = "vanish"
 if action == "vanish":  # the VM reboots under the run: its processes are gone, no exit status is written
     os.kill(os.getppid(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -330,7 +343,7 @@ def test_run_resumes_after_a_saved_preemption_a_lost_slice_and_a_lost_peer(fake_
 def test_run_gives_up_after_max_restarts_and_does_not_restart_a_failure(fake_slice):
     r = fake_slice.run([["75", "75"], ["75", "75"]], "--max-restarts", "1")
     assert r.returncode == 75, r.stderr
-    assert "preempted again after 1 restarts; giving up" in r.stderr
+    assert "preempted again after 1 restarts in a row; giving up" in r.stderr
     assert len(fake_slice.trainer_runs(0)) == 2
 
     # a new `run` on the READY slice reuses it and installs the tree again: files gone from the
@@ -568,3 +581,32 @@ def test_a_sigterm_to_the_run_s_process_group_keeps_its_exit_status(fake_slice):
         out, err = p.communicate()
         raise AssertionError("the launcher hangs: " + err)
     assert p.returncode == 0 and "preempted (status 75, slice READY): restart 1" in err, err
+
+
+def test_a_slice_under_repair_is_waited_for_not_deleted(fake_slice):
+    """A maintenance event takes the slice to REPAIRING and the run with it: the launcher waits
+    for READY (keeping the queued resource's capacity), installs and resumes; a repair that
+    outlasts QZ_SETTLE_MINUTES is treated as a lost slice."""
+    (fake_slice.root_dir / "settle_after").write_text("3")
+    r = fake_slice.run([["repair", "0"], ["repair", "0"]])
+    assert r.returncode == 0, r.stderr
+    assert "slice qz is REPAIRING; waiting for it to become READY" in r.stderr
+    assert not fake_slice.calls("delete") and len(fake_slice.calls("create")) == 1
+    assert len(fake_slice.installs()) == 2 * WORKERS
+    assert fake_slice.trainer_runs(0)[-1]["args"][-1] == "--resume"
+
+    (fake_slice.root_dir / "settle_after").unlink()  # this repair does not end
+    plan = [["repair", "0"] * 2] * WORKERS  # the plan counts a worker's runs across launches
+    r = fake_slice.run(plan, extra_env={"QZ_SETTLE_MINUTES": "2"})
+    assert r.returncode == 0, r.stderr
+    assert "(1 of 2 minutes)" in r.stderr and "slice qz is REPAIRING (queued resource: ACTIVE); deleting it" in r.stderr
+    assert len(fake_slice.calls("queued-resources", "create")) == 2
+
+
+def test_max_restarts_counts_restarts_in_a_row(fake_slice):
+    """A run that trained for QZ_RESTART_RESET_S seconds made progress: a week of spot
+    preemptions does not use up --max-restarts."""
+    plan = [["75", "75", "75", "0"], ["75", "75", "75", "0"]]
+    r = fake_slice.run(plan, "--max-restarts", "1", extra_env={"QZ_RESTART_RESET_S": "0"})
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("restart 1 of 1,") == 3 and len(fake_slice.trainer_runs(0)) == 4
