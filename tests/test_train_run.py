@@ -1348,3 +1348,27 @@ def test_a_run_short_of_disk_space_is_warned_at_the_start(tmp_path, monkeypatch,
     with caplog.at_level("WARNING"):
         loop._warn_if_short_of_space(cfg)
     assert f"writes up to {(n * 12 + 2 * n * 4) / 2**30:.1f} GiB there" in caplog.text
+
+
+def test_the_metrics_log_is_on_disk_before_each_checkpoint(tmp_path, monkeypatch):
+    """A host that crashes after a checkpoint keeps the log up to it: before each save, the
+    rows written so far are synced (os.fsync on the log's file)."""
+    from qzhou_jax.checkpoint.manager import RunCheckpoints
+
+    log_path = os.path.realpath(tmp_path / "metrics.jsonl")
+    events, real_fsync, real_save = [], os.fsync, RunCheckpoints.save
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}") == log_path:
+            with open(log_path) as f:
+                events.append(("synced", max(json.loads(line)["step"] for line in f)))
+        return real_fsync(fd)
+
+    def save(self, step, *args, **kwargs):
+        events.append(("saved", step))
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(RunCheckpoints, "save", save)
+    train(load_run_config(data=run_dict(tmp_path)))
+    assert events == [("synced", 4), ("saved", 4), ("synced", 8), ("saved", 8)]

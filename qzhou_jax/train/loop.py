@@ -502,6 +502,7 @@ def _run(cfg: RunConfig, resume: bool, hooks: Sequence[Callable[[int, dict], Non
             state["nonfinite_skips"] = dict(skips)
         if evaluated["at"] == at:
             state["evaluated"] = at
+        logger.sync()
         ckpts.save(at, trainer.state, state, force=force)
         last_saved = at
 

@@ -128,6 +128,13 @@ class MetricsLog:
                 if k not in ("step", "partial", "wall_time") and isinstance(v, float):
                     self.tb.add_scalar(k, v, global_step=row["step"], walltime=row.get("wall_time"))
 
+    def sync(self) -> None:
+        """The rows written so far on disk (called before each checkpoint: a host that crashes
+        after it keeps the log up to that step, which a resume needs whole)."""
+        if self.enabled:
+            with naming_the_file(self.path):
+                os.fsync(self.file.fileno())
+
     def close(self) -> None:
         if not self.enabled:
             return
