@@ -453,39 +453,39 @@ state=READY
 follow_run() {  # sets rc (the run's exit status) and state (the slice's, READY unless it is gone)
   local from="" finished
   while true; do
-      rc=0
-      follow ${from:+"$from"} || rc=$?
-      state=READY
-      [[ $rc -eq 0 || $dry_run -eq 1 ]] && break
-      [[ $rc -eq $GONE ]] && break
-      # A dropped connection to a healthy slice: follow again while the run goes on; when it
-      # ended meanwhile, its own exit status counts, not the connection's.
-      state="$(node_state)"
-      case "$state" in
-        READY)
-          if finished="$(run_exit_status)"; then
-            [[ "$finished" != "$rc" ]] && say "lost the log stream (status $rc); the run ended with status $finished"
-            rc=$finished
-            break
-          fi
-          say "lost the log stream (status $rc); the run goes on, reconnecting (from its last 20 lines)" ;;
-        UNKNOWN) say "lost the log stream (status $rc) and could not read the slice's state; trying again" ;;
-        *) break ;;
-      esac
-      from=20
-      sleep 10
+    rc=0
+    follow ${from:+"$from"} || rc=$?
+    state=READY
+    [[ $rc -eq 0 || $dry_run -eq 1 ]] && break
+    [[ $rc -eq $GONE ]] && break
+    # A dropped connection to a healthy slice: follow again while the run goes on; when it
+    # ended meanwhile, its own exit status counts, not the connection's.
+    state="$(node_state)"
+    case "$state" in
+      READY)
+        if finished="$(run_exit_status)"; then
+          [[ "$finished" != "$rc" ]] && say "lost the log stream (status $rc); the run ended with status $finished"
+          rc=$finished
+          break
+        fi
+        say "lost the log stream (status $rc); the run goes on, reconnecting (from its last 20 lines)" ;;
+      UNKNOWN) say "lost the log stream (status $rc) and could not read the slice's state; trying again" ;;
+      *) break ;;
+    esac
+    from=20
+    sleep 10
+  done
+  if [[ $rc -eq $GONE ]]; then
+    say "the run on worker 0 is gone without an exit status (its VM restarted, or it was killed)"
+  elif [[ $rc -ne 0 && $rc -ne 75 && $rc -ne 69 && "$state" == READY && $dry_run -eq 0 ]]; then
+    # a preemption's SIGTERM reaches the trainer before the API shows the slice as gone
+    local s
+    for _ in 1 2 3 4 5 6; do
+      sleep 20
+      s="$(node_state)"
+      [[ "$s" == READY || "$s" == UNKNOWN ]] || { state=$s; break; }
     done
-    if [[ $rc -eq $GONE ]]; then
-      say "the run on worker 0 is gone without an exit status (its VM restarted, or it was killed)"
-    elif [[ $rc -ne 0 && $rc -ne 75 && $rc -ne 69 && "$state" == READY && $dry_run -eq 0 ]]; then
-      # a preemption's SIGTERM reaches the trainer before the API shows the slice as gone
-      local i s
-      for i in 1 2 3 4 5 6; do
-        sleep 20
-        s="$(node_state)"
-        [[ "$s" == READY || "$s" == UNKNOWN ]] || { state=$s; break; }
-      done
-    fi
+  fi
 }
 
 cmd_run() {

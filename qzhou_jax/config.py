@@ -508,6 +508,15 @@ def naming_the_file(path: str | os.PathLike) -> Iterator[None]:
         raise
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """The file's data on disk (a file closed without a sync of its own)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_folder(folder: str | os.PathLike) -> None:
     """Make the renames and new names in `folder` durable; a no-op where the filesystem cannot
     sync a folder (some network filesystems refuse it)."""

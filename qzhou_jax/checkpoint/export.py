@@ -38,7 +38,7 @@ import numpy as np
 from qzhou_jax import st_folder
 from qzhou_jax.checkpoint import safetensors_io
 from qzhou_jax.checkpoint.hf import hf_names, hf_shape, iter_gathered, iter_hf_tensors
-from qzhou_jax.config import ModelConfig, fsync_folder, write_json
+from qzhou_jax.config import ModelConfig, fsync_file, fsync_folder, write_json
 from qzhou_jax.model.qwen2 import check_params, param_specs
 from qzhou_jax.tokenizer import VOCABULARY_FILES
 
@@ -156,11 +156,7 @@ def _sync_tree(folder: str) -> None:
         for name in files:
             path = os.path.join(root, name)
             if not os.path.islink(path):
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_file(path)
         fsync_folder(root)
 
 

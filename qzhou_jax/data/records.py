@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence, Union
 
-from qzhou_jax.config import fsync_folder, naming_the_file
+from qzhou_jax.config import fsync_file, fsync_folder, naming_the_file
 from qzhou_jax.data.jsonl import RecordError, decode_json_line, iter_lines
 
 __all__ = [
@@ -356,8 +356,7 @@ def staged_outputs(paths: Sequence[str | os.PathLike], overwrite: bool = False) 
     try:
         yield tmps
         for tmp in tmps:  # on disk before any is renamed: a crash of the host leaves old or new
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            fsync_file(tmp)
         for tmp, path in zip(tmps, paths):
             os.replace(tmp, path)
         for folder in {os.path.dirname(t) for t in tmps}:
