@@ -53,10 +53,13 @@ for node, n in enumerate(counts):
         elif bind == "closest":   # two sockets, tasks block-distributed over them
             half = gpus // 2
             cvd = list(range(half)) if local < n // 2 else list(range(half, gpus))
+        elif bind == "unbound":   # no GPU gres binding: no CUDA_VISIBLE_DEVICES, no SLURM_STEP_GPUS
+            cvd = None
         env = dict(os.environ, SLURM_PROCID=str(rank), SLURM_LOCALID=str(local), SLURM_NODEID=str(node),
                    SLURM_STEP_TASKS_PER_NODE=compress(counts), SLURM_TASKS_PER_NODE=compress(counts),
-                   SLURM_STEP_NUM_TASKS=str(sum(counts)), SLURM_STEP_GPUS=",".join(map(str, range(gpus))),
-                   CUDA_VISIBLE_DEVICES=",".join(map(str, cvd)))
+                   SLURM_STEP_NUM_TASKS=str(sum(counts)))
+        if cvd is not None:
+            env.update(SLURM_STEP_GPUS=",".join(map(str, range(gpus))), CUDA_VISIBLE_DEVICES=",".join(map(str, cvd)))
         procs.append(subprocess.Popen(args, env=env))
         rank += 1
 rc = 0
@@ -86,12 +89,22 @@ fi
 echo "requeued" >> "$STUB_LOG"
 '''
 
+# `nvidia-smi -L`: 8 GPUs; with STUB_MIG, GPU 0 split into MIG instances listed under it
+NVIDIA_SMI = r'''#!/usr/bin/env bash
+for i in 0 1 2 3 4 5 6 7; do
+  echo "GPU $i: NVIDIA H100 80GB HBM3 (UUID: GPU-$i)"
+  if [[ $i == 0 && -n "${STUB_MIG:-}" ]]; then
+    for m in 0 1 2; do echo "  MIG 2g.20gb     Device  $m: (UUID: MIG-$i-$m)"; done
+  fi
+done
+'''
+
 
 def _stubs(tmp_path):
     bin_ = tmp_path / "bin"
     bin_.mkdir(exist_ok=True)
     for name, text in {"srun": f"#!{sys.executable}" + SRUN, "qzhou-jax": TRAINER, "scontrol": SCONTROL,
-                       "nvidia-smi": "#!/usr/bin/env bash\nfor i in 0 1 2 3 4 5 6 7; do echo GPU $i; done\n",
+                       "nvidia-smi": NVIDIA_SMI,
                        "sleep": f"#!/bin/sh\nexec {shutil.which('sleep')} 0.05\n"}.items():
         (bin_ / name).write_text(text)
         (bin_ / name).chmod(stat.S_IRWXU)
@@ -187,6 +200,16 @@ def test_gpu_bind_closest_is_refused_or_right(tmp_path):
         assert "GPU" in r.stderr, r.stderr
         return
     _check_layout(lines, [8])
+
+
+def test_gpus_counted_from_nvidia_smi_without_a_binding(tmp_path):
+    """No GPU binding (no CUDA_VISIBLE_DEVICES): the node's GPUs are the `GPU n:` lines of
+    `nvidia-smi -L`; the MIG instances listed under a GPU are not more GPUs."""
+    for mig in ("", "1"):
+        r, lines = _run(tmp_path, "1,1", 1, "unbound", extra={"STUB_MIG": mig})
+        assert r.returncode == 0, r.stderr
+        local = sorted(ln.split(" ")[3] for ln in lines if ln.startswith("id="))
+        assert local == ["local=0,1,2,3,4,5,6,7"] * 2, (mig, lines)
 
 
 def test_train_arguments_survive_quoting(tmp_path):
