@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import time
 
 import jax
 import numpy as np
@@ -1372,3 +1373,81 @@ def test_the_metrics_log_is_on_disk_before_each_checkpoint(tmp_path, monkeypatch
     monkeypatch.setattr(RunCheckpoints, "save", save)
     train(load_run_config(data=run_dict(tmp_path)))
     assert events == [("synced", 4), ("saved", 4), ("synced", 8), ("saved", 8)]
+
+
+def test_unreadable_xla_cache_entries_are_removed_once(tmp_path, monkeypatch):
+    """A truncated or empty entry of XLA's cache (a writer killed, a host crashed) made JAX warn and
+    compile again at every start and never rewrite it: it is removed before the run compiles. An
+    entry that decompresses is decompressed once (listed in .qzhou-checked.json); one modified in
+    the last two minutes may still be being written and is left for a later start."""
+    from jax._src import compilation_cache
+
+    from qzhou_jax.train import xla_cache
+
+    cache = tmp_path / "xla"
+    cache.mkdir()
+    whole = compilation_cache.compress_executable(os.urandom(5000))
+    (cache / "jit_a-1-cache").write_bytes(whole)
+    (cache / "jit_b-2-cache").write_bytes(whole[: len(whole) // 2])
+    (cache / "jit_c-3-cache").write_bytes(b"")
+    (cache / "jit_d-4-cache").write_bytes(whole[:10])  # new: perhaps still being written
+    (cache / "jit_a-1-atime").write_bytes(b"x")  # not an entry
+    old = time.time() - 600
+    for name in ("jit_a-1-cache", "jit_b-2-cache", "jit_c-3-cache"):
+        os.utime(cache / name, (old, old))
+    calls = []
+    real = compilation_cache.decompress_executable
+    monkeypatch.setattr(compilation_cache, "decompress_executable", lambda b: calls.append(len(b)) or real(b))
+    assert sorted(xla_cache.drop_unreadable_entries(str(cache))) == ["jit_b-2-cache", "jit_c-3-cache"]
+    assert sorted(os.listdir(cache)) == [".qzhou-checked.json", "jit_a-1-atime", "jit_a-1-cache", "jit_d-4-cache"]
+    assert len(calls) == 3
+    assert xla_cache.drop_unreadable_entries(str(cache)) == [] and len(calls) == 3  # checked once
+    os.utime(cache / "jit_d-4-cache", (old, old))
+    assert xla_cache.drop_unreadable_entries(str(cache)) == ["jit_d-4-cache"]
+
+    class Checked(Exception):
+        pass
+
+    def check(cache_dir=None):
+        raise Checked(jax.config.jax_compilation_cache_dir)
+
+    monkeypatch.setattr(xla_cache, "drop_unreadable_entries", check)
+    with pytest.raises(Checked):  # the run checks its cache before compiling anything
+        train(load_run_config(data=run_dict(tmp_path / "run")))
+
+
+def test_jax_writes_a_removed_cache_entry_again(tmp_path):
+    """What the removal is for: JAX never rewrites a truncated entry (the file exists) and warns
+    at every start; once it is removed, the next start compiles and writes it whole."""
+    import subprocess
+    import sys
+
+    child = ("import sys, warnings\n"
+             "import jax, jax.numpy as jnp\n"
+             "from qzhou_jax.train import xla_cache\n"
+             "xla_cache.drop_unreadable_entries(sys.argv[1]) if sys.argv[2] == 'drop' else None\n"
+             "f = jax.jit(lambda x: jnp.tanh(x) @ x.T)\n"
+             "with warnings.catch_warnings(record=True) as w:\n"
+             "    warnings.simplefilter('always')\n"
+             "    f(jnp.ones((8, 8))).block_until_ready()\n"
+             "print('WARNED' if any('persistent compilation cache' in str(x.message) for x in w) else 'CLEAN')\n")
+    cache = tmp_path / "xla"
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PLATFORMS": "cpu"}
+
+    def start(mode):
+        r = subprocess.run([sys.executable, "-c", child, str(cache), mode], capture_output=True, text=True,
+                           env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip().splitlines()[-1]
+
+    assert start("keep") == "CLEAN"
+    [entry] = [p for p in cache.iterdir() if p.name.startswith("jit__lambda") and p.name.endswith("-cache")]
+    size = entry.stat().st_size
+    entry.write_bytes(entry.read_bytes()[: size // 2])
+    old = time.time() - 600
+    os.utime(entry, (old, old))
+    assert start("keep") == "WARNED"
+    assert entry.stat().st_size == size // 2  # not written again
+    assert start("drop") == "CLEAN"  # removed, compiled, written whole
+    assert entry.stat().st_size == size
+    assert start("drop") == "CLEAN"

@@ -299,7 +299,8 @@ class RunConfig:
     export_hf: bool = True
     # XLA's persistent compilation cache: a restarted or resumed run (preemption) reuses
     # the compiled train step instead of compiling it again. null: off. The variable
-    # JAX_COMPILATION_CACHE_DIR, when set, wins.
+    # JAX_COMPILATION_CACHE_DIR, when set, wins. Entries a killed writer left truncated are
+    # removed at the start (train/xla_cache.py), so they are compiled and written again.
     compilation_cache_dir: str | None = "~/.cache/qzhou-jax/xla"
 
     def __post_init__(self):

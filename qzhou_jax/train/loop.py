@@ -48,6 +48,7 @@ from qzhou_jax import sharding
 from qzhou_jax.checkpoint.manager import RunCheckpoints, abstract_train_state
 from qzhou_jax.topology import peak_flops
 from qzhou_jax.tokenizer import DEMO_TOKENIZER, Tokenizer
+from qzhou_jax.train import xla_cache
 from qzhou_jax.train.config import POLICY_FIELDS, RunConfig, resolve_init_from
 from qzhou_jax.train.metrics import MetricsLog, step_flops
 from qzhou_jax.train.optim import make_optimizer
@@ -219,11 +220,10 @@ def train(cfg: RunConfig, resume: bool = False, *, hooks: Sequence[Callable[[int
 
     t_start = time.perf_counter()
     check_init_from(cfg)
-    if cfg.compilation_cache_dir and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        from qzhou_jax.train.config import expand_path
-
-        jax.config.update("jax_compilation_cache_dir", expand_path(cfg.compilation_cache_dir))
+    xla_cache.use(cfg.compilation_cache_dir)
     sharding.maybe_initialize_distributed()
+    if jax.process_index() == 0:  # the process that writes the cache
+        xla_cache.drop_unreadable_entries()
     cfg = _portable_kernel(cfg)
     sharding.check_kernel_platform(cfg.model_config.attention_impl, "model.attention_impl")
     # SIGTERM from here on (indexing, restore, compile, evaluation) ends the run with status
