@@ -89,7 +89,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
@@ -193,6 +193,8 @@ class ModelConfig:
                 path = os.path.join(path, "config.json")
             where = path
             raw = read_json(path, "no config.json found")
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: expected a JSON object, got a JSON {type(raw).__name__}")
         model_type = raw.get("model_type")
         if model_type != "qwen2":
             raise ValueError(f"{where}: model_type must be 'qwen2', got {model_type!r}")
@@ -202,22 +204,43 @@ class ModelConfig:
                 raise ValueError(f"{where}: missing field {name!r}")
             return raw[name]
 
-        rope_params = raw.get("rope_parameters") or {}
+        def number(name: str, value: Any) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{where}: {name}: expected a number, got {value!r}")
+            return float(value)
+
+        def mapping(name: str) -> dict:
+            value = raw.get(name)
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"{where}: {name}: expected a JSON object or null, got {value!r}")
+            return value or {}
+
+        def flag(name: str, default: bool) -> bool:
+            value = raw.get(name)
+            if value is None:
+                return default
+            if not isinstance(value, bool):  # bool("false") is True
+                raise ValueError(f"{where}: {name}: expected true or false, got {value!r}")
+            return value
+
+        rope_params = mapping("rope_parameters")
         # transformers 5 builds RoPE from rope_parameters and takes the top-level rope_theta
         # only where that dict has none
         rope_theta, top_theta = rope_params.get("rope_theta"), raw.get("rope_theta")
         if rope_theta is None:
             rope_theta = top_theta
-        elif top_theta is not None and float(top_theta) != float(rope_theta):
+        elif top_theta is not None and number("rope_theta", top_theta) != number("rope_parameters.rope_theta",
+                                                                                  rope_theta):
             log.warning("%s: rope_theta %s (top level) and rope_parameters' rope_theta %s differ: using %s, "
                         "as transformers does", where, top_theta, rope_theta, rope_theta)
         if rope_theta is None:
             raise ValueError(f"{where}: missing field 'rope_theta' (top level or in rope_parameters)")
-        scaling = raw.get("rope_scaling") or {}
+        rope_theta = number("rope_theta", rope_theta)
+        scaling = mapping("rope_scaling")
         rope_type = scaling.get("rope_type", scaling.get("type")) or rope_params.get("rope_type", "default")
         if rope_type not in (None, "default"):
             raise ValueError(f"{where}: rope_scaling type {rope_type!r} is not supported (only default RoPE)")
-        if raw.get("use_sliding_window"):
+        if flag("use_sliding_window", False):
             raise ValueError(f"{where}: use_sliding_window=true is not supported")
         act = raw.get("hidden_act", "silu")
         if act != "silu":
@@ -231,11 +254,12 @@ class ModelConfig:
             num_attention_heads=need("num_attention_heads"),
             num_key_value_heads=raw.get("num_key_value_heads") or need("num_attention_heads"),
             head_dim=raw.get("head_dim"),
-            max_position_embeddings=raw.get("max_position_embeddings", 32768),
-            rms_norm_eps=float(need("rms_norm_eps")),
-            rope_theta=float(rope_theta),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            initializer_range=float(raw.get("initializer_range", 0.02)),
+            max_position_embeddings=32768 if raw.get("max_position_embeddings") is None  # transformers' default
+            else raw["max_position_embeddings"],
+            rms_norm_eps=number("rms_norm_eps", need("rms_norm_eps")),
+            rope_theta=rope_theta,
+            tie_word_embeddings=flag("tie_word_embeddings", False),
+            initializer_range=number("initializer_range", raw.get("initializer_range", 0.02)),
             **token_ids(raw, where),
         )
         if raw.get("is_causal") is not None:
@@ -243,6 +267,8 @@ class ModelConfig:
         elif not isinstance(source, dict) and "attention" not in overrides and "qzhou_jax" not in raw:
             fields["attention"] = unstated_attention(raw, os.path.dirname(where), where)
         qz = raw.get("qzhou_jax")
+        if qz is not None and not isinstance(qz, dict):
+            raise ValueError(f"{where}: qzhou_jax: expected a JSON object, got {qz!r}")
         if qz is None and not isinstance(source, dict):
             # another library's embedding model: sentence-transformers' files say how it pools
             from qzhou_jax import st_folder
@@ -505,6 +531,8 @@ def naming_the_file(path: str | os.PathLike) -> Iterator[None]:
     except OSError as e:
         if e.filename is None and e.errno is not None:
             raise OSError(e.errno, e.strerror or str(e), os.fspath(path)) from e
+        if e.filename is None and " requested and " in str(e):  # numpy's short write has no errno
+            raise OSError(f"{os.fspath(path)}: {e} (a short write: is the disk full?)") from e
         raise
 
 

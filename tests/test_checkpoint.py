@@ -368,6 +368,77 @@ def test_corrupt_or_truncated_safetensors(tmp_path, good_hf, damage):
     assert_nothing_left(tmp_path / "out")
 
 
+def test_float32_buffers_do_not_make_a_bfloat16_checkpoint_float32(tmp_path, caplog):
+    """rotary_emb.inv_freq (float32 in checkpoints of any dtype, ignored on loading) is not counted
+    as a parameter dtype: the bfloat16 checkpoint stays bfloat16, without a 'mixes' warning."""
+    from safetensors.torch import load_file, save_file
+
+    src = make_hf(tmp_path / "hf", dtype=torch.bfloat16, causal_lm=True)
+    weights = load_file(os.path.join(src, "model.safetensors"))
+    want = dict(weights)
+    for i in range(2):
+        weights[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.arange(4, dtype=torch.float32)
+    save_file(weights, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING):
+        summary = conv.hf_to_orbax(src, tmp_path / "orbax")
+    assert summary["source_dtype"] == "bfloat16" and summary["config"].param_dtype == "bfloat16"
+    assert "mixes floating dtypes" not in caplog.text and "a buffer the model recomputes" in caplog.text
+    conv.orbax_to_hf(tmp_path / "orbax", tmp_path / "back")
+    assert_bit_exact({k[len("model."):]: v.float().numpy().astype(jnp.bfloat16) for k, v in want.items()},
+                     tensors(tmp_path / "back"))
+
+
+def test_a_single_file_beside_an_index_is_read_as_transformers_reads_it(tmp_path, caplog):
+    """transformers loads model.safetensors when a folder also holds a (stale) sharded index:
+    qzhou-jax reads the same weights, with a warning."""
+    src = make_hf(tmp_path / "hf", seed=1)
+    other = make_hf(tmp_path / "other", seed=2, sharded=True)
+    for name in os.listdir(other):
+        if "safetensors" in name:
+            shutil.copy(os.path.join(other, name), src)
+    ref = transformers.AutoModel.from_pretrained(src).embed_tokens.weight.detach().numpy()
+    with caplog.at_level(logging.WARNING):
+        _, params = load_hf_params(src)
+    np.testing.assert_array_equal(np.asarray(params["embed_tokens"]), ref)
+    assert "holds both model.safetensors and model.safetensors.index.json" in caplog.text
+
+
+@pytest.mark.parametrize("index", [{"weight_map": [["embed_tokens.weight", "a.safetensors"]]}, [1],
+                                   {"weight_map": {"embed_tokens.weight": 3}}])
+def test_a_malformed_index_is_named(tmp_path, index):
+    src = make_hf(tmp_path / "hf", sharded=True)
+    path = os.path.join(src, "model.safetensors.index.json")
+    with open(path, "w") as f:
+        json.dump(index, f)
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: not a valid safetensors index"):
+        conv.hf_to_orbax(src, tmp_path / "out")
+    assert_nothing_left(tmp_path / "out")
+
+
+def test_pytorch_weights_only_are_named(tmp_path, good_hf):
+    src = _copy(good_hf, tmp_path)
+    os.rename(os.path.join(src, "model.safetensors"), os.path.join(src, "pytorch_model.bin"))
+    with pytest.raises(FileNotFoundError, match=r"found pytorch_model\.bin: convert PyTorch weights to safetensors"):
+        conv.hf_to_orbax(src, tmp_path / "out")
+    assert_nothing_left(tmp_path / "out")
+
+
+def test_a_full_disk_while_orbax_writes_names_the_output(tmp_path, good_hf, monkeypatch):
+    """Orbax reports a full disk as OSError(ENOSPC) without a file name: the error says where."""
+    import errno
+
+    from qzhou_jax.checkpoint import orbax_io
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(orbax_io, "write_params", full)
+    with pytest.raises(OSError, match="No space left on device") as e:
+        conv.hf_to_orbax(good_hf, tmp_path / "out")
+    assert e.value.filename and e.value.filename.startswith(str(tmp_path / "out") + ".qzhou-tmp-")
+    assert_nothing_left(tmp_path / "out")
+
+
 def test_missing_shard_named(tmp_path):
     src = make_hf(tmp_path / "hf", sharded=True)
     os.remove(os.path.join(src, "model-00002-of-00002.safetensors"))

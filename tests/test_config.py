@@ -121,6 +121,16 @@ def test_to_hf_round_trip():
     ({"num_key_value_heads": 3}, "num_key_value_heads"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    # a field of the wrong type is named, not a bare float() error or a traceback
+    ({"rms_norm_eps": "abc"}, "rms_norm_eps: expected a number"),
+    ({"rope_theta": [10000.0]}, "rope_theta: expected a number"),
+    ({"initializer_range": "x"}, "initializer_range: expected a number"),
+    ({"rope_scaling": "linear"}, "rope_scaling: expected a JSON object"),
+    ({"rope_parameters": "default"}, "rope_parameters: expected a JSON object"),
+    ({"qzhou_jax": ["mean"]}, "qzhou_jax: expected a JSON object"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings: expected true or false"),  # bool("false") is True
+    ({"max_position_embeddings": -1}, "max_position_embeddings: expected a positive integer"),
+    ({"max_position_embeddings": "256"}, "max_position_embeddings: expected a positive integer"),
 ])
 def test_bad_config_names_the_field(tmp_path, changes, field):
     d = _hf_dict(**changes)
@@ -130,6 +140,24 @@ def test_bad_config_names_the_field(tmp_path, changes, field):
     with pytest.raises(ValueError, match=field) as err:
         ModelConfig.from_hf(path)
     assert str(path) in str(err.value)
+
+
+def test_config_json_that_is_not_an_object_is_named(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("[1]")
+    with pytest.raises(ValueError, match=r"config\.json: expected a JSON object, got a JSON list"):
+        ModelConfig.from_hf(tmp_path)
+
+
+def test_a_short_write_without_errno_names_the_file(tmp_path):
+    """numpy's tofile reports a full disk as OSError("96000 requested and 4064 written"), with no
+    errno and no file name; the error then names the file it was writing."""
+    from qzhou_jax.config import naming_the_file
+
+    path = tmp_path / "emb.npy"
+    with pytest.raises(OSError, match=rf"{path}: 96000 requested and 4064 written \(a short write"):
+        with naming_the_file(path):
+            raise OSError("96000 requested and 4064 written")
 
 
 def test_invalid_values_and_presets():

@@ -122,6 +122,8 @@ def test_encode_warns_about_empty_texts(model_dir, tmp_path, caplog):
         assert cli.main(["encode", "--model", str(model_dir), "--input", str(inp), "--output",
                          str(tmp_path / "e.npy"), "--quiet"]) == 0
     assert "1 of the 2 texts are empty: their rows are zeros" in caplog.text
+    # the default --max-length 1024 is past this model's 256 positions (eval and mining say it too)
+    assert "max length 1024 exceeds the model's max_position_embeddings (256)" in caplog.text
     emb = np.load(tmp_path / "e.npy")
     assert emb.shape[0] == 2 and not emb[1].any() and emb[0].any()
 

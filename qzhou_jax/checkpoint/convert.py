@@ -54,7 +54,7 @@ def single_process(what: str) -> None:
 def _hf_ignored(names: list[str]) -> list[str]:
     from qzhou_jax.checkpoint.hf import IGNORED_SUFFIXES
 
-    return [n for n in names if n in ("lm_head.weight", "model.lm_head.weight") or n.endswith(IGNORED_SUFFIXES)]
+    return [n for n in names if n == "lm_head.weight" or n.endswith(IGNORED_SUFFIXES)]
 
 
 def hf_to_orbax(hf_dir: str | os.PathLike, out: str | os.PathLike, mesh: Mesh | None = None,
@@ -83,7 +83,8 @@ def hf_to_orbax(hf_dir: str | os.PathLike, out: str | os.PathLike, mesh: Mesh | 
     check_tensors(store, cfg, hf_dir)
     ignored = _hf_ignored(store.names())
     for name in ignored:
-        log.warning("%s: ignoring tensor %r (an embedding model has no LM head)", hf_dir, name)
+        log.warning("%s: ignoring tensor %r (%s)", hf_dir, name, "an embedding model has no LM head"
+                    if name.endswith("lm_head.weight") else "a buffer the model recomputes")
     if tokenizer_dir is None:
         tokenizer_dir = hf_dir if export.check_tokenizer(hf_dir, out, required=False) else None
     else:

@@ -190,7 +190,9 @@ def source_dtype(store: TensorStore) -> str:
     all to one of the narrower dtypes would round the others."""
     names = store.names()
     prefix = detect_prefix(names)
-    names = [n for n in names if n.startswith(prefix) and not n.endswith("lm_head.weight")]
+    # the tensors that are loaded: not an LM head, nor buffers such as rotary_emb.inv_freq (float32 in
+    # checkpoints of any dtype), which would make a bfloat16 checkpoint look mixed
+    names = [n for n in names if n.startswith(prefix) and not n.endswith(("lm_head.weight", *IGNORED_SUFFIXES))]
 
     def dtype_of(name):
         return np.dtype(store.dtype(name)) if hasattr(store, "dtype") else np.asarray(store.get(name)).dtype

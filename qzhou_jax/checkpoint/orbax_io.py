@@ -42,7 +42,7 @@ from jax.sharding import Mesh
 from qzhou_jax import sharding, st_folder
 from qzhou_jax.checkpoint.export import (atomic_output_dir, check_tokenizer, copy_tokenizer, release_host_memory,
                                          write_json)
-from qzhou_jax.config import ModelConfig, read_json
+from qzhou_jax.config import ModelConfig, naming_the_file, read_json
 from qzhou_jax.model.qwen2 import ParamSpec, check_param_split, check_params, param_specs
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,8 @@ def write_orbax_folder(folder: str, cfg: ModelConfig, leaves: Iterable[tuple[str
                        source_dtype: str | None = None, settings: st_folder.Settings | None = None) -> dict:
     """Fill an (empty, temporary) folder with params, configs, tokenizer, sentence-transformers
     settings; marker last."""
-    pytree = write_params(os.path.join(folder, PARAMS_DIR), leaves)
+    with naming_the_file(folder):  # Orbax's OSErrors (a full disk) name no file
+        pytree = write_params(os.path.join(folder, PARAMS_DIR), leaves)
     write_json(os.path.join(folder, CONFIG_FILE), config_to_json(cfg))
     write_json(os.path.join(folder, "config.json"), cfg.to_hf(cfg.param_dtype))
     if settings is not None and settings != st_folder.Settings():

@@ -13,6 +13,7 @@ at a time. Corrupt or truncated files are reported with the file and tensor name
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import struct
@@ -30,6 +31,7 @@ DTYPES = {
 }
 CODES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+log = logging.getLogger(__name__)
 
 
 class SafetensorsError(ValueError):
@@ -177,17 +179,28 @@ class TensorStore:
         index = os.path.join(self.folder, "model.safetensors.index.json")
         single = os.path.join(self.folder, "model.safetensors")
         self._where: dict[str, str] = {}
-        if os.path.exists(index):
+        if os.path.exists(single):  # transformers' order: the single file wins over an index beside it
+            if os.path.exists(index):
+                log.warning("%s: holds both model.safetensors and model.safetensors.index.json; reading "
+                            "model.safetensors, as transformers does", self.folder)
+            self._where = {k: single for k in SafeFile(single).names()}
+        elif os.path.exists(index):
             try:
                 with open(index, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise SafetensorsError(f"{index}: not a valid safetensors index ({e})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise SafetensorsError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise SafetensorsError(f"{index}: not a valid safetensors index (weight_map: expected an object "
+                                       f"of tensor names to file names)")
             self._where = {k: os.path.join(self.folder, v) for k, v in weight_map.items()}
-        elif os.path.exists(single):
-            self._where = {k: single for k in SafeFile(single).names()}
         else:
-            raise FileNotFoundError(f"{self.folder}: no model.safetensors or model.safetensors.index.json")
+            others = [n for n in sorted(os.listdir(self.folder)) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))
+                      or n.endswith(".bin.index.json")]
+            raise FileNotFoundError(
+                f"{self.folder}: no model.safetensors or model.safetensors.index.json"
+                + (f" (found {', '.join(others[:3])}: convert PyTorch weights to safetensors first, e.g. load them "
+                   f"with transformers and save_pretrained)" if others else ""))
         self._files: dict[str, SafeFile] = {}
 
     def _file(self, name: str) -> SafeFile:

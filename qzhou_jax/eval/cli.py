@@ -59,10 +59,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         mesh = sharding.make_mesh(mesh_cfg, devices=devices)
     overrides = model_run_overrides(args)
     model = load_pretrained(args.model, mesh=mesh, **overrides)
-    if args.max_length > model.config.max_position_embeddings:
-        print(f"warning: --max-length {args.max_length} exceeds the model's max_position_embeddings "
-              f"({model.config.max_position_embeddings}): longer texts are positions it was not trained on",
-              file=sys.stderr)
     tokenizer = Tokenizer(model.tokenizer_path, max_length=args.max_length)
     buckets = length_buckets(args.max_length, args.bucket_steps) if args.bucket_steps else None
     encoder = Encoder(model.params, model.config, tokenizer, batch_size=args.batch_size, mesh=mesh, buckets=buckets)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import sys
 import time
@@ -16,6 +17,8 @@ from qzhou_jax import sharding
 from qzhou_jax.config import ModelConfig
 from qzhou_jax.model.embedder import embed
 from qzhou_jax.tokenizer import Tokenizer, format_prompt
+
+log = logging.getLogger(__name__)
 
 
 def length_buckets(max_length: int, per_doubling: int = 4, smallest: int = 16, multiple: int = 8) -> tuple[int, ...]:
@@ -76,6 +79,9 @@ class Encoder:
         if self.buckets[-1] < tokenizer.max_length:
             raise ValueError(f"buckets: the largest bucket {self.buckets[-1]} is below the tokenizer's "
                              f"max_length {tokenizer.max_length}")
+        if tokenizer.max_length > cfg.max_position_embeddings:
+            log.warning("max length %d exceeds the model's max_position_embeddings (%d): longer texts are "
+                        "positions it was not trained on", tokenizer.max_length, cfg.max_position_embeddings)
         self._embed = _embed_fn(cfg, mesh)
         self.stats = {"tokens": 0, "padded_tokens": 0, "batches": 0, "texts": 0, "seconds": 0.0}
 
