@@ -222,8 +222,8 @@ def test_pair_classification_float32_equals_mteb(world, offset):
     (scikit-learn's paired distances, numpy's dot, torch for the model similarity). With a
     large shared offset the cosines sit within 1e-5 of 1, where float32 rounding ties pairs
     that float64 separates, and AP and the thresholds depend on those ties: the
-    scikit-learn and numpy scores still agree exactly; torch's sums round in their own order,
-    so there only the `similarity_*` scores (and a max taken over them) may differ."""
+    scikit-learn and numpy scores agree exactly, and so do the `similarity_*` ones, which
+    qzhou-jax computes with torch's operations as mteb does (when torch is installed)."""
     a, b, labels = world["pairs"]
     encoder = FakeEncoder(world["encoder"].topic_of, offset=offset, float32=True)
     emb = encoder.encode(a + b)
@@ -243,13 +243,41 @@ def test_pair_classification_float32_equals_mteb(world, offset):
     theirs, _ = _theirs(task, float32_world)
     ours = _ours(float32_world, {"name": f"pairs32_{offset:g}", "type": "pair_classification",
                                  "path": "pairs.jsonl", "instruction": _instruction(task, None)})
-    exact = ("cosine_", "euclidean_", "manhattan_", "dot_") + (() if offset else ("similarity_", "max_"))
-    keys = [k for k in theirs if k.startswith(exact)]
-    assert "cosine_ap" in keys and (offset or "max_ap" in keys)
+    keys = [k for k in theirs if k.startswith(("cosine_", "euclidean_", "manhattan_", "dot_", "similarity_", "max_"))]
+    assert "cosine_ap" in keys and "max_ap" in keys and "similarity_ap" in keys
     split = ours["scores"]["test"][0]
     if offset:
         assert abs(split["cosine_ap"] - split["similarity_ap"]) < 0.05  # the same ranking up to rounding
-    _compare(ours, theirs, keys, main=not offset)
+    _compare(ours, theirs, keys)
+
+
+def test_pair_classification_with_identical_pairs_equals_mteb(world):
+    """Pairs whose two texts are the same (PAWS-X dev has 72 of 2,000, with both labels): their
+    cosine is 1 up to float32 rounding, and the model similarity's rounding (mteb: torch's
+    normalize and row sums) orders them inside that tie, which moves `similarity_ap`, the
+    thresholds and a `max_*` taken from them. float32 embeddings, as the real encoder gives."""
+    a, b, labels = world["pairs"]
+    b = list(b)
+    for i in range(0, 120, 4):  # a quarter of the pairs identical, labels of both kinds
+        b[i] = a[i]
+    labels = [1 if i % 8 == 0 else lab for i, lab in enumerate(labels)]
+    labels = [0 if i % 8 == 4 else lab for i, lab in enumerate(labels)]
+    path = world["root"] / "pairs_identical.jsonl"
+    path.write_text("".join(json.dumps({"text1": x, "text2": y, "label": lab}) + "\n" for x, y, lab in zip(a, b, labels)))
+    encoder = FakeEncoder(world["encoder"].topic_of, float32=True)
+
+    class Task(MockPairClassificationTask):
+        def load_data(self, **kw):
+            self.dataset = DatasetDict({"test": Dataset.from_dict({"sentence1": a, "sentence2": b, "labels": labels})})
+            self.data_loaded = True
+
+    task = Task()
+    theirs, _ = _theirs(task, dict(world, encoder=encoder))
+    ours = _ours(dict(world, encoder=encoder), {"name": "pairs_identical", "type": "pair_classification",
+                                               "path": "pairs_identical.jsonl", "instruction": _instruction(task, None)})
+    keys = [k for k in theirs if k.startswith(("similarity_", "cosine_", "max_", "euclidean_", "manhattan_", "dot_"))]
+    assert "similarity_ap" in keys and "max_accuracy" in keys
+    _compare(ours, theirs, keys, tol=1e-12)
 
 
 def test_classification_equals_mteb_sampling(world):

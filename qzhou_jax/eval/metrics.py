@@ -6,7 +6,10 @@ reference implementations on the same embeddings:
 
 - retrieval / reranking: nDCG@k, MAP@k, recall@k, precision@k (trec_eval's `ndcg_cut`,
   `map_cut`, `recall`, `P`, `success`), MRR@k (mteb's); documents with equal scores are
-  ranked by descending document id, as trec_eval does;
+  ranked by descending document id, as trec_eval does. Cosines are computed in float64 here
+  (mteb: float32, through torch), and means are not rounded (mteb rounds all but MRR to 5
+  decimals), so on the same embeddings results agree to 5e-6 except where float32 rounding
+  reorders documents (cosines within about 1e-3 of 1);
 - STS and summarization: Pearson and Spearman correlation (scipy's definitions);
 - pair classification: average precision (scikit-learn's), best accuracy and best F1 over
   thresholds (mteb's search, which never splits tied scores).
@@ -81,21 +84,39 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return 1 - 0.5 * np.einsum("ij,ij->i", diff, diff)
 
 
+def model_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The model's own similarity of matching rows as mteb computes it for a cosine model
+    (`pairwise_cos_sim`: torch's `normalize`, then row sums of the products, in float32 on the
+    CPU). With torch installed the same torch operations run here, so the scores are mteb's to
+    the bit; without it numpy computes the same formula, which can differ in the last bit. That
+    last bit matters: pairs of identical texts (cosine 1) are ordered by it, and their order
+    moves `similarity_ap`, the thresholds and a `max_*` taken from them."""
+    a32 = np.ascontiguousarray(a, np.float32)
+    b32 = np.ascontiguousarray(b, np.float32)
+    try:
+        import torch
+    except ImportError:
+        unit = [x / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), np.float32(1e-12))[:, None] for x in (a32, b32)]
+        return (unit[0] * unit[1]).sum(axis=-1)
+    with torch.no_grad():
+        ta = torch.nn.functional.normalize(torch.from_numpy(a32), p=2, dim=1)
+        tb = torch.nn.functional.normalize(torch.from_numpy(b32), p=2, dim=1)
+        return (ta * tb).sum(dim=-1).numpy()
+
+
 def pair_scores(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
     """mteb's per-pair scores, in the precision mteb computes each: cosine (scikit-learn),
     euclidean and manhattan distances (scikit-learn) and the dot product (numpy, row by
-    row) in the embeddings' precision, and the model's similarity (cosine, through torch)
-    always in float32. Rounding matters here: float32 ties scores that float64 separates,
+    row) in the embeddings' precision, and the model's similarity (cosine, through torch,
+    `model_similarity`) always in float32. Rounding matters here: float32 ties scores that float64 separates,
     and ties move pair classification's AP and thresholds."""
     dt = _precision(a, b)
     a = np.asarray(a, dt)
     b = np.asarray(b, dt)
     diff = a - b
-    a32, b32 = (x.astype(np.float32) for x in (a, b))
-    unit = [x / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), np.float32(1e-12))[:, None] for x in (a32, b32)]
     return {
         "cosine": cosine_rows(a, b),
-        "similarity": (unit[0] * unit[1]).sum(axis=-1),
+        "similarity": model_similarity(a, b),
         "euclidean": np.sqrt(np.einsum("ij,ij->i", diff, diff)),
         "manhattan": np.abs(diff).sum(axis=-1),
         "dot": np.array([np.dot(x, y) for x, y in zip(a, b)], dt).reshape(len(a)),
