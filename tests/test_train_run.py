@@ -526,6 +526,54 @@ def test_a_resume_removes_steps_beyond_keep(tmp_path, uninterrupted):
     assert sorted(n for n in os.listdir(out / "checkpoints") if n.isdigit()) == ["8"]
 
 
+def test_a_save_killed_off_schedule_leaves_no_temporary_folder(tmp_path, uninterrupted):
+    """A SIGKILL inside a preemption's save (SIGTERM, then the grace period ends while the step is
+    written) leaves `<step>.orbax-checkpoint-tmp`; Orbax reuses that name only when the same step is
+    saved again, which a preemption's off-schedule step never is, so it stayed, up to a whole
+    checkpoint of arrays per event. The next start removes it."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted.out_dir, out)
+    leftover = out / "checkpoints" / "7.orbax-checkpoint-tmp"
+    (leftover / "state.orbax-checkpoint-tmp" / "d").mkdir(parents=True)
+    (leftover / "state.orbax-checkpoint-tmp" / "d" / "0123abcd").write_bytes(b"\0" * 4096)
+    resumed = train(load_run_config(data=run_dict(out)), resume=True)
+    assert resumed.status == "completed" and resumed.step == 8
+    assert not leftover.exists()
+    assert sorted(n for n in os.listdir(out / "checkpoints") if "tmp" in n or n.isdigit()) == ["4", "8"]
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path, capsys):
+    """Two `train`s on one out_dir (a requeued job while the old one still saves, a --resume typed in
+    another terminal) both ran to the end, writing checkpoints, the metrics log (the second set the
+    first's aside or truncated it under it) and the export into one folder. The second is refused
+    before it writes anything, naming the first; once that one has ended (even by SIGKILL: the lock
+    goes with its process) the run starts."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run_dict(out, steps=2)))
+    hold = ("import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "f.write('pid 4242 on elsewhere'); f.flush(); print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out / ".qzhou-run.lock")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for resume in ([], ["--resume"]):
+            assert cli_main(["train", "--config", str(tmp_path / "run.yaml"), *resume]) == 2
+            err = capsys.readouterr().err
+            assert f"out_dir {out}: another qzhou-jax run is using it (pid 4242 on elsewhere" in err, err
+            assert os.listdir(out) == [".qzhou-run.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli_main(["train", "--config", str(tmp_path / "run.yaml")]) == 0
+    assert sorted(n for n in os.listdir(out / "checkpoints") if n.isdigit()) == ["2"]
+
+
 def test_resume_with_a_bfloat16_first_moment(tmp_path, uninterrupted, caplog):
     """`train.mu_dtype: bfloat16` restores a float32-moment checkpoint (the moment is cast), keeps
     the second moment float32, and trains on close to the float32 run."""
@@ -1451,3 +1499,42 @@ def test_jax_writes_a_removed_cache_entry_again(tmp_path):
     assert start("drop") == "CLEAN"  # removed, compiled, written whole
     assert entry.stat().st_size == size
     assert start("drop") == "CLEAN"
+
+
+def test_the_folder_lock_is_agreed_by_every_process(tmp_path, monkeypatch):
+    """With several processes only process 0 takes the lock; the others learn through the hosts'
+    exchange whether it did, and stop with it instead of waiting in their first collective."""
+    import fcntl
+
+    from qzhou_jax import hosts
+    from qzhou_jax.train import loop
+
+    cfg = load_run_config(data=run_dict(tmp_path / "run"))
+    os.makedirs(cfg.output_dir)
+    posted = []
+
+    def gather(self, round_id, values, what):
+        posted.append(list(values))
+        return np.asarray([[theirs[0]], [1]])
+
+    monkeypatch.setattr(hosts.HostExchange, "gather", gather)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with open(os.path.join(cfg.output_dir, loop.LOCK_FILE), "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        monkeypatch.setattr(jax, "process_index", lambda: 0)
+        theirs = [0]  # what process 0 posts, as the others see it
+        with pytest.raises(ValueError, match="another qzhou-jax run is using it"):
+            with loop._RunLock(cfg):
+                pass
+        assert posted == [[0]]
+        monkeypatch.setattr(jax, "process_index", lambda: 1)
+        with pytest.raises(ValueError, match="process 0 could not take the run's lock"):
+            with loop._RunLock(cfg):
+                pass
+        assert posted == [[0], [1]]
+    theirs = [1]
+    with loop._RunLock(cfg):  # process 1: takes nothing itself, goes on with process 0
+        pass
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    with loop._RunLock(cfg) as lock:
+        assert [f is not None for f in lock.files] == [True]

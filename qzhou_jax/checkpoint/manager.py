@@ -39,8 +39,12 @@ class RunCheckpoints:
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(os.fspath(directory))
+        # cleanup_tmp_directories: a save killed outright leaves `<step>.orbax-checkpoint-tmp` (up to a whole
+        # checkpoint of arrays); Orbax replaces it only when the same step is saved again, which never
+        # happens for a preemption's off-schedule step. The run holds the folder (`loop._RunLock`), so no
+        # other run's save in progress is removed.
         self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                                     create=True)
+                                                     create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     # ------------------------------------------------------------- metadata

@@ -228,8 +228,86 @@ def train(cfg: RunConfig, resume: bool = False, *, hooks: Sequence[Callable[[int
     sharding.check_kernel_platform(cfg.model_config.attention_impl, "model.attention_impl")
     # SIGTERM from here on (indexing, restore, compile, evaluation) ends the run with status
     # "preempted" (exit code 75, which the launchers requeue) instead of killing it.
-    with _Preemption(cfg.checkpoint.save_on_preemption) as preempt:
+    with _Preemption(cfg.checkpoint.save_on_preemption) as preempt, _RunLock(cfg):
         return _run(cfg, resume, hooks, stop_after, preempt, t_start)
+
+
+LOCK_FILE = ".qzhou-run.lock"
+
+
+class _RunLock:
+    """One run at a time in an out_dir (and in its checkpoint.dir): an exclusive `flock` on
+    `<folder>/.qzhou-run.lock`, held by process 0 until the run returns. A second `train` on the
+    same folders (a requeued job while the old one still saves, a `--resume` typed in another
+    terminal) is refused before it writes anything, instead of both writing checkpoints, the
+    metrics log and the export into one folder. The kernel drops the lock with its process, a
+    SIGKILL included, so nothing stale is left to remove. A filesystem without locks (gcsfuse)
+    gets a warning and no lock."""
+
+    def __init__(self, cfg: RunConfig):
+        out, ckpt = os.path.abspath(cfg.output_dir), os.path.abspath(cfg.checkpoint_dir)
+        self.folders = [("out_dir", out)]
+        if os.path.commonpath([out, ckpt]) != out:  # a checkpoint.dir outside out_dir
+            self.folders.append(("checkpoint.dir", ckpt))
+        self.files: list = []
+
+    def __enter__(self):
+        taken, error = 1, None
+        if jax.process_index() == 0:  # one job, one holder: the other processes share process 0's folders
+            try:
+                for what, folder in self.folders:
+                    self.files.append(_lock_folder(what, folder))
+            except BaseException as e:
+                self.__exit__()
+                if jax.process_count() == 1 or not isinstance(e, (ValueError, OSError)):
+                    raise
+                taken, error = 0, e
+        if jax.process_count() > 1:  # every process stops alike, or the others wait in their first collective
+            from qzhou_jax.hosts import HostExchange
+
+            taken = int(HostExchange("run_lock").gather("taken", [taken], "the run's folder lock")[0, 0])
+            if error is not None:
+                raise error
+            if not taken:
+                raise ValueError(f"out_dir {self.folders[0][1]}: process 0 could not take the run's lock (another "
+                                 "run using the folder? process 0's log says)")
+        return self
+
+    def __exit__(self, *exc):
+        for f in self.files:
+            if f is not None:
+                f.close()  # closing the file releases the lock
+        self.files = []
+
+
+def _lock_folder(what: str, folder: str) -> Any:
+    import errno
+    import fcntl
+    import socket
+
+    _check_writable(folder, what)  # the usual message for a folder that cannot be written
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_FILE)
+    f = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ValueError(f"{what} {folder}: another qzhou-jax run is using it ({holder}, which holds {path}); "
+                             "let it finish or stop it (SIGTERM saves a checkpoint) before starting or resuming a "
+                             "run there, or choose another folder") from None
+        f.close()
+        log.warning("%s %s: cannot lock %s (%s): make sure that no other run uses this folder", what, folder, path,
+                    e.strerror or e)
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
 
 
 def _portable_kernel(cfg: RunConfig) -> RunConfig:
