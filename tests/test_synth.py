@@ -337,6 +337,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         type(self).seen.append((self.path, dict(self.headers), body))
         if type(self).script:
             status, payload, headers = type(self).script.pop(0)
+            if callable(payload):  # a misbehaving answer written by the test
+                return payload(self)
         else:
             status, headers = 200, {}
             payload = json.dumps({"choices": [{"message": {"role": "assistant",
@@ -863,3 +865,135 @@ def test_read_records_from_a_beir_folder(tmp_path):
     assert file_sha256(str(tmp_path)) == before
     (tmp_path / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td2\t1\n")
     assert file_sha256(str(tmp_path)) != before
+
+
+# --- regressions from the synthesis audit -------------------------------------------------------
+
+def _cut_body(status, body=b'{"error": "overloaded, try later"}', sent=10, stall=0.0):
+    """An answer that announces its length, sends part of the body, then stalls or closes."""
+    def write(handler):
+        import socket
+        import time
+
+        handler.send_response(status)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body[:sent])
+        handler.wfile.flush()
+        time.sleep(stall)
+        handler.connection.shutdown(socket.SHUT_RDWR)
+    return write
+
+
+def test_an_error_answer_cut_or_stalled_mid_body_is_retried(llm_server):
+    url, handler = llm_server
+    client = ChatClient(url, "m", api_key_env=None, backoff=0.01, retries=2, timeout=1.0)
+    msgs = [{"role": "user", "content": 'Reply as JSON: {"negative": "..."}\n<<<\na b c\n>>>'}]
+    handler.script = [(503, _cut_body(503), {}), (503, _cut_body(503, stall=3.0), {})]
+    assert parse_reply(client(msgs), ("negative",))[0] == {"negative": "pa b pc"}
+    assert client.retried == 2
+
+
+def test_the_timeout_bounds_a_whole_request_not_each_read(llm_server):
+    import time
+
+    url, handler = llm_server
+
+    def trickle(h):
+        body = json.dumps({"choices": [{"message": {"content": '{"negative": "x"}'}}]}).encode()
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        for k in range(len(body)):  # a byte every 0.1 s: each read is quick, the answer takes seconds
+            h.wfile.write(body[k:k + 1])
+            h.wfile.flush()
+            time.sleep(0.1)
+    handler.script = [(200, trickle, {})]
+    client = ChatClient(url, "m", api_key_env=None, retries=0, timeout=1.0)
+    t0 = time.perf_counter()
+    with pytest.raises(LLMError, match="gave up after 1 tries") as e:
+        client([{"role": "user", "content": "hi"}])
+    assert not e.value.fatal and time.perf_counter() - t0 < 3
+
+
+def test_retry_after_as_an_http_date(llm_server):
+    import email.utils
+    import time
+
+    url, handler = llm_server
+    client = ChatClient(url, "m", api_key_env=None, backoff=0.001, retries=1)
+    handler.script = [(429, "slow down", {"Retry-After": email.utils.formatdate(time.time() + 3, usegmt=True)})]
+    t0 = time.perf_counter()
+    client([{"role": "user", "content": 'Reply as JSON: {"negative": "..."}\n<<<\na b c\n>>>'}])
+    assert 1.0 < time.perf_counter() - t0 < 5
+
+
+def test_an_answer_with_a_lone_surrogate_is_rejected_not_fatal(tmp_path):
+    assert parse_reply('{"text": "a \\ud800 b"}', ("text",))[0] is None
+    assert parse_reply('{"text": "a \\ud83d\\ude00 b"}', ("text",))[0] == {"text": "a \U0001F600 b"}
+
+    class Surrogate(FakeLLM):
+        def __call__(self, messages):
+            answer = super().__call__(messages)
+            with self.lock:
+                first = len(self.calls) == 1
+            return answer.replace('"}', ' \\ud800"}') if first else answer
+    src = retrieval_file(tmp_path, n=3)
+    stats = synthesize(Paraphrase("retrieval"), src, tmp_path / "out.jsonl", Surrogate(), workers=1)
+    assert stats["accepted"] == 3 and stats["tries"] == 4
+
+
+def test_an_input_text_with_a_lone_surrogate_names_its_line(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"query": "fine", "pos": ["p"]}\n{"query": "bad \\udc80", "pos": ["p"]}\n')
+    with pytest.raises(ValueError, match=r"in.jsonl:2: .*surrogate"):
+        synthesize(Negatives(1, select=lambda r: False), src, tmp_path / "out.jsonl", FakeLLM())
+
+
+def test_one_prompt_over_the_context_does_not_stop_a_one_worker_run(tmp_path):
+    src = retrieval_file(tmp_path, n=4)
+    poison = read_out(src)[1]["query"]
+    llm = RefusingLLM(poison)
+    stats = synthesize(Paraphrase("retrieval"), src, tmp_path / "out.jsonl", llm, max_tries=20, workers=1)
+    assert stats["accepted"] == 3 and stats["records_without_any"] == 1 and stats["tries"] == 23
+    # a failed request is no rejected answer: its "reason" is not fed back into the prompt
+    assert not any("rejected" in m[-1]["content"] for m in llm.calls)
+
+
+def test_resume_with_other_llm_settings_is_refused(tmp_path):
+    class Model(FakeLLM):
+        def __init__(self, model, **kw):
+            super().__init__(**kw)
+            self.model = model
+
+        def settings(self):
+            return {"model": self.model, "temperature": 0.8}
+    src = retrieval_file(tmp_path, n=6)
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(SynthesisStopped):
+        synthesize(Paraphrase("retrieval"), src, out, Model("a", stop_after=2), workers=1)
+    with pytest.raises(ValueError, match="different run.*llm.*'a'.*'b'"):
+        synthesize(Paraphrase("retrieval"), src, out, Model("b"), workers=1, resume=True)
+    assert synthesize(Paraphrase("retrieval"), src, out, Model("a"), workers=1, resume=True)["accepted"] == 6
+    client = ChatClient("http://localhost:1/v1", "m", extra_body={"top_p": 0.5})
+    assert client.settings() == {"model": "m", "temperature": 0.8, "max_tokens": 2048, "extra_body": {"top_p": 0.5}}
+
+
+def test_a_difference_of_exactly_the_threshold_is_not_more_than_it():
+    src = " ".join(f"w{i}" for i in range(20))  # one sentence: a paraphrase must differ by more than 30%
+    six = " ".join(f"y{i}" if i < 6 else f"w{i}" for i in range(20))  # 6 of 20 words: exactly 30%
+    seven = " ".join(f"y{i}" if i < 7 else f"w{i}" for i in range(20))
+    job = Paraphrase("classification")
+    record = ClassificationRecord(src, "a")
+    assert checks.difference(six, src) == 0.3
+    assert "differs from the source by 30%" in job.check(record, {"text": six}, [])
+    assert job.check(record, {"text": seven}, []) is None
+
+
+def test_a_run_stopped_before_any_record_leaves_no_progress_file(tmp_path):
+    src = retrieval_file(tmp_path, n=3)
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(SynthesisStopped, match="none of 3 records done"):
+        synthesize(Paraphrase("retrieval"), src, out, RefusingLLM("Paraphrase", fatal=True), workers=2)
+    assert not os.path.exists(str(out) + ".partial")  # the corrected command needs no --resume
+    assert synthesize(Paraphrase("retrieval"), src, out, FakeLLM(), workers=2)["accepted"] == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Iterator
 
 
@@ -22,6 +23,9 @@ def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
                 line = line[3:]
             if line.strip():
                 yield lineno, line
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 class _DuplicateKey(Exception):
@@ -45,11 +49,18 @@ def decode_json_line(line: bytes, where: str) -> Any:
     except UnicodeDecodeError as e:
         raise RecordError(f"{where}: not valid UTF-8 (byte {e.start})") from None
     try:  # rstrip: a cut-off line's error column is on the line
-        return json.loads(text.rstrip("\r\n"), object_pairs_hook=_unique_keys)
+        obj = json.loads(text.rstrip("\r\n"), object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise RecordError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
     except _DuplicateKey as e:
         raise RecordError(f"{where}: field {e.args[0]!r} given twice in one object") from None
+    if _SURROGATE_ESCAPE.search(line):  # a pair is one character; a lone half cannot be written out again
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise RecordError(f"{where}: a \\u escape of a lone surrogate (half of a UTF-16 pair), "
+                              "not a character") from None
+    return obj
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:

@@ -59,7 +59,8 @@ def difference(a: str, b: str) -> float:
     ua, ub = units(a), units(b)
     if not ua and not ub:
         return 0.0
-    return 1.0 - difflib.SequenceMatcher(None, ua, ub, autojunk=False).ratio()
+    # rounded: 1 - 0.7 is 0.30000000000000004, which would pass a "more than 30%" rule at exactly 30%
+    return round(1.0 - difflib.SequenceMatcher(None, ua, ub, autojunk=False).ratio(), 12)
 
 
 def _sentence_end(text: str, m: re.Match) -> bool:

@@ -75,6 +75,10 @@ def parse_reply(reply: str, keys: Sequence[str]) -> tuple[dict[str, str] | None,
             return None, f"answer has no text under {key!r}"
         if "<<<" in value or ">>>" in value:
             return None, f"{key} contains the prompt's <<< >>> markers"
+        try:  # a "\ud800" escape decodes to a lone surrogate, which no UTF-8 file can hold
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return None, f"{key} holds an invalid \\u escape (a lone surrogate)"
         out[key] = value
     return out, None
 

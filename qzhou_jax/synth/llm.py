@@ -5,7 +5,8 @@ Synthesis only needs "messages in, text out", so the client is that callable:
 in a function, a test's fake) can take its place.
 
 Transient failures (connection errors, dropped connections, timeouts, HTTP 408/409/429/5xx) are
-retried with exponential backoff, honouring ``Retry-After``. Anything else raises ``LLMError`` with
+retried with exponential backoff, honouring ``Retry-After`` (seconds or an HTTP date). ``timeout``
+bounds a whole answer's body, not each read of it (a server trickling bytes times out too). Anything else raises ``LLMError`` with
 the status and the start of the server's answer. ``fatal`` tells the caller whether another
 prompt could succeed: a bad key or model name (401/403/404) is fatal; a prompt over the model's
 context (HTTP 400), an answer without content, or a request that kept failing through every
@@ -21,6 +22,7 @@ sampling fields).
 
 from __future__ import annotations
 
+import email.utils
 import http.client
 import json
 import logging
@@ -28,6 +30,7 @@ import os
 import random
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -104,13 +107,33 @@ class ChatClient:
             headers["Authorization"] = f"Bearer {key}"
         return urllib.request.Request(self.url, data=json.dumps(body).encode("utf-8"), headers=headers, method="POST")
 
+    def settings(self) -> dict[str, Any]:
+        """What shapes the answers (not the URL or the key), for a resumed run's check."""
+        return {"model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens,
+                "extra_body": dict(self.extra_body or {})}
+
+    @staticmethod
+    def _retry_after(value: str | None) -> float | None:
+        """Seconds a Retry-After header asks for: a number of seconds or an HTTP date."""
+        if not value:
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            pass
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        return when.timestamp() - time.time()
+
     def _wait(self, attempt: int, retry_after: str | None) -> None:
         delay = self.backoff * 2 ** attempt * (0.5 + random.random() / 2)
-        if retry_after:
-            try:
-                delay = max(delay, float(retry_after))
-            except ValueError:
-                pass
+        asked = self._retry_after(retry_after)
+        if asked is not None:
+            delay = max(delay, asked)
         if self._cancelled.wait(min(delay, 300.0)):
             raise LLMError("cancelled", fatal=True, kind="cancelled")
         with self._lock:
@@ -125,14 +148,18 @@ class ChatClient:
                 raise LLMError("cancelled", fatal=True, kind="cancelled")
             retry_after = None
             try:
+                deadline = time.monotonic() + self.timeout
                 with urllib.request.urlopen(self._request(messages), timeout=self.timeout) as resp:
-                    raw = resp.read()
+                    raw = self._read(resp, deadline)
                 content = self._content(raw)
                 with self._lock:
                     self.answered += 1
                 return content
             except urllib.error.HTTPError as e:
-                detail = e.read()[:300].decode("utf-8", "replace")
+                try:
+                    detail = e.read(300).decode("utf-8", "replace")
+                except (OSError, http.client.HTTPException) as cut:  # a body cut or stalled: the status is enough
+                    detail = f"(body unreadable: {cut!r})"
                 last = f"HTTP {e.code} from {self.url}: {detail}"
                 if e.code not in _RETRY_STATUS:
                     raise LLMError(last, fatal=e.code in _FATAL_STATUS, kind=f"HTTP {e.code}") from None
@@ -152,6 +179,25 @@ class ChatClient:
                     log.warning("LLM request failed (%s); retrying up to %d times with backoff", last, self.retries)
                 self._wait(attempt, retry_after)
         raise LLMError(f"gave up after {self.retries + 1} tries: {last}", kind="no answer after retries")
+
+    def _read(self, resp, deadline: float) -> bytes:
+        """The body, within ``deadline`` (the socket's timeout bounds each read only)."""
+        sock = getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
+        chunks = []
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no complete answer within {self.timeout:g} s")
+            if sock is not None:
+                sock.settimeout(left)
+            chunk = resp.read1(1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        if resp.length:  # read1 returns b"" where read() would raise: the connection closed early
+            raise http.client.IncompleteRead(raw, resp.length)
+        return raw
 
     def _content(self, raw: bytes) -> str:
         try:

@@ -136,7 +136,8 @@ def _read_partial(path: str, header: dict) -> dict[int, dict]:
         old = None
     if not isinstance(old, dict) or HEADER_KEY not in old:
         raise ValueError(f"{path}: not a qzhou-jax synthesis progress file (delete it to start over)")
-    changed = [k for k in header if k not in ("max_tries", "input") and old.get(k) != header[k]]
+    changed = [k for k in header if k not in ("max_tries", "input") and old.get(k) != header[k]
+               and (k != "llm" or k in old)]  # files written before "llm" was recorded
     if changed:
         what = ", ".join(f"{k}: {old.get(k)!r} now {header[k]!r}" for k in changed)
         raise ValueError(f"{path}: written by a different run ({what}); "
@@ -187,6 +188,9 @@ class _Seen:
             return True
 
 
+_ANSWERED_KINDS = ("answer without content", "answer is not JSON")
+
+
 class _Run:
     """What the worker threads share: the stop flag, and the count of failed requests in a row."""
 
@@ -194,12 +198,14 @@ class _Run:
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.failures = 0
+        self.failing: set[int] = set()  # the records those failures came from
         self.max_failures = max_failures
 
-    def ask(self, llm: LLM, messages) -> tuple[str | None, str | None]:
+    def ask(self, llm: LLM, messages, record: int = -1) -> tuple[str | None, str | None]:
         """The LLM's answer, or (None, reason) for a failed request that only this record's try
-        pays for (a prompt over the context length, an empty answer). Too many in a row, or an
-        error no other prompt can avoid (the endpoint down, a bad key or model), stop the run."""
+        pays for (a prompt over the context length, an empty answer). Too many in a row (from more
+        than one record when the server answered: one prompt refused at every try is that record's
+        problem), or an error no other prompt can avoid (the endpoint down, a bad key or model), stop the run."""
         if self.stop.is_set():
             raise _Cancelled()
         try:
@@ -209,7 +215,11 @@ class _Run:
                 raise _Cancelled() from None
             with self.lock:
                 self.failures += 1
-                too_many = self.failures >= self.max_failures
+                self.failing.add(record)
+                # a server that answered (HTTP 4xx, an empty answer) refused one prompt: that alone
+                # is no sign of an endpoint down, however often the same record repeats it
+                answered = e.kind.startswith("HTTP ") or e.kind in _ANSWERED_KINDS
+                too_many = self.failures >= self.max_failures and (len(self.failing) > 1 or not answered)
             if e.fatal or too_many:
                 self.stop.set()
                 if too_many and not e.fatal:
@@ -218,6 +228,7 @@ class _Run:
             return None, f"request failed: {e.kind}"
         with self.lock:
             self.failures = 0
+            self.failing.clear()
         return answer, None
 
 
@@ -233,7 +244,7 @@ def _work(job: Job, record: Record, i: int, llm: LLM, seen: _Seen, max_tries: in
         feedback = None
         for attempt in range(max_tries):
             tries += 1
-            answer, reason = run.ask(llm, job.messages(record, k, attempt, feedback))
+            answer, reason = run.ask(llm, job.messages(record, k, attempt, feedback), i)
             reply = None
             if answer is not None:
                 reply, reason = parse_reply(answer, job.keys)
@@ -245,7 +256,8 @@ def _work(job: Job, record: Record, i: int, llm: LLM, seen: _Seen, max_tries: in
                 accepted.append(reply)
                 break
             reasons[_PERCENT.sub("N%", reason.split(" (")[0])] += 1
-            feedback = reason
+            if answer is not None:  # a failed request is no answer to correct: the feedback stays
+                feedback = reason
     return {"i": i, "accepted": accepted, "wanted": job.count(record), "tries": tries, "reasons": dict(reasons)}
 
 
@@ -270,6 +282,9 @@ def synthesize(job: Job, input_path: str, output: str, llm: LLM, *, fields: Mapp
     header = {HEADER_KEY: 1, "job": job.name, "task": job.family, "options": job.options(),
               "input": os.path.abspath(input_path), "input_sha256": file_sha256(input_path, split),
               "fields": dict(fields or {}), "split": split, "limit": limit, "max_tries": max_tries}
+    settings = getattr(llm, "settings", None)
+    if callable(settings):  # the model and sampling settings (not the URL: a server may move)
+        header["llm"] = settings()
     partial = output + ".partial"
     done: dict[int, dict] = {}
     if os.path.exists(partial):
@@ -346,8 +361,13 @@ def synthesize(job: Job, input_path: str, output: str, llm: LLM, *, fields: Mapp
                     keep(item)
             if bar is not None:
                 bar.close()
-            msg = (f"stopped with {len(done)} of {total} records done; their answers are kept in {partial}: "
-                   f"rerun with --resume to continue")
+            if done:
+                msg = (f"stopped with {len(done)} of {total} records done; their answers are kept in {partial}: "
+                       f"rerun with --resume to continue")
+            else:  # nothing to keep (a wrong --llm-url, a bad key): the corrected command runs as it is
+                f.close()
+                os.remove(partial)
+                msg = f"stopped with none of {total} records done"
             if isinstance(e, KeyboardInterrupt):
                 raise SynthesisStopped(f"interrupted\n{msg}", interrupted=True) from None
             if isinstance(e, Exception):
