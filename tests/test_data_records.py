@@ -144,10 +144,17 @@ BAD_LINES = [  # (line, field named in the message or None, words in the message
     ('{"text1": "a", "text2": "b", "score": "high"}', "score", "not a number"),
     ('{"text1": "a", "text2": "b", "text1": "c", "score": 1}', "text1", "given twice in one object"),
     ('{"text1": "a", "text2": "b", "score": "1_000"}', "score", "not a number: '1_000'"),
+    # a lone UTF-16 surrogate escape parses to a str that UTF-8 cannot encode (hashing, tokenizing)
+    ('{"text1": "a\\ud800b", "text2": "b", "score": 1}', None, "lone surrogate"),
+    # json.loads' and float()'s other errors: OverflowError, ValueError, RecursionError naming no line
+    ('{"text1": "a", "text2": "b", "score": 1' + "0" * 400 + "}", "score", "not a finite number"),
+    ('{"text1": "a", "text2": "b", "score": 1' + "0" * 5000 + "}", None, "not valid JSON (Exceeds the limit"),
+    ('{"text1": ' + "[" * 10_000 + "]" * 10_000 + "}", None, "not valid JSON (maximum recursion depth"),
 ]
 
 
-@pytest.mark.parametrize("line,field,what", BAD_LINES)
+@pytest.mark.parametrize("line,field,what", BAD_LINES,
+                         ids=lambda v: v[:40] + "..." if isinstance(v, str) and len(v) > 80 else None)
 def test_bad_line_stops_with_file_line_and_field(tmp_path, line, field, what):
     path = write_jsonl(tmp_path / "s.jsonl", [{"text1": "a", "text2": "b", "score": 1}, "", line])
     with pytest.raises(RecordError) as e:

@@ -724,6 +724,28 @@ def test_sampler_is_deterministic_prefix_stable_and_covers_each_epoch():
         BatchPlan([DatasetEntry("small", "sts", 30, 8)], 10)
 
 
+def test_the_plan_gives_the_same_batches_to_concurrent_threads():
+    """grain builds batches in several threads (data.prefetch); they share the plan's cache of
+    pass orders, which a new pass changes (inserted, older passes evicted): iterating over it while
+    another thread inserted raised "dictionary changed size during iteration", or a KeyError."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    entries = [DatasetEntry(f"d{i}", "sts", 8, 2) for i in range(20)]  # a new pass every 4 batches of each
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        for seed in range(12):
+            want = BatchPlan(entries, 3000, seed=seed)
+            shared = BatchPlan(entries, 3000, seed=seed)
+            with ThreadPoolExecutor(8) as pool:
+                got = list(pool.map(shared.batch, range(3000)))
+            for s, (d, rows) in enumerate(got):
+                assert d == want.dataset(s) and np.array_equal(rows, want.batch(s)[1]), s
+    finally:
+        sys.setswitchinterval(interval)
+
+
 def test_every_batch_is_from_one_dataset_and_host_slices_partition_it():
     cfg = load_run_config(data=run_dict("/tmp/unused", steps=12))
     from qzhou_jax.tokenizer import Tokenizer
@@ -916,6 +938,28 @@ def test_random_negatives_are_never_the_rows_own_positives():
     builder = BatchBuilder(ListSource(shared_all, name="shared_all"), spec, tok, seed=0)
     with pytest.raises(ValueError, match=r"data.datasets \(shared_all\): found 0 of the 3 random negatives"):
         builder._texts(0, [0], 0)  # every other record's positive is a positive of its query
+
+
+def test_a_negative_listed_twice_is_drawn_once():
+    """A record listing one text twice among its negatives: the row gets k distinct negatives
+    (the repeat counted twice in the loss's denominator, and took the place of another)."""
+    from qzhou_jax.data.batches import BatchBuilder, BatchSpec
+    from qzhou_jax.data.records import RetrievalRecord
+    from qzhou_jax.data.sources import ListSource
+    from qzhou_jax.tokenizer import Tokenizer
+
+    tok = Tokenizer(os.path.join(os.path.dirname(__import__("qzhou_jax").__file__), "assets", "tokenizer"))
+    records = [RetrievalRecord(f"q{i}", (f"p{i}",), ("a", "a", "b", "c", "d")) for i in range(8)]
+    builder = BatchBuilder(ListSource(records, name="twice"), BatchSpec("retrieval", 8, 4, 16, 16), tok, seed=0)
+    for step in range(20):
+        _, p_texts, _ = builder._texts(step, range(8), 0)
+        for r in range(8):
+            assert sorted(p_texts[5 * r + 1:5 * r + 5]) == ["a", "b", "c", "d"], (step, r)
+    # fewer distinct listed negatives than k: other records' positives fill the group
+    few = [RetrievalRecord(f"q{i}", (f"p{i}",), ("a", "a", "a", "a")) for i in range(8)]
+    builder = BatchBuilder(ListSource(few, name="few"), BatchSpec("retrieval", 8, 4, 16, 16), tok, seed=0)
+    negs = builder._texts(0, [0], 0)[1][1:]
+    assert negs[0] == "a" and len(set(negs)) == 4 and all(t.startswith("p") for t in negs[1:])
 
 
 def test_negatives_are_never_a_positive_of_the_query_in_another_record(tmp_path):

@@ -7,8 +7,9 @@ batch is the same whatever the number of hosts or loader workers.
 
 Per task (g = 1 + hard negatives):
 - retrieval: query (with the record's instruction, else the dataset's); its positive (one of
-  `pos`, at random when there are several) then k hard negatives (k of `neg` at random; a
-  record with fewer gets passages of other records of the same dataset: random negatives).
+  `pos`, at random when there are several) then k hard negatives (k of the distinct texts of
+  `neg` at random; a record with fewer gets passages of other records of the same dataset:
+  random negatives).
   No negative, listed or random, is a positive of the query in any record of the dataset
   (`sources.QueryPositives`: one record per (query, positive) pair is a common layout).
   Passages get the instruction only for symmetric datasets.
@@ -196,7 +197,8 @@ class BatchBuilder:
                 instr = getattr(rec, "instruction", None) or spec.instruction
                 q_texts.append(format_prompt(rec.query, instr))
                 pos = rec.pos[int(rng.integers(len(rec.pos)))] if len(rec.pos) > 1 else rec.pos[0]
-                negs = [t for t, bad in zip(rec.neg, self.positives.positives_among(i, rec, rec.neg)) if not bad]
+                listed = list(dict.fromkeys(rec.neg))  # a text listed twice is one negative
+                negs = [t for t, bad in zip(listed, self.positives.positives_among(i, rec, listed)) if not bad]
                 k = spec.hard_negatives
                 if len(negs) > k:
                     negs = [negs[j] for j in sorted(rng.choice(len(negs), k, replace=False))]

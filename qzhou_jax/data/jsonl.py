@@ -43,7 +43,8 @@ def _unique_keys(pairs: list) -> dict:
 
 def decode_json_line(line: bytes, where: str) -> Any:
     """``json.loads`` of one line, with errors as RecordError naming ``where``; an object with a
-    key given twice is one."""
+    key given twice is one, and so are a lone surrogate escape, an integer too long for Python
+    (over 4300 digits) and nesting too deep to parse."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -54,6 +55,8 @@ def decode_json_line(line: bytes, where: str) -> Any:
         raise RecordError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
     except _DuplicateKey as e:
         raise RecordError(f"{where}: field {e.args[0]!r} given twice in one object") from None
+    except (ValueError, RecursionError) as e:  # an integer over 4300 digits; nesting deeper than the stack
+        raise RecordError(f"{where}: not valid JSON ({str(e).split(';')[0]})") from None
     if _SURROGATE_ESCAPE.search(line):  # a pair is one character; a lone half cannot be written out again
         try:
             json.dumps(obj, ensure_ascii=False).encode("utf-8")

@@ -207,6 +207,8 @@ def check_score(value: Any, row: _Row, name: str) -> float:
         score = float(value)
     except ValueError:
         raise row.error(name, f"not a number: {value!r}") from None
+    except OverflowError:  # float() of an integer beyond its range (10**400)
+        raise row.error(name, "not a finite number: an integer beyond the range of a float") from None
     if not math.isfinite(score):
         raise row.error(name, f"not a finite number: {value!r}")
     return score

@@ -17,6 +17,7 @@ checkpointed state is just the next step.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -88,9 +89,20 @@ class BatchPlan:
             hit = self.sequence == d
             self.occurrence[hit] = np.arange(int(hit.sum()))
         self._perms: dict[tuple[int, int], np.ndarray] = {}
+        # grain builds batches in several threads (data.prefetch): the cache is shared by them
+        self._perms_lock = threading.Lock()
 
     def __len__(self) -> int:
         return self.total_steps
+
+    def __getstate__(self) -> dict:  # pickled into grain's worker processes: without the lock
+        state = self.__dict__.copy()
+        del state["_perms_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._perms_lock = threading.Lock()
 
     def dataset(self, step: int) -> int:
         self._check(step)
@@ -111,22 +123,28 @@ class BatchPlan:
         batch_size are swapped with records from the middle of this pass (the middle only,
         so each pass's tail, and hence this fix, depends on the seed alone)."""
         key = (d, epoch)
-        if key not in self._perms:
-            for k in [k for k in self._perms if k[0] == d and k[1] < epoch - 1]:
-                del self._perms[k]
-            perm = self._raw_permutation(d, epoch)
-            b, n = self.entries[d].batch_size, self.entries[d].size
-            if epoch > 0:
-                prev_tail = set(self._raw_permutation(d, epoch - 1)[n - b:].tolist())
-                j = b
-                for i in range(b):
-                    if int(perm[i]) in prev_tail:
-                        while int(perm[j]) in prev_tail:
-                            j += 1
-                        perm[i], perm[j] = perm[j], perm[i]
+        with self._perms_lock:
+            perm = self._perms.get(key)
+            if perm is None:
+                perm = self._perms[key] = self._pass_order(d, epoch)
+                for k in [k for k in self._perms if k[0] == d and k[1] < epoch - 1]:
+                    del self._perms[k]
+        return perm
+
+    def _pass_order(self, d: int, epoch: int) -> np.ndarray:
+        """`permutation` uncached."""
+        perm = self._raw_permutation(d, epoch)
+        b, n = self.entries[d].batch_size, self.entries[d].size
+        if epoch > 0:
+            prev_tail = set(self._raw_permutation(d, epoch - 1)[n - b:].tolist())
+            j = b
+            for i in range(b):
+                if int(perm[i]) in prev_tail:
+                    while int(perm[j]) in prev_tail:
                         j += 1
-            self._perms[key] = perm
-        return self._perms[key]
+                    perm[i], perm[j] = perm[j], perm[i]
+                    j += 1
+        return perm
 
     def batch(self, step: int) -> tuple[int, np.ndarray]:
         """(dataset index, record indices [batch_size]) of global batch `step`.
