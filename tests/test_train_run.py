@@ -1582,3 +1582,22 @@ def test_the_folder_lock_is_agreed_by_every_process(tmp_path, monkeypatch):
     monkeypatch.setattr(jax, "process_index", lambda: 0)
     with loop._RunLock(cfg) as lock:
         assert [f is not None for f in lock.files] == [True]
+
+
+def test_an_unreadable_cache_entry_that_cannot_be_removed_is_left_to_jax(tmp_path, monkeypatch, caplog):
+    """A cache shared read-only: the entry stays (JAX warns and compiles, as before) and the run goes on."""
+    from qzhou_jax.train import xla_cache
+
+    cache = tmp_path / "xla"
+    cache.mkdir()
+    (cache / "jit_b-2-cache").write_bytes(b"\x28\xb5")
+    old = time.time() - 600
+    os.utime(cache / "jit_b-2-cache", (old, old))
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(os, "remove", refuse)
+    with caplog.at_level("WARNING"):
+        assert xla_cache.drop_unreadable_entries(str(cache)) == []
+    assert (cache / "jit_b-2-cache").exists() and "cannot be removed" in caplog.text

@@ -222,13 +222,13 @@ def train(cfg: RunConfig, resume: bool = False, *, hooks: Sequence[Callable[[int
     check_init_from(cfg)
     xla_cache.use(cfg.compilation_cache_dir)
     sharding.maybe_initialize_distributed()
-    if jax.process_index() == 0:  # the process that writes the cache
-        xla_cache.drop_unreadable_entries()
     cfg = _portable_kernel(cfg)
     sharding.check_kernel_platform(cfg.model_config.attention_impl, "model.attention_impl")
     # SIGTERM from here on (indexing, restore, compile, evaluation) ends the run with status
     # "preempted" (exit code 75, which the launchers requeue) instead of killing it.
     with _Preemption(cfg.checkpoint.save_on_preemption) as preempt, _RunLock(cfg):
+        if jax.process_index() == 0:  # the process that writes the cache
+            xla_cache.drop_unreadable_entries()
         return _run(cfg, resume, hooks, stop_after, preempt, t_start)
 
 

@@ -60,7 +60,7 @@ def drop_unreadable_entries(cache_dir: str | None = None) -> list[str]:
     for entry in os.scandir(cache_dir):
         if not entry.name.endswith(SUFFIX) or not entry.is_file():
             continue
-        with contextlib.suppress(FileNotFoundError):  # another process removed it
+        try:
             st = entry.stat()
             mark = [st.st_size, st.st_mtime_ns]
             if checked.get(entry.name) == mark:
@@ -70,15 +70,23 @@ def drop_unreadable_entries(cache_dir: str | None = None) -> list[str]:
                 continue  # perhaps being written; checked at a later start
             with open(entry.path, "rb") as f:
                 data = f.read()
+        except OSError:  # removed by another process, or not ours to read: JAX decides
+            continue
+        try:
+            decompress_executable(data)
+        except Exception as e:  # zlib.error, zstd.ZstdError: a truncated or empty entry
             try:
-                decompress_executable(data)
-            except Exception as e:  # zlib.error, zstd.ZstdError: a truncated or empty entry
                 os.remove(entry.path)
-                dropped.append(entry.name)
-                log.warning("%s: removed an unreadable XLA cache entry (%s bytes: %s); it is compiled and "
-                            "written again", entry.path, st.st_size, e)
+            except FileNotFoundError:
+                pass
+            except OSError as gone:  # a cache shared read-only: JAX warns and compiles, as before
+                log.warning("%s: unreadable XLA cache entry (%s), and it cannot be removed: %s", entry.path, e, gone)
                 continue
-            seen[entry.name] = mark
+            dropped.append(entry.name)
+            log.warning("%s: removed an unreadable XLA cache entry (%s bytes: %s); it is compiled and "
+                        "written again", entry.path, st.st_size, e)
+            continue
+        seen[entry.name] = mark
     if seen != checked:
         with contextlib.suppress(OSError), atomic_write(record) as f:  # a read-only cache: checked again next time
             json.dump(seen, f)
